@@ -1,0 +1,145 @@
+"""Stage 1: the AutoencoderKL, its adversarial training step and the latent scale factor that goes with it."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import torch
+from monai.losses import PatchAdversarialLoss
+from monai.utils import CommonKeys
+from torch import nn
+
+from .errors import BundleInputError
+from .io import atomic_torch_save
+
+
+class LatentCodec(nn.Module):
+    """An AutoencoderKL together with the scale factor that makes its latents unit-variance.
+
+    The scale factor is fitted on the training images after stage 1 and saved in the same file as the
+    weights, so every later stage (cache, diffusion training, sampling) encodes and decodes with the same one.
+    """
+
+    def __init__(self, autoencoder: nn.Module) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder
+        self.register_buffer("scale_factor", torch.tensor(1.0))
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> scaled latents (the posterior mean: deterministic, so a cache is reproducible)."""
+        z_mu, _ = self.autoencoder.encode(images)
+        return z_mu * self.scale_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.decode(latents / self.scale_factor)
+
+    @torch.no_grad()
+    def fit_scale_factor(self, images: torch.Tensor, batch_size: int = 16) -> LatentCodec:
+        """Set the scale factor to 1 / std of the unscaled latents of ``images`` (``(N, 1, H, W)``)."""
+        device = self.scale_factor.device
+        was_training = self.autoencoder.training
+        self.autoencoder.eval()
+        latents = [self.autoencoder.encode(images[i : i + batch_size].float().to(device))[0] for i in
+                   range(0, len(images), batch_size)]
+        self.autoencoder.train(was_training)
+        std = torch.cat(latents).std()
+        if not torch.isfinite(std) or std <= 0:
+            raise BundleInputError(f"The autoencoder's latents have std {float(std)}: stage 1 diverged; retrain it.")
+        self.scale_factor.fill_(1.0 / std)
+        return self
+
+    def save(self, path: str | os.PathLike, **metadata: Any) -> None:
+        atomic_torch_save({"state_dict": self.state_dict(), "scale_factor": float(self.scale_factor), **metadata}, path)
+
+    def load(self, path: str | os.PathLike) -> LatentCodec:
+        """Load weights and scale factor saved by :meth:`save`; the codec is frozen in eval mode afterwards."""
+        load_state(self, path, "autoencoder", "train the autoencoder first (run ID train_autoencoder) or pass "
+                   "--autoencoder_path to a trained one")
+        self.requires_grad_(False)
+        return self.eval()
+
+
+def load_state(module: nn.Module, path: str | os.PathLike, what: str, remedy: str) -> dict:
+    """Load a ``{"state_dict": ...}`` file into ``module`` with one clear message for each way it can fail."""
+    if not os.path.isfile(path):
+        raise BundleInputError(f"The {what} checkpoint '{path}' does not exist: {remedy}.")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        module.load_state_dict(saved["state_dict"])
+    except Exception as err:
+        raise BundleInputError(
+            f"The {what} checkpoint '{path}' does not fit the network in the config ({type(err).__name__}: "
+            f"{str(err).splitlines()[0]}); use the config it was trained with, or retrain."
+        ) from None
+    return saved
+
+
+def kl_loss(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
+    """KL divergence of the posterior from N(0, I), summed over latent elements, averaged over the batch."""
+    kl = 0.5 * (z_mu.pow(2) + z_sigma.pow(2) - torch.log(z_sigma.pow(2) + 1e-12) - 1)
+    return kl.flatten(1).sum(1).mean()
+
+
+class AutoencoderKLIteration:
+    """One stage-1 step for MONAI's ``SupervisedTrainer(iteration_update=...)``.
+
+    The trainer's ``network``/``optimizer``/``loss_function`` are the autoencoder, its optimiser and the
+    reconstruction loss; this step adds the KL term, an optional perceptual term and, after
+    ``adv_warmup_epochs``, a least-squares patch-GAN term with its own discriminator update.
+    """
+
+    def __init__(
+        self,
+        discriminator: nn.Module,
+        d_optimizer: torch.optim.Optimizer,
+        kl_weight: float = 1e-6,
+        adv_weight: float = 0.01,
+        adv_warmup_epochs: int = 5,
+        perceptual_loss: Callable | None = None,
+        perceptual_weight: float = 0.0,
+    ) -> None:
+        self.discriminator, self.d_optimizer = discriminator, d_optimizer
+        self.kl_weight, self.adv_weight, self.adv_warmup_epochs = kl_weight, adv_weight, adv_warmup_epochs
+        self.perceptual_loss, self.perceptual_weight = perceptual_loss, perceptual_weight
+        self.adv_loss = PatchAdversarialLoss(criterion="least_squares")
+
+    def __call__(self, engine, batchdata: dict[str, torch.Tensor]) -> dict[str, Any]:
+        images = batchdata[CommonKeys.IMAGE].to(engine.state.device, non_blocking=engine.non_blocking)
+        network, optimizer = engine.network, engine.optimizer
+        adversarial = self.adv_weight > 0 and engine.state.epoch > self.adv_warmup_epochs
+        network.train()
+
+        optimizer.zero_grad(set_to_none=True)
+        reconstruction, z_mu, z_sigma = network(images)
+        recon = engine.loss_function(reconstruction.float(), images)
+        kl = kl_loss(z_mu.float(), z_sigma.float())
+        loss = recon + self.kl_weight * kl
+        out = {"recon_loss": recon.item(), "kl_loss": kl.item()}
+        if self.perceptual_loss is not None and self.perceptual_weight > 0:
+            perceptual = self.perceptual_loss(reconstruction.float(), images)
+            loss = loss + self.perceptual_weight * perceptual
+            out["perceptual_loss"] = perceptual.item()
+        if adversarial:
+            logits_fake = self.discriminator(reconstruction.contiguous().float())[-1]
+            g_adv = self.adv_loss(logits_fake, target_is_real=True, for_discriminator=False)
+            loss = loss + self.adv_weight * g_adv
+            out["g_adv_loss"] = g_adv.item()
+        loss.backward()
+        optimizer.step()
+
+        if adversarial:
+            self.discriminator.train()
+            self.d_optimizer.zero_grad(set_to_none=True)
+            logits_fake = self.discriminator(reconstruction.detach().contiguous().float())[-1]
+            logits_real = self.discriminator(images.contiguous())[-1]
+            d_loss = 0.5 * (self.adv_loss(logits_fake, target_is_real=False, for_discriminator=True)
+                            + self.adv_loss(logits_real, target_is_real=True, for_discriminator=True))
+            (self.adv_weight * d_loss).backward()
+            self.d_optimizer.step()
+            out["d_loss"] = d_loss.item()
+
+        out.update({CommonKeys.IMAGE: images, CommonKeys.PRED: reconstruction.detach(), CommonKeys.LOSS: loss.detach()})
+        return out

@@ -1,0 +1,252 @@
+"""Finding the user's images, loading them once with clear errors, and caching the result on disk."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .errors import BundleInputError
+from .io import atomic_torch_save
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".nii", ".nii.gz")
+DATALIST_SUFFIXES = (".csv", ".json")
+
+
+def _is_image(path: Path) -> bool:
+    name = path.name.lower()
+    return path.is_file() and not name.startswith(".") and name.endswith(IMAGE_SUFFIXES)
+
+
+def find_images(folder: str | os.PathLike) -> list[dict[str, str]]:
+    """All images under ``folder`` (searched recursively, sorted), as ``[{"image": path}, ...]``."""
+    root = Path(folder)
+    files = sorted(str(p) for p in root.rglob("*") if _is_image(p))
+    if not files:
+        raise BundleInputError(
+            f"No images were found in '{folder}' (searched recursively for {', '.join(IMAGE_SUFFIXES)}): "
+            "point dataset_dir at a folder of 2D images or at a CSV/JSON datalist."
+        )
+    return [{"image": f} for f in files]
+
+
+def read_datalist(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of a CSV or JSON datalist with an ``image`` column; other columns are carried through.
+
+    Relative image paths are taken relative to the datalist's folder. A JSON datalist is a list of
+    records, or a dict whose ``training`` key holds that list (the MONAI/Decathlon layout).
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="") as f:
+            rows: list[dict[str, Any]] = list(csv.DictReader(f))
+    else:
+        with open(path) as f:
+            data = json.load(f)
+        rows = data.get("training", []) if isinstance(data, dict) else data
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise BundleInputError(
+                f"Datalist '{path}' is not a list of records: give a JSON list of {{\"image\": path, ...}} "
+                "objects or a dict with such a list under 'training'."
+            )
+    if not rows:
+        raise BundleInputError(f"Datalist '{path}' has no rows: add at least one image.")
+    if "image" not in rows[0]:
+        raise BundleInputError(
+            f"Datalist '{path}' has no 'image' column (it has {sorted(rows[0])}): rename the column that "
+            "holds the image paths to 'image'."
+        )
+    for row in rows:
+        image = Path(str(row["image"]))
+        row["image"] = str(image if image.is_absolute() else path.parent / image)
+    return rows
+
+
+def mednist_cxr_datalist(root_dir: str | os.PathLike, class_name: str = "CXR") -> list[dict[str, Any]]:
+    """The MedNIST chest X-ray class, downloaded (checksum verified) and cached by MONAI's own downloader."""
+    from monai.apps import MedNISTDataset
+
+    Path(root_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        data = MedNISTDataset(root_dir=str(root_dir), section="training", download=True, progress=False,
+                              val_frac=0.0, test_frac=0.0, transform=None, cache_num=0).data
+    except Exception as err:  # network, checksum or archive errors all end the same way for the user
+        raise BundleInputError(
+            f"The default data set (MedNIST) could not be downloaded into '{root_dir}' ({type(err).__name__}: {err}); "
+            "if this machine is offline, pass your own images with --dataset_dir FOLDER_OR_DATALIST."
+        ) from None
+    return [{"image": item["image"]} for item in data if item["class_name"] == class_name]
+
+
+def build_datalist(dataset_dir: str | os.PathLike | None, download_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The training datalist: a folder, a CSV/JSON datalist, or (``None``) the MedNIST CXR default."""
+    if dataset_dir in (None, "", "None"):
+        return mednist_cxr_datalist(download_dir)
+    path = Path(dataset_dir)
+    if not path.exists():
+        raise BundleInputError(f"dataset_dir '{dataset_dir}' does not exist: pass an existing folder or datalist file.")
+    if path.is_dir():
+        return find_images(path)
+    if path.suffix.lower() in DATALIST_SUFFIXES:
+        return read_datalist(path)
+    raise BundleInputError(
+        f"dataset_dir '{dataset_dir}' is neither a folder nor a .csv/.json datalist: pass one of those."
+    )
+
+
+def preprocess(datalist: Sequence[dict[str, Any]], transform: Callable, desc: str = "preprocess") -> list[dict]:
+    """Run the deterministic preprocessing on every item, stopping at the first bad file with its name."""
+    items = []
+    for row in tqdm(datalist, desc=desc, leave=False, dynamic_ncols=True):
+        items.append(apply_to_file(transform, row))
+    return items
+
+
+def apply_to_file(transform: Callable, row: dict[str, Any]) -> dict[str, Any]:
+    """``transform(row)`` with any failure turned into one message that names the file."""
+    path = row.get("image")
+    if isinstance(path, (str, os.PathLike)) and not os.path.isfile(path):
+        raise BundleInputError(f"Image '{path}' does not exist: fix the path or remove it from the datalist.")
+    try:
+        return transform(dict(row))
+    except BundleInputError:
+        raise
+    except Exception as err:
+        cause = err
+        while cause.__cause__ is not None:  # MONAI wraps transform errors in "applying transform ..."
+            cause = cause.__cause__
+        if isinstance(cause, BundleInputError):
+            raise cause from None
+        raise BundleInputError(
+            f"Image '{path}' could not be read or preprocessed ({type(cause).__name__}: {cause}); "
+            "replace the file or remove it from the datalist."
+        ) from None
+
+
+# ---- fingerprints: what a cache was built from -------------------------------------------------------------
+
+
+def describe(obj: Any, _depth: int = 0) -> Any:
+    """A JSON-able description of a (transform) object's settings, used to notice changed preprocessing."""
+    if isinstance(obj, (bool, int, float, str)) or obj is None:
+        return obj
+    if isinstance(obj, (list, tuple)):
+        return [describe(o, _depth + 1) for o in obj]
+    if isinstance(obj, dict):
+        return {str(k): describe(v, _depth + 1) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(obj, (np.ndarray, torch.Tensor)):
+        return np.asarray(obj).tolist() if np.asarray(obj).size <= 64 else hash_bytes(np.asarray(obj).tobytes())
+    if isinstance(obj, np.random.RandomState) or _depth > 6:
+        return type(obj).__name__
+    module = type(obj).__module__
+    if hasattr(obj, "__dict__") and (module.startswith("monai") or module.startswith("bundle")):
+        fields = {k: describe(v, _depth + 1) for k, v in sorted(vars(obj).items()) if not k.startswith("_")}
+        return {"class": f"{module}.{type(obj).__qualname__}", **fields}
+    return f"{module}.{type(obj).__qualname__}"
+
+
+def hash_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def hash_json(obj: Any) -> str:
+    return hash_bytes(json.dumps(obj, sort_keys=True, default=str).encode())
+
+
+def hash_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def files_fingerprint(datalist: Sequence[dict[str, Any]]) -> str:
+    """Changes when any image is added, removed, renamed or rewritten (path, size, modification time)."""
+    stats = []
+    for row in datalist:
+        path = str(row["image"])
+        st = os.stat(path) if os.path.exists(path) else None
+        stats.append([path, st.st_size if st else -1, st.st_mtime_ns if st else -1])
+    return hash_json(stats)
+
+
+def load_or_build(path: str | os.PathLike, key: dict[str, str], build: Callable[[], dict], what: str) -> dict:
+    """Return the cache at ``path`` if it was built from exactly ``key``; otherwise rebuild it (atomically).
+
+    ``key`` names each ingredient (images, transforms, autoencoder, ...) so that a rebuild says which changed.
+    """
+    path = Path(path)
+    if path.exists():
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            logger.warning("%s cache %s is unreadable (%s): rebuilding it.", what, path, err)
+        else:
+            old = cached.get("key", {})
+            if old == key:
+                logger.info("%s cache %s is up to date: reusing it.", what, path)
+                return cached
+            changed = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
+            logger.info("%s cache %s was built from other %s: rebuilding it.", what, path, ", ".join(changed))
+    built = build()
+    built["key"] = dict(key)
+    atomic_torch_save(built, path)
+    logger.info("%s cache written to %s.", what, path)
+    return built
+
+
+def preprocessed_images(datalist: Sequence[dict[str, Any]], transform: Callable, cache_path: str | os.PathLike) -> dict:
+    """Every image preprocessed once (float16, ``(N, 1, H, W)``) and cached on disk, with its source row."""
+    key = {"images": files_fingerprint(datalist), "transforms": hash_json(describe(transform))}
+
+    def build() -> dict:
+        items = preprocess(datalist, transform, desc="load images")
+        shapes = {tuple(it["image"].shape) for it in items}
+        if len(shapes) > 1:
+            raise BundleInputError(
+                f"Preprocessing gave images of different shapes {sorted(shapes)}: the modality transforms must "
+                "end in a fixed size (resize and pad to image_size)."
+            )
+        images = torch.stack([torch.as_tensor(np.asarray(it["image"])) for it in items]).to(torch.float16)
+        rows = [{k: (str(v) if not isinstance(v, (int, float)) else v) for k, v in r.items()} for r in datalist]
+        return {"images": images, "rows": rows}
+
+    return load_or_build(cache_path, key, build, "image")
+
+
+def image_items(cache: dict) -> list[dict[str, Any]]:
+    """The cached images as dataset items (float32 ``(1, H, W)`` tensors under ``image``)."""
+    return [{"image": img.float(), "source": row["image"]} for img, row in zip(cache["images"], cache["rows"])]
+
+
+def modality_preprocessing(config_path: str | os.PathLike, **values: Any):
+    """``LoadImaged`` followed by the ``transforms`` list of a modality config (e.g. configs/modality/cxr.json).
+
+    ``values`` (such as ``image_size``) fill the ``@`` references of the modality file, so one file serves
+    every image size.
+    """
+    from monai.bundle import ConfigParser
+    from monai.transforms import Compose, LoadImaged
+
+    path = Path(config_path)
+    if not path.is_file():
+        available = sorted(p.stem for p in path.parent.glob("*.json")) if path.parent.is_dir() else []
+        raise BundleInputError(
+            f"Modality config '{path}' does not exist: choose --modality from {available} or add that file."
+        )
+    parser = ConfigParser(ConfigParser.load_config_file(path))
+    for key, value in values.items():
+        parser[key] = value
+    transforms = parser.get_parsed_content("transforms")
+    return Compose([LoadImaged(keys="image", image_only=True, ensure_channel_first=True), *transforms])

@@ -1,0 +1,160 @@
+"""Stage 2: latent diffusion on cached latents, conditioned on DINO tokens, with classifier-free guidance."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+import torch
+from ignite.engine import Engine, Events
+from monai.engines import DiffusionPrepareBatch
+from monai.networks.schedulers import Scheduler
+from torch import nn
+from tqdm import tqdm
+
+from .autoencoder import load_state
+from .errors import BundleInputError
+from .io import atomic_torch_save
+
+
+def null_context(context: torch.Tensor) -> torch.Tensor:
+    """The unconditional embedding: all zeros, used both for condition dropout and for guidance at sampling.
+
+    MONAI's ``DiffusionInferer.sample(cfg=...)`` fills -1 instead, which is a point inside the continuous
+    DINO space rather than "no condition"; training and sampling must share one null, and this is it.
+    """
+    return torch.zeros_like(context)
+
+
+class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
+    """MONAI's diffusion prepare-batch for cached ``{"image": latent, "context": tokens}`` items.
+
+    Adds what latent, conditioned training needs on top of it: each sample's context is replaced by the
+    null context with probability ``condition_dropout`` (so one network learns the conditional and the
+    unconditional model, as classifier-free guidance requires), and the target is the velocity when the
+    scheduler predicts ``v_prediction``.
+    """
+
+    def __init__(self, scheduler: Scheduler, condition_dropout: float = 0.1, condition_name: str = "context") -> None:
+        super().__init__(num_train_timesteps=scheduler.num_train_timesteps, condition_name=condition_name)
+        if not 0.0 <= condition_dropout <= 1.0:
+            raise ValueError(f"condition_dropout {condition_dropout} is outside [0, 1]: choose a probability.")
+        self.scheduler, self.condition_dropout = scheduler, condition_dropout
+
+    def get_target(self, images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        if self.scheduler.prediction_type == "v_prediction":
+            return self.scheduler.get_velocity(images, noise, timesteps)
+        return noise
+
+    def __call__(self, batchdata: dict[str, torch.Tensor], device=None, non_blocking: bool = False, **kwargs: Any):
+        inputs, target, args, infer_kwargs = super().__call__(batchdata, device, non_blocking, **kwargs)
+        context = infer_kwargs["condition"].float()
+        if self.condition_dropout > 0:
+            drop = torch.rand(context.shape[0], device=context.device) < self.condition_dropout
+            context = torch.where(drop.view(-1, 1, 1), null_context(context), context)
+        infer_kwargs["condition"] = context
+        return inputs, target, args, infer_kwargs
+
+
+@torch.no_grad()
+def sample_latents(
+    unet: nn.Module,
+    scheduler: Scheduler,
+    context: torch.Tensor,
+    noise: torch.Tensor,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 3.0,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Denoise ``noise`` into latents conditioned on ``context`` with classifier-free guidance.
+
+    ``guidance_scale`` 1 is plain conditional sampling; above 1 pushes away from the null-context prediction.
+    """
+    scheduler.set_timesteps(num_inference_steps, device=noise.device)
+    latents = noise
+    null = null_context(context)
+    guided = guidance_scale != 1.0
+    for t in tqdm(scheduler.timesteps, desc="sampling", leave=False, disable=not progress, dynamic_ncols=True):
+        timesteps = torch.full((latents.shape[0],), int(t), device=latents.device, dtype=torch.long)
+        if guided:
+            both = unet(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), context=torch.cat([context, null]))
+            conditional, unconditional = both.chunk(2)
+            prediction = unconditional + guidance_scale * (conditional - unconditional)
+        else:
+            prediction = unet(latents, timesteps, context=context)
+        latents, _ = scheduler.step(prediction, t, latents)
+    return latents
+
+
+def seeded_noise(seeds: Sequence[int], shape: Sequence[int], device: torch.device | str) -> torch.Tensor:
+    """One Gaussian noise tensor per seed, drawn on the CPU so that a seed gives the same image on any device."""
+    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
+
+
+def export_diffusion(network: nn.Module, path: str | os.PathLike, ema: Any = None, dino: Any = None, **metadata: Any) -> None:
+    """Write the weights used for sampling (the EMA copy when there is one) to ``path`` atomically.
+
+    The DINO extractor's fingerprint is stored with them: sampling with any other DINO model, weights or
+    token mode would condition the UNet on embeddings it never saw, and is refused.
+    """
+    weights = ema.ema_model if ema is not None else network
+    if dino is not None:
+        metadata.update(dino_fingerprint=dino.fingerprint(), dino_model=dino.model_name, dino_weights=dino.weights,
+                        dino_tokens=dino.tokens)
+    atomic_torch_save({"state_dict": weights.state_dict(), "ema": ema is not None, **metadata}, path)
+
+
+def load_diffusion(network: nn.Module, path: str | os.PathLike, dino: Any = None) -> nn.Module:
+    """Load trained UNet weights (frozen, eval mode), checking they were trained with this DINO extractor."""
+    saved = load_state(network, path, "diffusion", "train the diffusion model first (run ID train_diffusion) or "
+                       "pass --diffusion_path to a trained one")
+    if dino is not None and saved.get("dino_fingerprint") not in (None, dino.fingerprint()):
+        raise BundleInputError(
+            f"The diffusion model '{path}' was trained on DINO tokens of {saved.get('dino_model')} "
+            f"(weights {saved.get('dino_weights')}, tokens {saved.get('dino_tokens')}), not of {dino.model_name} "
+            f"(weights {dino.weights}, tokens {dino.tokens}): pass the same --dino_model/--dino_weights/--dino_tokens."
+        )
+    network.requires_grad_(False)
+    return network.eval()
+
+
+class SamplePreviewHandler:
+    """Every ``interval`` epochs, sample one image per fixed context and log the grid to TensorBoard.
+
+    The contexts are fixed (the first cached embeddings), as are the seeds, so successive grids show the
+    model improving rather than new random draws.
+    """
+
+    def __init__(
+        self,
+        codec: nn.Module,
+        scheduler: Scheduler,
+        contexts: torch.Tensor,
+        latent_shape: Sequence[int],
+        summary_writer: Any,
+        network: Callable[[], nn.Module] | nn.Module | None = None,
+        interval: int = 5,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 3.0,
+        tag: str = "samples",
+    ) -> None:
+        self.codec, self.scheduler, self.contexts = codec, scheduler, contexts
+        self.latent_shape, self.writer, self.network = list(latent_shape), summary_writer, network
+        self.interval, self.num_inference_steps, self.guidance_scale, self.tag = interval, num_inference_steps, guidance_scale, tag
+
+    def attach(self, engine: Engine) -> None:
+        if self.interval > 0:
+            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+
+    def __call__(self, engine: Engine) -> None:
+        network = self.network if self.network is not None else engine.network
+        was_training = network.training
+        network.eval()
+        device = engine.state.device
+        contexts = self.contexts.to(device).float()
+        noise = seeded_noise(range(len(contexts)), self.latent_shape, device)
+        latents = sample_latents(network, self.scheduler, contexts, noise, self.num_inference_steps, self.guidance_scale)
+        images = self.codec.decode(latents).clamp(0, 1).transpose(-1, -2).cpu()  # MONAI (x, y) -> display rows
+        network.train(was_training)
+        self.writer.add_images(self.tag, images, engine.state.epoch)
+        self.writer.flush()

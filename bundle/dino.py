@@ -1,0 +1,128 @@
+"""A frozen DINO ViT (timm) turning radiographs into the cross-attention context of the diffusion UNet."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .compat import ensure_torchvision_importable
+from .data import hash_file, hash_json
+from .errors import BundleInputError
+
+TOKEN_MODES = ("cls", "cls+patch", "patch")
+
+
+class DinoFeatures(nn.Module):
+    """Frozen timm ViT: ``(B, 1, H, W)`` images in [0, 1] -> context tokens ``(B, T, embed_dim)``.
+
+    Args:
+        model_name: any timm ViT, e.g. ``vit_small_patch14_dinov2.lvd142m`` (DINOv2) or
+            ``vit_small_patch16_224.dino`` (DINOv1).
+        weights: ``"hub"`` downloads the model's pretrained weights; a path loads a local weights file
+            (.safetensors/.pth/.bin, as timm saves them); ``"random"`` is a seeded random initialisation,
+            only for tests and for runs that say so.
+        tokens: ``"cls"`` (one token, as in DiNO-Diffusion), ``"cls+patch"`` or ``"patch"``. With a single
+            context token cross-attention weights are all 1 and carry no spatial information; patch tokens
+            give the UNet a spatial condition.
+        input_size: side of the square image the ViT sees (grey images are replicated to 3 channels, resized
+            and normalised with the model's own mean and std).
+        model_kwargs: extra ``timm.create_model`` arguments (e.g. ``depth`` for a tiny test model).
+        seed: the seed of a ``"random"`` initialisation, so the same weights come back at sampling time.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "vit_small_patch14_dinov2.lvd142m",
+        weights: str = "hub",
+        tokens: str = "cls",
+        input_size: int = 224,
+        model_kwargs: dict[str, Any] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if tokens not in TOKEN_MODES:
+            raise BundleInputError(f"dino_tokens '{tokens}' is not one of {TOKEN_MODES}: choose one of those.")
+        self.model_name, self.weights, self.tokens, self.input_size = model_name, str(weights), tokens, int(input_size)
+        self.model_kwargs = dict(model_kwargs or {})
+        self.seed = int(seed)
+        self.vit = self._create()
+        self.vit.requires_grad_(False)
+        self.vit.eval()
+        cfg = self.vit.pretrained_cfg
+        self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1), False)
+        self.register_buffer("std", torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1), False)
+
+    def _create(self) -> nn.Module:
+        ensure_torchvision_importable()
+        import timm
+
+        kwargs = {"num_classes": 0, "img_size": self.input_size, **self.model_kwargs}
+        if self.weights == "random":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                return timm.create_model(self.model_name, pretrained=False, **kwargs)
+        if self.weights == "hub":
+            try:
+                return timm.create_model(self.model_name, pretrained=True, **kwargs)
+            except Exception as err:
+                raise BundleInputError(
+                    f"DINO weights for '{self.model_name}' could not be downloaded ({type(err).__name__}: {err}); "
+                    "offline, pass --dino_weights PATH to a local weights file (or --dino_weights random for tests)."
+                ) from None
+        if not os.path.isfile(self.weights):
+            raise BundleInputError(
+                f"dino_weights '{self.weights}' is not a file: give a local timm weights file, 'hub' or 'random'."
+            )
+        try:
+            return timm.create_model(
+                self.model_name, pretrained=True, pretrained_cfg_overlay={"file": os.path.abspath(self.weights)}, **kwargs
+            )
+        except Exception as err:
+            raise BundleInputError(
+                f"dino_weights '{self.weights}' does not load into '{self.model_name}' ({type(err).__name__}: {err}); "
+                "check that dino_model names the architecture the file was saved from."
+            ) from None
+
+    def train(self, mode: bool = True) -> DinoFeatures:
+        """The ViT stays in eval mode: it is a frozen feature extractor."""
+        return super().train(False)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.vit.embed_dim)
+
+    @property
+    def num_tokens(self) -> int:
+        num_patches = int(self.vit.patch_embed.num_patches)
+        return {"cls": 1, "cls+patch": 1 + num_patches, "patch": num_patches}[self.tokens]
+
+    def fingerprint(self) -> str:
+        """Changes whenever the tokens this extractor produces could change."""
+        weights = self.weights
+        if weights not in ("hub", "random"):
+            weights = hash_file(weights)
+        return hash_json([self.model_name, weights, self.tokens, self.input_size, self.model_kwargs,
+                          self.seed if self.weights == "random" else None])
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise BundleInputError(f"DINO input has shape {tuple(images.shape)}; expected (B, 1 or 3, H, W).")
+        x = images.float()
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if tuple(x.shape[-2:]) != (self.input_size, self.input_size):
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bicubic", align_corners=False,
+                              antialias=True).clamp(0, 1)
+        x = (x - self.mean) / self.std
+        tokens = self.vit.forward_features(x)
+        prefix = int(getattr(self.vit, "num_prefix_tokens", 1))
+        if self.tokens == "cls":
+            return tokens[:, :1].float()
+        if self.tokens == "patch":
+            return tokens[:, prefix:].float()
+        return torch.cat([tokens[:, :1], tokens[:, prefix:]], dim=1).float()

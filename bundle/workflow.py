@@ -1,0 +1,48 @@
+"""Running one training stage of the bundle: resume, progress bar, skip when its output already exists."""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from typing import Any, Callable, Sequence
+
+from ignite.handlers import ProgressBar
+
+logger = logging.getLogger(__name__)
+
+
+def latest_checkpoint(folder: str | os.PathLike) -> str | None:
+    """The most recent ``*.pt`` checkpoint in ``folder`` (by modification time), or ``None``."""
+    files = glob.glob(os.path.join(str(folder), "*.pt"))
+    return max(files, key=os.path.getmtime) if files else None
+
+
+def loss_terms(output: dict[str, Any]) -> dict[str, float]:
+    """The scalar losses of an iteration output, for logs, TensorBoard and the progress bar."""
+    return {k: (v.detach().item() if hasattr(v, "detach") else float(v)) for k, v in output.items() if k.endswith("loss")}
+
+
+def train_stage(
+    name: str,
+    trainer: Any,
+    handlers: Sequence[Any],
+    output_path: str | os.PathLike,
+    export: Callable[[], Any],
+) -> None:
+    """Attach ``handlers`` and run ``trainer``, then ``export()`` the stage's output to ``output_path``.
+
+    A stage whose output already exists is skipped, so re-running the whole pipeline only does what is
+    missing; a stage interrupted part-way resumes from its last epoch checkpoint (its CheckpointLoader).
+    Delete ``output_path`` to train the stage again (with a larger max_epochs it continues from there).
+    """
+    if os.path.exists(output_path):
+        logger.info("%s: %s exists, skipping this stage (delete it to train the stage again).", name, output_path)
+        return
+    for handler in handlers:
+        if handler is not None:
+            handler.attach(trainer)
+    ProgressBar(persist=True, desc=name).attach(trainer, output_transform=loss_terms)
+    trainer.run()
+    export()
+    logger.info("%s: done, wrote %s.", name, output_path)
