@@ -16,6 +16,25 @@ from .errors import BundleInputError
 TOKEN_MODES = ("cls", "cls+patch", "patch")
 
 
+def _file_keys(path: str) -> set[str]:
+    """Tensor names in a weights file (safetensors or a torch pickle, possibly nested under state_dict/model)."""
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            return set(f.keys())
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return set(state) if isinstance(state, dict) else set()
+
+
+def _model_keys(timm, model_name: str, kwargs: dict[str, Any]) -> set[str]:
+    with torch.device("meta"):
+        return set(timm.create_model(model_name, pretrained=False, **kwargs).state_dict())
+
+
 class DinoFeatures(nn.Module):
     """Frozen timm ViT: ``(B, 1, H, W)`` images in [0, 1] -> context tokens ``(B, T, embed_dim)``.
 
@@ -78,14 +97,22 @@ class DinoFeatures(nn.Module):
                 f"dino_weights '{self.weights}' is not a file: give a local timm weights file, 'hub' or 'random'."
             )
         try:
-            return timm.create_model(
-                self.model_name, pretrained=True, pretrained_cfg_overlay={"file": os.path.abspath(self.weights)}, **kwargs
-            )
+            file_keys = _file_keys(self.weights)
         except Exception as err:
             raise BundleInputError(
-                f"dino_weights '{self.weights}' does not load into '{self.model_name}' ({type(err).__name__}: {err}); "
-                "check that dino_model names the architecture the file was saved from."
+                f"dino_weights '{self.weights}' is not a readable weights file ({type(err).__name__}): give a "
+                ".safetensors or .pth file saved from a timm ViT."
             ) from None
+        missing = sorted(k for k in _model_keys(timm, self.model_name, kwargs) - file_keys if not k.startswith("head"))
+        if missing:
+            raise BundleInputError(
+                f"dino_weights '{self.weights}' does not load into '{self.model_name}': {len(missing)} of its weights "
+                f"are missing from the file (e.g. {missing[:3]}); check that dino_model names the architecture the "
+                "file was saved from (timm names)."
+            )
+        return timm.create_model(
+            self.model_name, pretrained=True, pretrained_cfg_overlay={"file": os.path.abspath(self.weights)}, **kwargs
+        )
 
     def train(self, mode: bool = True) -> DinoFeatures:
         """The ViT stays in eval mode: it is a frozen feature extractor."""

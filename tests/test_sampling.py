@@ -1,0 +1,111 @@
+"""Sampling with the inference config: readable images of the right size, a manifest, seeds, bad input."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from monai.transforms import LoadImage
+
+from bundle.errors import BundleInputError
+
+from .conftest import ROOT, run_bundle
+
+
+def sample(settings: dict, out, **extra):
+    return run_bundle("inference.json", "sample", {**settings, "output_dir": str(out), "num_inputs": 2,
+                                                   "num_samples": 2, **extra})
+
+
+def test_sampling_writes_readable_images_and_a_manifest(trained_tiny, tmp_path):
+    sample(trained_tiny, tmp_path, output_formats=["png", "nifti"])
+    with open(tmp_path / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and {r["sample"] for r in rows} == {"0", "1"}
+    assert len({r["source"] for r in rows}) == 2 and [int(r["seed"]) for r in rows] == [0, 1, 2, 3]
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(os.path.basename(r["output"]) for r in rows)
+    for row in rows:
+        png = LoadImage(image_only=True)(row["output"])
+        nii = LoadImage(image_only=True)(row["output"].replace(".png", ".nii.gz"))
+        assert tuple(png.shape) == tuple(nii.shape) == (32, 32)
+        assert 0 <= float(nii.min()) and float(nii.max()) <= 1
+        # the PNG is the NIfTI quantised to 8 bits, in the same orientation
+        assert np.abs(png.numpy() / 255.0 - nii.numpy()).max() <= 0.5 / 255 + 1e-6
+
+
+def test_same_seed_same_image_and_finished_outputs_are_skipped(trained_tiny, tmp_path):
+    sample(trained_tiny, tmp_path / "a")
+    sample(trained_tiny, tmp_path / "b")
+    for name in os.listdir(tmp_path / "a"):
+        if name.endswith(".png"):
+            assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    first = sorted((tmp_path / "a").glob("*.png"))
+    os.remove(first[0])
+    stamps = {p: p.stat().st_mtime_ns for p in first[1:]}
+    sample(trained_tiny, tmp_path / "a")
+    assert first[0].exists() and first[0].read_bytes() == (tmp_path / "b" / first[0].name).read_bytes()
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    sample(trained_tiny, tmp_path / "c", sample_seed=100)
+    assert (tmp_path / "c" / first[1].name).read_bytes() != first[1].read_bytes()
+
+
+class ContextProbe(torch.nn.Module):
+    """A stand-in denoiser whose prediction is the mean of its context, recording every context it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.contexts = []
+
+    def forward(self, x, timesteps, context):
+        self.contexts.append(context.clone())
+        return x * 0 + context.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+
+
+def test_classifier_free_guidance_uses_the_zero_null_embedding():
+    from monai.networks.schedulers import DDIMScheduler
+
+    from bundle.diffusion import sample_latents
+
+    context, noise = torch.full((2, 1, 4), 0.5), torch.randn(2, 1, 4, 4)
+    results = {}
+    for scale in (1.0, 3.0):
+        probe = ContextProbe()
+        results[scale] = sample_latents(probe, DDIMScheduler(1000, clip_sample=False), context, noise, 3, scale)
+        assert len(probe.contexts) == 3
+        if scale == 1.0:
+            assert all(torch.equal(c, context) for c in probe.contexts)
+        else:  # conditional and unconditional halves in one batch; the unconditional one is all zeros
+            assert all(torch.equal(c[:2], context) and not c[2:].any() for c in probe.contexts)
+    # guidance 3 with a zero unconditional prediction is the conditional prediction times 3
+    probe = ContextProbe()
+    torch.testing.assert_close(results[3.0], sample_latents(probe, DDIMScheduler(1000, clip_sample=False),
+                                                             context * 3, noise, 3, 1.0))
+
+
+def test_missing_checkpoint_and_other_dino_are_refused(trained_tiny, tmp_path):
+    with pytest.raises(Exception) as err:
+        sample({**trained_tiny, "diffusion_path": str(tmp_path / "none.pt")}, tmp_path / "x")
+    assert "none.pt' does not exist: train the diffusion model first" in str(err.value.__cause__ or err.value)
+    with pytest.raises(Exception) as err:
+        sample({**trained_tiny, "dino_tokens": "cls+patch"}, tmp_path / "x")
+    cause = err.value.__cause__ or err.value
+    assert isinstance(cause, BundleInputError) and "was trained on DINO tokens" in str(cause)
+    assert not (tmp_path / "x" / "manifest.csv").exists()
+
+
+def test_command_line_shows_one_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", "configs/train.json",
+         "--dataset_dir", str(tmp_path / "empty"), "--work_dir", str(tmp_path / "work")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: No images were found in") and "dataset_dir" in last
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,127 @@
+"""Stage 1, the latent cache and stage 2, run from the real configs with tiny networks on real JSRT images."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+from ignite.engine import Events
+
+from bundle.diffusion import LatentDiffusionPrepareBatch
+from monai.networks.schedulers import DDPMScheduler
+
+from .conftest import run_bundle, tiny_settings, workflow
+
+
+def record_losses(trainer) -> list[float]:
+    losses: list[float] = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output["loss"])))
+    return losses
+
+
+def test_stage1_loss_falls_and_exports_a_scale_factor(tmp_path, tiny_dataset):
+    settings = {**tiny_settings(tmp_path, tiny_dataset), "ae_epochs": 8, "ae_lr": 3e-3, "adv_warmup_epochs": 6}
+    wf = workflow("train.json", "train_autoencoder", settings)
+    losses = record_losses(wf.parser.get_parsed_content("ae_trainer"))
+    wf.run()
+    assert len(losses) == 16
+    assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
+    saved = torch.load(tmp_path / "models/autoencoder.pt", weights_only=True)
+    assert 0 < saved["scale_factor"] < 1e3 and saved["scale_factor"] != 1.0
+    assert float(saved["state_dict"]["scale_factor"]) == pytest.approx(saved["scale_factor"])
+    assert len(list((tmp_path / "models/checkpoints/autoencoder").glob("*.pt"))) == 1
+    assert any((tmp_path / "logs/autoencoder").iterdir())
+
+
+def test_stage2_loss_falls_on_cached_latents(tmp_path, tiny_dataset):
+    settings = {**tiny_settings(tmp_path, tiny_dataset), "ae_epochs": 1, "diffusion_epochs": 12,
+                "diffusion_lr": 2e-3, "diffusion_batch_size": 8, "preview_interval": 6}
+    run_bundle("train.json", "train_autoencoder", settings)
+    wf = workflow("train.json", "train_diffusion", settings)
+    losses = record_losses(wf.parser.get_parsed_content("diffusion_trainer"))
+    wf.run()
+    assert len(losses) == 12
+    assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
+    saved = torch.load(tmp_path / "models/diffusion.pt", weights_only=True)
+    assert saved["ema"] is True and saved["dino_model"] == "vit_tiny_patch16_224"
+    cache = torch.load(tmp_path / "cache/latents.pt", weights_only=True)
+    assert cache["latents"].shape == (8, 2, 16, 16) and cache["tokens"].shape == (8, 1, 192)
+    # the latents are scaled to about unit variance by the stored scale factor
+    assert 0.5 < float(cache["latents"].std()) < 2.0
+
+
+def test_latent_cache_is_reused_and_rebuilt_when_an_ingredient_changes(tmp_path, tiny_dataset, caplog):
+    settings = tiny_settings(tmp_path, tiny_dataset)
+    run_bundle("train.json", "train_autoencoder", settings)
+    cache = tmp_path / "cache/latents.pt"
+
+    def build(**changes) -> str:
+        caplog.clear()
+        with caplog.at_level("INFO", logger="bundle.data"):
+            run_bundle("train.json", "cache", {**settings, **changes})
+        return caplog.text
+
+    assert "cache written" in build()
+    first = torch.load(cache, weights_only=True)
+    assert "up to date: reusing it" in build()
+    assert "built from other dino: rebuilding" in build(dino_tokens="cls+patch")
+    assert torch.load(cache, weights_only=True)["tokens"].shape[1] == 1 + 16
+
+    shutil.rmtree(tmp_path / "models")  # retrain stage 1 from scratch with another seed -> another autoencoder
+    run_bundle("train.json", "train_autoencoder", {**settings, "ae_lr": 1e-3})
+    assert "built from other autoencoder, dino: rebuilding" in build()
+    assert not torch.equal(torch.load(cache, weights_only=True)["latents"], first["latents"])
+
+    os.utime(tiny_dataset.read_text().splitlines()[1].split(",")[0])  # an image rewritten in place
+    assert "built from other images: rebuilding" in build()
+
+
+def test_interrupted_training_resumes_from_the_last_epoch(tmp_path, tiny_dataset):
+    settings = {**tiny_settings(tmp_path, tiny_dataset), "ae_epochs": 3}
+    wf = workflow("train.json", "train_autoencoder", settings)
+    trainer = wf.parser.get_parsed_content("ae_trainer")
+
+    def killed(engine):
+        raise KeyboardInterrupt("simulated kill during epoch 2")
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=3), killed)
+    with pytest.raises(KeyboardInterrupt):
+        wf.run()
+    assert not (tmp_path / "models/autoencoder.pt").exists()
+    checkpoints = list((tmp_path / "models/checkpoints/autoencoder").glob("*.pt"))
+    assert [c.name for c in checkpoints] == ["autoencoder_checkpoint_epoch=1.pt"]
+
+    wf = workflow("train.json", "train_autoencoder", settings)
+    trainer = wf.parser.get_parsed_content("ae_trainer")
+    epochs: list[int] = []
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: epochs.append(e.state.epoch))
+    wf.run()
+    assert epochs == [2, 3]
+    assert trainer.state.iteration == 3 * 2
+    assert (tmp_path / "models/autoencoder.pt").exists()
+
+    # a finished stage is skipped on the next run, so re-running the pipeline only does what is missing
+    wf = workflow("train.json", "train_autoencoder", settings)
+    trainer = wf.parser.get_parsed_content("ae_trainer")
+    started: list[int] = []
+    trainer.add_event_handler(Events.STARTED, lambda e: started.append(1))
+    wf.run()
+    assert started == []
+
+
+def test_prepare_batch_drops_conditions_to_the_null_embedding_and_targets_velocity():
+    torch.manual_seed(0)
+    batch = {"image": torch.randn(512, 2, 4, 4), "context": torch.randn(512, 1, 8) + 5}
+    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+    latents, target, _, kwargs = LatentDiffusionPrepareBatch(scheduler, condition_dropout=0.25)(batch)
+    dropped = (kwargs["condition"] == 0).flatten(1).all(1)
+    kept = (kwargs["condition"] == batch["context"]).flatten(1).all(1)
+    assert bool((dropped | kept).all()) and 0.18 < float(dropped.float().mean()) < 0.32
+    expected = scheduler.get_velocity(latents, kwargs["noise"], kwargs["timesteps"])
+    torch.testing.assert_close(target, expected)
+    _, target, _, kwargs = LatentDiffusionPrepareBatch(DDPMScheduler(1000), condition_dropout=0.0)(batch)
+    assert torch.equal(target, kwargs["noise"]) and torch.equal(kwargs["condition"], batch["context"])
+    with pytest.raises(ValueError, match="outside"):
+        LatentDiffusionPrepareBatch(scheduler, condition_dropout=1.5)
