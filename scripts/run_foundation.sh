@@ -19,4 +19,5 @@ for stage in train_autoencoder cache train_diffusion; do
   $PY -m monai.bundle run "$stage" --config_file configs/train.json "${ARGS[@]}" > "$WORK/$stage.log" 2>&1
   echo "$stage $SECONDS" >> "$WORK/stage_seconds.txt"
 done
-$PY scripts/evaluate_foundation.py --work_dir "$WORK" --out docs/results -- "${ARGS[@]}"
+$PY scripts/evaluate_foundation.py --work_dir "$WORK" --test "$WORK/test.csv" --out docs/results -- "${ARGS[@]}"
+$PY scripts/benchmark_cache.py --out docs/results/cache_benchmark.json -- "${ARGS[@]}"

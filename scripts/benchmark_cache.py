@@ -1,0 +1,102 @@
+"""Seconds per stage-2 training iteration with the latent cache versus encoding every batch on the fly.
+
+    python scripts/benchmark_cache.py --out docs/results/cache_benchmark.json -- --work_dir runs/foundation ...
+
+Both arms run in one process on the same batch of training images, with the trained autoencoder and the
+DINO extractor of the given settings: "cached" takes latents and tokens from the cache (what train.json
+does); "on the fly" loads the image files, preprocesses, encodes them with the autoencoder and DINO, then
+takes the same UNet step (what the Model Zoo latent diffusion bundles do every iteration). Prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def timed(step, repeats: int) -> list[float]:
+    step()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("overrides", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+    from evaluate_foundation import parse_overrides
+
+    os.chdir(ROOT)
+    import bundle  # noqa: F401
+    from bundle.data import apply_to_file
+    from monai.bundle import ConfigWorkflow
+
+    wf = ConfigWorkflow(config_file="configs/train.json", workflow_type=None, run_id="cache", logging_file=False,
+                        **parse_overrides([t for t in args.overrides if t != "--"]))
+    wf.initialize()
+    get = wf.parser.get_parsed_content
+    cache = get("latent_cache")
+    batch_size = get("diffusion_batch_size")
+    device = get("device")
+    codec, dino, preprocessing = get("codec"), get("dino").to(device), get("preprocessing")
+    rows = cache["rows"][:batch_size]
+    unet, optimizer = get("unet"), get("diffusion_optimizer")
+    prepare, inferer = get("prepare_batch"), __import__("monai").inferers.DiffusionInferer(get("train_scheduler"))
+    loss_fn = torch.nn.MSELoss()
+
+    def unet_step(batch):
+        inputs, target, _, kwargs = prepare(batch, device)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(inferer(inputs, unet, **kwargs), target)
+        loss.backward()
+        optimizer.step()
+
+    def cached():
+        unet_step({"image": cache["latents"][:batch_size], "context": cache["tokens"][:batch_size].float()})
+
+    def on_the_fly():
+        images = torch.stack([torch.as_tensor(apply_to_file(preprocessing, r)["image"]) for r in rows]).float().to(device)
+        unet_step({"image": codec.encode(images), "context": dino(images)})
+
+    def encode_only():
+        images = torch.stack([torch.as_tensor(apply_to_file(preprocessing, r)["image"]) for r in rows]).float().to(device)
+        codec.encode(images), dino(images)
+
+    result = {"batch_size": batch_size, "device": str(device), "threads": torch.get_num_threads(),
+              "repeats": args.repeats}
+    for name, step in (("cached", cached), ("on_the_fly", on_the_fly), ("load_and_encode_only", encode_only)):
+        times = timed(step, args.repeats)
+        result[f"{name}_seconds_per_iteration"] = {"median": statistics.median(times), "min": min(times),
+                                                   "max": max(times)}
+    result["speedup"] = (result["on_the_fly_seconds_per_iteration"]["median"]
+                         / result["cached_seconds_per_iteration"]["median"])
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if torch.cuda.is_available():
+        result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""Evaluate a trained pipeline on held-out images and write the foundation report.
+
+    python scripts/evaluate_foundation.py --work_dir runs/foundation --test runs/foundation/test.csv \\
+        --out docs/results -- --image_size 64 ...   (the same overrides the training used)
+
+Writes <out>/foundation.json, <out>/foundation.md and the figures it links: autoencoder reconstruction
+PSNR/SSIM/MS-SSIM on the test images, generated samples conditioned on the DINO embeddings of test images
+beside small thumbnails of those images, loss curves from TensorBoard, and stage wall times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def parse_overrides(tokens: list[str]) -> dict:
+    """``--key value`` pairs as the monai.bundle command line reads them (values parsed as Python literals)."""
+    import ast
+
+    out = {}
+    for key, value in zip(tokens[::2], tokens[1::2]):
+        try:
+            out[key.lstrip("-")] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key.lstrip("-")] = value
+    return out
+
+
+def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def plot_losses(work: Path, path: Path) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {stage: scalars(work / "logs" / stage) for stage in ("autoencoder", "diffusion")}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, (stage, tags) in zip(axes, curves.items()):
+        for tag, points in sorted(tags.items()):
+            if tag.endswith("_loss") and tag not in ("kl_loss",) and not tag.startswith(stage):
+                steps, values = zip(*points)
+                window = max(1, len(values) // 50)
+                smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+                ax.plot(steps[window - 1 :], smooth, label=tag, linewidth=1)
+        ax.set_yscale("log")
+        ax.set_xlabel("iteration")
+        ax.set_title(f"{stage} training loss (moving average)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    summary = {}
+    for stage, tags in curves.items():
+        epoch_tag = f"{stage}_loss"
+        if epoch_tag in tags:
+            values = [v for _, v in tags[epoch_tag]]
+            summary[stage] = {"first_epoch_loss": values[0], "last_epoch_loss": values[-1], "epochs": len(values)}
+    return summary
+
+
+def sample_grid(rows: list[dict], preprocessing, path: Path, per_row: int) -> None:
+    """Each row: the conditioning test image (small thumbnail) then its generated samples."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bundle.data import apply_to_file
+    from bundle.writers import to_display
+    from monai.transforms import LoadImage
+
+    sources = list(dict.fromkeys(r["source"] for r in rows))
+    fig, axes = plt.subplots(len(sources), per_row + 1, figsize=(1.3 * (per_row + 1), 1.3 * len(sources)))
+    for i, source in enumerate(sources):
+        real = apply_to_file(preprocessing, {"image": source})["image"]
+        axes[i, 0].imshow(to_display(real), cmap="gray", vmin=0, vmax=1)
+        outputs = [r["output"] for r in rows if r["source"] == source][:per_row]
+        for j, out in enumerate(outputs):
+            axes[i, j + 1].imshow(to_display(LoadImage(image_only=True)(out) / 255.0), cmap="gray", vmin=0, vmax=1)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0, 0].set_title("test image\n(condition)", fontsize=7)
+    for j in range(per_row):
+        axes[0, j + 1].set_title(f"sample {j}", fontsize=7)
+    fig.tight_layout(pad=0.2)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def reconstruction_metrics(images: torch.Tensor, codec) -> tuple[dict, torch.Tensor]:
+    from monai.metrics import MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
+
+    recon = torch.cat([codec.decode(codec.encode(images[i : i + 16])) for i in range(0, len(images), 16)]).clamp(0, 1)
+    # three scales with a 7-pixel window: five 11-pixel scales need images of at least 161 pixels
+    metrics = {
+        "psnr_db": PSNRMetric(max_val=1.0),
+        "ssim": SSIMMetric(spatial_dims=2, data_range=1.0),
+        "ms_ssim": MultiScaleSSIMMetric(spatial_dims=2, data_range=1.0, kernel_size=7,
+                                        weights=(0.0448, 0.2856, 0.3001)),
+    }
+    out = {}
+    for name, metric in metrics.items():
+        values = metric(recon, images).flatten()
+        out[name] = {"mean": float(values.mean()), "std": float(values.std())}
+    return out, recon
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work_dir", type=Path, required=True)
+    parser.add_argument("--test", type=Path, required=True, help="datalist of held-out images")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs/results")
+    parser.add_argument("--num_conditions", type=int, default=8)
+    parser.add_argument("--num_samples", type=int, default=4)
+    parser.add_argument("overrides", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+    overrides = parse_overrides([t for t in args.overrides if t != "--"])
+    os.chdir(ROOT)
+
+    import bundle  # noqa: F401
+    from bundle.data import apply_to_file, build_datalist
+    from monai.bundle import ConfigWorkflow
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    sample_dir = args.work_dir / "samples_test"
+    settings = {**overrides, "work_dir": str(args.work_dir), "input_dir": str(args.test),
+                "num_inputs": args.num_conditions, "num_samples": args.num_samples, "output_dir": str(sample_dir)}
+    wf = ConfigWorkflow(config_file="configs/inference.json", workflow_type=None, run_id="sample",
+                        logging_file=False, **settings)
+    wf.initialize()
+    preprocessing = wf.parser.get_parsed_content("preprocessing")
+    codec = wf.parser.get_parsed_content("trained_codec")
+
+    test_rows = build_datalist(args.test, args.work_dir)
+    images = torch.stack([torch.as_tensor(apply_to_file(preprocessing, r)["image"]) for r in test_rows]).float()
+    recon_metrics, _ = reconstruction_metrics(images, codec)
+
+    for old in sample_dir.glob("*.png"):
+        old.unlink()  # time a full generation, not a resumed one
+    start = time.perf_counter()
+    rows = wf.run()[0]
+    seconds = time.perf_counter() - start
+    sample_grid(rows, preprocessing, args.out / "foundation_samples.png", args.num_samples)
+    losses = plot_losses(args.work_dir, args.out / "foundation_losses.png")
+
+    stage_file = args.work_dir / "stage_seconds.txt"
+    stages = dict(line.split() for line in stage_file.read_text().splitlines()) if stage_file.exists() else {}
+    result = {
+        "data": {"train": "JSRT train split (150 images)", "test": f"{args.test} ({len(test_rows)} images)"},
+        "settings": overrides,
+        "stage_wall_seconds": {k: float(v) for k, v in stages.items()},
+        "autoencoder_reconstruction_test": recon_metrics,
+        "losses": losses,
+        "sampling": {"images": len(rows), "seconds": seconds, "images_per_second": len(rows) / seconds,
+                     "num_inference_steps": wf.parser.get_parsed_content("num_inference_steps"),
+                     "guidance_scale": wf.parser.get_parsed_content("guidance_scale"),
+                     "peak_rss_mib_of_this_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+    }
+    (args.out / "foundation.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
