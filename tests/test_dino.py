@@ -74,3 +74,15 @@ def test_hub_download_failure_says_how_to_work_offline(monkeypatch):
     monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(BundleInputError, match="could not be downloaded.*--dino_weights PATH"):
         DinoFeatures(weights="hub", **TINY)
+
+
+@pytest.mark.parametrize(
+    "name, patches",
+    [("vit_small_patch16_224.dino", 9), ("vit_small_patch14_dinov2.lvd142m", 16), ("vit_small_patch14_reg4_dinov2", 16)],
+)
+def test_dino_v1_and_v2_architectures_register_tokens_excluded(radiographs, name, patches):
+    size = 48 if "patch16" in name else 56
+    dino = DinoFeatures(model_name=name, weights="random", tokens="cls+patch", input_size=size,
+                        model_kwargs={"depth": 1})
+    out = dino(radiographs)
+    assert out.shape == (3, 1 + patches, 384) and dino.num_tokens == 1 + patches
