@@ -82,7 +82,8 @@ def mednist_cxr_datalist(root_dir: str | os.PathLike, class_name: str = "CXR") -
                               val_frac=0.0, test_frac=0.0, transform=None, cache_num=0).data
     except Exception as err:  # network, checksum or archive errors all end the same way for the user
         raise BundleInputError(
-            f"The default data set (MedNIST) could not be downloaded into '{root_dir}' ({type(err).__name__}: {err}); "
+            f"The default data set (MedNIST) could not be downloaded into '{root_dir}' "
+            f"({type(err).__name__}: {str(err).strip().splitlines()[0]}); "
             "if this machine is offline, pass your own images with --dataset_dir FOLDER_OR_DATALIST."
         ) from None
     return [{"image": item["image"]} for item in data if item["class_name"] == class_name]
