@@ -6,6 +6,6 @@ from .errors import BundleInputError, install_excepthook
 ensure_torchvision_importable()
 install_excepthook()
 
-from . import autoencoder, cache, data, diffusion, dino, sampling, transforms, workflow, writers  # noqa: E402,F401
+from . import autoencoder, cache, data, diffusion, dino, dino_pretrain, sampling, transforms, workflow, writers  # noqa: E402,F401
 
 __version__ = "0.1.0"

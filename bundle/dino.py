@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -28,6 +29,21 @@ def _file_keys(path: str) -> set[str]:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     return set(state) if isinstance(state, dict) else set()
+
+
+def _check_sidecar(path: str, model_name: str, model_kwargs: dict[str, Any]) -> None:
+    """Weights exported by DINO pre-training carry ``<file>.json`` naming their architecture: check it."""
+    sidecar = path + ".json"
+    if not os.path.isfile(sidecar):
+        return
+    with open(sidecar) as f:
+        info = json.load(f)
+    saved = (info.get("model_name"), info.get("model_kwargs", {}))
+    if saved != (model_name, model_kwargs):
+        raise BundleInputError(
+            f"dino_weights '{path}' was trained as {saved[0]} with {saved[1]}, but the config asks for {model_name} "
+            f"with {model_kwargs}: pass --dino_model {saved[0]} --dino_kwargs \"{json.dumps(saved[1])}\"."
+        )
 
 
 def _model_keys(timm, model_name: str, kwargs: dict[str, Any]) -> set[str]:
@@ -96,6 +112,7 @@ class DinoFeatures(nn.Module):
             raise BundleInputError(
                 f"dino_weights '{self.weights}' is not a file: give a local timm weights file, 'hub' or 'random'."
             )
+        _check_sidecar(self.weights, self.model_name, self.model_kwargs)
         try:
             file_keys = _file_keys(self.weights)
         except Exception as err:

@@ -20,6 +20,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; finished outputs get ordinary permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

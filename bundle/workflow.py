@@ -46,3 +46,13 @@ def train_stage(
     trainer.run()
     export()
     logger.info("%s: done, wrote %s.", name, output_path)
+
+
+def run_config(config_file: str | os.PathLike, run_id: str, **overrides: Any) -> None:
+    """Run another of the bundle's configs in this process, as `python -m monai.bundle run` would."""
+    from monai.bundle import ConfigWorkflow
+
+    workflow = ConfigWorkflow(config_file=str(config_file), workflow_type=None, run_id=run_id, logging_file=False,
+                              **overrides)
+    workflow.initialize()
+    workflow.run()
