@@ -56,6 +56,38 @@ class LatentDiffusionPrepareBatch(DiffusionPrepareBatch):
         return inputs, target, args, infer_kwargs
 
 
+SAMPLERS = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler"}
+
+
+def make_sampler(name: str, num_train_timesteps: int, schedule: str, beta_start: float, beta_end: float,
+                 prediction_type: str) -> Scheduler:
+    """A MONAI sampling scheduler (``ddim``, ``ddpm`` or ``pndm``) on the noise schedule the UNet was trained with.
+
+    None clips its x0 estimate (latents are not in [-1, 1]); PNDM skips the Runge-Kutta warm-up (PLMS),
+    so that it can start part-way along the schedule for img2img and inpainting.
+    """
+    from monai.networks import schedulers
+
+    if name not in SAMPLERS:
+        raise BundleInputError(f"Sampler '{name}' is not known: choose --sampler from {sorted(SAMPLERS)}.")
+    extra = {"ddim": {"clip_sample": False}, "ddpm": {"clip_sample": False}, "pndm": {"skip_prk_steps": True}}[name]
+    return getattr(schedulers, SAMPLERS[name])(num_train_timesteps=num_train_timesteps, schedule=schedule,
+                                               beta_start=beta_start, beta_end=beta_end,
+                                               prediction_type=prediction_type, **extra)
+
+
+def _step(scheduler: Scheduler, prediction: torch.Tensor, t: torch.Tensor, latents: torch.Tensor,
+          generators: Sequence[torch.Generator] | None) -> torch.Tensor:
+    """One reverse step; a stochastic sampler (DDPM) draws each sample's noise from that sample's generator,
+    so an image does not depend on which batch it was generated in."""
+    from monai.networks.schedulers import DDPMScheduler
+
+    if generators is None or not isinstance(scheduler, DDPMScheduler):
+        return scheduler.step(prediction, t, latents)[0]
+    return torch.cat([scheduler.step(p[None], t, x[None], generator=g)[0]
+                      for p, x, g in zip(prediction, latents, generators)])
+
+
 @torch.no_grad()
 def sample_latents(
     unet: nn.Module,
@@ -65,24 +97,49 @@ def sample_latents(
     num_inference_steps: int = 50,
     guidance_scale: float = 3.0,
     progress: bool = False,
+    init: torch.Tensor | None = None,
+    strength: float = 1.0,
+    mask: torch.Tensor | None = None,
+    generators: Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """Denoise ``noise`` into latents conditioned on ``context`` with classifier-free guidance.
 
     ``guidance_scale`` 1 is plain conditional sampling; above 1 pushes away from the null-context prediction.
+    With ``init`` latents and ``strength`` < 1 (img2img), sampling starts from ``init`` noised to the
+    point that leaves the last ``strength`` of the schedule. With a ``mask`` (1 = regenerate, broadcastable
+    to the latents), the latents outside it are replaced after every step by ``init`` noised to that step's
+    level, and by ``init`` itself at the end, so only the inside is generated (inpainting).
     """
+    if not 0.0 < strength <= 1.0:
+        raise BundleInputError(f"strength {strength} is outside (0, 1]: choose the fraction of the schedule to run.")
+    if (strength < 1.0 or mask is not None) and init is None:
+        raise BundleInputError("img2img (strength < 1) and inpainting need the latents of a real image (init).")
     scheduler.set_timesteps(num_inference_steps, device=noise.device)
-    latents = noise
+    timesteps = scheduler.timesteps
+    batch = noise.shape[0]
+    if strength < 1.0:
+        timesteps = timesteps[min(int(round(len(timesteps) * (1.0 - strength))), len(timesteps) - 1):]
+        latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(batch))
+    else:
+        latents = noise
     null = null_context(context)
     guided = guidance_scale != 1.0
-    for t in tqdm(scheduler.timesteps, desc="sampling", leave=False, disable=not progress, dynamic_ncols=True):
-        timesteps = torch.full((latents.shape[0],), int(t), device=latents.device, dtype=torch.long)
+    steps = tqdm(timesteps, desc="sampling", leave=False, disable=not progress, dynamic_ncols=True)
+    for i, t in enumerate(steps):
+        t_batch = torch.full((batch,), int(t), device=latents.device, dtype=torch.long)
         if guided:
-            both = unet(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), context=torch.cat([context, null]))
+            both = unet(torch.cat([latents, latents]), torch.cat([t_batch, t_batch]), context=torch.cat([context, null]))
             conditional, unconditional = both.chunk(2)
             prediction = unconditional + guidance_scale * (conditional - unconditional)
         else:
-            prediction = unet(latents, timesteps, context=context)
-        latents, _ = scheduler.step(prediction, t, latents)
+            prediction = unet(latents, t_batch, context=context)
+        latents = _step(scheduler, prediction, t, latents, generators)
+        if mask is not None:
+            if i + 1 < len(timesteps):
+                known = scheduler.add_noise(init, noise, timesteps[i + 1 : i + 2].repeat(batch))
+            else:
+                known = init
+            latents = mask * latents + (1 - mask) * known
     return latents
 
 

@@ -1,44 +1,289 @@
-"""Generate images conditioned on the DINO embeddings of real images, with a manifest linking them."""
+"""Generating images over the DINO embedding manifold of a pool of real images, with a manifest.
+
+Every output is a *job*: a strategy, the pool images it comes from, its parameters and a seed. Jobs are
+planned up front from the pool and the seed alone, so one output can be regenerated without the others,
+an interrupted run continues with the outputs that are missing, and the manifest describes all of them.
+
+Strategies (DiNO-Diffusion's sampling over the embedding space, plus the latent-space ones):
+- ``reconstruction``: the embedding of a real image, from pure noise;
+- ``interpolation``: slerp between the embeddings of two pool images of the same label group;
+- ``perturbation``: a real embedding with noise of a chosen scale, tokens kept at their length;
+- ``manifold``: a new embedding drawn from the anchor's label group (a Gaussian fitted to the group's
+  embeddings, or a random convex mix of an image and its nearest neighbours), no seed image needed;
+- ``img2img``: a real image's latent noised to ``strength`` and denoised again under its own embedding;
+- ``inpainting``: only the inside of a mask regenerated, the rest kept from the real image.
+"""
 
 from __future__ import annotations
 
+import copy
 import csv
+import json
 import logging
+import math
 import os
+from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from .data import apply_to_file
+from .cache import latent_cache
+from .data import preprocessed_images
 from .diffusion import sample_latents, seeded_noise
 from .errors import BundleInputError
 from .io import atomic_path
-from .writers import WRITERS
+from .manifold import combine, gaussian_sample, nearest, perturb, slerp
+from .writers import FORMATS, dicom_uid, write_image
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_FIELDS = ["output", "source", "strategy", "sample", "seed", "sampler", "num_inference_steps", "guidance_scale"]
+STRATEGIES = ("reconstruction", "interpolation", "perturbation", "manifold", "img2img", "inpainting")
+STRATEGY_PARAMS: dict[str, dict[str, Any]] = {
+    "interpolation": {"t_min": 0.25, "t_max": 0.75, "across_labels": False},
+    "perturbation": {"scale": 0.3},
+    "manifold": {"model": "gaussian", "temperature": 1.0, "neighbours": 5, "concentration": 1.0},
+    "img2img": {"strength": 0.6},
+    "inpainting": {"mask_column": "mask", "box": [0.55, 0.2, 0.9, 0.75], "paste": True},
+}
+MANIFEST_FIELDS = ["image", "source_ids", "sources", "strategy", "params", "seed", "sampler", "num_inference_steps",
+                   "guidance_scale"]
 
 
-def output_stems(sources: Sequence[str]) -> list[str]:
+# ---- planning --------------------------------------------------------------------------------------------
+
+
+def strategy_params(overrides: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """The default parameters of every strategy, updated with ``overrides`` (unknown names are refused)."""
+    params = copy.deepcopy(STRATEGY_PARAMS)
+    for name, values in (overrides or {}).items():
+        if name not in STRATEGIES:
+            raise BundleInputError(f"strategy_params names '{name}', which is not a strategy: use {list(STRATEGIES)}.")
+        unknown = set(values) - set(params.get(name, {}))
+        if unknown:
+            raise BundleInputError(f"strategy_params for '{name}' has unknown keys {sorted(unknown)}: it takes "
+                                   f"{sorted(params.get(name, {}))}.")
+        params.setdefault(name, {}).update(values)
+    return params
+
+
+def strategy_counts(strategy: str | Mapping[str, float], total: int) -> dict[str, int]:
+    """How many of ``total`` outputs each strategy makes: one name, or a mix of weights split by largest remainder."""
+    mix = {strategy: 1.0} if isinstance(strategy, str) else {str(k): float(v) for k, v in dict(strategy).items()}
+    unknown = [k for k in mix if k not in STRATEGIES]
+    if unknown:
+        raise BundleInputError(f"Strategy {unknown} is not known: choose from {list(STRATEGIES)} (or a mix of them).")
+    if not mix or any(v < 0 for v in mix.values()) or sum(mix.values()) <= 0:
+        raise BundleInputError(f"The strategy mix {mix} needs non-negative weights with a positive sum.")
+    weight = sum(mix.values())
+    exact = {k: total * v / weight for k, v in mix.items()}
+    counts = {k: int(math.floor(x)) for k, x in exact.items()}
+    for k in sorted(exact, key=lambda k: (counts[k] - exact[k], list(mix).index(k)))[: total - sum(counts.values())]:
+        counts[k] += 1
+    return counts
+
+
+def source_id(row: Mapping[str, Any]) -> str:
+    return str(row.get("id") or Path(str(row["image"])).name.split(".")[0])
+
+
+def label_groups(rows: Sequence[Mapping[str, Any]], label_columns: Sequence[str]) -> list[tuple]:
+    """Each pool row's label tuple (the group it belongs to); every row is in one group without labels."""
+    for column in label_columns:
+        missing = [source_id(r) for r in rows if column not in r]
+        if missing:
+            raise BundleInputError(f"Label column '{column}' is missing for {missing[:3]}: check --label_columns "
+                                   f"against the datalist's columns ({sorted(rows[0])}).")
+    return [tuple(str(r[c]) for c in label_columns) for r in rows]
+
+
+def plan_jobs(
+    rows: Sequence[Mapping[str, Any]],
+    embeddings: torch.Tensor,
+    strategy: str | Mapping[str, float] = "reconstruction",
+    num_samples: int | None = 4,
+    total_samples: int | None = None,
+    seed: int = 0,
+    label_columns: Sequence[str] = (),
+    params: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """One job per output: ``num_samples`` per pool image, or ``total_samples`` spread evenly over the pool.
+
+    Output ``j`` uses seed ``seed + j``; its strategy comes from a seeded shuffle of the mix, and its
+    random choices (partner, interpolation weight, neighbours' weights) from its own seeded stream.
+    """
+    if not rows:
+        raise BundleInputError("No input images were given for sampling: pass --input_dir with at least one image.")
+    params = strategy_params(params)
+    n = len(rows)
+    if total_samples is not None:
+        anchors = [j % n for j in range(int(total_samples))]
+    elif num_samples is not None and num_samples >= 1:
+        anchors = [i for i in range(n) for _ in range(int(num_samples))]
+    else:
+        raise BundleInputError(f"num_samples {num_samples} must be at least 1 (or give total_samples).")
+    counts = strategy_counts(strategy, len(anchors))
+    kinds = [k for k, c in counts.items() for _ in range(c)]
+    if len(counts) > 1:
+        kinds = [kinds[i] for i in np.random.default_rng([seed, 3]).permutation(len(kinds))]
+    groups = label_groups(rows, label_columns)
+    members: dict[tuple, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    stems = _stems(rows)
+    per_anchor: Counter = Counter()
+    jobs, lonely = [], set()
+    for j, (anchor, kind) in enumerate(zip(anchors, kinds)):
+        rng = np.random.default_rng([seed + j, 2])
+        job: dict[str, Any] = {"strategy": kind, "anchor": anchor, "seed": seed + j, "sources": [anchor],
+                               "labels": {c: rows[anchor][c] for c in label_columns}}
+        p = dict(params.get(kind, {}))
+        if kind == "interpolation":
+            pool = [i for i in (range(n) if p["across_labels"] else members[groups[anchor]]) if i != anchor]
+            partner = int(rng.choice(pool)) if pool else anchor
+            if not pool:
+                lonely.add(groups[anchor])
+            t = float(rng.uniform(p["t_min"], p["t_max"]))
+            job["sources"], p = [anchor, partner], {"t": round(t, 6), "across_labels": p["across_labels"]}
+            nearer = anchor if t <= 0.5 else partner
+            job["labels"] = {c: rows[nearer][c] for c in label_columns}
+        elif kind == "manifold":
+            group = members[groups[anchor]]
+            if p["model"] == "gaussian":
+                if len(group) < 2:
+                    raise BundleInputError(f"Manifold sampling fits a Gaussian per label group, but group {groups[anchor]}"
+                                           " has one image: add images, drop --label_columns or use model 'neighbours'.")
+                job["sources"] = list(group)
+                p = {"model": "gaussian", "temperature": p["temperature"]}
+            elif p["model"] == "neighbours":
+                local = nearest(embeddings[group], group.index(anchor), int(p["neighbours"]))
+                job["sources"] = [anchor] + [group[i] for i in local]
+                weights = rng.dirichlet(np.full(len(job["sources"]), float(p["concentration"])))
+                p = {"model": "neighbours", "weights": [round(float(w), 6) for w in weights]}
+            else:
+                raise BundleInputError(f"Manifold model '{p['model']}' is not known: use 'gaussian' or 'neighbours'.")
+        elif kind == "perturbation":
+            p = {"scale": p["scale"]}
+        elif kind == "img2img":
+            p = {"strength": p["strength"]}
+        elif kind == "inpainting":
+            mask = str(rows[anchor].get(p["mask_column"]) or "")
+            p = {"mask": mask} if mask else {"box": list(p["box"])}
+            p["paste"] = bool(params["inpainting"]["paste"])
+        job["params"] = p
+        job["name"] = f"{stems[anchor]}_{kind}_{per_anchor[anchor]:03d}"
+        per_anchor[anchor] += 1
+        jobs.append(job)
+    if lonely:
+        logger.warning("Label group(s) %s have a single image: their interpolations are reconstructions.", sorted(lonely))
+    return jobs
+
+
+def interpolation_jobs(num_inputs: int, steps: int, seed: int = 0) -> list[dict[str, Any]]:
+    """An interpolation strip through pool images 0, 1, ..., ``steps`` points per segment, all with one seed
+    so that only the embedding changes along the strip."""
+    if num_inputs < 2:
+        raise BundleInputError(f"Interpolation needs at least two images, got {num_inputs}: pass more inputs.")
+    if steps < 2:
+        raise BundleInputError(f"interpolation_steps must be at least 2 (the two ends), got {steps}.")
+    jobs = []
+    for a in range(num_inputs - 1):
+        for k in range(0 if a == 0 else 1, steps):
+            t = k / (steps - 1)
+            jobs.append({"strategy": "interpolation", "anchor": a, "seed": seed, "sources": [a, a + 1],
+                         "labels": {}, "params": {"t": round(t, 6)}, "name": f"interpolation_{len(jobs):03d}"})
+    return jobs
+
+
+def _stems(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """File-name stems for outputs: the source's name, made unique with its index only where names clash."""
-    names = [Path(s).name.split(".")[0] for s in sources]
-    return [n if names.count(n) == 1 else f"{i:05d}_{n}" for i, n in enumerate(names)]
+    names = [Path(str(r["image"])).name.split(".")[0] for r in rows]
+    counts = Counter(names)
+    return [n if counts[n] == 1 else f"{i:05d}_{n}" for i, n in enumerate(names)]
 
 
-def write_manifest(rows: list[dict[str, Any]], path: str | os.PathLike) -> None:
+# ---- from a job to what the sampler needs ----------------------------------------------------------------
+
+
+def _stream(seed: int, purpose: int) -> torch.Generator:
+    """A torch generator for one job and one purpose, independent of the latent noise drawn from ``seed``."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, purpose]).generate_state(1)[0]))
+
+
+def job_context(job: Mapping[str, Any], embeddings: torch.Tensor) -> torch.Tensor:
+    """The conditioning embedding ``(tokens, dim)`` of one job."""
+    kind, p, sources = job["strategy"], job["params"], job["sources"]
+    if kind == "interpolation":
+        return slerp(embeddings[sources[0]], embeddings[sources[1]], float(p["t"]))
+    if kind == "perturbation":
+        return perturb(embeddings[sources[0]], float(p["scale"]), _stream(job["seed"], 1))
+    if kind == "manifold":
+        if p["model"] == "gaussian":
+            return gaussian_sample(embeddings[sources], _stream(job["seed"], 1), float(p["temperature"]))
+        return combine(embeddings[sources], torch.tensor(p["weights"]))
+    return embeddings[sources[0]].clone()
+
+
+def box_mask(box: Sequence[float], size: Sequence[int]) -> torch.Tensor:
+    """``(1, X, Y)`` mask, 1 inside ``box`` = [x0, y0, x1, y1] as fractions of width (x, right) and height (y, down)."""
+    if len(box) != 4 or not all(0 <= v <= 1 for v in box) or box[0] >= box[2] or box[1] >= box[3]:
+        raise BundleInputError(f"Inpainting box {list(box)} is not [x0, y0, x1, y1] with 0 <= x0 < x1 <= 1 and "
+                               "0 <= y0 < y1 <= 1 (fractions of the image's width and height).")
+    mask = torch.zeros(1, *size)
+    x0, x1 = int(round(box[0] * size[0])), max(int(round(box[2] * size[0])), int(round(box[0] * size[0])) + 1)
+    y0, y1 = int(round(box[1] * size[1])), max(int(round(box[3] * size[1])), int(round(box[1] * size[1])) + 1)
+    mask[:, x0:x1, y0:y1] = 1
+    return mask
+
+
+def read_mask(path: str, size: Sequence[int]) -> torch.Tensor:
+    """A mask file (any format MONAI reads, any non-zero pixel inside) resized and padded like the images:
+    longest side to the image size, then centred padding, so it stays aligned with the preprocessed image."""
+    from monai.transforms import LoadImage, Resize, SpatialPad
+
+    if not os.path.isfile(path):
+        raise BundleInputError(f"Inpainting mask '{path}' does not exist: fix the mask column of the datalist.")
+    try:
+        mask = LoadImage(image_only=True, ensure_channel_first=True)(path)
+    except Exception as err:
+        raise BundleInputError(f"Inpainting mask '{path}' could not be read ({type(err).__name__}): replace it.") from None
+    mask = (torch.as_tensor(np.asarray(mask))[:1] > 0).float()
+    if mask.ndim != 3:
+        raise BundleInputError(f"Inpainting mask '{path}' is not a 2D image (shape {tuple(mask.shape)}).")
+    mask = Resize(max(size), size_mode="longest", mode="area")(mask)
+    mask = SpatialPad(list(size))(mask)
+    mask = (torch.as_tensor(np.asarray(mask)) > 0.5).float()
+    if not mask.any():
+        raise BundleInputError(f"Inpainting mask '{path}' is empty at the image size: there is nothing to regenerate.")
+    return mask
+
+
+def job_mask(job: Mapping[str, Any], size: Sequence[int]) -> torch.Tensor:
+    p = job["params"]
+    return read_mask(p["mask"], size) if "mask" in p else box_mask(p["box"], size)
+
+
+def latent_mask(mask: torch.Tensor, latent_size: Sequence[int]) -> torch.Tensor:
+    """A pixel mask brought to the latent grid: a latent cell is regenerated if any pixel it covers is."""
+    return (torch.nn.functional.adaptive_max_pool2d(mask[None].float(), tuple(latent_size))[0] > 0).float()
+
+
+# ---- generation ------------------------------------------------------------------------------------------
+
+
+def write_manifest(rows: list[dict[str, Any]], path: str | os.PathLike, label_columns: Sequence[str] = ()) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
+            writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS + [c for c in label_columns if c not in MANIFEST_FIELDS])
             writer.writeheader()
             writer.writerows(rows)
 
 
 @torch.no_grad()
-def generate_reconstructions(
+def generate(
     datalist: Sequence[dict[str, Any]],
     preprocessing: Callable,
     codec: nn.Module,
@@ -47,60 +292,137 @@ def generate_reconstructions(
     scheduler: Any,
     latent_shape: Sequence[int],
     output_dir: str | os.PathLike,
-    num_samples: int = 4,
+    autoencoder_path: str | os.PathLike,
+    strategy: str | Mapping[str, float] = "reconstruction",
+    num_samples: int | None = 4,
+    total_samples: int | None = None,
+    label_columns: Sequence[str] = (),
+    params: Mapping[str, Mapping[str, Any]] | None = None,
     num_inference_steps: int = 50,
     guidance_scale: float = 3.0,
     seed: int = 0,
     batch_size: int = 8,
     formats: Sequence[str] = ("png",),
     device: torch.device | str = "cpu",
+    jobs: Sequence[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """For every input image, ``num_samples`` new images from its DINO embedding (DiNO-Diffusion "reconstruction").
+    """Generate images from a pool of real images and write them with ``manifest.csv`` into ``output_dir``.
 
-    Sample ``k`` of input ``i`` uses seed ``seed + i * num_samples + k``: any one output can be regenerated
-    alone. Outputs that already exist are kept, so an interrupted run continues where it stopped; the
-    manifest (``manifest.csv``) lists every output, its source and the settings that produced it.
+    The pool's preprocessed images, latents and DINO embeddings are cached in ``output_dir/.pool`` (rebuilt
+    when the images, preprocessing, autoencoder or DINO model change). Outputs that already exist are kept.
+    ``jobs`` replaces the planned jobs (e.g. :func:`interpolation_jobs`).
     """
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise BundleInputError(f"Output format(s) {unknown or formats} are not supported: choose from {sorted(FORMATS)}.")
+    if len({FORMATS[f] for f in formats}) < len(formats):
+        raise BundleInputError(f"Output formats {list(formats)} would write the same file twice: choose png or png16.")
     if not datalist:
         raise BundleInputError("No input images were given for sampling: pass --input_dir with at least one image.")
-    unknown = [f for f in formats if f not in WRITERS]
-    if unknown:
-        raise BundleInputError(f"Output format(s) {unknown} are not supported: choose from {sorted(WRITERS)}.")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    sources = [str(row["image"]) for row in datalist]
-    stems = output_stems(sources)
+    label_columns = list(label_columns or [])
+    images = preprocessed_images(datalist, preprocessing, output_dir / ".pool" / "images.pt")
+    pool = latent_cache(images, codec, dino, autoencoder_path, output_dir / ".pool" / "latents.pt", device, batch_size)
+    embeddings = pool["tokens"].float()
+    if jobs is None:
+        jobs = plan_jobs(datalist, embeddings, strategy, num_samples, total_samples, seed, label_columns, params)
     sampler = type(scheduler).__name__
+    study = dicom_uid(str(output_dir.resolve()), "study")
+    series = dicom_uid(str(output_dir.resolve()), "series", sampler, num_inference_steps, guidance_scale)
 
-    jobs, rows = [], []
-    for i, (source, stem) in enumerate(zip(sources, stems)):
-        for k in range(num_samples):
-            paths = [output_dir / f"{stem}_sample{k:03d}{WRITERS[f][1]}" for f in formats]
-            s = seed + i * num_samples + k
-            rows.append({"output": str(paths[0]), "source": source, "strategy": "reconstruction", "sample": k,
-                         "seed": s, "sampler": sampler, "num_inference_steps": num_inference_steps,
-                         "guidance_scale": guidance_scale})
-            if not all(p.exists() for p in paths):
-                jobs.append((i, s, paths))
+    rows, pending = [], []
+    for j, job in enumerate(jobs):
+        paths = [output_dir / f"{job['name']}{FORMATS[f]}" for f in formats]
+        sources = [datalist[i] for i in job["sources"]]
+        rows.append({"image": paths[0].name, "source_ids": ";".join(source_id(r) for r in sources),
+                     "sources": ";".join(str(r["image"]) for r in sources), "strategy": job["strategy"],
+                     "params": json.dumps(job["params"], sort_keys=True), "seed": job["seed"], "sampler": sampler,
+                     "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, **job["labels"]})
+        if not all(p.exists() for p in paths):
+            pending.append((j, job, paths))
     manifest = output_dir / "manifest.csv"
-    if len(jobs) < len(rows):
-        logger.info("%d of %d outputs already exist in %s: generating the other %d.", len(rows) - len(jobs), len(rows),
-                    output_dir, len(jobs))
+    if len(pending) < len(rows):
+        logger.info("%d of %d outputs already exist in %s: generating the other %d.", len(rows) - len(pending),
+                    len(rows), output_dir, len(pending))
 
-    contexts: dict[int, torch.Tensor] = {}
-    for start in tqdm(range(0, len(jobs), batch_size), desc="generate", dynamic_ncols=True, disable=not jobs):
-        batch = jobs[start : start + batch_size]
-        for i in {j[0] for j in batch} - set(contexts):
-            image = apply_to_file(preprocessing, dict(datalist[i]))["image"]
-            contexts[i] = dino(torch.as_tensor(image)[None].float().to(device))[0]
-        context = torch.stack([contexts[i] for i, _, _ in batch])
-        noise = seeded_noise([s for _, s, _ in batch], latent_shape, device)
-        latents = sample_latents(unet, scheduler, context, noise, num_inference_steps, guidance_scale)
-        images = codec.decode(latents).clamp(0, 1).cpu()
-        for image, (_, _, paths) in zip(images, batch):
-            for fmt, path in zip(formats, paths):
-                WRITERS[fmt][0](image, path)
-        write_manifest([r for r in rows if Path(r["output"]).exists()], manifest)
-    write_manifest(rows, manifest)
+    def mode(job):  # jobs that share a mode and its parameters are sampled in one batch
+        if job["strategy"] == "img2img":
+            return ("img2img", float(job["params"]["strength"]))
+        return ("inpainting",) if job["strategy"] == "inpainting" else ("noise",)
+
+    pending.sort(key=lambda item: (mode(item[1]), item[0]))
+    batches = [pending[s : s + batch_size] for s in range(0, len(pending), batch_size)]
+    batches = [b for batch in batches for b in _split_by(batch, lambda item: mode(item[1]))]
+    size = tuple(images["images"].shape[-2:])
+    done = {j for j in range(len(rows))} - {j for j, _, _ in pending}
+    with tqdm(total=len(pending), desc="generate", dynamic_ncols=True, disable=not pending) as bar:
+        for batch in batches:
+            kind = mode(batch[0][1])
+            context = torch.stack([job_context(job, embeddings) for _, job, _ in batch]).to(device)
+            noise = seeded_noise([job["seed"] for _, job, _ in batch], latent_shape, device)
+            generators = [torch.Generator(device=device).manual_seed(int(job["seed"])) for _, job, _ in batch]
+            init = mask = pixel_mask = None
+            strength = 1.0
+            if kind[0] != "noise":
+                init = torch.stack([pool["latents"][job["anchor"]] for _, job, _ in batch]).float().to(device)
+            if kind[0] == "img2img":
+                strength = kind[1]
+            if kind[0] == "inpainting":
+                pixel_mask = torch.stack([job_mask(job, size) for _, job, _ in batch])
+                mask = torch.stack([latent_mask(m, latent_shape[-2:]) for m in pixel_mask]).to(device)
+            latents = sample_latents(unet, scheduler, context, noise, num_inference_steps, guidance_scale, init=init,
+                                     strength=strength, mask=mask, generators=generators)
+            out = codec.decode(latents).clamp(0, 1).cpu()
+            if pixel_mask is not None:
+                real = torch.stack([images["images"][job["anchor"]] for _, job, _ in batch]).float()
+                paste = torch.tensor([bool(job["params"]["paste"]) for _, job, _ in batch]).view(-1, 1, 1, 1)
+                out = torch.where(paste & (pixel_mask == 0), real, out)
+            for image, (j, job, paths) in zip(out, batch):
+                for fmt, path in zip(formats, paths):
+                    write_image(image, path, fmt, study_uid=study, series_uid=series, instance_number=j + 1,
+                                description=f"synthetic {job['strategy']} (DiNO-Diffusion)",
+                                instance_uid=dicom_uid(str(path.resolve()), job["seed"]))
+                done.add(j)
+            write_manifest([rows[j] for j in sorted(done)], manifest, label_columns)
+            bar.update(len(batch))
+    write_manifest(rows, manifest, label_columns)
     logger.info("Wrote %d images and %s.", len(rows), manifest)
     return rows
+
+
+def _split_by(batch: list, key: Callable) -> list[list]:
+    """Split a sorted batch where ``key`` changes."""
+    parts: list[list] = []
+    for item in batch:
+        if parts and key(parts[-1][-1]) == key(item):
+            parts[-1].append(item)
+        else:
+            parts.append([item])
+    return parts
+
+
+def interpolation_strip(rows: Sequence[dict[str, Any]], output_dir: str | os.PathLike, path: str | os.PathLike) -> None:
+    """The outputs listed in ``rows`` side by side in one PNG, in manifest order (8-bit PNG outputs only)."""
+    from PIL import Image
+
+    if not rows or not all(str(r["image"]).endswith(".png") for r in rows):
+        raise BundleInputError("The interpolation strip is assembled from PNG outputs: include 'png' in --output_formats.")
+    tiles = [np.asarray(Image.open(Path(output_dir) / r["image"])) for r in rows]
+    tiles = [(t / 257).round().astype(np.uint8) if t.dtype != np.uint8 else t for t in tiles]
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.concatenate(tiles, axis=1)).save(tmp, format="PNG")
+
+
+def interpolate(datalist: Sequence[dict[str, Any]], steps: int, output_dir: str | os.PathLike, seed: int = 0,
+                generate: Callable[..., list[dict[str, Any]]] = generate, **kwargs: Any) -> list[dict[str, Any]]:
+    """An interpolation strip through the pool images in order: outputs, manifest and ``strip.png``.
+
+    ``generate`` is :func:`generate` with its models bound (as the inference config builds it).
+    """
+    rows = generate(datalist, output_dir=output_dir, seed=seed, jobs=interpolation_jobs(len(datalist), steps, seed),
+                    **kwargs)
+    interpolation_strip(rows, output_dir, Path(output_dir) / "strip.png")
+    return rows
+
+

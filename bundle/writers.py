@@ -42,4 +42,73 @@ def write_nifti(image: torch.Tensor | np.ndarray, path: str | os.PathLike) -> No
         os.replace(tmp + ".nii.gz", tmp)
 
 
-WRITERS = {"png": (write_png, ".png"), "nifti": (write_nifti, ".nii.gz")}
+def dicom_uid(*parts: object) -> str:
+    """A DICOM UID derived from ``parts``, so that re-running a generation gives the same UIDs."""
+    from pydicom.uid import generate_uid
+
+    return generate_uid(entropy_srcs=[str(p) for p in parts])
+
+
+def write_dicom(
+    image: torch.Tensor | np.ndarray,
+    path: str | os.PathLike,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    instance_uid: str | None = None,
+    instance_number: int = 1,
+    description: str = "synthetic image",
+) -> None:
+    """A 16-bit MONOCHROME2 DICOM Secondary Capture marked as synthetic.
+
+    ``ConversionType`` SYN (synthetic image), ``ImageType`` DERIVED\\SECONDARY and "synthetic" in the series
+    description; the patient is "SYNTHETIC" and nothing from the source images' headers is copied.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, SecondaryCaptureImageStorage
+
+    if "synthetic" not in description.lower():
+        description = f"synthetic {description}"
+    rows = np.round(to_display(image) * 65535).astype(np.uint16)
+    instance_uid = instance_uid or dicom_uid(os.path.abspath(path))
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = instance_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, instance_uid
+    ds.StudyInstanceUID = study_uid or dicom_uid("study", instance_uid)
+    ds.SeriesInstanceUID = series_uid or dicom_uid("series", instance_uid)
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "SYNTHETIC", "SYNTHETIC", "", ""
+    ds.StudyDate, ds.StudyTime, ds.ReferringPhysicianName, ds.StudyID, ds.AccessionNumber = "", "", "", "", ""
+    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "OT", 1, int(instance_number)
+    ds.SeriesDescription = description[:64]
+    ds.ConversionType = "SYN"
+    ds.ImageType = ["DERIVED", "SECONDARY"]
+    ds.BurnedInAnnotation = "NO"
+    ds.PatientOrientation = ""
+    ds.SecondaryCaptureDeviceManufacturer = "MONAI DiNO-Diffusion bundle"
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows, ds.Columns = rows.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = rows.tobytes()
+    with atomic_path(path) as tmp:
+        ds.save_as(tmp, enforce_file_format=True)
+
+
+FORMATS = {"png": ".png", "png16": ".png", "nifti": ".nii.gz", "dicom": ".dcm"}
+
+
+def write_image(image: torch.Tensor | np.ndarray, path: str | os.PathLike, fmt: str, **dicom: object) -> None:
+    """Write ``image`` in one of :data:`FORMATS`; ``dicom`` keywords (UIDs, description) go to the DICOM writer."""
+    if fmt == "png":
+        write_png(image, path)
+    elif fmt == "png16":
+        write_png(image, path, bit_depth=16)
+    elif fmt == "nifti":
+        write_nifti(image, path)
+    elif fmt == "dicom":
+        write_dicom(image, path, **dicom)
+    else:
+        raise ValueError(f"Output format '{fmt}' is not supported: choose from {sorted(FORMATS)}.")

@@ -56,7 +56,7 @@ def plot_losses(work: Path, path: Path) -> dict:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, (stage, tags) in zip(axes, curves.items()):
         for tag, points in sorted(tags.items()):
-            if tag.endswith("_loss") and tag not in ("kl_loss",) and not tag.startswith(stage):
+            if (tag == "loss" or tag.endswith("_loss")) and tag != "kl_loss" and not tag.startswith(stage):
                 steps, values = zip(*points)
                 window = max(1, len(values) // 50)
                 smooth = np.convolve(values, np.ones(window) / window, mode="valid")
@@ -77,7 +77,7 @@ def plot_losses(work: Path, path: Path) -> dict:
     return summary
 
 
-def sample_grid(rows: list[dict], preprocessing, path: Path, per_row: int) -> None:
+def sample_grid(rows: list[dict], sample_dir: Path, preprocessing, path: Path, per_row: int) -> None:
     """Each row: the conditioning test image (small thumbnail) then its generated samples."""
     import matplotlib
 
@@ -88,12 +88,12 @@ def sample_grid(rows: list[dict], preprocessing, path: Path, per_row: int) -> No
     from bundle.writers import to_display
     from monai.transforms import LoadImage
 
-    sources = list(dict.fromkeys(r["source"] for r in rows))
+    sources = list(dict.fromkeys(r["sources"] for r in rows))
     fig, axes = plt.subplots(len(sources), per_row + 1, figsize=(1.3 * (per_row + 1), 1.3 * len(sources)))
     for i, source in enumerate(sources):
         real = apply_to_file(preprocessing, {"image": source})["image"]
         axes[i, 0].imshow(to_display(real), cmap="gray", vmin=0, vmax=1)
-        outputs = [r["output"] for r in rows if r["source"] == source][:per_row]
+        outputs = [str(sample_dir / r["image"]) for r in rows if r["sources"] == source][:per_row]
         for j, out in enumerate(outputs):
             axes[i, j + 1].imshow(to_display(LoadImage(image_only=True)(out) / 255.0), cmap="gray", vmin=0, vmax=1)
     for ax in axes.flat:
@@ -161,7 +161,7 @@ def main() -> None:
     start = time.perf_counter()
     rows = wf.run()[0]
     seconds = time.perf_counter() - start
-    sample_grid(rows, preprocessing, args.out / "foundation_samples.png", args.num_samples)
+    sample_grid(rows, sample_dir, preprocessing, args.out / "foundation_samples.png", args.num_samples)
     losses = plot_losses(args.work_dir, args.out / "foundation_losses.png")
 
     stage_file = args.work_dir / "stage_seconds.txt"

@@ -26,12 +26,12 @@ def test_sampling_writes_readable_images_and_a_manifest(trained_tiny, tmp_path):
     sample(trained_tiny, tmp_path, output_formats=["png", "nifti"])
     with open(tmp_path / "manifest.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 4 and {r["sample"] for r in rows} == {"0", "1"}
-    assert len({r["source"] for r in rows}) == 2 and [int(r["seed"]) for r in rows] == [0, 1, 2, 3]
-    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(os.path.basename(r["output"]) for r in rows)
+    assert len(rows) == 4 and {r["strategy"] for r in rows} == {"reconstruction"}
+    assert len({r["source_ids"] for r in rows}) == 2 and [int(r["seed"]) for r in rows] == [0, 1, 2, 3]
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(r["image"] for r in rows)
     for row in rows:
-        png = LoadImage(image_only=True)(row["output"])
-        nii = LoadImage(image_only=True)(row["output"].replace(".png", ".nii.gz"))
+        png = LoadImage(image_only=True)(str(tmp_path / row["image"]))
+        nii = LoadImage(image_only=True)(str(tmp_path / row["image"].replace(".png", ".nii.gz")))
         assert tuple(png.shape) == tuple(nii.shape) == (32, 32)
         assert 0 <= float(nii.min()) and float(nii.max()) <= 1
         # the PNG is the NIfTI quantised to 8 bits, in the same orientation

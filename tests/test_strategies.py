@@ -1,0 +1,177 @@
+"""Every sampling strategy on real JSRT images with the tiny trained pipeline; synthetic datasets; DICOM output."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from monai.transforms import LoadImage
+
+from bundle.data import read_datalist
+from bundle.errors import BundleInputError
+from bundle.sampling import STRATEGIES
+
+from .conftest import JSRT, run_bundle, workflow
+
+ALL = {name: 1 for name in STRATEGIES}
+
+
+def sample(settings: dict, out, run_id: str = "sample", **extra):
+    return run_bundle("inference.json", run_id, {**settings, "output_dir": str(out), "num_inputs": 4, **extra})
+
+
+def read_manifest(folder) -> list[dict]:
+    with open(folder / "manifest.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_every_strategy_makes_images_of_the_right_shape_and_a_manifest_that_loaders_accept(trained_tiny, tmp_path):
+    import pandas as pd
+
+    sample(trained_tiny, tmp_path, strategy=ALL, num_samples=3)
+    rows = read_manifest(tmp_path)
+    assert len(rows) == 12 and {r["strategy"] for r in rows} == set(STRATEGIES)
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(r["image"] for r in rows)
+    for row in rows:
+        image = LoadImage(image_only=True)(str(tmp_path / row["image"]))
+        assert tuple(image.shape) == (32, 32) and 0 <= float(image.min()) and float(image.max()) <= 255
+        assert float(image.std()) > 0
+        n_sources = len(row["source_ids"].split(";"))
+        assert n_sources == {"interpolation": 2, "manifold": 4}.get(row["strategy"], 1)
+        json.loads(row["params"])
+    # the bundle's own loader and pandas both read it; image paths are relative to the manifest
+    loaded = read_datalist(tmp_path / "manifest.csv")
+    assert all((tmp_path / r["image"]).exists() for r in rows) and all(r["image"].startswith(str(tmp_path)) for r in loaded)
+    frame = pd.read_csv(tmp_path / "manifest.csv")
+    assert list(frame["seed"]) == list(range(12)) and frame["image"].tolist() == [r["image"] for r in rows]
+
+
+@pytest.mark.parametrize("strategy", ["interpolation", "perturbation", "manifold", "img2img"])
+def test_same_seed_same_image_for_each_strategy(trained_tiny, tmp_path, strategy):
+    sample(trained_tiny, tmp_path / "a", strategy=strategy, num_samples=2, sample_batch_size=8)
+    sample(trained_tiny, tmp_path / "b", strategy=strategy, num_samples=2, sample_batch_size=3)
+    sample(trained_tiny, tmp_path / "c", strategy=strategy, num_samples=2, sample_seed=50)
+    names = [r["image"] for r in read_manifest(tmp_path / "a")]
+    assert names == [r["image"] for r in read_manifest(tmp_path / "b")]
+    for name in names:  # batching does not change an image; another seed does
+        a, b = (np.asarray(LoadImage(image_only=True)(str(tmp_path / d / name))) for d in ("a", "b"))
+        assert np.abs(a - b).max() <= 1
+    c = np.asarray(LoadImage(image_only=True)(str(tmp_path / "c" / names[0])))
+    assert np.abs(c - np.asarray(LoadImage(image_only=True)(str(tmp_path / "a" / names[0])))).max() > 1
+
+
+def test_ddpm_sampler_is_reproducible_per_image_whatever_the_batch(trained_tiny, tmp_path):
+    for name, batch in (("a", 8), ("b", 1)):
+        sample(trained_tiny, tmp_path / name, sampler="ddpm", num_samples=2, sample_batch_size=batch)
+    rows = read_manifest(tmp_path / "a")
+    assert {r["sampler"] for r in rows} == {"DDPMScheduler"}
+    for row in rows:
+        a, b = (np.asarray(LoadImage(image_only=True)(str(tmp_path / d / row["image"]))) for d in ("a", "b"))
+        assert np.abs(a - b).max() <= 1
+    sample(trained_tiny, tmp_path / "p", sampler="pndm", num_samples=1, strategy="img2img")
+    assert len(list((tmp_path / "p").glob("*.png"))) == 4
+
+
+def test_inpainting_keeps_the_outside_and_changes_the_inside(trained_tiny, tmp_path):
+    wf = workflow("inference.json", "sample", {**trained_tiny, "num_inputs": 2})
+    images = torch.stack([wf.parser.get_parsed_content("preprocessing")(dict(r))["image"] for r in
+                          wf.parser.get_parsed_content("inputs")])
+    box = [0.25, 0.25, 0.75, 0.75]
+    sample(trained_tiny, tmp_path, strategy="inpainting", num_inputs=2, num_samples=1,
+           strategy_params={"inpainting": {"box": box}}, output_formats=["png16"])
+    inside = torch.zeros(32, 32, dtype=torch.bool)
+    inside[8:24, 8:24] = True
+    for row, real in zip(read_manifest(tmp_path), images):
+        out = torch.as_tensor(np.asarray(LoadImage(image_only=True)(str(tmp_path / row["image"]))).astype(np.float32))
+        out = out / 65535
+        assert json.loads(row["params"])["box"] == box
+        torch.testing.assert_close(out[~inside], real[0][~inside].float(), atol=1 / 65535 + 1e-3, rtol=0)
+        assert (out[inside] - real[0][inside]).abs().mean() > 0.02
+
+
+def test_inpainting_latents_outside_the_mask_are_the_real_image_latents():
+    from monai.networks.schedulers import DDIMScheduler
+
+    from bundle.diffusion import sample_latents
+
+    class Noisy(torch.nn.Module):
+        def forward(self, x, timesteps, context):
+            return torch.randn_like(x)
+
+    init, noise = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[..., 2:5, 3:7] = 1
+    out = sample_latents(Noisy(), DDIMScheduler(1000, clip_sample=False), torch.zeros(2, 1, 4), noise, 5, 2.0,
+                         init=init, mask=mask)
+    assert torch.equal(out * (1 - mask), init * (1 - mask)) and not torch.allclose(out * mask, init * mask)
+    with pytest.raises(BundleInputError, match="need the latents"):
+        sample_latents(Noisy(), DDIMScheduler(1000), torch.zeros(2, 1, 4), noise, 5, mask=mask)
+    with pytest.raises(BundleInputError, match="strength"):
+        sample_latents(Noisy(), DDIMScheduler(1000), torch.zeros(2, 1, 4), noise, 5, init=init, strength=0)
+
+
+def test_mask_files_from_the_datalist_drive_inpainting(trained_tiny, tmp_path):
+    images = sorted((JSRT / "images").glob("*.png"))[:2]
+    pool = tmp_path / "pool.csv"
+    pool.write_text("image,mask,nodule\n" + "".join(f"{p},{JSRT / 'masks' / 'left_lung' / p.name},1\n" for p in images))
+    sample(trained_tiny, tmp_path / "out", input_dir=str(pool), strategy="inpainting", num_samples=1,
+           label_columns=["nodule"])
+    rows = read_manifest(tmp_path / "out")
+    assert [json.loads(r["params"])["mask"] for r in rows] == [str(JSRT / "masks" / "left_lung" / p.name) for p in images]
+    assert {r["nodule"] for r in rows} == {"1"}
+    pool.write_text(f"image,mask\n{images[0]},{tmp_path / 'missing.png'}\n")
+    with pytest.raises(Exception) as err:
+        sample(trained_tiny, tmp_path / "bad", input_dir=str(pool), strategy="inpainting", num_samples=1)
+    assert "missing.png' does not exist" in str(err.value.__cause__ or err.value)
+
+
+def test_dicom_secondary_capture_round_trips_and_is_marked_synthetic(trained_tiny, tmp_path, cxr_samples):
+    import pydicom
+
+    source = cxr_samples / "nih_cxr_monochrome2.dcm"
+    header = pydicom.dcmread(source, stop_before_pixels=True)
+    private = {str(header[k].value) for k in ("PatientName", "PatientID", "StudyInstanceUID", "SeriesInstanceUID",
+                                              "SOPInstanceUID") if k in header and str(header[k].value)}
+    pool = tmp_path / "pool.csv"
+    pool.write_text(f"image\n{source}\n{sorted((JSRT / 'images').glob('*.png'))[0]}\n")
+    out = tmp_path / "out"
+    sample(trained_tiny, out, input_dir=str(pool), num_samples=1, output_formats=["png", "dicom"])
+    uids = set()
+    for row in read_manifest(out):
+        path = out / row["image"].replace(".png", ".dcm")
+        ds = pydicom.dcmread(path)
+        assert ds.ConversionType == "SYN" and list(ds.ImageType) == ["DERIVED", "SECONDARY"]
+        assert "synthetic" in ds.SeriesDescription.lower() and ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+        assert str(ds.PatientName) == "SYNTHETIC" and ds.pixel_array.shape == (32, 32)
+        assert not private & {str(e.value) for e in ds.iterall()}  # nothing of the source's identity
+        uids.add(ds.SOPInstanceUID)
+        png = np.asarray(LoadImage(image_only=True)(str(out / row["image"]))) / 255
+        dcm = np.asarray(LoadImage(image_only=True)(str(path))) / 65535
+        assert np.abs(png - dcm).max() <= 0.5 / 255 + 1e-4  # same image, same orientation through MONAI
+        assert np.abs(ds.pixel_array.T / 65535 - png).max() <= 0.5 / 255 + 1e-4
+    assert len(uids) == 2
+    # re-running keeps the UIDs (they are derived from the output, not random)
+    first = {p.name: pydicom.dcmread(p).SOPInstanceUID for p in out.glob("*.dcm")}
+    for p in out.glob("*.dcm"):
+        p.unlink()
+    sample(trained_tiny, out, input_dir=str(pool), num_samples=1, output_formats=["png", "dicom"])
+    assert {p.name: pydicom.dcmread(p).SOPInstanceUID for p in out.glob("*.dcm")} == first
+
+
+def test_interpolation_strip_and_bad_requests(trained_tiny, tmp_path):
+    run_bundle("inference.json", "interpolate", {**trained_tiny, "num_inputs": 3, "interpolation_steps": 3,
+                                                 "interpolation_dir": str(tmp_path)})
+    rows = read_manifest(tmp_path)
+    assert len(rows) == 5 and [json.loads(r["params"])["t"] for r in rows] == [0, 0.5, 1, 0.5, 1]
+    strip = LoadImage(image_only=True)(str(tmp_path / "strip.png"))
+    assert sorted(strip.shape) == [32, 160]
+    for bad, message in (({"strategy": "dream"}, "not known"), ({"output_formats": ["png", "png16"]}, "same file twice"),
+                         ({"strategy": "inpainting", "strategy_params": {"inpainting": {"box": [0, 0, 2, 1]}}}, "box"),
+                         ({"sampler": "euler"}, "Sampler 'euler'")):
+        with pytest.raises(Exception) as err:
+            sample(trained_tiny, tmp_path / "bad", num_samples=1, **bad)
+        cause = err.value.__cause__ or err.value
+        assert isinstance(cause, BundleInputError) and message in str(cause)
