@@ -81,17 +81,35 @@ def load_backbone_weights(network: DinoNetwork, path: str | os.PathLike) -> None
 
 class DinoLoss(nn.Module):
     """Cross-entropy between the sharpened, centred teacher output of each global crop and the student
-    output of every other crop; the centre is an EMA of teacher outputs (prevents collapse)."""
+    output of every other crop.
 
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
+    ``centering="ema"`` subtracts an EMA of teacher outputs (DINO); ``"sinkhorn"`` turns the teacher outputs
+    into targets with three Sinkhorn-Knopp iterations, which spreads the batch over the prototypes (DINOv2).
+    Radiographs all look alike, so a randomly initialised teacher gives nearly the same output for every
+    image; the EMA centre then makes the targets uniform and training collapses (loss stuck at log(out_dim)).
+    Sinkhorn centring cannot give every image the same target, which avoids that collapse.
+    ``koleo_weight`` adds DINOv2's KoLeo term on the student's global-crop outputs, which pushes the
+    nearest neighbours in a batch apart.
+    """
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
+                 centering: str = "ema", koleo_weight: float = 0.0) -> None:
         super().__init__()
+        if centering not in ("ema", "sinkhorn"):
+            raise ValueError(f"centering '{centering}' is not known: use 'ema' or 'sinkhorn'.")
         self.student_temp, self.center_momentum = student_temp, center_momentum
+        self.centering, self.koleo_weight = centering, koleo_weight
         self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def targets(self, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        if self.centering == "ema":
+            return F.softmax((teacher_out - self.center) / teacher_temp, dim=-1)
+        return sinkhorn_knopp(teacher_out / teacher_temp)
 
     def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, num_crops: int,
                 teacher_temp: float) -> torch.Tensor:
         student = (student_out / self.student_temp).chunk(num_crops)
-        teacher = F.softmax((teacher_out - self.center) / teacher_temp, dim=-1).detach().chunk(2)
+        teacher = self.targets(teacher_out.float(), teacher_temp).detach().chunk(2)
         total, terms = 0.0, 0
         for t_index, t in enumerate(teacher):
             for s_index, s in enumerate(student):
@@ -100,7 +118,10 @@ class DinoLoss(nn.Module):
                 total = total + torch.sum(-t * F.log_softmax(s, dim=-1), dim=-1).mean()
                 terms += 1
         self.update_center(teacher_out)
-        return total / terms
+        loss = total / terms
+        if self.koleo_weight > 0:
+            loss = loss + self.koleo_weight * sum(koleo(x) for x in student_out.chunk(num_crops)[:2]) / 2
+        return loss
 
     @torch.no_grad()
     def update_center(self, teacher_out: torch.Tensor) -> None:
@@ -109,6 +130,35 @@ class DinoLoss(nn.Module):
             torch.distributed.all_reduce(batch_center)
             batch_center /= torch.distributed.get_world_size()
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+
+
+@torch.no_grad()
+def sinkhorn_knopp(logits: torch.Tensor, iterations: int = 3) -> torch.Tensor:
+    """Targets ``(B, K)`` whose rows sum to 1 and whose columns are used equally across the batch."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+
+    def all_sum(t: torch.Tensor) -> torch.Tensor:
+        if distributed:
+            torch.distributed.all_reduce(t)
+        return t
+
+    q = torch.exp(logits.double() - logits.max()).T  # (K, B); one shift for all entries cancels out
+    k, b = q.shape
+    b *= torch.distributed.get_world_size() if distributed else 1
+    q /= all_sum(q.sum())
+    for _ in range(iterations):
+        q /= all_sum(q.sum(dim=1, keepdim=True))
+        q /= k
+        q /= q.sum(dim=0, keepdim=True)
+        q /= b
+    return (q * b).T.float()
+
+
+def koleo(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Kozachenko-Leonenko entropy estimate (negated): -mean log distance to the nearest other sample."""
+    x = F.normalize(x.float(), dim=-1)
+    distances = torch.cdist(x, x) + torch.eye(len(x), device=x.device) * 1e3
+    return -torch.log(distances.min(dim=1).values + eps).mean()
 
 
 def cosine(start: float, end: float, progress: float) -> float:

@@ -101,3 +101,23 @@ def test_dino_loss_is_lowest_when_the_student_matches_the_teacher_and_the_centre
     random = DinoLoss(out_dim=16)(torch.randn(2 * 4, 16), teacher, num_crops=2, teacher_temp=0.04)
     assert float(matched) < float(random)
     torch.testing.assert_close(loss.center, 0.1 * teacher.mean(0, keepdim=True))
+
+
+def test_sinkhorn_targets_spread_the_batch_over_prototypes_and_koleo_rewards_spread():
+    from bundle.dino_pretrain import koleo, sinkhorn_knopp
+
+    torch.manual_seed(0)
+    # near-identical teacher outputs, as a random ViT gives for radiographs: softmax targets are all alike,
+    # Sinkhorn-Knopp targets still sum to one per image and use every prototype equally over the batch
+    logits = (torch.randn(1, 8) + 0.01 * torch.randn(16, 8)) / 0.04
+    targets = sinkhorn_knopp(logits)
+    torch.testing.assert_close(targets.sum(1), torch.ones(16))
+    torch.testing.assert_close(targets.sum(0), torch.full((8,), 2.0), atol=0.05, rtol=0)
+    softmax = torch.softmax(logits, -1)
+    assert softmax.sum(0).max() > 4 * targets.sum(0).max()  # softmax piles the batch onto a few prototypes
+    sk = DinoLoss(out_dim=8, centering="sinkhorn")
+    assert torch.isfinite(sk(torch.randn(32, 8), torch.randn(16, 8), num_crops=4, teacher_temp=0.04))
+    clustered, spread = torch.randn(1, 8) + 0.01 * torch.randn(16, 8), torch.randn(16, 8)
+    assert float(koleo(clustered)) > float(koleo(spread))
+    with pytest.raises(ValueError, match="centering"):
+        DinoLoss(8, centering="batch")

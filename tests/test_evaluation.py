@@ -1,0 +1,107 @@
+"""Evaluation metrics on real JSRT images, and the evaluate config end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bundle.errors import BundleInputError
+from bundle.evaluation import PixelFeatures, diversity, frechet_distance, memorisation, prdc
+
+from .conftest import run_bundle
+
+
+@pytest.fixture
+def jsrt_batch(jsrt_images) -> torch.Tensor:
+    from bundle.data import modality_preprocessing
+
+    pre = modality_preprocessing("configs/modality/cxr.json", image_size=64)
+    return torch.stack([torch.as_tensor(pre({"image": str(p)})["image"]).float() for p in jsrt_images[:40]])
+
+
+def blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    from monai.transforms import GaussianSmooth
+
+    return torch.stack([GaussianSmooth(sigma)(img) for img in images]).float()
+
+
+def test_frechet_distance_is_zero_for_a_set_against_itself_and_grows_with_damage(jsrt_batch):
+    pixels = PixelFeatures(16)
+    real = pixels(jsrt_batch)
+    assert abs(frechet_distance(real, real)) < 1e-6
+    blurred = [frechet_distance(real, pixels(blur(jsrt_batch, s))) for s in (0.5, 1.5, 3.0)]
+    assert 0 < blurred[0] < blurred[1] < blurred[2]
+    g = torch.Generator().manual_seed(0)
+    noised = [frechet_distance(real, pixels((jsrt_batch + s * torch.randn(jsrt_batch.shape, generator=g)).clamp(0, 1)))
+              for s in (0.05, 0.2)]
+    assert 0 < noised[0] < noised[1]
+    with pytest.raises(BundleInputError, match="at least two"):
+        frechet_distance(real[:1], real)
+
+
+def test_diversity_of_identical_images_is_one_and_of_real_images_less(jsrt_batch):
+    assert diversity(jsrt_batch[:1].repeat(6, 1, 1, 1)) == pytest.approx(1.0, abs=1e-5)
+    real = diversity(jsrt_batch[:12])
+    assert 0 < real < 0.95
+    assert diversity(blur(jsrt_batch[:12], 3.0)) > real  # blurring makes images more alike
+    with pytest.raises(BundleInputError, match="at least two"):
+        diversity(jsrt_batch[:1])
+
+
+def test_prdc_is_one_for_identical_sets_and_falls_for_disjoint_ones(jsrt_batch):
+    feats = PixelFeatures(16)(jsrt_batch)
+    same = prdc(feats, feats.clone(), k=5)
+    assert same["precision"] == same["recall"] == same["coverage"] == 1.0 and same["density"] >= 1.0
+    shifted = prdc(feats, feats + 10.0, k=5)
+    assert shifted == {"precision": 0.0, "recall": 0.0, "density": 0.0, "coverage": 0.0}
+    half = prdc(feats[:20], torch.cat([feats[:10], feats[:10] + 10.0]), k=3)
+    assert 0.3 < half["precision"] < 0.7
+    with pytest.raises(BundleInputError, match="needs more than 5"):
+        prdc(feats[:5], feats, k=5)
+
+
+def test_memorisation_flags_a_planted_copy(jsrt_batch):
+    pixels = PixelFeatures(16)
+    train, test = jsrt_batch[:30], jsrt_batch[30:40]
+    generated = torch.cat([blur(jsrt_batch[30:36], 1.0), train[7:8]])  # the last one is a training image
+    result = memorisation(pixels(generated), pixels(train), pixels(test), quantile=0.05)
+    assert result["flagged"] == [6] and result["nearest_train"][6] == 7 and result["distance"][6] < 1e-5
+    assert result["flagged_fraction"] == pytest.approx(1 / 7)
+
+
+def test_inception_features_need_a_weights_file(tmp_path):
+    from bundle.evaluation import InceptionFeatures
+
+    with pytest.raises(BundleInputError, match="inception_weights PATH"):
+        InceptionFeatures(None)
+    bad = tmp_path / "bad.pth"
+    torch.save({"not": torch.zeros(1)}, bad)
+    with pytest.raises(BundleInputError, match="do not load"):
+        InceptionFeatures(bad)
+
+
+def test_evaluate_config_writes_json_markdown_and_closest_pairs(trained_tiny, tmp_path):
+    samples = tmp_path / "samples"
+    run_bundle("inference.json", "sample", {**trained_tiny, "output_dir": str(samples), "num_inputs": 4,
+                                             "num_samples": 3})
+    out = tmp_path / "evaluation"
+    run_bundle("evaluate.json", "evaluate", {**trained_tiny, "generated_dir": str(samples / "manifest.csv"),
+                                             "real_dir": trained_tiny["dataset_dir"], "train_dir": trained_tiny["dataset_dir"],
+                                             "evaluation_dir": str(out), "prdc_k": 3})
+    result = json.loads((out / "evaluation.json").read_text())
+    assert result["counts"] == {"generated": 12, "real": 8, "train": 8}
+    assert set(result["feature_spaces"]) == {"dino", "pixels"}
+    assert result["feature_spaces"]["dino"]["name"].startswith("dino:vit_tiny_patch16_224")
+    for space in result["feature_spaces"].values():
+        assert space["frechet_distance"] >= 0 and 0 <= space["prdc"]["coverage"] <= 1
+        assert space["frechet_distance_train_reference"] == pytest.approx(0, abs=1e-4)  # train and real are one set here
+    assert result["memorisation"]["test_to_train"]["min"] == pytest.approx(0)  # real == train: all are "copies"
+    assert 0 < result["diversity_ms_ssim"]["real"] < 1 and 0 < result["reconstruction"]["psnr_db"]["mean"] < 60
+    assert "| dino" in (out / "evaluation.md").read_text() and (out / "closest_pairs.png").stat().st_size > 0
+    with pytest.raises(Exception) as err:
+        run_bundle("evaluate.json", "evaluate", {**trained_tiny, "generated_dir": str(samples / "manifest.csv"),
+                                                 "feature_spaces": ["inception"], "evaluation_dir": str(out / "x")})
+    assert "inception_weights PATH" in str(err.value.__cause__ or err.value)
