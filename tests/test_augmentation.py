@@ -1,0 +1,63 @@
+"""The synthetic-augmentation experiment on a tiny setting with real JSRT images and the tiny trained generator."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bundle.augmentation import binary_labels, run_experiment, stratified_pool
+from bundle.errors import BundleInputError
+
+from .conftest import JSRT, workflow
+
+
+def labelled(ids: list[str]) -> list[dict]:
+    return [{"image": str(JSRT / "images" / f"{i}.png"), "id": i, "nodule": str(int(i.startswith("JPCLN"))),
+             "sex": "M" if k % 2 else "F"} for k, i in enumerate(ids)]
+
+
+def test_labels_and_stratified_pools():
+    rows = labelled(["JPCLN001", "JPCNN001", "JPCLN002"])
+    assert binary_labels(rows, "nodule").tolist() == [1, 0, 1]
+    assert binary_labels(rows, "sex", positive="M").tolist() == [0, 1, 0]
+    with pytest.raises(BundleInputError, match="--positive"):
+        binary_labels(rows, "sex")
+    with pytest.raises(BundleInputError, match="not in the datalist"):
+        binary_labels(rows, "age")
+    labels = np.array([1] * 30 + [0] * 70)
+    pool = stratified_pool(labels, 10, seed=0)
+    assert len(set(pool)) == 10 and labels[pool].sum() == 3 and pool == stratified_pool(labels, 10, seed=0)
+    assert labels[stratified_pool(labels, 2, seed=1)].sum() == 1  # both classes even in a tiny pool
+    assert stratified_pool(labels, 500, seed=0) == list(range(100))
+
+
+def test_experiment_runs_end_to_end_writes_table_and_plot_and_resumes(trained_tiny, tmp_path):
+    images = sorted(p.stem for p in (JSRT / "images").glob("*.png"))
+    if len(images) < 20:
+        pytest.skip("needs at least 20 JSRT images")
+    positives, negatives = [i for i in images if i.startswith("JPCLN")], [i for i in images if i.startswith("JPCNN")]
+    train, test = labelled(positives[:5] + negatives[:5]), labelled(positives[5:9] + negatives[5:9])
+    wf = workflow("inference.json", "sample", {**trained_tiny})
+    generation, preprocessing = wf.parser.get_parsed_content("generation"), wf.parser.get_parsed_content("preprocessing")
+    out = tmp_path / "experiment"
+    kwargs = dict(label="nodule", sizes=[4, 10], ratios=[0, 1], folds=1, iterations=4)
+    records = run_experiment(generation, train, test, preprocessing, output_dir=out, **kwargs)
+    assert [(r["size"], r["ratio"], r["arm"]) for r in records] == [
+        (4, 0, "real"), (4, 1, "real+synthetic"), (10, 0, "real"), (10, 1, "real+synthetic"),
+        (4, 1, "synthetic"), (10, 1, "synthetic")]
+    assert all(0 <= r["test_auc"] <= 1 and r["test_images"] == 8 for r in records)
+    assert [r["synthetic_images"] for r in records] == [0, 4, 0, 10, 4, 10]
+    # synthetic images come only from the pool, labels carried from their sources
+    manifest = (out / "n004_fold0" / "synthetic" / "manifest.csv").read_text().splitlines()
+    assert len(manifest) == 5 and all(line.split(",")[-1] in ("0", "1") for line in manifest[1:])
+    table = (out / "results.md").read_text()
+    assert "| real only |" in table and "synthetic only" in table and (out / "augmentation_auc.png").stat().st_size > 0
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 6
+    stamp = (out / "n004_fold0" / "synthetic" / "manifest.csv").stat().st_mtime_ns
+    again = run_experiment(generation, train, test, preprocessing, output_dir=out, **kwargs)
+    key = lambda r: (r["size"], r["ratio"], r["arm"])  # noqa: E731
+    assert sorted(map(json.loads, lines), key=key) == sorted(again, key=key) and len((out / "results.jsonl").read_text().splitlines()) == 6
+    assert (out / "n004_fold0" / "synthetic" / "manifest.csv").stat().st_mtime_ns == stamp
