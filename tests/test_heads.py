@@ -1,0 +1,59 @@
+"""Building blocks of the landmark and segmentation heads: heatmaps, decoding, metrics, the head network."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bundle.errors import BundleInputError
+from bundle.heads import (DenseHead, decode_heatmaps, dice_and_hausdorff, gaussian_heatmaps, landmark_metrics,
+                          load_landmarks, resize_points)
+
+from .conftest import JSRT, require
+
+
+def test_heatmap_decoding_returns_the_planted_peak():
+    points = torch.tensor([[3.0, 17.0], [20.0, 5.0], [31.0, 0.0]])
+    maps = gaussian_heatmaps(points, (32, 24), sigma=1.5)
+    assert maps.shape == (3, 32, 24) and maps[0, 3, 17] == 1 and maps[1, 20, 5] == 1
+    assert torch.equal(decode_heatmaps(maps), points)
+    torch.testing.assert_close(decode_heatmaps(maps[None], "soft", temperature=0.01)[0], points, atol=0.05, rtol=0)
+    assert not gaussian_heatmaps(torch.tensor([[-5.0, 3.0]]), (8, 8), 1.0).any()  # outside: no target
+    with pytest.raises(BundleInputError, match="decoding"):
+        decode_heatmaps(maps, "mean")
+
+
+def test_mre_and_sdr_match_hand_computed_values():
+    true = np.array([[0.0, 0.0], [10.0, 10.0], [5.0, 5.0], [1.0, 1.0]])
+    predicted = true + np.array([[3.0, 4.0], [0.0, 2.0], [6.0, 8.0], [0.0, 0.0]])  # errors 5, 2, 10, 0
+    m = landmark_metrics(predicted, true, pixel_spacing=0.5)
+    assert m["mre_px"] == pytest.approx(4.25) and m["mre_mm"] == pytest.approx(2.125)
+    assert (m["sdr_2px"], m["sdr_2.5px"], m["sdr_4px"], m["sdr_6px"], m["sdr_9px"], m["sdr_10px"]) == (0.5, 0.5, 0.5, 0.75, 0.75, 1.0)
+    with pytest.raises(BundleInputError, match="do not match"):
+        landmark_metrics(predicted[:2], true)
+    np.testing.assert_allclose(resize_points(np.array([[511.0, 0.0]]), (512, 512), (64, 64)), [[63.4375, -0.4375]])
+
+
+def test_dice_matches_a_hand_computed_case():
+    pred = torch.zeros(1, 2, 8, 8)
+    true = torch.zeros(1, 2, 8, 8)
+    pred[0, 0, :4, :4] = 1  # 16 pixels
+    true[0, 0, 2:6, :4] = 1  # 16 pixels, 8 shared -> Dice 0.5
+    pred[0, 1, 1:3, 1:3] = true[0, 1, 1:3, 1:3] = 1
+    result = dice_and_hausdorff(pred, true, ["a", "b"])
+    assert result["a"]["dice"] == pytest.approx(0.5) and result["b"]["dice"] == pytest.approx(1.0)
+    assert result["a"]["hd95_px"] == pytest.approx(2.0) and result["b"]["hd95_px"] == pytest.approx(0.0)
+
+
+def test_jsrt_landmarks_load_and_the_head_outputs_one_map_per_landmark():
+    from monai.networks.nets import DiffusionModelUNet
+
+    points = load_landmarks(require(JSRT / "landmarks") / "JPCLN001.json", ["RL", "LL"])
+    assert points.shape == (94, 2) and 0 <= points.min() and points.max() < 512
+    unet = DiffusionModelUNet(spatial_dims=2, in_channels=1, out_channels=1, channels=(8, 16), attention_levels=(False, False),
+                              num_res_blocks=1, norm_num_groups=8)
+    head = DenseHead(unet, out_channels=5)
+    assert head(torch.rand(2, 1, 32, 32)).shape == (2, 5, 32, 32)
+    with pytest.raises(BundleInputError, match="no group"):
+        load_landmarks(JSRT / "landmarks" / "JPCLN001.json", ["XX"])
