@@ -26,19 +26,121 @@ SDR_THRESHOLDS_PX = (2.0, 2.5, 3.0, 4.0, 6.0, 9.0, 10.0)
 
 
 class DenseHead(nn.Module):
-    """A diffusion UNet with its time embedding fixed to step 0 and a new 1x1 output convolution."""
+    """A diffusion UNet with its time embedding fixed to step 0 and a new 1x1 output convolution.
+
+    Images arrive in [0, 1] and are scaled to [-1, 1], the range the denoiser was pre-trained on.
+    """
 
     def __init__(self, unet: nn.Module, out_channels: int) -> None:
         super().__init__()
         last = unet.out[-1]
-        if not isinstance(last, (nn.Conv2d,)) and hasattr(last, "conv"):
+        if not isinstance(last, nn.Conv2d) and hasattr(last, "conv"):
             last = last.conv
         unet.out[-1] = nn.Conv2d(last.in_channels, out_channels, kernel_size=1)
         self.unet = unet
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         timesteps = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
-        return self.unet(images, timesteps)
+        return self.unet(images * 2 - 1, timesteps)
+
+
+def build_head(unet: nn.Module, out_channels: int, pretrained_path: str | os.PathLike | None = None) -> DenseHead:
+    """``unet`` with the pre-trained denoiser's weights (or its random initialisation when no path), as a head."""
+    if pretrained_path:
+        from .autoencoder import load_state
+
+        load_state(unet, pretrained_path, "denoiser", "pre-train it first (configs/heads/pretrain.json) or pass "
+                   "--pretrained_path null to train from scratch")
+    return DenseHead(unet, out_channels)
+
+
+class Frame:
+    """The geometry between an original image and its preprocessed square (longest side resized, centred pad)."""
+
+    def __init__(self, original_size: Sequence[int], size: int) -> None:
+        self.original = np.asarray(original_size[:2], dtype=np.float64)
+        self.scale = size / self.original.max()
+        self.pad = (size - np.round(self.original * self.scale)) // 2
+
+    def to_image(self, points: np.ndarray) -> np.ndarray:
+        return (np.asarray(points, dtype=np.float64) + 0.5) * self.scale - 0.5 + self.pad
+
+    def to_original(self, points: np.ndarray) -> np.ndarray:
+        return (np.asarray(points, dtype=np.float64) - self.pad + 0.5) / self.scale - 0.5
+
+
+def original_size(path: str) -> tuple[int, int]:
+    """``(X, Y)`` of an image file as MONAI loads it (header only where the reader allows)."""
+    from monai.transforms import LoadImage
+
+    image = LoadImage(image_only=True)(path)
+    return tuple(int(v) for v in image.shape[:2])
+
+
+def landmark_items(rows: Sequence[dict], preprocessing, size: int, groups: Sequence[str] | None, sigma: float,
+                   column: str = "landmark_file") -> list[dict]:
+    """Dataset items ``{"image", "label": heatmaps (L, S, S), "points": (L, 2) in the image frame, "frame"}``."""
+    from .data import apply_to_file
+
+    items = []
+    for row in rows:
+        if not row.get(column):
+            raise BundleInputError(f"Row for '{row['image']}' has no '{column}': give every image a landmark JSON file.")
+        frame = Frame(original_size(str(row["image"])), size)
+        points = frame.to_image(load_landmarks(row[column], groups))
+        image = torch.as_tensor(np.asarray(apply_to_file(preprocessing, dict(row))["image"])).float()
+        items.append({"image": image, "label": gaussian_heatmaps(torch.as_tensor(points), (size, size), sigma),
+                      "points": points, "frame": frame, "source": str(row["image"])})
+    return items
+
+
+def mask_items(rows: Sequence[dict], preprocessing, size: int, columns: Sequence[str]) -> list[dict]:
+    """Dataset items ``{"image", "label": masks (C, S, S)}`` with one binary mask file per structure column."""
+    from .data import apply_to_file
+    from .sampling import read_mask
+
+    items = []
+    for row in rows:
+        missing = [c for c in columns if not row.get(c)]
+        if missing:
+            raise BundleInputError(f"Row for '{row['image']}' has no mask in column(s) {missing}.")
+        image = torch.as_tensor(np.asarray(apply_to_file(preprocessing, dict(row))["image"])).float()
+        masks = torch.cat([read_mask(str(row[c]), (size, size)) for c in columns])
+        items.append({"image": image, "label": masks, "source": str(row["image"])})
+    return items
+
+
+def fine_tune(head: nn.Module, items: Sequence[dict], loss: nn.Module, iterations: int = 300, batch_size: int = 8,
+              lr: float = 1e-4, seed: int = 0, device: torch.device | str = "cpu") -> list[float]:
+    """Train ``head`` for exactly ``iterations`` steps on ``items`` (sampled with replacement) with MONAI's
+    ``SupervisedTrainer``; returns the loss of every iteration."""
+    from ignite.engine import Events
+    from monai.data import DataLoader, Dataset
+    from monai.engines import SupervisedTrainer
+    from torch.utils.data import RandomSampler
+
+    if not items:
+        raise BundleInputError("No labelled images to fine-tune on: give at least one.")
+    torch.manual_seed(seed)
+    data = [{"image": it["image"], "label": it["label"]} for it in items]
+    sampler = RandomSampler(data, replacement=True, num_samples=iterations * min(batch_size, len(data)),
+                            generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(Dataset(data), batch_size=min(batch_size, len(data)), sampler=sampler, num_workers=0)
+    head = head.to(device)
+    trainer = SupervisedTrainer(device=torch.device(device), max_epochs=1, train_data_loader=loader, network=head,
+                                optimizer=torch.optim.AdamW(head.parameters(), lr=lr), loss_function=loss,
+                                decollate=False)
+    losses: list[float] = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output["loss"])))
+    trainer.run()
+    head.eval()
+    return losses
+
+
+@torch.no_grad()
+def predict(head: nn.Module, images: torch.Tensor, batch_size: int = 16, device: torch.device | str = "cpu") -> torch.Tensor:
+    head = head.to(device).eval()
+    return torch.cat([head(images[i : i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)])
 
 
 def load_landmarks(path: str | os.PathLike, groups: Sequence[str] | None = None) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Write a CSV datalist (image + label columns) for one split of the JSRT set in ../shared/data/jsrt.
+"""Write a CSV datalist (image, label columns, landmark file, one mask column per structure) for one split of the JSRT set in ../shared/data/jsrt.
 
     python scripts/jsrt_datalist.py --split train --out runs/jsrt/train.csv
 """
@@ -10,6 +10,7 @@ import csv
 import os
 from pathlib import Path
 
+STRUCTURES = ("left_lung", "right_lung", "heart", "left_clavicle", "right_clavicle")
 DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "jsrt"
 
 
@@ -21,7 +22,16 @@ def jsrt_rows(root: Path, split: str) -> list[dict[str, str]]:
         rows = [r for r in csv.DictReader(f) if split in ("all", r["split"])]
     if not rows:
         raise SystemExit(f"error: no rows with split '{split}' in {manifest}: use train, val, test or all.")
-    return [{"image": str((root / "images" / f"{r['id']}.png").resolve()), **r} for r in rows]
+    out = []
+    for r in rows:
+        row = {"image": str((root / "images" / f"{r['id']}.png").resolve()), **r}
+        landmarks = root / "landmarks" / f"{r['id']}.json"
+        row["landmark_file"] = str(landmarks.resolve()) if landmarks.is_file() else ""
+        for structure in STRUCTURES:
+            mask = root / "masks" / structure / f"{r['id']}.png"
+            row[f"mask_{structure}"] = str(mask.resolve()) if mask.is_file() else ""
+        out.append(row)
+    return out
 
 
 def main() -> None:

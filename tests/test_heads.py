@@ -57,3 +57,44 @@ def test_jsrt_landmarks_load_and_the_head_outputs_one_map_per_landmark():
     assert head(torch.rand(2, 1, 32, 32)).shape == (2, 5, 32, 32)
     with pytest.raises(BundleInputError, match="no group"):
         load_landmarks(JSRT / "landmarks" / "JPCLN001.json", ["XX"])
+
+
+def test_pretrain_then_fine_tune_heads_on_real_images_loss_falls(tmp_path, jsrt_images):
+    import subprocess
+    import sys
+
+    from monai.losses import DiceCELoss
+
+    from bundle.data import modality_preprocessing
+    from bundle.heads import build_head, fine_tune, landmark_items, mask_items, predict
+
+    from .conftest import ROOT, run_bundle, write_datalist, workflow
+
+    subprocess.run([sys.executable, str(ROOT / "scripts/jsrt_datalist.py"), "--split", "train", "--out",
+                    str(tmp_path / "train.csv")], check=True, capture_output=True)
+    from bundle.data import read_datalist
+
+    rows = read_datalist(tmp_path / "train.csv")[:6]
+    settings = {"dataset_dir": str(write_datalist(tmp_path / "images.csv", [rows[i]["image"] for i in range(6)])),
+                "work_dir": str(tmp_path / "work"), "image_size": 32, "denoiser_channels": [8, 16],
+                "denoiser_attention_levels": [False, True], "denoiser_head_channels": 8, "denoiser_epochs": 2,
+                "denoiser_batch_size": 3}
+    run_bundle("heads/pretrain.json", "training", settings)
+    denoiser = tmp_path / "work" / "models" / "heads" / "denoiser.pt"
+    assert denoiser.exists()
+    pre = modality_preprocessing("configs/modality/cxr.json", image_size=32)
+    items = landmark_items(rows[:4], pre, 32, ["RL", "LL"], sigma=1.0)
+    assert items[0]["label"].shape == (94, 32, 32) and items[0]["image"].shape == (1, 32, 32)
+    # the landmark frame maps back to the 512-pixel JSRT frame exactly
+    np.testing.assert_allclose(items[0]["frame"].to_original(items[0]["points"]),
+                               load_landmarks(rows[0]["landmark_file"], ["RL", "LL"]), atol=1e-9)
+    for kind, data, loss in (("landmarks", items, torch.nn.MSELoss()),
+                             ("segmentation", mask_items(rows[:4], pre, 32, ["mask_left_lung", "mask_heart"]),
+                              DiceCELoss(sigmoid=True))):
+        unet = workflow("heads/pretrain.json", "training", settings).parser.get_parsed_content("denoiser_def")
+        head = build_head(unet, data[0]["label"].shape[0], denoiser)
+        losses = fine_tune(head, data, loss, iterations=40, batch_size=4, lr=1e-3)
+        assert len(losses) == 40 and np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), kind
+        assert predict(head, torch.stack([it["image"] for it in data])).shape == (4, data[0]["label"].shape[0], 32, 32)
+    with pytest.raises(Exception, match="does not exist"):
+        build_head(unet, 2, tmp_path / "missing.pt")

@@ -1,0 +1,171 @@
+"""Few-shot landmark and segmentation heads: the diffusion-pre-trained denoiser against the same network from
+scratch, for several numbers N of labelled training images (the first N), scored on a test split.
+
+    python scripts/run_heads.py --train runs/heads/train.csv --test runs/heads/test.csv \\
+        --denoiser runs/heads/models/heads/denoiser.pt --sizes 1 5 10 25 50 --seeds 0 --out docs/results \\
+        -- --image_size 64          (the overrides configs/heads/pretrain.json was run with)
+
+Trivial baselines from all training images, scored on test: the mean landmark shape (MRE/SDR) and the mean
+mask per structure (Dice). Results per run are appended to <work>/heads_results.jsonl, so an interrupted
+run continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from evaluate_foundation import parse_overrides  # noqa: E402
+
+STRUCTURES = ["mask_left_lung", "mask_right_lung", "mask_heart", "mask_left_clavicle", "mask_right_clavicle"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train", type=Path, required=True)
+    parser.add_argument("--test", type=Path, required=True)
+    parser.add_argument("--denoiser", type=Path, required=True, help="pre-trained denoiser (configs/heads/pretrain.json)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 5, 10, 25, 50])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--iterations", type=int, default=300)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--pixel_spacing", type=float, default=0.7, help="mm per pixel of the landmark frame (JSRT 512 px)")
+    parser.add_argument("--tasks", nargs="+", default=["landmarks", "segmentation"])
+    parser.add_argument("--work", type=Path, default=ROOT / "runs/heads")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs/results")
+    parser.add_argument("overrides", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+    overrides = parse_overrides([t for t in args.overrides if t != "--"])
+    os.chdir(ROOT)
+
+    from monai.bundle import ConfigWorkflow
+    from monai.losses import DiceCELoss
+
+    from bundle.data import read_datalist
+    from bundle.heads import (build_head, decode_heatmaps, dice_and_hausdorff, fine_tune, landmark_items,
+                              landmark_metrics, load_landmarks, mask_items, predict)
+
+    wf = ConfigWorkflow(config_file="configs/heads/pretrain.json", workflow_type=None, run_id="training",
+                        logging_file=False, **overrides)
+    wf.initialize()
+    get = wf.parser.get_parsed_content
+    size, preprocessing = int(get("image_size")), get("preprocessing")
+    sigma = 5.0 * size / 256  # Di Via et al.: sigma 5 at 256 pixels
+    train_rows, test_rows = read_datalist(args.train), read_datalist(args.test)
+    args.work.mkdir(parents=True, exist_ok=True)
+    results_path = args.work / "heads_results.jsonl"
+    done = {}
+    if results_path.exists():
+        for line in results_path.read_text().splitlines():
+            r = json.loads(line)
+            done[(r["task"], r["size"], r["init"], r["seed"])] = r
+
+    data: dict = {}
+    if "landmarks" in args.tasks:
+        data["landmarks"] = (landmark_items(train_rows[: max(args.sizes)], preprocessing, size, None, sigma),
+                             landmark_items(test_rows, preprocessing, size, None, sigma))
+    if "segmentation" in args.tasks:
+        data["segmentation"] = (mask_items(train_rows[: max(args.sizes)], preprocessing, size, STRUCTURES),
+                                mask_items(test_rows, preprocessing, size, STRUCTURES))
+
+    def score(task: str, outputs: torch.Tensor, test_items: list) -> dict:
+        if task == "landmarks":
+            pred = decode_heatmaps(outputs).numpy()
+            pred = np.stack([it["frame"].to_original(p) for it, p in zip(test_items, pred)])
+            true = np.stack([it["frame"].to_original(it["points"]) for it in test_items])
+            return landmark_metrics(pred, true, pixel_spacing=args.pixel_spacing)
+        masks = (torch.sigmoid(outputs) > 0.5).float()
+        per = dice_and_hausdorff(masks, torch.stack([it["label"] for it in test_items]), STRUCTURES)
+        return {"per_structure": per, "mean_dice": float(np.mean([v["dice"] for v in per.values()])),
+                "lung_dice": float(np.mean([per["mask_left_lung"]["dice"], per["mask_right_lung"]["dice"]]))}
+
+    runs = [(t, n, init, s) for t in args.tasks for n in args.sizes for s in args.seeds for init in ("pretrained", "scratch")]
+    start = time.perf_counter()
+    for i, (task, n, init, seed) in enumerate(runs):
+        if (task, n, init, seed) in done:
+            continue
+        train_items, test_items = data[task]
+        torch.manual_seed(seed)
+        unet = wf.parser.get_parsed_content("denoiser_def", lazy=False)
+        channels = train_items[0]["label"].shape[0]
+        head = build_head(unet, channels, args.denoiser if init == "pretrained" else None)
+        loss = torch.nn.MSELoss() if task == "landmarks" else DiceCELoss(sigmoid=True)
+        t0 = time.perf_counter()
+        losses = fine_tune(head, train_items[:n], loss, args.iterations, lr=args.lr, seed=seed)
+        outputs = predict(head, torch.stack([it["image"] for it in test_items]))
+        record = {"task": task, "size": n, "init": init, "seed": seed, "iterations": args.iterations,
+                  "first_loss": float(np.mean(losses[:10])), "last_loss": float(np.mean(losses[-10:])),
+                  "seconds": time.perf_counter() - t0, **score(task, outputs, test_items)}
+        with open(results_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        done[(task, n, init, seed)] = record
+        print(f"[{i + 1}/{len(runs)}] {task} N={n} {init} seed {seed}: "
+              f"{record.get('mre_px', record.get('mean_dice')):.4g} ({record['seconds']:.0f} s)", flush=True)
+
+    # trivial baselines from all training images
+    baselines = {}
+    if "landmarks" in args.tasks:
+        mean_shape = np.mean([load_landmarks(r["landmark_file"]) for r in train_rows], axis=0)
+        true = np.stack([it["frame"].to_original(it["points"]) for it in data["landmarks"][1]])
+        baselines["landmarks_mean_shape"] = landmark_metrics(np.broadcast_to(mean_shape, true.shape), true,
+                                                             pixel_spacing=args.pixel_spacing)
+    if "segmentation" in args.tasks:
+        all_train = mask_items(train_rows, preprocessing, size, STRUCTURES)
+        mean_mask = (torch.stack([it["label"] for it in all_train]).mean(0) > 0.5).float()
+        test_masks = torch.stack([it["label"] for it in data["segmentation"][1]])
+        per = dice_and_hausdorff(mean_mask.expand_as(test_masks), test_masks, STRUCTURES)
+        baselines["segmentation_mean_mask"] = {"per_structure": per,
+                                               "mean_dice": float(np.mean([v["dice"] for v in per.values()])),
+                                               "lung_dice": float(np.mean([per["mask_left_lung"]["dice"],
+                                                                           per["mask_right_lung"]["dice"]]))}
+    records = [done[r] for r in runs]
+    result = {"settings": {**overrides, "image_size": size, "heatmap_sigma_px": sigma, "iterations": args.iterations,
+                           "lr": args.lr, "sizes": args.sizes, "seeds": args.seeds, "denoiser": str(args.denoiser)},
+              "baselines": baselines, "runs": records, "wall_seconds_this_invocation": time.perf_counter() - start}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "heads.json").write_text(json.dumps(result, indent=2))
+    plot(records, baselines, args.out / "heads.png")
+    print(json.dumps(baselines, indent=1)[:2000])
+
+
+def plot(records: list, baselines: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("landmarks", "mre_px", "landmark MRE (px, 512 frame)", "landmarks_mean_shape"),
+              ("segmentation", "lung_dice", "lung Dice", "segmentation_mean_mask")]
+    panels = [p for p in panels if any(r["task"] == p[0] for r in records)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, (task, key, label, base) in zip(axes[0], panels):
+        for init in ("pretrained", "scratch"):
+            rows = [r for r in records if r["task"] == task and r["init"] == init]
+            sizes = sorted({r["size"] for r in rows})
+            values = [[r[key] for r in rows if r["size"] == s] for s in sizes]
+            ax.errorbar(sizes, [np.mean(v) for v in values], yerr=[np.std(v) for v in values], marker="o", capsize=3,
+                        label="diffusion pre-trained" if init == "pretrained" else "from scratch")
+        if base in baselines:
+            ax.axhline(baselines[base][key], color="grey", linestyle="--", label="mean of training set")
+        ax.set_xscale("log")
+        ax.set_xlabel("labelled training images N")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
