@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The generator conditioned on the DINO trained on JSRT itself (scripts/run_dino.sh first): stage 2 and the
 # cache again with that DINO, reusing the stage-1 autoencoder of scripts/run_foundation.sh; fully offline.
-#   bash scripts/run_foundation_dino.sh       (WORK=runs/foundation_dino; ~20 min on 2 CPU cores)
+#   bash scripts/run_foundation_dino.sh       (WORK=runs/foundation_dino; ~15 min on 2 CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -12,7 +12,7 @@ ARGS=(--dataset_dir runs/foundation/train.csv --work_dir "$WORK" --image_size 64
       --unet_channels "[64,128,128]" --unet_res_blocks 1 --unet_head_channels 32 --prediction_type v_prediction
       --dino_model vit_tiny_patch16_224 --dino_kwargs "{'patch_size': 8}" --dino_input_size 64
       --dino_weights runs/dino/models/dino/teacher.safetensors
-      --diffusion_epochs "${DIFFUSION_EPOCHS:-300}" --diffusion_batch_size 32 --preview_interval 50)
+      --diffusion_epochs "${DIFFUSION_EPOCHS:-200}" --diffusion_batch_size 32 --preview_interval 50)
 : > "$WORK/stage_seconds.txt"
 for stage in cache train_diffusion; do
   SECONDS=0
