@@ -6,6 +6,9 @@ from .errors import BundleInputError, install_excepthook
 ensure_torchvision_importable()
 install_excepthook()
 
-from . import autoencoder, cache, data, diffusion, dino, dino_pretrain, sampling, transforms, workflow, writers  # noqa: E402,F401
+from . import (  # noqa: E402,F401
+    augmentation, autoencoder, cache, data, diffusion, dino, dino_pretrain, evaluation, heads, manifold, sampling,
+    transforms, workflow, writers,
+)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

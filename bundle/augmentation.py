@@ -147,10 +147,10 @@ def run_experiment(
                 continue
             pool = stratified_pool(y_train, n, seed=1000 * fold + n)
             fold_dir = output_dir / f"n{n:03d}_fold{fold}"
-            synthetic = x_syn = y_syn = None
+            x_syn = y_syn = None
             if max_ratio > 0 and any(a[1] > 0 for a in todo):
                 pool_rows = [{**train_rows[i], label: str(train_rows[i][label])} for i in pool]
-                synthetic = generation(pool_rows, output_dir=fold_dir / "synthetic", strategy=strategy,
+                generation(pool_rows, output_dir=fold_dir / "synthetic", strategy=strategy,
                                        total_samples=int(round(max_ratio * n)), label_columns=[label], seed=fold * 100000)
                 manifest = read_datalist(fold_dir / "synthetic" / "manifest.csv")
                 x_syn = load_preprocessed(manifest, preprocessing)

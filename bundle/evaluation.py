@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 
 def load_images(source: str | os.PathLike, preprocessing: Callable, limit: int | None = None) -> tuple[torch.Tensor, list[str]]:
     """A folder, datalist or sampling manifest -> ``(N, 1, H, W)`` preprocessed images and their paths."""
+    if source in (None, "") or not Path(str(source)).exists():
+        raise BundleInputError(f"Image set '{source}' does not exist: pass a folder, datalist or sampling manifest "
+                               "(--generated_dir, --real_dir, --train_dir).")
     rows = build_datalist(source, None)[:limit]
     items = preprocess(rows, preprocessing, desc=f"load {Path(str(source)).name}")
     return torch.stack([torch.as_tensor(np.asarray(it["image"])).float() for it in items]), [str(r["image"]) for r in rows]

@@ -9,6 +9,8 @@ from typing import Any, Callable, Sequence
 
 from ignite.handlers import ProgressBar
 
+from .errors import BundleInputError
+
 logger = logging.getLogger(__name__)
 
 
@@ -16,6 +18,21 @@ def latest_checkpoint(folder: str | os.PathLike) -> str | None:
     """The most recent ``*.pt`` checkpoint in ``folder`` (by modification time), or ``None``."""
     files = glob.glob(os.path.join(str(folder), "*.pt"))
     return max(files, key=os.path.getmtime) if files else None
+
+
+def flag(value: Any) -> bool:
+    """A yes/no setting as configs and the command line give it (``true``/``false``, ``yes``/``no``, ``1``/``0``).
+
+    The command line passes ``--use_ema false`` as the string "false", which Python would take as true.
+    """
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "on", "1", "1.0"):
+        return True
+    if text in ("false", "no", "off", "0", "0.0", "none", "null", ""):
+        return False
+    raise BundleInputError(f"'{value}' is not a yes/no value: use true or false.")
 
 
 def loss_terms(output: dict[str, Any]) -> dict[str, float]:

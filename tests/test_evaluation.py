@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from bundle.errors import BundleInputError
 from bundle.evaluation import PixelFeatures, diversity, frechet_distance, memorisation, prdc
@@ -105,3 +104,21 @@ def test_evaluate_config_writes_json_markdown_and_closest_pairs(trained_tiny, tm
         run_bundle("evaluate.json", "evaluate", {**trained_tiny, "generated_dir": str(samples / "manifest.csv"),
                                                  "feature_spaces": ["inception"], "evaluation_dir": str(out / "x")})
     assert "inception_weights PATH" in str(err.value.__cause__ or err.value)
+
+
+def test_evaluate_from_the_command_line_names_a_missing_set(tmp_path):
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "evaluate", "--config_file", "configs/evaluate.json",
+         "--generated_dir", str(tmp_path / "nothing"), "--real_dir", str(tmp_path), "--dino_weights", "random",
+         "--dino_model", "vit_tiny_patch16_224", "--dino_input_size", "32", "--dino_kwargs", "{'depth': 1}",
+         "--with_reconstruction", "false", "--evaluation_dir", str(tmp_path / "out")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: Image set '{tmp_path / 'nothing'}' does not exist")
+    assert not (tmp_path / "out").exists()

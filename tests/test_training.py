@@ -125,3 +125,13 @@ def test_prepare_batch_drops_conditions_to_the_null_embedding_and_targets_veloci
     assert torch.equal(target, kwargs["noise"]) and torch.equal(kwargs["condition"], batch["context"])
     with pytest.raises(ValueError, match="outside"):
         LatentDiffusionPrepareBatch(scheduler, condition_dropout=1.5)
+
+
+def test_yes_no_settings_accept_command_line_spellings():
+    from bundle.errors import BundleInputError
+    from bundle.workflow import flag
+
+    assert [flag(v) for v in (True, "true", "True", "yes", 1, "1")] == [True] * 6
+    assert [flag(v) for v in (False, "false", "FALSE", "no", 0, "0", None)] == [False] * 7
+    with pytest.raises(BundleInputError, match="not a yes/no value"):
+        flag("maybe")
