@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--num_conditions", type=int, default=6)
     parser.add_argument("--num_samples", type=int, default=4)
     parser.add_argument("--speed_images", type=int, default=32)
+    parser.add_argument("--no_speed", action="store_true", help="keep the speed figures of sampling.json as they are")
     parser.add_argument("overrides", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     overrides = parse_overrides([t for t in args.overrides if t != "--"])
@@ -136,6 +137,23 @@ def main() -> None:
         grid([[real[0], mask] + [load_png(out / r["image"]) for r in rows]], args.out / "sampling_inpainting.png",
              [ids[0]], ["real", "mask (regenerated)"] + [f"seed {r['seed']}" for r in rows],
              "inpainting inside the mask, real pixels kept outside")
+
+    # img2img strength sweep on the first image: how much of the real image survives
+    strengths = [0.05, 0.1, 0.2, 0.6]
+    sweep = []
+    for strength in strengths:
+        out = work / f"img2img_strength{strength:g}"
+        rows = generation(inputs[:1], output_dir=out, strategy="img2img", num_samples=args.num_samples, seed=0,
+                          params={"img2img": {"strength": strength}})
+        sweep.append([real[0]] + [load_png(out / r["image"]) for r in rows])
+    grid(sweep, args.out / "sampling_img2img_strength.png", [f"strength {s:g}" for s in strengths],
+         ["real"] + [f"seed {k}" for k in range(args.num_samples)], f"img2img from {ids[0]}")
+    result["img2img_strengths"] = strengths
+
+    if args.no_speed and (args.out / "sampling.json").exists():
+        result["speed"] = json.loads((args.out / "sampling.json").read_text()).get("speed")
+        (args.out / "sampling.json").write_text(json.dumps(result, indent=2))
+        return
 
     # speed: DDIM with the configured steps, reconstructions, batch of 8, nothing cached on disk but the pool
     speed_dir = work / "speed"
