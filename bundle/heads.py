@@ -188,6 +188,21 @@ def decode_heatmaps(heatmaps: torch.Tensor, method: str = "argmax", temperature:
     return coords.view(*lead, 2)
 
 
+class HeatmapCrossEntropy(nn.Module):
+    """Each landmark's output map as a distribution over pixels (softmax) against its normalised Gaussian.
+
+    Plain MSE on small Gaussian heatmaps is minimised early by predicting zeros everywhere (on JSRT at 64 px,
+    200 iterations left every landmark at a corner, MRE about 310 px in the 512-pixel frame); a
+    per-landmark spatial softmax cannot vanish, so every step moves mass towards the landmark.
+    """
+
+    def forward(self, logits: torch.Tensor, heatmaps: torch.Tensor) -> torch.Tensor:
+        log_p = torch.log_softmax(logits.flatten(2).float(), dim=-1)
+        target = heatmaps.flatten(2).float()
+        target = target / target.sum(-1, keepdim=True).clamp_min(1e-8)
+        return -(target * log_p).sum(-1).mean()
+
+
 def landmark_metrics(predicted: np.ndarray, true: np.ndarray, thresholds: Sequence[float] = SDR_THRESHOLDS_PX,
                      pixel_spacing: float | None = None) -> dict[str, float]:
     """Mean radial error and success detection rates (share of landmarks within each threshold), in pixels

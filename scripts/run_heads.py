@@ -53,7 +53,7 @@ def main() -> None:
     from monai.losses import DiceCELoss
 
     from bundle.data import read_datalist
-    from bundle.heads import (build_head, decode_heatmaps, dice_and_hausdorff, fine_tune, landmark_items,
+    from bundle.heads import (HeatmapCrossEntropy, build_head, decode_heatmaps, dice_and_hausdorff, fine_tune, landmark_items,
                               landmark_metrics, load_landmarks, mask_items, predict)
 
     wf = ConfigWorkflow(config_file="configs/heads/pretrain.json", workflow_type=None, run_id="training",
@@ -100,7 +100,7 @@ def main() -> None:
         unet = wf.parser.get_parsed_content("denoiser_def", lazy=False)
         channels = train_items[0]["label"].shape[0]
         head = build_head(unet, channels, args.denoiser if init == "pretrained" else None)
-        loss = torch.nn.MSELoss() if task == "landmarks" else DiceCELoss(sigmoid=True)
+        loss = HeatmapCrossEntropy() if task == "landmarks" else DiceCELoss(sigmoid=True)
         t0 = time.perf_counter()
         losses = fine_tune(head, train_items[:n], loss, args.iterations, lr=args.lr, seed=seed)
         outputs = predict(head, torch.stack([it["image"] for it in test_items]))

@@ -66,7 +66,7 @@ def test_pretrain_then_fine_tune_heads_on_real_images_loss_falls(tmp_path, jsrt_
     from monai.losses import DiceCELoss
 
     from bundle.data import modality_preprocessing
-    from bundle.heads import build_head, fine_tune, landmark_items, mask_items, predict
+    from bundle.heads import HeatmapCrossEntropy, build_head, fine_tune, landmark_items, mask_items, predict
 
     from .conftest import ROOT, run_bundle, write_datalist, workflow
 
@@ -88,13 +88,15 @@ def test_pretrain_then_fine_tune_heads_on_real_images_loss_falls(tmp_path, jsrt_
     # the landmark frame maps back to the 512-pixel JSRT frame exactly
     np.testing.assert_allclose(items[0]["frame"].to_original(items[0]["points"]),
                                load_landmarks(rows[0]["landmark_file"], ["RL", "LL"]), atol=1e-9)
-    for kind, data, loss in (("landmarks", items, torch.nn.MSELoss()),
+    for kind, data, loss in (("landmarks", items, HeatmapCrossEntropy()),
                              ("segmentation", mask_items(rows[:4], pre, 32, ["mask_left_lung", "mask_heart"]),
                               DiceCELoss(sigmoid=True))):
         unet = workflow("heads/pretrain.json", "training", settings).parser.get_parsed_content("denoiser_def")
         head = build_head(unet, data[0]["label"].shape[0], denoiser)
         losses = fine_tune(head, data, loss, iterations=40, batch_size=4, lr=1e-3)
-        assert len(losses) == 40 and np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), kind
+        first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+        # heatmap cross-entropy starts at log(32 * 32) = 6.93 and cannot go below the targets' entropy
+        assert len(losses) == 40 and (last < first - 0.3 if kind == "landmarks" else last < 0.8 * first), kind
         assert predict(head, torch.stack([it["image"] for it in data])).shape == (4, data[0]["label"].shape[0], 32, 32)
     with pytest.raises(Exception, match="does not exist"):
         build_head(unet, 2, tmp_path / "missing.pt")
