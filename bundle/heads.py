@@ -131,7 +131,7 @@ def fine_tune(head: nn.Module, items: Sequence[dict], loss: nn.Module, iteration
                                 optimizer=torch.optim.AdamW(head.parameters(), lr=lr), loss_function=loss,
                                 decollate=False)
     losses: list[float] = []
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output["loss"])))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output["loss"].item()))
     trainer.run()
     head.eval()
     return losses

@@ -16,6 +16,6 @@ $PY -m monai.bundle run training --config_file configs/heads/pretrain.json --dat
 echo "pretrain_denoiser $SECONDS" > "$WORK/stage_seconds.txt"
 SECONDS=0
 $PY scripts/run_heads.py --train "$WORK/train.csv" --test "$WORK/test.csv" --work "$WORK" \
-    --denoiser "$WORK/models/heads/denoiser.pt" --sizes ${SIZES:-1 5 10 25 50} --seeds ${SEEDS:-0} \
-    --iterations "${ITERATIONS:-200}" --out docs/results -- --image_size 64 --denoiser_channels "[16,32,64]" --denoiser_head_channels 16 > "$WORK/heads.log" 2>&1
+    --denoiser "$WORK/models/heads/denoiser.pt" --sizes ${SIZES:-1 5 10 50} --seeds ${SEEDS:-0} \
+    --iterations "${ITERATIONS:-400}" --lr 1e-3 --out docs/results -- --image_size 64 --denoiser_channels "[16,32,64]" --denoiser_head_channels 16 > "$WORK/heads.log" 2>&1
 echo "heads $SECONDS" >> "$WORK/stage_seconds.txt"
