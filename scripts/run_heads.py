@@ -136,7 +136,43 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "heads.json").write_text(json.dumps(result, indent=2))
     plot(records, baselines, args.out / "heads.png")
+    (args.out / "heads_table.md").write_text(table(records, baselines))
     print(json.dumps(baselines, indent=1)[:2000])
+
+
+def table(records: list, baselines: dict) -> str:
+    """Markdown: landmark MRE/SDR and segmentation Dice per N, pre-trained vs scratch (mean over seeds), baselines."""
+    lines = []
+    marks = [r for r in records if r["task"] == "landmarks"]
+    if marks:
+        lines += ["| landmarks | N | MRE px (512 frame) | MRE mm | SDR 2 px | SDR 4 px | SDR 10 px |", "|---|---|---|---|---|---|---|"]
+        for n in sorted({r["size"] for r in marks}):
+            for init in ("pretrained", "scratch"):
+                rows = [r for r in marks if r["size"] == n and r["init"] == init]
+                mean = {k: np.mean([r[k] for r in rows]) for k in ("mre_px", "mre_mm", "sdr_2px", "sdr_4px", "sdr_10px")}
+                lines.append(f"| {init} | {n} | {mean['mre_px']:.1f} | {mean['mre_mm']:.1f} | {mean['sdr_2px']:.3f} | "
+                             f"{mean['sdr_4px']:.3f} | {mean['sdr_10px']:.3f} |")
+        if "landmarks_mean_shape" in baselines:
+            b = baselines["landmarks_mean_shape"]
+            lines.append(f"| mean training shape | all | {b['mre_px']:.1f} | {b['mre_mm']:.1f} | {b['sdr_2px']:.3f} | "
+                         f"{b['sdr_4px']:.3f} | {b['sdr_10px']:.3f} |")
+        lines.append("")
+    segs = [r for r in records if r["task"] == "segmentation"]
+    if segs:
+        names = list(segs[0]["per_structure"])
+        lines += ["| segmentation | N | " + " | ".join(n.replace("mask_", "") for n in names) + " | mean Dice |",
+                  "|---|---|" + "---|" * (len(names) + 1)]
+        for n in sorted({r["size"] for r in segs}):
+            for init in ("pretrained", "scratch"):
+                rows = [r for r in segs if r["size"] == n and r["init"] == init]
+                cells = [np.mean([r["per_structure"][k]["dice"] for r in rows]) for k in names]
+                lines.append(f"| {init} | {n} | " + " | ".join(f"{c:.3f}" for c in cells) +
+                             f" | {np.mean([r['mean_dice'] for r in rows]):.3f} |")
+        if "segmentation_mean_mask" in baselines:
+            b = baselines["segmentation_mean_mask"]
+            lines.append("| mean training mask | all | " + " | ".join(f"{b['per_structure'][k]['dice']:.3f}" for k in names)
+                         + f" | {b['mean_dice']:.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(records: list, baselines: dict, path: Path) -> None:
