@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .data import apply_to_file, read_datalist
+from .data import preprocessed_stack, read_datalist
 from .errors import BundleInputError
 from .io import atomic_write
 
@@ -92,11 +92,6 @@ def auc(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: to
     return float(compute_roc_auc(scores, labels.float()))
 
 
-def load_preprocessed(rows: Sequence[Mapping[str, Any]], preprocessing: Callable) -> torch.Tensor:
-    return torch.stack([torch.as_tensor(np.asarray(apply_to_file(preprocessing, dict(r))["image"])).float()
-                        for r in tqdm(rows, desc="load", leave=False)])
-
-
 def _done(path: Path) -> dict[tuple, dict]:
     if not path.exists():
         return {}
@@ -129,8 +124,8 @@ def run_experiment(
     output_dir.mkdir(parents=True, exist_ok=True)
     y_train = binary_labels(train_rows, label, positive)
     y_test = torch.as_tensor(binary_labels(test_rows, label, positive))
-    x_test = load_preprocessed(test_rows, preprocessing)
-    x_train = load_preprocessed(train_rows, preprocessing)
+    x_test = preprocessed_stack(test_rows, preprocessing)
+    x_train = preprocessed_stack(train_rows, preprocessing)
     results_path = output_dir / "results.jsonl"
     done = _done(results_path)
     sizes = sorted({min(int(s), len(train_rows)) for s in sizes})
@@ -153,7 +148,7 @@ def run_experiment(
                 generation(pool_rows, output_dir=fold_dir / "synthetic", strategy=strategy,
                                        total_samples=int(round(max_ratio * n)), label_columns=[label], seed=fold * 100000)
                 manifest = read_datalist(fold_dir / "synthetic" / "manifest.csv")
-                x_syn = load_preprocessed(manifest, preprocessing)
+                x_syn = preprocessed_stack(manifest, preprocessing)
                 y_syn = torch.as_tensor(binary_labels(manifest, label, positive))
             for size, ratio, f, arm in todo:
                 count = int(round(ratio * n))

@@ -134,6 +134,34 @@ def apply_to_file(transform: Callable, row: dict[str, Any]) -> dict[str, Any]:
         ) from None
 
 
+def preprocessed_stack(rows: Sequence[dict[str, Any]], transform: Callable, desc: str = "load") -> torch.Tensor:
+    """``(N, 1, H, W)`` float images: :func:`preprocess` on every row, stacked (not cached)."""
+    return torch.stack([torch.as_tensor(np.asarray(it["image"])).float() for it in preprocess(rows, transform, desc)])
+
+
+def read_mask(path: str, size: Sequence[int]) -> torch.Tensor:
+    """``(1, X, Y)`` binary mask from a file (any format MONAI reads, any non-zero pixel inside), resized and
+    padded like the images (longest side to the image size, centred padding) so it stays aligned with them.
+    Used for inpainting masks and segmentation labels."""
+    from monai.transforms import LoadImage, Resize, SpatialPad
+
+    if not os.path.isfile(path):
+        raise BundleInputError(f"Mask '{path}' does not exist: fix the mask column of the datalist.")
+    try:
+        mask = LoadImage(image_only=True, ensure_channel_first=True)(path)
+    except Exception as err:
+        raise BundleInputError(f"Mask '{path}' could not be read ({type(err).__name__}): replace it.") from None
+    mask = (torch.as_tensor(np.asarray(mask))[:1] > 0).float()
+    if mask.ndim != 3:
+        raise BundleInputError(f"Mask '{path}' is not a 2D image (shape {tuple(mask.shape)}).")
+    mask = Resize(max(size), size_mode="longest", mode="area")(mask)
+    mask = SpatialPad(list(size))(mask)
+    mask = (torch.as_tensor(np.asarray(mask)) > 0.5).float()
+    if not mask.any():
+        raise BundleInputError(f"Mask '{path}' is empty at the image size: check the file or use a larger image_size.")
+    return mask
+
+
 # ---- fingerprints: what a cache was built from -------------------------------------------------------------
 
 

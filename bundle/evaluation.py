@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .data import build_datalist, preprocess
+from .data import build_datalist, preprocessed_stack
 from .errors import BundleInputError
 from .io import atomic_write
 
@@ -35,8 +35,7 @@ def load_images(source: str | os.PathLike, preprocessing: Callable, limit: int |
         raise BundleInputError(f"Image set '{source}' does not exist: pass a folder, datalist or sampling manifest "
                                "(--generated_dir, --real_dir, --train_dir).")
     rows = build_datalist(source, None)[:limit]
-    items = preprocess(rows, preprocessing, desc=f"load {Path(str(source)).name}")
-    return torch.stack([torch.as_tensor(np.asarray(it["image"])).float() for it in items]), [str(r["image"]) for r in rows]
+    return preprocessed_stack(rows, preprocessing, f"load {Path(str(source)).name}"), [str(r["image"]) for r in rows]
 
 
 class PixelFeatures(nn.Module):
@@ -54,16 +53,20 @@ class PixelFeatures(nn.Module):
 
 
 class DinoCLSFeatures(nn.Module):
-    """The bundle's DINO extractor reduced to one vector per image (the CLS token)."""
+    """The bundle's DINO extractor reduced to one vector per image: the CLS token, or the mean patch token
+    when the extractor gives patch tokens only."""
 
     def __init__(self, dino: nn.Module) -> None:
         super().__init__()
         self.dino = dino
-        self.name = f"dino:{dino.model_name}({'random' if dino.weights == 'random' else Path(dino.weights).name})"
+        pooled = "mean patch" if dino.tokens == "patch" else "CLS"
+        self.name = (f"dino:{dino.model_name}({'random' if dino.weights == 'random' else Path(dino.weights).name}, "
+                     f"{pooled})")
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.dino(images)[:, 0]
+        tokens = self.dino(images)
+        return tokens.mean(1) if self.dino.tokens == "patch" else tokens[:, 0]
 
 
 class InceptionFeatures(nn.Module):

@@ -96,8 +96,7 @@ def landmark_items(rows: Sequence[dict], preprocessing, size: int, groups: Seque
 
 def mask_items(rows: Sequence[dict], preprocessing, size: int, columns: Sequence[str]) -> list[dict]:
     """Dataset items ``{"image", "label": masks (C, S, S)}`` with one binary mask file per structure column."""
-    from .data import apply_to_file
-    from .sampling import read_mask
+    from .data import apply_to_file, read_mask
 
     items = []
     for row in rows:

@@ -32,7 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .cache import latent_cache
-from .data import preprocessed_images
+from .data import preprocessed_images, read_mask
 from .diffusion import sample_latents, seeded_noise
 from .errors import BundleInputError
 from .io import atomic_path
@@ -239,28 +239,6 @@ def box_mask(box: Sequence[float], size: Sequence[int]) -> torch.Tensor:
     return mask
 
 
-def read_mask(path: str, size: Sequence[int]) -> torch.Tensor:
-    """A mask file (any format MONAI reads, any non-zero pixel inside) resized and padded like the images:
-    longest side to the image size, then centred padding, so it stays aligned with the preprocessed image."""
-    from monai.transforms import LoadImage, Resize, SpatialPad
-
-    if not os.path.isfile(path):
-        raise BundleInputError(f"Inpainting mask '{path}' does not exist: fix the mask column of the datalist.")
-    try:
-        mask = LoadImage(image_only=True, ensure_channel_first=True)(path)
-    except Exception as err:
-        raise BundleInputError(f"Inpainting mask '{path}' could not be read ({type(err).__name__}): replace it.") from None
-    mask = (torch.as_tensor(np.asarray(mask))[:1] > 0).float()
-    if mask.ndim != 3:
-        raise BundleInputError(f"Inpainting mask '{path}' is not a 2D image (shape {tuple(mask.shape)}).")
-    mask = Resize(max(size), size_mode="longest", mode="area")(mask)
-    mask = SpatialPad(list(size))(mask)
-    mask = (torch.as_tensor(np.asarray(mask)) > 0.5).float()
-    if not mask.any():
-        raise BundleInputError(f"Inpainting mask '{path}' is empty at the image size: there is nothing to regenerate.")
-    return mask
-
-
 def job_mask(job: Mapping[str, Any], size: Sequence[int]) -> torch.Tensor:
     p = job["params"]
     return read_mask(p["mask"], size) if "mask" in p else box_mask(p["box"], size)
@@ -351,9 +329,10 @@ def generate(
             return ("img2img", float(job["params"]["strength"]))
         return ("inpainting",) if job["strategy"] == "inpainting" else ("noise",)
 
-    pending.sort(key=lambda item: (mode(item[1]), item[0]))
-    batches = [pending[s : s + batch_size] for s in range(0, len(pending), batch_size)]
-    batches = [b for batch in batches for b in _split_by(batch, lambda item: mode(item[1]))]
+    groups: dict[tuple, list] = {}
+    for item in pending:
+        groups.setdefault(mode(item[1]), []).append(item)
+    batches = [g[s : s + batch_size] for _, g in sorted(groups.items()) for s in range(0, len(g), batch_size)]
     size = tuple(images["images"].shape[-2:])
     done = {j for j in range(len(rows))} - {j for j, _, _ in pending}
     with tqdm(total=len(pending), desc="generate", dynamic_ncols=True, disable=not pending) as bar:
@@ -389,17 +368,6 @@ def generate(
     write_manifest(rows, manifest, label_columns)
     logger.info("Wrote %d images and %s.", len(rows), manifest)
     return rows
-
-
-def _split_by(batch: list, key: Callable) -> list[list]:
-    """Split a sorted batch where ``key`` changes."""
-    parts: list[list] = []
-    for item in batch:
-        if parts and key(parts[-1][-1]) == key(item):
-            parts[-1].append(item)
-        else:
-            parts.append([item])
-    return parts
 
 
 def interpolation_strip(rows: Sequence[dict[str, Any]], output_dir: str | os.PathLike, path: str | os.PathLike) -> None:

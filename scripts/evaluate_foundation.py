@@ -107,25 +107,6 @@ def sample_grid(rows: list[dict], sample_dir: Path, preprocessing, path: Path, p
     plt.close(fig)
 
 
-@torch.no_grad()
-def reconstruction_metrics(images: torch.Tensor, codec) -> tuple[dict, torch.Tensor]:
-    from monai.metrics import MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
-
-    recon = torch.cat([codec.decode(codec.encode(images[i : i + 16])) for i in range(0, len(images), 16)]).clamp(0, 1)
-    # three scales with a 7-pixel window: five 11-pixel scales need images of at least 161 pixels
-    metrics = {
-        "psnr_db": PSNRMetric(max_val=1.0),
-        "ssim": SSIMMetric(spatial_dims=2, data_range=1.0),
-        "ms_ssim": MultiScaleSSIMMetric(spatial_dims=2, data_range=1.0, kernel_size=7,
-                                        weights=(0.0448, 0.2856, 0.3001)),
-    }
-    out = {}
-    for name, metric in metrics.items():
-        values = metric(recon, images).flatten()
-        out[name] = {"mean": float(values.mean()), "std": float(values.std())}
-    return out, recon
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work_dir", type=Path, required=True)
@@ -139,7 +120,8 @@ def main() -> None:
     os.chdir(ROOT)
 
     import bundle  # noqa: F401
-    from bundle.data import apply_to_file, build_datalist
+    from bundle.data import build_datalist, preprocessed_stack
+    from bundle.evaluation import reconstruction_quality
     from monai.bundle import ConfigWorkflow
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -153,8 +135,8 @@ def main() -> None:
     codec = wf.parser.get_parsed_content("trained_codec")
 
     test_rows = build_datalist(args.test, args.work_dir)
-    images = torch.stack([torch.as_tensor(apply_to_file(preprocessing, r)["image"]) for r in test_rows]).float()
-    recon_metrics, _ = reconstruction_metrics(images, codec)
+    images = preprocessed_stack(test_rows, preprocessing)
+    recon_metrics = reconstruction_quality(images, codec)
 
     for old in sample_dir.glob("*.png"):
         old.unlink()  # time a full generation, not a resumed one

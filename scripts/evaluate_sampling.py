@@ -127,7 +127,7 @@ def main() -> None:
 
     # inpainting: real image, mask, three results
     if args.masks:
-        from bundle.sampling import read_mask
+        from bundle.data import read_mask
 
         out = work / "inpainting"
         size = real[0].shape
