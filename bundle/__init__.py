@@ -8,7 +8,7 @@ install_excepthook()
 
 from . import (  # noqa: E402,F401
     augmentation, autoencoder, cache, data, diffusion, dino, dino_pretrain, evaluation, heads, manifold, sampling,
-    transforms, workflow, writers,
+    transforms, workflow, writers, zero_shot,
 )
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

@@ -44,14 +44,46 @@ class DenseHead(nn.Module):
         return self.unet(images * 2 - 1, timesteps)
 
 
+class LatentDenseHead(nn.Module):
+    """The main pipeline's latent diffusion UNet as a dense head, for comparison with :class:`DenseHead`.
+
+    Images go through the frozen autoencoder's encoder, the UNet runs at timestep 0 with the null
+    condition (the zero context it saw under condition dropout), a new 1x1 convolution gives one map per
+    channel at latent resolution, and the maps are upsampled bilinearly to the image size.
+    """
+
+    def __init__(self, codec: nn.Module, unet: nn.Module, out_channels: int, context_shape: Sequence[int]) -> None:
+        super().__init__()
+        last = unet.out[-1]
+        if not isinstance(last, nn.Conv2d) and hasattr(last, "conv"):
+            last = last.conv
+        unet.out[-1] = nn.Conv2d(last.in_channels, out_channels, kernel_size=1)
+        unet.requires_grad_(True)
+        self.codec, self.unet = codec.requires_grad_(False).eval(), unet
+        self.register_buffer("context", torch.zeros(1, *context_shape))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        latents = self.codec.encode(images)
+        timesteps = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
+        maps = self.unet(latents, timesteps, context=self.context.expand(images.shape[0], -1, -1))
+        return F.interpolate(maps, size=images.shape[-2:], mode="bilinear", align_corners=False)
+
+
 def build_head(unet: nn.Module, out_channels: int, pretrained_path: str | os.PathLike | None = None) -> DenseHead:
     """``unet`` with the pre-trained denoiser's weights (or its random initialisation when no path), as a head."""
     if pretrained_path:
-        from .autoencoder import load_state
-
-        load_state(unet, pretrained_path, "denoiser", "pre-train it first (configs/heads/pretrain.json) or pass "
-                   "--pretrained_path null to train from scratch")
+        load_denoiser(unet, pretrained_path, "or pass --pretrained_path null to train from scratch")
     return DenseHead(unet, out_channels)
+
+
+def load_denoiser(unet: nn.Module, path: str | os.PathLike, remedy: str = "") -> nn.Module:
+    """The label-free denoiser's weights into ``unet`` (eval mode)."""
+    from .autoencoder import load_state
+
+    load_state(unet, path, "denoiser", f"pre-train it first (configs/heads/pretrain.json) {remedy}".strip())
+    return unet.eval()
 
 
 class Frame:
@@ -67,6 +99,17 @@ class Frame:
 
     def to_original(self, points: np.ndarray) -> np.ndarray:
         return (np.asarray(points, dtype=np.float64) - self.pad + 0.5) / self.scale - 0.5
+
+    def maps_to_original(self, maps: torch.Tensor) -> torch.Tensor:
+        """``(C, S, S)`` maps on the preprocessed square -> ``(C, X, Y)`` on the original image (padding cut,
+        bilinear resize)."""
+        import torch.nn.functional as F
+
+        start = self.pad.astype(int)
+        stop = start + np.round(self.original * self.scale).astype(int)
+        inner = maps[:, start[0] : stop[0], start[1] : stop[1]].float()
+        return F.interpolate(inner[None], size=tuple(int(v) for v in self.original), mode="bilinear",
+                             align_corners=False)[0]
 
 
 def original_size(path: str) -> tuple[int, int]:
@@ -109,22 +152,48 @@ def mask_items(rows: Sequence[dict], preprocessing, size: int, columns: Sequence
     return items
 
 
+def fixed_iteration_loader(items: Sequence[dict], iterations: int, batch_size: int = 8, seed: int = 0):
+    """A loader of exactly ``iterations`` batches of ``min(batch_size, len(items))`` image/label pairs drawn
+    with replacement (seeded): one "epoch" is the whole fine-tuning budget, whatever N is."""
+    from monai.data import DataLoader, Dataset
+    from torch.utils.data import RandomSampler
+
+    if not items:
+        raise BundleInputError("No labelled images to fine-tune on: give at least one (num_labelled >= 1).")
+    data = [{"image": it["image"], "label": it["label"]} for it in items]
+    batch = min(int(batch_size), len(data))
+    sampler = RandomSampler(data, replacement=True, num_samples=int(iterations) * batch,
+                            generator=torch.Generator().manual_seed(int(seed)))
+    return DataLoader(Dataset(data), batch_size=batch, sampler=sampler, num_workers=0)
+
+
+def labelled_rows(datalist: str | os.PathLike | None, num_labelled: int | str | None, columns: Sequence[str]) -> list[dict]:
+    """The first ``num_labelled`` rows (``all``/``None``: every row) of a datalist that has every label column."""
+    from .data import read_datalist
+
+    if datalist in (None, "", "None", "null"):
+        raise BundleInputError(f"No labelled data: pass --labelled_dir, a CSV/JSON datalist with an image column and "
+                               f"the label column(s) {list(columns)}.")
+    rows = read_datalist(datalist)
+    missing = [c for c in columns if c not in rows[0]]
+    if missing:
+        raise BundleInputError(f"Datalist '{datalist}' has no column(s) {missing}: add them (label files per image).")
+    if num_labelled not in (None, "all"):
+        if int(num_labelled) < 1:
+            raise BundleInputError(f"num_labelled is {num_labelled}: fine-tuning needs at least one labelled image.")
+        rows = rows[: int(num_labelled)]
+    return rows
+
+
 def fine_tune(head: nn.Module, items: Sequence[dict], loss: nn.Module, iterations: int = 300, batch_size: int = 8,
               lr: float = 1e-4, seed: int = 0, device: torch.device | str = "cpu") -> list[float]:
     """Train ``head`` for exactly ``iterations`` steps on ``items`` (sampled with replacement) with MONAI's
     ``SupervisedTrainer``; returns the loss of every iteration."""
     from ignite.engine import Events
-    from monai.data import DataLoader, Dataset
     from monai.engines import SupervisedTrainer
-    from torch.utils.data import RandomSampler
 
-    if not items:
-        raise BundleInputError("No labelled images to fine-tune on: give at least one.")
     torch.manual_seed(seed)
-    data = [{"image": it["image"], "label": it["label"]} for it in items]
-    sampler = RandomSampler(data, replacement=True, num_samples=iterations * min(batch_size, len(data)),
-                            generator=torch.Generator().manual_seed(seed))
-    loader = DataLoader(Dataset(data), batch_size=min(batch_size, len(data)), sampler=sampler, num_workers=0)
+    loader = fixed_iteration_loader(items, iterations, batch_size, seed)
     head = head.to(device)
     trainer = SupervisedTrainer(device=torch.device(device), max_epochs=1, train_data_loader=loader, network=head,
                                 optimizer=torch.optim.AdamW(head.parameters(), lr=lr), loss_function=loss,
@@ -232,3 +301,122 @@ def resize_points(points: np.ndarray, from_size: Sequence[int], to_size: Sequenc
     """Pixel coordinates scaled between two frames of the same field of view (pixel centres kept aligned)."""
     scale = np.asarray(to_size, dtype=np.float64) / np.asarray(from_size, dtype=np.float64)
     return (np.asarray(points, dtype=np.float64) + 0.5) * scale - 0.5
+
+
+# ---- trained heads on disk, and inference for a folder ---------------------------------------------------------
+
+TASKS = ("landmarks", "segmentation")
+
+
+def landmark_layout(path: str | os.PathLike, groups: Sequence[str] | None = None) -> list[list]:
+    """``[[group, count], ...]`` of a landmark file: how the head's channels map back to named groups."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise BundleInputError(f"Landmark file '{path}' could not be read ({type(err).__name__}).") from None
+    return [[g, len(data[g])] for g in (groups or data) if g in data]
+
+
+def save_head(head: nn.Module, path: str | os.PathLike, task: str, names: Sequence, image_size: int,
+              **metadata) -> None:
+    """Write a fine-tuned head with what inference needs: the task, its channel names (landmark groups with
+    counts, or mask structures) and the image size it was trained at."""
+    from .io import atomic_torch_save
+
+    if task not in TASKS:
+        raise BundleInputError(f"Head task '{task}' is not known: use one of {TASKS}.")
+    atomic_torch_save({"state_dict": head.state_dict(), "task": task, "names": list(names), "image_size": int(image_size),
+                       **metadata}, path)
+
+
+def load_head(unet: nn.Module, path: str | os.PathLike, task: str, image_size: int) -> tuple[DenseHead, dict]:
+    """A head saved by :func:`save_head` on a freshly built ``unet`` (the same denoiser definition)."""
+    if not os.path.isfile(path):
+        raise BundleInputError(f"Head '{path}' does not exist: fine-tune it first (run ID training) or pass --head_path.")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    if saved.get("task") != task:
+        raise BundleInputError(f"'{path}' is a {saved.get('task')} head, not a {task} head: use the matching config.")
+    if saved["image_size"] != int(image_size):
+        raise BundleInputError(f"Head '{path}' was trained at image_size {saved['image_size']}, not {image_size}: "
+                               f"pass --image_size {saved['image_size']}.")
+    names = saved["names"]
+    channels = sum(n for _, n in names) if task == "landmarks" else len(names)
+    head = DenseHead(unet, channels)
+    try:
+        head.load_state_dict(saved["state_dict"])
+    except RuntimeError as err:
+        raise BundleInputError(f"Head '{path}' does not fit this network ({str(err).splitlines()[0]}): pass the "
+                               "denoiser_channels/denoiser_head_channels it was trained with.") from None
+    return head.eval(), saved
+
+
+def _stem(path: str) -> str:
+    name = Path(path).name
+    for ext in (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".dcm", ".tif", ".tiff"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return Path(path).stem
+
+
+@torch.no_grad()
+def infer(head: nn.Module, saved: dict, rows: Sequence[dict], preprocessing, output_dir: str | os.PathLike,
+          decode: str = "argmax", mask_format: str = "png", pixel_spacing: float | None = None,
+          batch_size: int = 8, device: torch.device | str = "cpu") -> dict:
+    """Run a trained head on every row and write its outputs in each image's original frame.
+
+    Landmarks: ``<output_dir>/<stem>.json`` as ``{"group": [[x, y], ...]}`` (the layout of the training
+    files). Masks: ``<output_dir>/<structure>/<stem>.png`` (0/255) or ``.nii.gz`` (0/1). Rows that carry the
+    truth (``landmark_file`` or the structures' mask columns) are scored in the original frame; the scores go
+    to ``<output_dir>/metrics.json``. Returns the scores (empty when no row has a truth).
+    """
+    from .data import apply_to_file, read_mask
+    from .io import atomic_write
+    from .writers import write_image
+
+    task, names, size = saved["task"], saved["names"], saved["image_size"]
+    if mask_format not in ("png", "nifti"):
+        raise BundleInputError(f"Mask format '{mask_format}' is not supported: use 'png' or 'nifti'.")
+    if not rows:
+        raise BundleInputError("No images to run the head on: check input_dir.")
+    out = Path(output_dir)
+    head = head.to(device).eval()
+    scored_pred, scored_true, dice_rows = [], [], []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        images = torch.stack([torch.as_tensor(np.asarray(apply_to_file(preprocessing, dict(r))["image"])).float()
+                              for r in chunk])
+        outputs = head(images.to(device)).cpu()
+        for row, output in zip(chunk, outputs):
+            frame = Frame(original_size(str(row["image"])), size)
+            stem = _stem(str(row["image"]))
+            if task == "landmarks":
+                points = frame.to_original(decode_heatmaps(output, decode).numpy())
+                grouped, i = {}, 0
+                for group, count in names:
+                    grouped[group] = [[round(float(x), 2), round(float(y), 2)] for x, y in points[i : i + count]]
+                    i += count
+                text = json.dumps(grouped)
+                atomic_write(out / f"{stem}.json", lambda tmp, text=text: Path(tmp).write_text(text))
+                if row.get("landmark_file"):
+                    scored_pred.append(points)
+                    scored_true.append(load_landmarks(row["landmark_file"], [g for g, _ in names]))
+            else:
+                masks = (frame.maps_to_original(torch.sigmoid(output)) > 0.5).float()
+                suffix = ".png" if mask_format == "png" else ".nii.gz"
+                for name, mask in zip(names, masks):
+                    write_image(mask[None], out / name / f"{stem}{suffix}", mask_format)
+                if all(row.get(n) for n in names):
+                    truth = torch.cat([read_mask(str(row[n]), tuple(masks.shape[1:])) for n in names])
+                    dice_rows.append((masks, truth))
+    metrics: dict = {}
+    if scored_pred:
+        metrics = {"images": len(scored_pred), **landmark_metrics(np.concatenate(scored_pred), np.concatenate(scored_true),
+                                                                   pixel_spacing=pixel_spacing)}
+    elif dice_rows:
+        per = [dice_and_hausdorff(p[None], t[None], names) for p, t in dice_rows]
+        metrics = {"images": len(per), **{n: {k: float(np.nanmean([d[n][k] for d in per])) for k in ("dice", "hd95_px")}
+                                           for n in names}}
+    if metrics:
+        text = json.dumps(metrics, indent=2)
+        atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(text))
+    return metrics

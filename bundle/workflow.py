@@ -35,6 +35,13 @@ def flag(value: Any) -> bool:
     raise BundleInputError(f"'{value}' is not a yes/no value: use true or false.")
 
 
+def optional_path(value: Any) -> str | None:
+    """A path setting that may be switched off: ``None``, or the command line's ``null``/``none``/empty string."""
+    if value is None or str(value).strip().lower() in ("", "none", "null"):
+        return None
+    return str(value)
+
+
 def loss_terms(output: dict[str, Any]) -> dict[str, float]:
     """The scalar losses of an iteration output, for logs, TensorBoard and the progress bar."""
     return {k: (v.detach().item() if hasattr(v, "detach") else float(v)) for k, v in output.items() if k.endswith("loss")}

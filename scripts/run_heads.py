@@ -28,6 +28,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from evaluate_foundation import parse_overrides  # noqa: E402
 
+INITS = {"pretrained": "image denoiser, pre-trained", "scratch": "same network, from scratch",
+         "latent": "latent UNet (main pipeline), pre-trained"}
 STRUCTURES = ["mask_left_lung", "mask_right_lung", "mask_heart", "mask_left_clavicle", "mask_right_clavicle"]
 
 
@@ -42,8 +44,14 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--pixel_spacing", type=float, default=0.7, help="mm per pixel of the landmark frame (JSRT 512 px)")
     parser.add_argument("--tasks", nargs="+", default=["landmarks", "segmentation"])
+    parser.add_argument("--inits", nargs="+", default=["pretrained", "scratch"], choices=["pretrained", "scratch", "latent"],
+                        help="pretrained: the image-space denoiser; scratch: the same network untrained; latent: the main "
+                             "pipeline's latent UNet and autoencoder (give --latent_args)")
+    parser.add_argument("--latent_args", default="", help="overrides for configs/inference.json naming the trained latent "
+                        "model, as one string: '--work_dir runs/foundation_dino --image_size 64 ...'")
     parser.add_argument("--work", type=Path, default=ROOT / "runs/heads")
     parser.add_argument("--out", type=Path, default=ROOT / "docs/results")
+    parser.add_argument("--report_only", action="store_true", help="train nothing: tables and plot from the runs on record")
     parser.add_argument("overrides", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     overrides = parse_overrides([t for t in args.overrides if t != "--"])
@@ -53,7 +61,7 @@ def main() -> None:
     from monai.losses import DiceCELoss
 
     from bundle.data import read_datalist
-    from bundle.heads import (HeatmapCrossEntropy, build_head, decode_heatmaps, dice_and_hausdorff, fine_tune, landmark_items,
+    from bundle.heads import (HeatmapCrossEntropy, LatentDenseHead, build_head, decode_heatmaps, dice_and_hausdorff, fine_tune, landmark_items,
                               landmark_metrics, load_landmarks, mask_items, predict)
 
     wf = ConfigWorkflow(config_file="configs/heads/pretrain.json", workflow_type=None, run_id="training",
@@ -90,16 +98,33 @@ def main() -> None:
         return {"per_structure": per, "mean_dice": float(np.mean([v["dice"] for v in per.values()])),
                 "lung_dice": float(np.mean([per["mask_left_lung"]["dice"], per["mask_right_lung"]["dice"]]))}
 
-    runs = [(t, n, init, s) for t in args.tasks for n in args.sizes for s in args.seeds for init in ("pretrained", "scratch")]
+    # seed-major, so an interrupted invocation leaves whole seeds done
+    runs = [(t, n, init, s) for s in args.seeds for t in args.tasks for n in args.sizes for init in args.inits]
+    latent = None
+    if "latent" in args.inits and not args.report_only:
+        import shlex
+
+        lwf = ConfigWorkflow(config_file="configs/inference.json", workflow_type=None, run_id="sample", logging_file=False,
+                             **parse_overrides(shlex.split(args.latent_args)))
+        lwf.initialize()
+        if int(lwf.parser.get_parsed_content("image_size")) != size:
+            raise SystemExit("--latent_args must give the same --image_size as the heads.")
+        latent = lwf.parser
     start = time.perf_counter()
     for i, (task, n, init, seed) in enumerate(runs):
-        if (task, n, init, seed) in done:
+        if (task, n, init, seed) in done or args.report_only:
             continue
         train_items, test_items = data[task]
         torch.manual_seed(seed)
-        unet = wf.parser.get_parsed_content("denoiser_def", lazy=False)
         channels = train_items[0]["label"].shape[0]
-        head = build_head(unet, channels, args.denoiser if init == "pretrained" else None)
+        if init == "latent":
+            dino = latent.get_parsed_content("dino")
+            head = LatentDenseHead(latent.get_parsed_content("trained_codec", lazy=False),
+                                   latent.get_parsed_content("trained_unet", lazy=False), channels,
+                                   (dino.num_tokens, dino.embed_dim))
+        else:
+            unet = wf.parser.get_parsed_content("denoiser_def", lazy=False)
+            head = build_head(unet, channels, args.denoiser if init == "pretrained" else None)
         loss = HeatmapCrossEntropy() if task == "landmarks" else DiceCELoss(sigmoid=True)
         t0 = time.perf_counter()
         losses = fine_tune(head, train_items[:n], loss, args.iterations, lr=args.lr, seed=seed)
@@ -129,7 +154,7 @@ def main() -> None:
                                                "mean_dice": float(np.mean([v["dice"] for v in per.values()])),
                                                "lung_dice": float(np.mean([per["mask_left_lung"]["dice"],
                                                                            per["mask_right_lung"]["dice"]]))}
-    records = [done[r] for r in runs]
+    records = [done[r] for r in runs if r in done]
     result = {"settings": {**overrides, "image_size": size, "heatmap_sigma_px": sigma, "iterations": args.iterations,
                            "lr": args.lr, "sizes": args.sizes, "seeds": args.seeds, "denoiser": str(args.denoiser)},
               "baselines": baselines, "runs": records, "wall_seconds_this_invocation": time.perf_counter() - start}
@@ -145,32 +170,39 @@ def table(records: list, baselines: dict) -> str:
     lines = []
     marks = [r for r in records if r["task"] == "landmarks"]
     if marks:
-        lines += ["| landmarks | N | MRE px (512 frame) | MRE mm | SDR 2 px | SDR 4 px | SDR 10 px |", "|---|---|---|---|---|---|---|"]
+        lines += ["| landmarks | N | seeds | MRE px (512 frame) | MRE mm | SDR 2 px | SDR 4 px | SDR 10 px |",
+                  "|---|---|---|---|---|---|---|---|"]
         for n in sorted({r["size"] for r in marks}):
-            for init in ("pretrained", "scratch"):
+            for init in INITS:
                 rows = [r for r in marks if r["size"] == n and r["init"] == init]
+                if not rows:
+                    continue
                 mean = {k: np.mean([r[k] for r in rows]) for k in ("mre_px", "mre_mm", "sdr_2px", "sdr_4px", "sdr_10px")}
-                lines.append(f"| {init} | {n} | {mean['mre_px']:.1f} | {mean['mre_mm']:.1f} | {mean['sdr_2px']:.3f} | "
+                spread = f" ± {np.std([r['mre_px'] for r in rows]):.1f}" if len(rows) > 1 else ""
+                lines.append(f"| {init} | {n} | {len(rows)} | {mean['mre_px']:.1f}{spread} | {mean['mre_mm']:.1f} | {mean['sdr_2px']:.3f} | "
                              f"{mean['sdr_4px']:.3f} | {mean['sdr_10px']:.3f} |")
         if "landmarks_mean_shape" in baselines:
             b = baselines["landmarks_mean_shape"]
-            lines.append(f"| mean training shape | all | {b['mre_px']:.1f} | {b['mre_mm']:.1f} | {b['sdr_2px']:.3f} | "
+            lines.append(f"| mean training shape | all | - | {b['mre_px']:.1f} | {b['mre_mm']:.1f} | {b['sdr_2px']:.3f} | "
                          f"{b['sdr_4px']:.3f} | {b['sdr_10px']:.3f} |")
         lines.append("")
     segs = [r for r in records if r["task"] == "segmentation"]
     if segs:
         names = list(segs[0]["per_structure"])
-        lines += ["| segmentation | N | " + " | ".join(n.replace("mask_", "") for n in names) + " | mean Dice |",
-                  "|---|---|" + "---|" * (len(names) + 1)]
+        lines += ["| segmentation | N | seeds | " + " | ".join(n.replace("mask_", "") for n in names) + " | mean Dice |",
+                  "|---|---|---|" + "---|" * (len(names) + 1)]
         for n in sorted({r["size"] for r in segs}):
-            for init in ("pretrained", "scratch"):
+            for init in INITS:
                 rows = [r for r in segs if r["size"] == n and r["init"] == init]
+                if not rows:
+                    continue
                 cells = [np.mean([r["per_structure"][k]["dice"] for r in rows]) for k in names]
-                lines.append(f"| {init} | {n} | " + " | ".join(f"{c:.3f}" for c in cells) +
-                             f" | {np.mean([r['mean_dice'] for r in rows]):.3f} |")
+                spread = f" ± {np.std([r['mean_dice'] for r in rows]):.3f}" if len(rows) > 1 else ""
+                lines.append(f"| {init} | {n} | {len(rows)} | " + " | ".join(f"{c:.3f}" for c in cells) +
+                             f" | {np.mean([r['mean_dice'] for r in rows]):.3f}{spread} |")
         if "segmentation_mean_mask" in baselines:
             b = baselines["segmentation_mean_mask"]
-            lines.append("| mean training mask | all | " + " | ".join(f"{b['per_structure'][k]['dice']:.3f}" for k in names)
+            lines.append("| mean training mask | all | - | " + " | ".join(f"{b['per_structure'][k]['dice']:.3f}" for k in names)
                          + f" | {b['mean_dice']:.3f} |")
     return "\n".join(lines) + "\n"
 
@@ -186,12 +218,14 @@ def plot(records: list, baselines: dict, path: Path) -> None:
     panels = [p for p in panels if any(r["task"] == p[0] for r in records)]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, (task, key, label, base) in zip(axes[0], panels):
-        for init in ("pretrained", "scratch"):
+        for init in INITS:
             rows = [r for r in records if r["task"] == task and r["init"] == init]
+            if not rows:
+                continue
             sizes = sorted({r["size"] for r in rows})
             values = [[r[key] for r in rows if r["size"] == s] for s in sizes]
             ax.errorbar(sizes, [np.mean(v) for v in values], yerr=[np.std(v) for v in values], marker="o", capsize=3,
-                        label="diffusion pre-trained" if init == "pretrained" else "from scratch")
+                        label=INITS[init])
         if base in baselines:
             ax.axhline(baselines[base][key], color="grey", linestyle="--", label="mean of training set")
         ax.set_xscale("log")

@@ -1,21 +1,43 @@
 #!/usr/bin/env bash
 # Heads evidence: pre-train the image-space denoiser on the JSRT train split without labels, then fine-tune
-# landmark and segmentation heads on the first N labelled training images, pre-trained vs from scratch,
-# scored on the test split (docs/results/heads.{json,png}).   bash scripts/run_heads.sh   (~40 min, 2 CPU cores)
+# landmark and segmentation heads on the first N labelled training images, pre-trained vs from scratch (and the
+# main pipeline's latent UNet as the pre-trained network), scored on the test split; then zero-shot lungs from
+# self-attention. Outputs: docs/results/heads.{json,png}, heads_table.md, zero_shot.{json,png}.
+#   bash scripts/run_heads.sh   (2 CPU cores: ~16 min pre-training, ~4 min per fine-tuning run, 1 min zero-shot)
+# Fine-tuning results are appended to runs/heads/heads_results.jsonl, so an interrupted run continues.
+# The latent comparison and zero-shot latent rows need the generator of scripts/run_foundation_dino.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 WORK=${WORK:-runs/heads}
 mkdir -p "$WORK"
+DENOISER=(--image_size 64 --denoiser_channels "[16,32,64]" --denoiser_head_channels 16)
+LATENT='--work_dir runs/foundation_dino --image_size 64 --autoencoder_channels [32,64,64]
+  --autoencoder_path runs/foundation/models/autoencoder.pt --unet_channels [64,128,128] --unet_res_blocks 1
+  --unet_head_channels 32 --prediction_type v_prediction --dino_model vit_tiny_patch16_224
+  --dino_kwargs "{\"patch_size\":8}" --dino_input_size 64 --dino_weights runs/dino/models/dino/teacher.safetensors'
 $PY scripts/jsrt_datalist.py --split train --out "$WORK/train.csv"
 $PY scripts/jsrt_datalist.py --split test --out "$WORK/test.csv"
 SECONDS=0
 $PY -m monai.bundle run training --config_file configs/heads/pretrain.json --dataset_dir "$WORK/train.csv" \
-    --work_dir "$WORK" --image_size 64 --denoiser_channels "[16,32,64]" --denoiser_head_channels 16 \
-    --denoiser_epochs "${DENOISER_EPOCHS:-60}" > "$WORK/pretrain.log" 2>&1
-echo "pretrain_denoiser $SECONDS" > "$WORK/stage_seconds.txt"
+    --work_dir "$WORK" "${DENOISER[@]}" --denoiser_epochs "${DENOISER_EPOCHS:-60}" > "$WORK/pretrain.log" 2>&1
+echo "pretrain_denoiser $SECONDS" >> "$WORK/stage_seconds.txt"
+HEADS=(--train "$WORK/train.csv" --test "$WORK/test.csv" --work "$WORK" --denoiser "$WORK/models/heads/denoiser.pt"
+       --iterations "${ITERATIONS:-400}" --lr 1e-3)
 SECONDS=0
-$PY scripts/run_heads.py --train "$WORK/train.csv" --test "$WORK/test.csv" --work "$WORK" \
-    --denoiser "$WORK/models/heads/denoiser.pt" --sizes ${SIZES:-1 5 10 50} --seeds ${SEEDS:-0} \
-    --iterations "${ITERATIONS:-400}" --lr 1e-3 --out docs/results -- --image_size 64 --denoiser_channels "[16,32,64]" --denoiser_head_channels 16 > "$WORK/heads.log" 2>&1
+# seed 0 at every N, then more seeds where the fine-tuning is noisiest (small N)
+$PY scripts/run_heads.py "${HEADS[@]}" --sizes 1 5 10 25 50 --seeds 0 --out "$WORK/out" -- "${DENOISER[@]}" > "$WORK/heads.log" 2>&1
+$PY scripts/run_heads.py "${HEADS[@]}" --sizes ${EXTRA_SIZES:-1 5 10 25} --seeds ${EXTRA_SEEDS:-1} --out "$WORK/out" \
+    -- "${DENOISER[@]}" >> "$WORK/heads.log" 2>&1
 echo "heads $SECONDS" >> "$WORK/stage_seconds.txt"
+SECONDS=0
+$PY scripts/run_heads.py "${HEADS[@]}" --sizes 5 25 --seeds 0 --inits latent --latent_args "$LATENT" --out "$WORK/out" \
+    -- "${DENOISER[@]}" >> "$WORK/heads.log" 2>&1
+echo "heads_latent $SECONDS" >> "$WORK/stage_seconds.txt"
+# the report: every run above, read back from heads_results.jsonl
+$PY scripts/run_heads.py "${HEADS[@]}" --sizes 1 5 10 25 50 --seeds 0 ${EXTRA_SEEDS:-1} --inits pretrained scratch latent \
+    --latent_args "$LATENT" --report_only --out docs/results -- "${DENOISER[@]}" >> "$WORK/heads.log" 2>&1
+SECONDS=0
+$PY scripts/zero_shot_evidence.py --train "$WORK/train.csv" --test "$WORK/test.csv" --latent_args "$LATENT" \
+    --denoiser_args "--work_dir $WORK ${DENOISER[*]}" --out docs/results > "$WORK/zero_shot.log" 2>&1
+echo "zero_shot $SECONDS" >> "$WORK/stage_seconds.txt"

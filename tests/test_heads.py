@@ -59,21 +59,20 @@ def test_jsrt_landmarks_load_and_the_head_outputs_one_map_per_landmark():
         load_landmarks(JSRT / "landmarks" / "JPCLN001.json", ["XX"])
 
 
-def test_pretrain_then_fine_tune_heads_on_real_images_loss_falls(tmp_path, jsrt_images):
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A tiny denoiser pre-trained without labels on 6 real JSRT training images, and their datalist rows."""
     import subprocess
     import sys
 
-    from monai.losses import DiceCELoss
-
-    from bundle.data import modality_preprocessing
-    from bundle.heads import HeatmapCrossEntropy, build_head, fine_tune, landmark_items, mask_items, predict
-
-    from .conftest import ROOT, run_bundle, write_datalist, workflow
-
-    subprocess.run([sys.executable, str(ROOT / "scripts/jsrt_datalist.py"), "--split", "train", "--out",
-                    str(tmp_path / "train.csv")], check=True, capture_output=True)
     from bundle.data import read_datalist
 
+    from .conftest import ROOT, run_bundle, write_datalist
+
+    require(JSRT / "images")
+    tmp_path = tmp_path_factory.mktemp("heads")
+    subprocess.run([sys.executable, str(ROOT / "scripts/jsrt_datalist.py"), "--split", "train", "--out",
+                    str(tmp_path / "train.csv")], check=True, capture_output=True)
     rows = read_datalist(tmp_path / "train.csv")[:6]
     settings = {"dataset_dir": str(write_datalist(tmp_path / "images.csv", [rows[i]["image"] for i in range(6)])),
                 "work_dir": str(tmp_path / "work"), "image_size": 32, "denoiser_channels": [8, 16],
@@ -82,6 +81,18 @@ def test_pretrain_then_fine_tune_heads_on_real_images_loss_falls(tmp_path, jsrt_
     run_bundle("heads/pretrain.json", "training", settings)
     denoiser = tmp_path / "work" / "models" / "heads" / "denoiser.pt"
     assert denoiser.exists()
+    return {"rows": rows, "settings": settings, "denoiser": denoiser, "datalist": tmp_path / "train.csv", "tmp": tmp_path}
+
+
+def test_pretrain_then_fine_tune_heads_on_real_images_loss_falls(pretrained):
+    from monai.losses import DiceCELoss
+
+    from bundle.data import modality_preprocessing
+    from bundle.heads import HeatmapCrossEntropy, build_head, fine_tune, landmark_items, mask_items, predict
+
+    from .conftest import workflow
+
+    rows, settings, denoiser = pretrained["rows"], pretrained["settings"], pretrained["denoiser"]
     pre = modality_preprocessing("configs/modality/cxr.json", image_size=32)
     items = landmark_items(rows[:4], pre, 32, ["RL", "LL"], sigma=1.0)
     assert items[0]["label"].shape == (94, 32, 32) and items[0]["image"].shape == (1, 32, 32)
@@ -99,4 +110,87 @@ def test_pretrain_then_fine_tune_heads_on_real_images_loss_falls(tmp_path, jsrt_
         assert len(losses) == 40 and (last < first - 0.3 if kind == "landmarks" else last < 0.8 * first), kind
         assert predict(head, torch.stack([it["image"] for it in data])).shape == (4, data[0]["label"].shape[0], 32, 32)
     with pytest.raises(Exception, match="does not exist"):
-        build_head(unet, 2, tmp_path / "missing.pt")
+        build_head(unet, 2, pretrained["tmp"] / "missing.pt")
+
+
+def test_head_configs_fine_tune_then_write_landmarks_and_masks_for_a_folder(pretrained, tmp_path):
+    import json
+
+    from monai.transforms import LoadImage
+
+    from bundle.heads import load_head
+
+    from .conftest import run_bundle, workflow
+
+    settings = {**pretrained["settings"], "labelled_dir": str(pretrained["datalist"]), "num_labelled": 3,
+                "head_iterations": 6, "head_batch_size": 2, "input_dir": str(pretrained["datalist"])}
+    # landmarks: train from the pre-trained denoiser, then write one JSON per image in the 512-pixel frame
+    marks = {**settings, "landmark_groups": ["RL", "H"], "output_dir": str(tmp_path / "marks")}
+    run_bundle("heads/landmarks.json", "training", marks)
+    head_file = pretrained["tmp"] / "work" / "models" / "heads" / "landmarks.pt"
+    assert torch.load(head_file, weights_only=False)["names"] == [["RL", 44], ["H", 26]]
+    run_bundle("heads/landmarks.json", "inference", {**marks, "input_dir": str(pretrained["datalist"])})
+    written = sorted((tmp_path / "marks").glob("JPC*.json"))
+    first = json.loads(written[0].read_text())
+    assert len(written) >= 6 and list(first) == ["RL", "H"] and len(first["RL"]) == 44 and len(first["H"]) == 26
+    assert all(-1 <= v <= 512 for p in first["RL"] for v in p)
+    metrics = json.loads((tmp_path / "marks" / "metrics.json").read_text())
+    assert metrics["images"] == len(written) and metrics["mre_px"] > 0 and 0 <= metrics["sdr_10px"] <= 1
+    # segmentation from scratch (the command line's null), masks written as NIfTI in the original frame
+    seg = {**settings, "structures": ["mask_left_lung", "mask_heart"], "pretrained_path": "null",
+           "mask_format": "nifti", "output_dir": str(tmp_path / "seg")}
+    run_bundle("heads/segmentation.json", "training", seg)
+    run_bundle("heads/segmentation.json", "inference", seg)
+    mask = LoadImage(image_only=True)(sorted((tmp_path / "seg" / "mask_heart").glob("*.nii.gz"))[0])
+    assert mask.shape == (512, 512) and set(np.unique(np.asarray(mask))) <= {0.0, 1.0}
+    seg_metrics = json.loads((tmp_path / "seg" / "metrics.json").read_text())
+    assert 0 <= seg_metrics["mask_left_lung"]["dice"] <= 1
+    assert torch.load(pretrained["tmp"] / "work" / "models" / "heads" / "segmentation.pt",
+                      weights_only=False)["pretrained"] == "null"
+    # a head used with the wrong config, no labelled data, or a different image size: one clear message each
+    unet = workflow("heads/pretrain.json", "training", pretrained["settings"]).parser.get_parsed_content("denoiser_def")
+    with pytest.raises(BundleInputError, match="is a landmarks head"):
+        load_head(unet, head_file, "segmentation", 32)
+    with pytest.raises(BundleInputError, match="image_size 32"):
+        load_head(unet, head_file, "landmarks", 64)
+    with pytest.raises(Exception) as err:
+        workflow("heads/landmarks.json", "training", {**marks, "labelled_dir": None}).parser.get_parsed_content("train_items")
+    assert "pass --labelled_dir" in str(err.value.__cause__ or err.value)
+
+
+def test_zero_shot_segmentation_writes_a_lung_mask_of_the_input_size(pretrained, tmp_path):
+    import json
+
+    from monai.transforms import LoadImage
+
+    from .conftest import run_bundle
+
+    rows = pretrained["datalist"]
+    settings = {**pretrained["settings"], "input_dir": str(rows), "output_dir": str(tmp_path / "zs")}
+    run_bundle("heads/zero_shot.json", "inference", settings)
+    masks = sorted((tmp_path / "zs" / "lungs").glob("*.png"))
+    assert len(masks) >= 6
+    mask = np.asarray(LoadImage(image_only=True)(masks[0]))
+    assert mask.shape == (512, 512) and set(np.unique(mask)) <= {0, 255}
+    metrics = json.loads((tmp_path / "zs" / "metrics.json").read_text())
+    assert metrics["images"] == len(masks) and 0 <= metrics["dice"] <= 1 and 0 <= metrics["oracle_dice_upper_bound"] <= 1
+    assert metrics["mean_clusters"] >= 1
+
+
+def test_latent_head_maps_at_image_size_and_keeps_the_autoencoder_frozen():
+    from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+
+    from bundle.autoencoder import LatentCodec
+    from bundle.heads import LatentDenseHead
+
+    codec = LatentCodec(AutoencoderKL(spatial_dims=2, in_channels=1, out_channels=1, channels=(8, 8), latent_channels=2,
+                                      num_res_blocks=1, attention_levels=(False, False), norm_num_groups=8))
+    unet = DiffusionModelUNet(spatial_dims=2, in_channels=2, out_channels=2, channels=(8, 16), attention_levels=(False, True),
+                              num_res_blocks=1, norm_num_groups=8, num_head_channels=8, with_conditioning=True,
+                              cross_attention_dim=12).requires_grad_(False)
+    head = LatentDenseHead(codec, unet, out_channels=3, context_shape=(1, 12))
+    out = head(torch.rand(2, 1, 32, 32))
+    assert out.shape == (2, 3, 32, 32)
+    out.mean().backward()
+    assert all(p.grad is None for p in codec.parameters())
+    assert head.unet.out[-1].weight.grad is not None and unet.conv_in.conv.weight.grad is not None

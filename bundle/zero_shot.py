@@ -1,0 +1,245 @@
+"""Zero-shot segmentation from a diffusion UNet's self-attention (after DiffSeg, Tian et al., CVPR 2024).
+
+No labels are used: the image (noised to one timestep) goes through the trained UNet once, every
+self-attention layer's map is recorded, the maps are brought to one resolution and averaged, and the
+attention of a grid of anchor pixels is merged by symmetric KL distance into a few proposals. Each pixel
+takes the proposal that attends to it most, which gives a label map of clusters.
+
+Which clusters are lungs is decided by a fixed rule on the image itself (:func:`lung_clusters`), never by
+a mask; :func:`oracle_clusters` uses the true mask and only gives an upper bound for the clustering.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import BundleInputError
+
+
+class SelfAttentionRecorder:
+    """Within ``with``, every MONAI ``SABlock`` of ``network`` keeps its attention matrix; the head-averaged
+    ``(B, N, N)`` maps of each call are appended to :attr:`maps` in call order."""
+
+    def __init__(self, network: nn.Module) -> None:
+        from monai.networks.blocks import SABlock
+
+        self.blocks = [m for m in network.modules() if isinstance(m, SABlock)]
+        if not self.blocks:
+            raise BundleInputError("This network has no self-attention layer: train the UNet with attention_levels "
+                                   "that include at least one true level.")
+        self.maps: list[torch.Tensor] = []
+        self._saved: list[tuple[bool, bool]] = []
+        self._hooks: list = []
+
+    def __enter__(self) -> SelfAttentionRecorder:
+        for block in self.blocks:
+            self._saved.append((block.save_attn, block.use_flash_attention))
+            block.save_attn, block.use_flash_attention = True, False
+            self._hooks.append(block.register_forward_hook(lambda m, i, o: self.maps.append(m.att_mat.float().mean(1))))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        for block, (save, flash) in zip(self.blocks, self._saved):
+            block.save_attn, block.use_flash_attention = save, flash
+            block.att_mat = torch.Tensor()
+
+
+@torch.no_grad()
+def self_attention(unet: nn.Module, inputs: torch.Tensor, timestep: int, scheduler=None, context=None,
+                   seed: int = 0) -> list[torch.Tensor]:
+    """Head-averaged self-attention maps ``(B, N, N)`` of one UNet call on ``inputs`` noised to ``timestep``
+    (one seeded noise draw; ``timestep`` 0 uses the clean inputs)."""
+    t = torch.full((inputs.shape[0],), int(timestep), dtype=torch.long, device=inputs.device)
+    if timestep > 0:
+        if scheduler is None:
+            raise BundleInputError("A timestep above 0 needs the training noise scheduler to noise the inputs.")
+        # the same seeded noise for every image, so an image's result does not depend on its batch
+        noise = torch.randn(inputs.shape[1:], generator=torch.Generator().manual_seed(seed)).expand_as(inputs)
+        noise = noise.to(inputs.device)
+        inputs = scheduler.add_noise(original_samples=inputs, noise=noise, timesteps=t)
+    with SelfAttentionRecorder(unet) as recorder:
+        unet(inputs, t, context=context) if context is not None else unet(inputs, t)
+    return recorder.maps
+
+
+def aggregate_attention(maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Maps of square token grids (``(B, r*r, r*r)``, any r) -> ``(B, R*R, R, R)`` at the largest r = R.
+
+    Each query's key map is upsampled bilinearly and renormalised; queries are repeated (nearest) to the
+    R x R grid; maps are averaged with weights proportional to r, as in DiffSeg.
+    """
+    sides = []
+    for m in maps:
+        side = math.isqrt(m.shape[-1])
+        if side * side != m.shape[-1]:
+            raise BundleInputError(f"A self-attention map over {m.shape[-1]} tokens is not a square grid: "
+                                   "zero-shot segmentation needs square images.")
+        sides.append(side)
+    big = max(sides)
+    total = torch.zeros(maps[0].shape[0], big * big, big, big)
+    for m, side in zip(maps, sides):
+        b = m.shape[0]
+        keys = m.reshape(b * side * side, 1, side, side).cpu()
+        keys = F.interpolate(keys, size=(big, big), mode="bilinear", align_corners=False) if side != big else keys
+        keys = keys / keys.sum(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
+        keys = keys.reshape(b, side, side, big * big).permute(0, 3, 1, 2)  # queries as channels
+        keys = F.interpolate(keys, size=(big, big), mode="nearest") if side != big else keys
+        total += side * keys.permute(0, 2, 3, 1).reshape(b, big * big, big, big)
+    return total / sum(sides)
+
+
+def symmetric_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Pairwise ``(KL(p||q) + KL(q||p)) / 2`` between the rows of ``p (K, D)`` and ``q (M, D)`` (distributions)."""
+    log_p, log_q = p.clamp_min(1e-12).log(), q.clamp_min(1e-12).log()
+    p_ent, q_ent = (p * log_p).sum(-1), (q * log_q).sum(-1)
+    return (p_ent[:, None] - p @ log_q.T + q_ent[None, :] - log_p @ q.T) / 2
+
+
+def merge_attention(attention: torch.Tensor, grid: int = 16, threshold: float = 0.2, iterations: int = 3) -> torch.Tensor:
+    """One image's aggregated attention ``(R*R, R, R)`` -> proposals ``(K, R, R)``.
+
+    Anchors are the queries on a ``grid`` x ``grid`` lattice. In each iteration every proposal not yet taken
+    absorbs all untaken proposals within the merge distance of it (in order), and the group is averaged: a
+    greedy, non-overlapping form of DiffSeg's iterative merging. The merge distance is ``threshold`` times
+    the median symmetric KL between this image's anchors: the attention of a small UNet is close to uniform
+    (entropy within 1% of log N on JSRT), so DiffSeg's absolute KL thresholds do not carry over.
+    """
+    side = attention.shape[-1]
+    steps = torch.linspace(0, side - 1, min(grid, side)).round().long()
+    anchors = (steps[:, None] * side + steps[None, :]).flatten()
+    proposals = attention.reshape(side * side, side * side)[anchors]
+    threshold = threshold * float(symmetric_kl(proposals, proposals).median())
+    for _ in range(iterations):
+        distance = symmetric_kl(proposals, proposals)
+        taken = torch.zeros(len(proposals), dtype=torch.bool)
+        merged = []
+        for i in range(len(proposals)):
+            if taken[i]:
+                continue
+            group = (distance[i] < threshold) & ~taken
+            group[i] = True
+            merged.append(proposals[group].mean(0))
+            taken |= group
+        if len(merged) == len(proposals):
+            break
+        proposals = torch.stack(merged)
+    return proposals.reshape(-1, side, side)
+
+
+def cluster_labels(proposals: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """``(K, R, R)`` proposals -> ``(X, Y)`` label map: each pixel takes the proposal attending to it most."""
+    maps = F.interpolate(proposals[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
+    return maps.argmax(0)
+
+
+def lung_clusters(labels: torch.Tensor, image: torch.Tensor, border: float = 0.2) -> torch.Tensor:
+    """The label-free lung choice: clusters darker than the image's mean intensity that lie mostly inside.
+
+    A cluster is taken when its mean intensity is below the image's mean (air-filled lung is radiolucent,
+    so dark in a radiograph with MONOCHROME2 display) and no more than ``border`` of its pixels lie in the
+    outer eighth of the image on any side (dark air outside the body reaches the border; the lungs do not).
+    Returns a boolean ``(X, Y)`` mask.
+    """
+    image = image.reshape(labels.shape).float()
+    x, y = labels.shape
+    edge = torch.zeros_like(labels, dtype=torch.bool)
+    ex, ey = max(1, x // 8), max(1, y // 8)
+    edge[:ex], edge[-ex:], edge[:, :ey], edge[:, -ey:] = True, True, True, True
+    mean = image.mean()
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    for k in labels.unique():
+        cluster = labels == k
+        if image[cluster].mean() < mean and edge[cluster].float().mean() <= border:
+            mask |= cluster
+    return mask
+
+
+def oracle_clusters(labels: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Upper bound that uses the true mask: the clusters with more than half of their pixels inside it."""
+    truth = truth.reshape(labels.shape).bool()
+    mask = torch.zeros_like(truth)
+    for k in labels.unique():
+        cluster = labels == k
+        if truth[cluster].float().mean() > 0.5:
+            mask |= cluster
+    return mask
+
+
+def segment(maps: Sequence[torch.Tensor], images: torch.Tensor, grid: int = 16, threshold: float = 0.2,
+            iterations: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Self-attention maps of a batch and its ``(B, 1, X, Y)`` images -> (cluster labels ``(B, X, Y)``,
+    lung masks ``(B, X, Y)`` by :func:`lung_clusters`)."""
+    attention = aggregate_attention(maps)
+    size = images.shape[-2:]
+    labels = torch.stack([cluster_labels(merge_attention(a, grid, threshold, iterations), size) for a in attention])
+    lungs = torch.stack([lung_clusters(l, im.cpu()) for l, im in zip(labels, images)])
+    return labels, lungs
+
+
+def dice(predicted: torch.Tensor, truth: torch.Tensor) -> float:
+    predicted, truth = predicted.bool(), truth.reshape(predicted.shape).bool()
+    total = int(predicted.sum() + truth.sum())
+    return 1.0 if total == 0 else 2.0 * int((predicted & truth).sum()) / total
+
+
+@torch.no_grad()
+def segment_folder(unet: nn.Module, rows: Sequence[dict], preprocessing, scheduler, output_dir, timestep: int = 100,
+                   threshold: float = 0.1, grid: int = 16, mask_format: str = "png",
+                   truth_columns: Sequence[str] = ("mask_left_lung", "mask_right_lung"), batch_size: int = 8,
+                   seed: int = 0, device: torch.device | str = "cpu") -> dict:
+    """Zero-shot lung masks for every row with the label-free image-space denoiser (inputs scaled to [-1, 1]).
+
+    Writes ``<output_dir>/lungs/<stem>.png`` (0/255) or ``.nii.gz`` in each image's original frame. Rows that
+    carry all ``truth_columns`` are scored at the model's image size: Dice of the label-free choice and, as an
+    upper bound that looks at the truth, of :func:`oracle_clusters`; scores go to ``<output_dir>/metrics.json``.
+    """
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from .data import apply_to_file, read_mask
+    from .heads import Frame, _stem, original_size
+    from .io import atomic_write
+    from .writers import write_image
+
+    if mask_format not in ("png", "nifti"):
+        raise BundleInputError(f"Mask format '{mask_format}' is not supported: use 'png' or 'nifti'.")
+    if not rows:
+        raise BundleInputError("No images to segment: check input_dir.")
+    unet = unet.to(device).eval()
+    out, scores = Path(output_dir), []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        images = torch.stack([torch.as_tensor(np.asarray(apply_to_file(preprocessing, dict(r))["image"])).float()
+                              for r in chunk])
+        maps = self_attention(unet, (images * 2 - 1).to(device), timestep, scheduler, seed=seed)
+        labels, lungs = segment(maps, images, grid, threshold)
+        size = images.shape[-1]
+        for row, label, lung in zip(chunk, labels, lungs):
+            frame = Frame(original_size(str(row["image"])), size)
+            mask = (frame.maps_to_original(lung[None].float()) > 0.5).float()
+            write_image(mask, out / "lungs" / (_stem(str(row["image"])) + (".png" if mask_format == "png" else ".nii.gz")),
+                        mask_format)
+            if truth_columns and all(row.get(c) for c in truth_columns):
+                truth = torch.stack([read_mask(str(row[c]), (size, size))[0] for c in truth_columns]).amax(0).bool()
+                scores.append({"image": str(row["image"]), "clusters": int(label.unique().numel()),
+                               "dice": dice(lung, truth), "oracle_dice": dice(oracle_clusters(label, truth), truth)})
+    metrics: dict = {}
+    if scores:
+        metrics = {"images": len(scores), "dice": float(np.mean([s["dice"] for s in scores])),
+                   "dice_std": float(np.std([s["dice"] for s in scores])),
+                   "oracle_dice_upper_bound": float(np.mean([s["oracle_dice"] for s in scores])),
+                   "mean_clusters": float(np.mean([s["clusters"] for s in scores])), "per_image": scores,
+                   "settings": {"timestep": int(timestep), "threshold": float(threshold), "grid": int(grid),
+                                "image_size": int(size)}}
+        text = json.dumps(metrics, indent=2)
+        atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(text))
+    return metrics

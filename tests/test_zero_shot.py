@@ -1,0 +1,74 @@
+"""Zero-shot segmentation from self-attention: merging, cluster labels and the lung rule on planted cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bundle.errors import BundleInputError
+from bundle.zero_shot import (SelfAttentionRecorder, aggregate_attention, cluster_labels, lung_clusters, merge_attention,
+                              oracle_clusters, symmetric_kl)
+
+
+def planted_attention(side: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention where every query attends uniformly to its own quadrant: four planted clusters."""
+    quadrant = torch.zeros(side, side, dtype=torch.long)
+    quadrant[side // 2 :, : side // 2], quadrant[: side // 2, side // 2 :], quadrant[side // 2 :, side // 2 :] = 1, 2, 3
+    rows = []
+    for q in quadrant.flatten():
+        keys = (quadrant == q).float() + 1e-3
+        rows.append((keys / keys.sum()).flatten())
+    return torch.stack(rows)[None], quadrant
+
+
+def test_symmetric_kl_is_zero_on_itself_and_matches_a_hand_computed_pair():
+    p = torch.tensor([[0.5, 0.5], [0.9, 0.1]])
+    d = symmetric_kl(p, p)
+    assert torch.allclose(d.diagonal(), torch.zeros(2), atol=1e-6)
+    hand = 0.5 * ((0.5 * torch.log(torch.tensor(0.5 / 0.9)) + 0.5 * torch.log(torch.tensor(0.5 / 0.1)))
+                  + (0.9 * torch.log(torch.tensor(0.9 / 0.5)) + 0.1 * torch.log(torch.tensor(0.1 / 0.5))))
+    assert d[0, 1] == pytest.approx(float(hand), rel=1e-5) and d[0, 1] == pytest.approx(float(d[1, 0]))
+
+
+def test_merging_recovers_planted_clusters_at_the_finest_resolution():
+    maps, quadrant = planted_attention(8)
+    coarse, _ = planted_attention(4)  # a coarser layer with the same structure
+    aggregated = aggregate_attention([maps, coarse])
+    assert aggregated.shape == (1, 64, 8, 8)
+    torch.testing.assert_close(aggregated.sum(dim=(-2, -1)), torch.ones(1, 64))
+    proposals = merge_attention(aggregated[0], grid=8, threshold=0.5)
+    assert proposals.shape[0] == 4
+    labels = cluster_labels(proposals, (16, 16))
+    assert labels.shape == (16, 16)
+    # the same partition as the planted quadrants (cluster ids may be permuted)
+    planted = quadrant.repeat_interleave(2, 0).repeat_interleave(2, 1)
+    for k in labels.unique():
+        assert planted[labels == k].unique().numel() == 1
+    with pytest.raises(BundleInputError, match="square"):
+        aggregate_attention([torch.rand(1, 12, 12)])
+
+
+def test_lung_rule_takes_dark_inner_clusters_and_the_oracle_uses_the_truth():
+    labels = torch.zeros(16, 16, dtype=torch.long)
+    labels[4:12, 3:7], labels[4:12, 9:13] = 1, 2  # two inner blocks
+    labels[:, :1] = 3  # a dark strip along the border (air outside the body)
+    image = torch.full((16, 16), 0.8)
+    image[labels == 1], image[labels == 2], image[labels == 3] = 0.2, 0.9, 0.1
+    lungs = lung_clusters(labels, image)
+    assert torch.equal(lungs, labels == 1)  # dark and inside; the bright block and the dark border strip are not lung
+    truth = (labels == 1) | (labels == 2)
+    assert torch.equal(oracle_clusters(labels, truth), truth)
+
+
+def test_recorder_collects_every_self_attention_call_and_restores_the_network():
+    from monai.networks.nets import DiffusionModelUNet
+
+    unet = DiffusionModelUNet(spatial_dims=2, in_channels=1, out_channels=1, channels=(8, 16), attention_levels=(False, True),
+                              num_res_blocks=1, norm_num_groups=8, num_head_channels=8)
+    with SelfAttentionRecorder(unet) as recorder:
+        unet(torch.rand(2, 1, 16, 16), torch.zeros(2, dtype=torch.long))
+    assert len(recorder.maps) >= 2 and all(m.shape == (2, 64, 64) for m in recorder.maps)
+    torch.testing.assert_close(recorder.maps[0].sum(-1), torch.ones(2, 64))
+    assert all(not b.save_attn for b in recorder.blocks)
+    with pytest.raises(BundleInputError, match="no self-attention"):
+        SelfAttentionRecorder(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU()))
