@@ -25,18 +25,32 @@ from .errors import BundleInputError
 SDR_THRESHOLDS_PX = (2.0, 2.5, 3.0, 4.0, 6.0, 9.0, 10.0)
 
 
+MASK_PRIOR_BIAS = -4.595  # log(0.01 / 0.99): every mask channel starts out predicting "absent" (RetinaNet's prior)
+
+
+def new_output(last: nn.Module, out_channels: int, initial_bias: float = 0.0) -> nn.Conv2d:
+    """A fresh 1x1 convolution in place of a UNet's output layer, its bias set to ``initial_bias``.
+
+    Sigmoid mask heads start from :data:`MASK_PRIOR_BIAS`: from a bias of 0 every pixel starts at 0.5, and
+    on JSRT at 64 px the left clavicle (35 of 4096 pixels) stayed stuck predicting half the image (Dice 0.03)
+    in every run of the image-space head.
+    """
+    if not isinstance(last, nn.Conv2d) and hasattr(last, "conv"):
+        last = last.conv
+    conv = nn.Conv2d(last.in_channels, out_channels, kernel_size=1)
+    nn.init.constant_(conv.bias, float(initial_bias))
+    return conv
+
+
 class DenseHead(nn.Module):
     """A diffusion UNet with its time embedding fixed to step 0 and a new 1x1 output convolution.
 
     Images arrive in [0, 1] and are scaled to [-1, 1], the range the denoiser was pre-trained on.
     """
 
-    def __init__(self, unet: nn.Module, out_channels: int) -> None:
+    def __init__(self, unet: nn.Module, out_channels: int, initial_bias: float = 0.0) -> None:
         super().__init__()
-        last = unet.out[-1]
-        if not isinstance(last, nn.Conv2d) and hasattr(last, "conv"):
-            last = last.conv
-        unet.out[-1] = nn.Conv2d(last.in_channels, out_channels, kernel_size=1)
+        unet.out[-1] = new_output(unet.out[-1], out_channels, initial_bias)
         self.unet = unet
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -52,12 +66,10 @@ class LatentDenseHead(nn.Module):
     channel at latent resolution, and the maps are upsampled bilinearly to the image size.
     """
 
-    def __init__(self, codec: nn.Module, unet: nn.Module, out_channels: int, context_shape: Sequence[int]) -> None:
+    def __init__(self, codec: nn.Module, unet: nn.Module, out_channels: int, context_shape: Sequence[int],
+                 initial_bias: float = 0.0) -> None:
         super().__init__()
-        last = unet.out[-1]
-        if not isinstance(last, nn.Conv2d) and hasattr(last, "conv"):
-            last = last.conv
-        unet.out[-1] = nn.Conv2d(last.in_channels, out_channels, kernel_size=1)
+        unet.out[-1] = new_output(unet.out[-1], out_channels, initial_bias)
         unet.requires_grad_(True)
         self.codec, self.unet = codec.requires_grad_(False).eval(), unet
         self.register_buffer("context", torch.zeros(1, *context_shape))
@@ -71,11 +83,12 @@ class LatentDenseHead(nn.Module):
         return F.interpolate(maps, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def build_head(unet: nn.Module, out_channels: int, pretrained_path: str | os.PathLike | None = None) -> DenseHead:
+def build_head(unet: nn.Module, out_channels: int, pretrained_path: str | os.PathLike | None = None,
+               initial_bias: float = 0.0) -> DenseHead:
     """``unet`` with the pre-trained denoiser's weights (or its random initialisation when no path), as a head."""
     if pretrained_path:
         load_denoiser(unet, pretrained_path, "or pass --pretrained_path null to train from scratch")
-    return DenseHead(unet, out_channels)
+    return DenseHead(unet, out_channels, initial_bias)
 
 
 def load_denoiser(unet: nn.Module, path: str | os.PathLike, remedy: str = "") -> nn.Module:

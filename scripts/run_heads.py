@@ -61,7 +61,7 @@ def main() -> None:
     from monai.losses import DiceCELoss
 
     from bundle.data import read_datalist
-    from bundle.heads import (HeatmapCrossEntropy, LatentDenseHead, build_head, decode_heatmaps, dice_and_hausdorff, fine_tune, landmark_items,
+    from bundle.heads import (MASK_PRIOR_BIAS, HeatmapCrossEntropy, LatentDenseHead, build_head, decode_heatmaps, dice_and_hausdorff, fine_tune, landmark_items,
                               landmark_metrics, load_landmarks, mask_items, predict)
 
     wf = ConfigWorkflow(config_file="configs/heads/pretrain.json", workflow_type=None, run_id="training",
@@ -117,14 +117,15 @@ def main() -> None:
         train_items, test_items = data[task]
         torch.manual_seed(seed)
         channels = train_items[0]["label"].shape[0]
+        bias = MASK_PRIOR_BIAS if task == "segmentation" else 0.0
         if init == "latent":
             dino = latent.get_parsed_content("dino")
             head = LatentDenseHead(latent.get_parsed_content("trained_codec", lazy=False),
                                    latent.get_parsed_content("trained_unet", lazy=False), channels,
-                                   (dino.num_tokens, dino.embed_dim))
+                                   (dino.num_tokens, dino.embed_dim), bias)
         else:
             unet = wf.parser.get_parsed_content("denoiser_def", lazy=False)
-            head = build_head(unet, channels, args.denoiser if init == "pretrained" else None)
+            head = build_head(unet, channels, args.denoiser if init == "pretrained" else None, bias)
         loss = HeatmapCrossEntropy() if task == "landmarks" else DiceCELoss(sigmoid=True)
         t0 = time.perf_counter()
         losses = fine_tune(head, train_items[:n], loss, args.iterations, lr=args.lr, seed=seed)

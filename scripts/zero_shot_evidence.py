@@ -85,7 +85,10 @@ def main() -> None:
         out = {"timestep": timestep, "threshold": threshold, "dice": float(np.mean(rule)), "dice_std": float(np.std(rule)),
                "oracle_dice_upper_bound": float(np.mean(oracle)),
                "mean_clusters": float(np.mean([lab.unique().numel() for lab in labels])),
-               "attention_layers": [int(m.shape[-1]) for m in maps]}
+               "attention_layers": [int(m.shape[-1]) for m in maps],
+               # entropy of each query's attention over log(tokens): 1 = uniform attention
+               "attention_entropy_over_uniform": float(np.mean(
+                   [float(-(m * m.clamp_min(1e-12).log()).sum(-1).mean() / np.log(m.shape[-1])) for m in maps]))}
         return (out, labels, lungs) if keep else out
 
     train_images, train_truth = load(read_datalist(args.train)[: args.select_on])

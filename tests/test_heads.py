@@ -53,8 +53,9 @@ def test_jsrt_landmarks_load_and_the_head_outputs_one_map_per_landmark():
     assert points.shape == (94, 2) and 0 <= points.min() and points.max() < 512
     unet = DiffusionModelUNet(spatial_dims=2, in_channels=1, out_channels=1, channels=(8, 16), attention_levels=(False, False),
                               num_res_blocks=1, norm_num_groups=8)
-    head = DenseHead(unet, out_channels=5)
+    head = DenseHead(unet, out_channels=5, initial_bias=-4.6)
     assert head(torch.rand(2, 1, 32, 32)).shape == (2, 5, 32, 32)
+    assert torch.equal(head.unet.out[-1].bias, torch.full((5,), -4.6))
     with pytest.raises(BundleInputError, match="no group"):
         load_landmarks(JSRT / "landmarks" / "JPCLN001.json", ["XX"])
 
