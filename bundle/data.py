@@ -113,6 +113,15 @@ def preprocess(datalist: Sequence[dict[str, Any]], transform: Callable, desc: st
     return items
 
 
+def output_stems(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """File-name stems for outputs: the source's name, made unique with its index only where names clash."""
+    from collections import Counter
+
+    names = [Path(str(r["image"])).name.split(".")[0] for r in rows]
+    counts = Counter(names)
+    return [n if counts[n] == 1 else f"{i:05d}_{n}" for i, n in enumerate(names)]
+
+
 def apply_to_file(transform: Callable, row: dict[str, Any]) -> dict[str, Any]:
     """``transform(row)`` with any failure turned into one message that names the file."""
     path = row.get("image")

@@ -8,7 +8,6 @@ format, so ``--dino_weights PATH`` loads it into the conditioning extractor exac
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 from pathlib import Path
@@ -21,7 +20,7 @@ from monai.transforms import (Compose, RandAdjustContrastd, RandAffined, RandFli
 from torch import nn
 
 from .compat import ensure_torchvision_importable
-from .io import atomic_path, atomic_write
+from .io import atomic_path, atomic_write_json
 
 
 class DinoHead(nn.Module):
@@ -300,4 +299,4 @@ def export_teacher(teacher: DinoNetwork, path: str | os.PathLike) -> None:
         save_file(state, tmp)
     info = {"model_name": teacher.model_name, "img_size": teacher.image_size, "model_kwargs": teacher.model_kwargs,
             "weights": path.name}
-    atomic_write(path.with_name(path.name + ".json"), lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2)))
+    atomic_write_json(path.with_name(path.name + ".json"), info)

@@ -35,5 +35,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         write(tmp)
 
 
+def atomic_write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> None:
+    """``obj`` as JSON at ``path``, atomically."""
+    import json
+
+    text = json.dumps(obj, indent=indent)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))

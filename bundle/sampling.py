@@ -32,7 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .cache import latent_cache
-from .data import preprocessed_images, read_mask
+from .data import output_stems, preprocessed_images, read_mask
 from .diffusion import sample_latents, seeded_noise
 from .errors import BundleInputError
 from .io import atomic_path
@@ -133,7 +133,7 @@ def plan_jobs(
     members: dict[tuple, list[int]] = {}
     for i, g in enumerate(groups):
         members.setdefault(g, []).append(i)
-    stems = _stems(rows)
+    stems = output_stems(rows)
     per_anchor: Counter = Counter()
     jobs, lonely = [], set()
     for j, (anchor, kind) in enumerate(zip(anchors, kinds)):
@@ -196,13 +196,6 @@ def interpolation_jobs(num_inputs: int, steps: int, seed: int = 0) -> list[dict[
             jobs.append({"strategy": "interpolation", "anchor": a, "seed": seed, "sources": [a, a + 1],
                          "labels": {}, "params": {"t": round(t, 6)}, "name": f"interpolation_{len(jobs):03d}"})
     return jobs
-
-
-def _stems(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """File-name stems for outputs: the source's name, made unique with its index only where names clash."""
-    names = [Path(str(r["image"])).name.split(".")[0] for r in rows]
-    counts = Counter(names)
-    return [n if counts[n] == 1 else f"{i:05d}_{n}" for i, n in enumerate(names)]
 
 
 # ---- from a job to what the sampler needs ----------------------------------------------------------------

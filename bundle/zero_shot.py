@@ -184,9 +184,11 @@ def segment(maps: Sequence[torch.Tensor], images: torch.Tensor, grid: int = 16, 
 
 
 def dice(predicted: torch.Tensor, truth: torch.Tensor) -> float:
-    predicted, truth = predicted.bool(), truth.reshape(predicted.shape).bool()
-    total = int(predicted.sum() + truth.sum())
-    return 1.0 if total == 0 else 2.0 * int((predicted & truth).sum()) / total
+    """Dice of two binary masks of one image (MONAI's ``compute_dice``; 1 when both are empty)."""
+    from monai.metrics import compute_dice
+
+    predicted = predicted.float().reshape(1, 1, *predicted.shape[-2:])
+    return float(compute_dice(predicted, truth.float().reshape(predicted.shape), ignore_empty=False))
 
 
 @torch.no_grad()
@@ -200,34 +202,28 @@ def segment_folder(unet: nn.Module, rows: Sequence[dict], preprocessing, schedul
     carry all ``truth_columns`` are scored at the model's image size: Dice of the label-free choice and, as an
     upper bound that looks at the truth, of :func:`oracle_clusters`; scores go to ``<output_dir>/metrics.json``.
     """
-    import json
     from pathlib import Path
 
     import numpy as np
 
-    from .data import apply_to_file, read_mask
-    from .heads import Frame, _stem, original_size
-    from .io import atomic_write
-    from .writers import write_image
+    from .data import output_stems, preprocessed_stack, read_mask
+    from .heads import Frame, mask_suffix, original_size, write_masks
+    from .io import atomic_write_json
 
-    if mask_format not in ("png", "nifti"):
-        raise BundleInputError(f"Mask format '{mask_format}' is not supported: use 'png' or 'nifti'.")
+    mask_suffix(mask_format)
     if not rows:
         raise BundleInputError("No images to segment: check input_dir.")
     unet = unet.to(device).eval()
-    out, scores = Path(output_dir), []
+    out, stems, scores = Path(output_dir), output_stems(rows), []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        images = torch.stack([torch.as_tensor(np.asarray(apply_to_file(preprocessing, dict(r))["image"])).float()
-                              for r in chunk])
+        images = preprocessed_stack(chunk, preprocessing, desc="zero-shot")
         maps = self_attention(unet, (images * 2 - 1).to(device), timestep, scheduler, seed=seed)
         labels, lungs = segment(maps, images, grid, threshold)
         size = images.shape[-1]
-        for row, label, lung in zip(chunk, labels, lungs):
+        for row, stem, label, lung in zip(chunk, stems[start : start + batch_size], labels, lungs):
             frame = Frame(original_size(str(row["image"])), size)
-            mask = (frame.maps_to_original(lung[None].float()) > 0.5).float()
-            write_image(mask, out / "lungs" / (_stem(str(row["image"])) + (".png" if mask_format == "png" else ".nii.gz")),
-                        mask_format)
+            write_masks(lung[None].float(), frame, ["lungs"], stem, out, mask_format)
             if truth_columns and all(row.get(c) for c in truth_columns):
                 truth = torch.stack([read_mask(str(row[c]), (size, size))[0] for c in truth_columns]).amax(0).bool()
                 scores.append({"image": str(row["image"]), "clusters": int(label.unique().numel()),
@@ -240,6 +236,5 @@ def segment_folder(unet: nn.Module, rows: Sequence[dict], preprocessing, schedul
                    "mean_clusters": float(np.mean([s["clusters"] for s in scores])), "per_image": scores,
                    "settings": {"timestep": int(timestep), "threshold": float(threshold), "grid": int(grid),
                                 "image_size": int(size)}}
-        text = json.dumps(metrics, indent=2)
-        atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(text))
+        atomic_write_json(out / "metrics.json", metrics)
     return metrics

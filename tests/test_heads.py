@@ -58,6 +58,11 @@ def test_jsrt_landmarks_load_and_the_head_outputs_one_map_per_landmark():
     assert torch.equal(head.unet.out[-1].bias, torch.full((5,), -4.6))
     with pytest.raises(BundleInputError, match="no group"):
         load_landmarks(JSRT / "landmarks" / "JPCLN001.json", ["XX"])
+    from bundle.heads import landmark_layout
+
+    assert landmark_layout(JSRT / "landmarks" / "JPCLN001.json", ["RL", "H"]) == [["RL", 44], ["H", 26]]
+    with pytest.raises(BundleInputError, match="no group"):
+        landmark_layout(JSRT / "landmarks" / "JPCLN001.json", ["RL", "XX"])
 
 
 @pytest.fixture(scope="module")

@@ -48,6 +48,13 @@ def test_merging_recovers_planted_clusters_at_the_finest_resolution():
         aggregate_attention([torch.rand(1, 12, 12)])
 
 
+def test_output_stems_stay_unique_when_names_clash():
+    from bundle.data import output_stems
+
+    rows = [{"image": "a/x.png"}, {"image": "b/x.png"}, {"image": "c/y.nii.gz"}]
+    assert output_stems(rows) == ["00000_x", "00001_x", "y"]
+
+
 def test_lung_rule_takes_dark_inner_clusters_and_the_oracle_uses_the_truth():
     labels = torch.zeros(16, 16, dtype=torch.long)
     labels[4:12, 3:7], labels[4:12, 9:13] = 1, 2  # two inner blocks
@@ -58,6 +65,9 @@ def test_lung_rule_takes_dark_inner_clusters_and_the_oracle_uses_the_truth():
     assert torch.equal(lungs, labels == 1)  # dark and inside; the bright block and the dark border strip are not lung
     truth = (labels == 1) | (labels == 2)
     assert torch.equal(oracle_clusters(labels, truth), truth)
+    from bundle.zero_shot import dice
+
+    assert dice(labels == 1, truth) == pytest.approx(2 * 32 / (32 + 64)) and dice(truth & False, truth & False) == 1.0
 
 
 def test_recorder_collects_every_self_attention_call_and_restores_the_network():
