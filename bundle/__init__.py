@@ -1,13 +1,14 @@
 """DiNO-Diffusion MONAI bundle: the parts that configs cannot express."""
 
-from .compat import ensure_torchvision_importable
+from .compat import ensure_torchvision_importable, quiet_optional_decoder_notices
 from .errors import BundleInputError, install_excepthook
 
 ensure_torchvision_importable()
+quiet_optional_decoder_notices()
 install_excepthook()
 
 from . import (  # noqa: E402,F401
-    augmentation, autoencoder, cache, data, diffusion, dino, dino_pretrain, evaluation, heads, manifold, sampling,
+    autoencoder, cache, data, diffusion, dino, dino_pretrain, evaluation, heads, manifold, models, sampling,
     transforms, workflow, writers, zero_shot,
 )
 

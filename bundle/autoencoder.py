@@ -51,8 +51,10 @@ class LatentCodec(nn.Module):
         self.scale_factor.fill_(1.0 / std)
         return self
 
-    def save(self, path: str | os.PathLike, **metadata: Any) -> None:
-        atomic_torch_save({"state_dict": self.state_dict(), "scale_factor": float(self.scale_factor), **metadata}, path)
+    def save(self, path: str | os.PathLike, record: dict[str, Any]) -> None:
+        """Weights, scale factor and the record of settings (bundle/models.py) in one file, written atomically."""
+        atomic_torch_save({"state_dict": self.state_dict(), "scale_factor": float(self.scale_factor), "record": record},
+                          path)
 
     def load(self, path: str | os.PathLike) -> LatentCodec:
         """Load weights and scale factor saved by :meth:`save`; the codec is frozen in eval mode afterwards."""
@@ -72,7 +74,7 @@ def load_state(module: nn.Module, path: str | os.PathLike, what: str, remedy: st
     except Exception as err:
         raise BundleInputError(
             f"The {what} checkpoint '{path}' does not fit the network in the config ({type(err).__name__}: "
-            f"{str(err).splitlines()[0]}); use the config it was trained with, or retrain."
+            f"{(str(err).strip().splitlines() or ['no detail'])[0]}); use the config it was trained with, or retrain."
         ) from None
     return saved
 

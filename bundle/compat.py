@@ -32,3 +32,13 @@ def ensure_torchvision_importable() -> None:
     _LIBRARY.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     _LIBRARY.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
     importlib.import_module("torchvision")
+
+
+def quiet_optional_decoder_notices() -> None:
+    """Silence MONAI's notice, repeated at every image load, that the optional GPU DICOM decoder (nvImageCodec)
+    is not installed: the pydicom decoders it falls back to are the ones this bundle uses anyway."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)

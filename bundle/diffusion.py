@@ -12,7 +12,6 @@ from monai.networks.schedulers import Scheduler
 from torch import nn
 from tqdm import tqdm
 
-from .autoencoder import load_state
 from .errors import BundleInputError
 from .io import atomic_torch_save
 
@@ -148,31 +147,14 @@ def seeded_noise(seeds: Sequence[int], shape: Sequence[int], device: torch.devic
     return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
 
 
-def export_diffusion(network: nn.Module, path: str | os.PathLike, ema: Any = None, dino: Any = None, **metadata: Any) -> None:
-    """Write the weights used for sampling (the EMA copy when there is one) to ``path`` atomically.
+def export_diffusion(network: nn.Module, path: str | os.PathLike, record: dict[str, Any], ema: Any = None) -> None:
+    """Write the weights used for sampling (the EMA copy when there is one) and their record, atomically.
 
-    The DINO extractor's fingerprint is stored with them: sampling with any other DINO model, weights or
-    token mode would condition the UNet on embeddings it never saw, and is refused.
+    The record (bundle/models.py) names the network, noise schedule, DINO extractor (with its fingerprint) and
+    autoencoder, so sampling rebuilds all of it and refuses anything the UNet was not trained with.
     """
     weights = ema.ema_model if ema is not None else network
-    if dino is not None:
-        metadata.update(dino_fingerprint=dino.fingerprint(), dino_model=dino.model_name, dino_weights=dino.weights,
-                        dino_tokens=dino.tokens)
-    atomic_torch_save({"state_dict": weights.state_dict(), "ema": ema is not None, **metadata}, path)
-
-
-def load_diffusion(network: nn.Module, path: str | os.PathLike, dino: Any = None) -> nn.Module:
-    """Load trained UNet weights (frozen, eval mode), checking they were trained with this DINO extractor."""
-    saved = load_state(network, path, "diffusion", "train the diffusion model first (run ID train_diffusion) or "
-                       "pass --diffusion_path to a trained one")
-    if dino is not None and saved.get("dino_fingerprint") not in (None, dino.fingerprint()):
-        raise BundleInputError(
-            f"The diffusion model '{path}' was trained on DINO tokens of {saved.get('dino_model')} "
-            f"(weights {saved.get('dino_weights')}, tokens {saved.get('dino_tokens')}), not of {dino.model_name} "
-            f"(weights {dino.weights}, tokens {dino.tokens}): pass the same --dino_model/--dino_weights/--dino_tokens."
-        )
-    network.requires_grad_(False)
-    return network.eval()
+    atomic_torch_save({"state_dict": weights.state_dict(), "ema": ema is not None, "record": record}, path)
 
 
 class SamplePreviewHandler:

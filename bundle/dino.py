@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .compat import ensure_torchvision_importable
+from .constants import IMAGENET_MEAN, IMAGENET_STD
 from .data import hash_file, hash_json
 from .errors import BundleInputError
 
@@ -88,8 +89,8 @@ class DinoFeatures(nn.Module):
         self.vit.requires_grad_(False)
         self.vit.eval()
         cfg = self.vit.pretrained_cfg
-        self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1), False)
-        self.register_buffer("std", torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1), False)
+        self.register_buffer("mean", torch.tensor(cfg.get("mean", IMAGENET_MEAN)).view(1, 3, 1, 1), False)
+        self.register_buffer("std", torch.tensor(cfg.get("std", IMAGENET_STD)).view(1, 3, 1, 1), False)
 
     def _create(self) -> nn.Module:
         ensure_torchvision_importable()
@@ -151,6 +152,12 @@ class DinoFeatures(nn.Module):
             weights = hash_file(weights)
         return hash_json([self.model_name, weights, self.tokens, self.input_size, self.model_kwargs,
                           self.seed if self.weights == "random" else None])
+
+    def record(self) -> dict[str, Any]:
+        """What a diffusion model records about its condition, to rebuild and check this extractor at sampling."""
+        return {"model_name": self.model_name, "weights": os.path.abspath(self.weights) if os.path.isfile(self.weights)
+                else self.weights, "tokens": self.tokens, "input_size": self.input_size,
+                "model_kwargs": self.model_kwargs, "seed": self.seed, "fingerprint": self.fingerprint()}
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:

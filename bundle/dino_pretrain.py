@@ -20,6 +20,7 @@ from monai.transforms import (Compose, RandAdjustContrastd, RandAffined, RandFli
 from torch import nn
 
 from .compat import ensure_torchvision_importable
+from .constants import IMAGENET_MEAN, IMAGENET_STD
 from .io import atomic_path, atomic_write_json
 
 
@@ -54,8 +55,8 @@ class DinoNetwork(nn.Module):
                                           dynamic_img_size=True, **self.model_kwargs)
         self.head = DinoHead(self.backbone.embed_dim, out_dim, hidden_dim, bottleneck_dim)
         cfg = self.backbone.pretrained_cfg
-        self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1), False)
-        self.register_buffer("std", torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1), False)
+        self.register_buffer("mean", torch.tensor(cfg.get("mean", IMAGENET_MEAN)).view(1, 3, 1, 1), False)
+        self.register_buffer("std", torch.tensor(cfg.get("std", IMAGENET_STD)).view(1, 3, 1, 1), False)
         if init_weights not in (None, "", "random"):
             load_backbone_weights(self, init_weights)
 

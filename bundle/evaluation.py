@@ -16,12 +16,16 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.metrics import FIDMetric, MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
 from torch import nn
 from tqdm import tqdm
 
+from .compat import ensure_torchvision_importable
+from .constants import IMAGENET_MEAN, IMAGENET_STD
 from .data import build_datalist, preprocessed_stack
 from .errors import BundleInputError
 from .io import atomic_write
+from .writers import to_display
 
 logger = logging.getLogger(__name__)
 
@@ -29,11 +33,17 @@ logger = logging.getLogger(__name__)
 # ---- image sets and feature spaces -----------------------------------------------------------------------
 
 
+def require_image_sets(*sources: str | os.PathLike | None, optional: Sequence[str | os.PathLike | None] = ()) -> None:
+    """Stop with one message when an image set is missing, before any model is loaded."""
+    for source in [*sources, *(s for s in optional if s not in (None, ""))]:
+        if source in (None, "") or not Path(str(source)).exists():
+            raise BundleInputError(f"Image set '{source}' does not exist: pass a folder, datalist or sampling "
+                                   "manifest (--generated_dir, --real_dir, --train_dir).")
+
+
 def load_images(source: str | os.PathLike, preprocessing: Callable, limit: int | None = None) -> tuple[torch.Tensor, list[str]]:
     """A folder, datalist or sampling manifest -> ``(N, 1, H, W)`` preprocessed images and their paths."""
-    if source in (None, "") or not Path(str(source)).exists():
-        raise BundleInputError(f"Image set '{source}' does not exist: pass a folder, datalist or sampling manifest "
-                               "(--generated_dir, --real_dir, --train_dir).")
+    require_image_sets(source)
     rows = build_datalist(source, None)[:limit]
     return preprocessed_stack(rows, preprocessing, f"load {Path(str(source)).name}"), [str(r["image"]) for r in rows]
 
@@ -81,8 +91,6 @@ class InceptionFeatures(nn.Module):
 
     def __init__(self, weights: str | os.PathLike | None) -> None:
         super().__init__()
-        from .compat import ensure_torchvision_importable
-
         if not weights or not os.path.isfile(weights):
             raise BundleInputError(
                 f"Inception-v3 features need a local weights file, and '{weights}' is not one: download "
@@ -90,7 +98,7 @@ class InceptionFeatures(nn.Module):
                 "'dino' or 'pixels' feature space."
             )
         ensure_torchvision_importable()
-        from torchvision.models import inception_v3
+        from torchvision.models import inception_v3  # only once the compatibility shim is in place
 
         model = inception_v3(weights=None, aux_logits=True, init_weights=False)
         try:
@@ -101,8 +109,8 @@ class InceptionFeatures(nn.Module):
                                    f"{str(err).splitlines()[0][:200]}): give torchvision's inception_v3 file.") from None
         model.fc = nn.Identity()
         self.model = model.eval().requires_grad_(False)
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), False)
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), False)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), False)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -135,8 +143,6 @@ def extract(extractor: nn.Module, images: torch.Tensor, batch_size: int = 32, de
 
 def frechet_distance(real: torch.Tensor, generated: torch.Tensor) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets (MONAI's ``FIDMetric``)."""
-    from monai.metrics import FIDMetric
-
     for name, f in (("real", real), ("generated", generated)):
         if f.ndim != 2 or len(f) < 2:
             raise BundleInputError(f"The {name} set needs at least two images for a Fréchet distance, got {len(f)}.")
@@ -155,8 +161,6 @@ def ms_ssim_settings(size: int) -> dict[str, Any]:
 
 def diversity(images: torch.Tensor, max_pairs: int = 500, seed: int = 0) -> float:
     """Mean MS-SSIM over (up to ``max_pairs`` random) pairs of different images: 1 means all alike."""
-    from monai.metrics import MultiScaleSSIMMetric
-
     n = len(images)
     if n < 2:
         raise BundleInputError(f"Diversity needs at least two images, got {n}.")
@@ -214,8 +218,6 @@ def memorisation(generated: torch.Tensor, train: torch.Tensor, test: torch.Tenso
 def reconstruction_quality(images: torch.Tensor, codec: nn.Module, batch_size: int = 16,
                            device: torch.device | str = "cpu") -> dict[str, dict[str, float]]:
     """Autoencoder PSNR, SSIM and MS-SSIM on ``images`` (mean and std over images)."""
-    from monai.metrics import MultiScaleSSIMMetric, PSNRMetric, SSIMMetric
-
     recon = torch.cat([codec.decode(codec.encode(images[i : i + batch_size].to(device))).cpu()
                        for i in range(0, len(images), batch_size)]).clamp(0, 1)
     metrics = {
@@ -239,9 +241,7 @@ def closest_pairs_png(generated: torch.Tensor, train: torch.Tensor, result: Mapp
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .writers import to_display
+    import matplotlib.pyplot as plt  # matplotlib is slow to import and only this report figure needs it
 
     order = np.argsort(result["distance"])[:count]
     fig, axes = plt.subplots(2, len(order), figsize=(1.3 * len(order), 2.9), squeeze=False)

@@ -3,20 +3,12 @@
 Every output is a *job*: a strategy, the pool images it comes from, its parameters and a seed. Jobs are
 planned up front from the pool and the seed alone, so one output can be regenerated without the others,
 an interrupted run continues with the outputs that are missing, and the manifest describes all of them.
-
-Strategies (DiNO-Diffusion's sampling over the embedding space, plus the latent-space ones):
-- ``reconstruction``: the embedding of a real image, from pure noise;
-- ``interpolation``: slerp between the embeddings of two pool images of the same label group;
-- ``perturbation``: a real embedding with noise of a chosen scale, tokens kept at their length;
-- ``manifold``: a new embedding drawn from the anchor's label group (a Gaussian fitted to the group's
-  embeddings, or a random convex mix of an image and its nearest neighbours), no seed image needed;
-- ``img2img``: a real image's latent noised to ``strength`` and denoised again under its own embedding;
-- ``inpainting``: only the inside of a mask regenerated, the rest kept from the real image.
+What each strategy does (reconstruction, interpolation, perturbation, manifold, img2img, inpainting) and
+its default parameters are in :mod:`bundle.strategies`.
 """
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import logging
@@ -28,46 +20,25 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
 from .cache import latent_cache
-from .data import output_stems, preprocessed_images, read_mask
+from .data import output_stems, preprocessed_images
 from .diffusion import sample_latents, seeded_noise
 from .errors import BundleInputError
 from .io import atomic_path
-from .manifold import combine, gaussian_sample, nearest, perturb, slerp
+from .strategies import STRATEGIES, Pool, strategy_params
 from .writers import FORMATS, dicom_uid, write_image
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("reconstruction", "interpolation", "perturbation", "manifold", "img2img", "inpainting")
-STRATEGY_PARAMS: dict[str, dict[str, Any]] = {
-    "interpolation": {"t_min": 0.25, "t_max": 0.75, "across_labels": False},
-    "perturbation": {"scale": 0.3},
-    "manifold": {"model": "gaussian", "temperature": 1.0, "neighbours": 5, "concentration": 1.0},
-    "img2img": {"strength": 0.6},
-    "inpainting": {"mask_column": "mask", "box": [0.55, 0.2, 0.9, 0.75], "paste": True},
-}
 MANIFEST_FIELDS = ["image", "source_ids", "sources", "strategy", "params", "seed", "sampler", "num_inference_steps",
                    "guidance_scale"]
 
 
 # ---- planning --------------------------------------------------------------------------------------------
-
-
-def strategy_params(overrides: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
-    """The default parameters of every strategy, updated with ``overrides`` (unknown names are refused)."""
-    params = copy.deepcopy(STRATEGY_PARAMS)
-    for name, values in (overrides or {}).items():
-        if name not in STRATEGIES:
-            raise BundleInputError(f"strategy_params names '{name}', which is not a strategy: use {list(STRATEGIES)}.")
-        unknown = set(values) - set(params.get(name, {}))
-        if unknown:
-            raise BundleInputError(f"strategy_params for '{name}' has unknown keys {sorted(unknown)}: it takes "
-                                   f"{sorted(params.get(name, {}))}.")
-        params.setdefault(name, {}).update(values)
-    return params
 
 
 def strategy_counts(strategy: str | Mapping[str, float], total: int) -> dict[str, int]:
@@ -130,55 +101,24 @@ def plan_jobs(
     if len(counts) > 1:
         kinds = [kinds[i] for i in np.random.default_rng([seed, 3]).permutation(len(kinds))]
     groups = label_groups(rows, label_columns)
+    chosen = [STRATEGIES[k] for k, c in counts.items() if c]
+    for chosen_strategy in chosen:
+        chosen_strategy.check(params[chosen_strategy.name])
     members: dict[tuple, list[int]] = {}
     for i, g in enumerate(groups):
         members.setdefault(g, []).append(i)
+    pool = Pool(rows, embeddings, groups, members)
     stems = output_stems(rows)
     per_anchor: Counter = Counter()
-    jobs, lonely = [], set()
+    jobs = []
     for j, (anchor, kind) in enumerate(zip(anchors, kinds)):
-        rng = np.random.default_rng([seed + j, 2])
-        job: dict[str, Any] = {"strategy": kind, "anchor": anchor, "seed": seed + j, "sources": [anchor],
-                               "labels": {c: rows[anchor][c] for c in label_columns}}
-        p = dict(params.get(kind, {}))
-        if kind == "interpolation":
-            pool = [i for i in (range(n) if p["across_labels"] else members[groups[anchor]]) if i != anchor]
-            partner = int(rng.choice(pool)) if pool else anchor
-            if not pool:
-                lonely.add(groups[anchor])
-            t = float(rng.uniform(p["t_min"], p["t_max"]))
-            job["sources"], p = [anchor, partner], {"t": round(t, 6), "across_labels": p["across_labels"]}
-            nearer = anchor if t <= 0.5 else partner
-            job["labels"] = {c: rows[nearer][c] for c in label_columns}
-        elif kind == "manifold":
-            group = members[groups[anchor]]
-            if p["model"] == "gaussian":
-                if len(group) < 2:
-                    raise BundleInputError(f"Manifold sampling fits a Gaussian per label group, but group {groups[anchor]}"
-                                           " has one image: add images, drop --label_columns or use model 'neighbours'.")
-                job["sources"] = list(group)
-                p = {"model": "gaussian", "temperature": p["temperature"]}
-            elif p["model"] == "neighbours":
-                local = nearest(embeddings[group], group.index(anchor), int(p["neighbours"]))
-                job["sources"] = [anchor] + [group[i] for i in local]
-                weights = rng.dirichlet(np.full(len(job["sources"]), float(p["concentration"])))
-                p = {"model": "neighbours", "weights": [round(float(w), 6) for w in weights]}
-            else:
-                raise BundleInputError(f"Manifold model '{p['model']}' is not known: use 'gaussian' or 'neighbours'.")
-        elif kind == "perturbation":
-            p = {"scale": p["scale"]}
-        elif kind == "img2img":
-            p = {"strength": p["strength"]}
-        elif kind == "inpainting":
-            mask = str(rows[anchor].get(p["mask_column"]) or "")
-            p = {"mask": mask} if mask else {"box": list(p["box"])}
-            p["paste"] = bool(params["inpainting"]["paste"])
-        job["params"] = p
-        job["name"] = f"{stems[anchor]}_{kind}_{per_anchor[anchor]:03d}"
+        plan = STRATEGIES[kind].plan(anchor, params[kind], pool, np.random.default_rng([seed + j, 2]))
+        jobs.append({"strategy": kind, "anchor": anchor, "seed": seed + j, "sources": plan.sources,
+                     "labels": {c: rows[plan.labels_from][c] for c in label_columns}, "params": plan.params,
+                     "name": f"{stems[anchor]}_{kind}_{per_anchor[anchor]:03d}"})
         per_anchor[anchor] += 1
-        jobs.append(job)
-    if lonely:
-        logger.warning("Label group(s) %s have a single image: their interpolations are reconstructions.", sorted(lonely))
+    for chosen_strategy in chosen:
+        chosen_strategy.after_plan(jobs, pool)
     return jobs
 
 
@@ -196,50 +136,6 @@ def interpolation_jobs(num_inputs: int, steps: int, seed: int = 0) -> list[dict[
             jobs.append({"strategy": "interpolation", "anchor": a, "seed": seed, "sources": [a, a + 1],
                          "labels": {}, "params": {"t": round(t, 6)}, "name": f"interpolation_{len(jobs):03d}"})
     return jobs
-
-
-# ---- from a job to what the sampler needs ----------------------------------------------------------------
-
-
-def _stream(seed: int, purpose: int) -> torch.Generator:
-    """A torch generator for one job and one purpose, independent of the latent noise drawn from ``seed``."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, purpose]).generate_state(1)[0]))
-
-
-def job_context(job: Mapping[str, Any], embeddings: torch.Tensor) -> torch.Tensor:
-    """The conditioning embedding ``(tokens, dim)`` of one job."""
-    kind, p, sources = job["strategy"], job["params"], job["sources"]
-    if kind == "interpolation":
-        return slerp(embeddings[sources[0]], embeddings[sources[1]], float(p["t"]))
-    if kind == "perturbation":
-        return perturb(embeddings[sources[0]], float(p["scale"]), _stream(job["seed"], 1))
-    if kind == "manifold":
-        if p["model"] == "gaussian":
-            return gaussian_sample(embeddings[sources], _stream(job["seed"], 1), float(p["temperature"]))
-        return combine(embeddings[sources], torch.tensor(p["weights"]))
-    return embeddings[sources[0]].clone()
-
-
-def box_mask(box: Sequence[float], size: Sequence[int]) -> torch.Tensor:
-    """``(1, X, Y)`` mask, 1 inside ``box`` = [x0, y0, x1, y1] as fractions of width (x, right) and height (y, down)."""
-    if len(box) != 4 or not all(0 <= v <= 1 for v in box) or box[0] >= box[2] or box[1] >= box[3]:
-        raise BundleInputError(f"Inpainting box {list(box)} is not [x0, y0, x1, y1] with 0 <= x0 < x1 <= 1 and "
-                               "0 <= y0 < y1 <= 1 (fractions of the image's width and height).")
-    mask = torch.zeros(1, *size)
-    x0, x1 = int(round(box[0] * size[0])), max(int(round(box[2] * size[0])), int(round(box[0] * size[0])) + 1)
-    y0, y1 = int(round(box[1] * size[1])), max(int(round(box[3] * size[1])), int(round(box[1] * size[1])) + 1)
-    mask[:, x0:x1, y0:y1] = 1
-    return mask
-
-
-def job_mask(job: Mapping[str, Any], size: Sequence[int]) -> torch.Tensor:
-    p = job["params"]
-    return read_mask(p["mask"], size) if "mask" in p else box_mask(p["box"], size)
-
-
-def latent_mask(mask: torch.Tensor, latent_size: Sequence[int]) -> torch.Tensor:
-    """A pixel mask brought to the latent grid: a latent cell is regenerated if any pixel it covers is."""
-    return (torch.nn.functional.adaptive_max_pool2d(mask[None].float(), tuple(latent_size))[0] > 0).float()
 
 
 # ---- generation ------------------------------------------------------------------------------------------
@@ -317,39 +213,28 @@ def generate(
         logger.info("%d of %d outputs already exist in %s: generating the other %d.", len(rows) - len(pending),
                     len(rows), output_dir, len(pending))
 
-    def mode(job):  # jobs that share a mode and its parameters are sampled in one batch
-        if job["strategy"] == "img2img":
-            return ("img2img", float(job["params"]["strength"]))
-        return ("inpainting",) if job["strategy"] == "inpainting" else ("noise",)
+    def batch_key(job):
+        return STRATEGIES[job["strategy"]].batch_key(job)
 
     groups: dict[tuple, list] = {}
     for item in pending:
-        groups.setdefault(mode(item[1]), []).append(item)
+        groups.setdefault(batch_key(item[1]), []).append(item)
     batches = [g[s : s + batch_size] for _, g in sorted(groups.items()) for s in range(0, len(g), batch_size)]
-    size = tuple(images["images"].shape[-2:])
     done = {j for j in range(len(rows))} - {j for j, _, _ in pending}
     with tqdm(total=len(pending), desc="generate", dynamic_ncols=True, disable=not pending) as bar:
         for batch in batches:
-            kind = mode(batch[0][1])
-            context = torch.stack([job_context(job, embeddings) for _, job, _ in batch]).to(device)
-            noise = seeded_noise([job["seed"] for _, job, _ in batch], latent_shape, device)
-            generators = [torch.Generator(device=device).manual_seed(int(job["seed"])) for _, job, _ in batch]
-            init = mask = pixel_mask = None
-            strength = 1.0
-            if kind[0] != "noise":
-                init = torch.stack([pool["latents"][job["anchor"]] for _, job, _ in batch]).float().to(device)
-            if kind[0] == "img2img":
-                strength = kind[1]
-            if kind[0] == "inpainting":
-                pixel_mask = torch.stack([job_mask(job, size) for _, job, _ in batch])
-                mask = torch.stack([latent_mask(m, latent_shape[-2:]) for m in pixel_mask]).to(device)
-            latents = sample_latents(unet, scheduler, context, noise, num_inference_steps, guidance_scale, init=init,
-                                     strength=strength, mask=mask, generators=generators)
-            out = codec.decode(latents).clamp(0, 1).cpu()
-            if pixel_mask is not None:
-                real = torch.stack([images["images"][job["anchor"]] for _, job, _ in batch]).float()
-                paste = torch.tensor([bool(job["params"]["paste"]) for _, job, _ in batch]).view(-1, 1, 1, 1)
-                out = torch.where(paste & (pixel_mask == 0), real, out)
+            batch_jobs = [job for _, job, _ in batch]
+            context = torch.stack([STRATEGIES[job["strategy"]].context(job, embeddings) for job in batch_jobs]).to(device)
+            noise = seeded_noise([job["seed"] for job in batch_jobs], latent_shape, device)
+            generators = [torch.Generator(device=device).manual_seed(int(job["seed"])) for job in batch_jobs]
+
+            def sample(**start: Any) -> torch.Tensor:
+                start = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in start.items()}
+                latents = sample_latents(unet, scheduler, context, noise, num_inference_steps, guidance_scale,
+                                         generators=generators, **start)
+                return codec.decode(latents).clamp(0, 1).cpu()
+
+            out = STRATEGIES[batch_jobs[0]["strategy"]].render(batch_jobs, sample, pool["latents"], images["images"])
             for image, (j, job, paths) in zip(out, batch):
                 for fmt, path in zip(formats, paths):
                     write_image(image, path, fmt, study_uid=study, series_uid=series, instance_number=j + 1,
@@ -365,8 +250,6 @@ def generate(
 
 def interpolation_strip(rows: Sequence[dict[str, Any]], output_dir: str | os.PathLike, path: str | os.PathLike) -> None:
     """The outputs listed in ``rows`` side by side in one PNG, in manifest order (8-bit PNG outputs only)."""
-    from PIL import Image
-
     if not rows or not all(str(r["image"]).endswith(".png") for r in rows):
         raise BundleInputError("The interpolation strip is assembled from PNG outputs: include 'png' in --output_formats.")
     tiles = [np.asarray(Image.open(Path(output_dir) / r["image"])) for r in rows]

@@ -5,8 +5,11 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import time
 from typing import Any, Callable, Sequence
 
+import torch
+from ignite.engine import Events
 from ignite.handlers import ProgressBar
 
 from .errors import BundleInputError
@@ -47,25 +50,138 @@ def loss_terms(output: dict[str, Any]) -> dict[str, float]:
     return {k: (v.detach().item() if hasattr(v, "detach") else float(v)) for k, v in output.items() if k.endswith("loss")}
 
 
+class TimeBudget:
+    """Ends training at the first epoch boundary after ``seconds`` of this run (``None`` = no limit).
+
+    Attach it after the checkpoint saver: the last epoch is saved first, the stage then exports its model as
+    if ``max_epochs`` had been reached, and a later run with the output deleted continues from that epoch.
+    """
+
+    def __init__(self, seconds: float | str | None = None) -> None:
+        value = optional_path(seconds)
+        self.seconds = None if value is None else float(value)
+        if self.seconds is not None and self.seconds <= 0:
+            raise BundleInputError(f"A time budget of {seconds} seconds is not positive: give seconds > 0 or null.")
+        self.start = 0.0
+
+    def attach(self, engine: Any) -> None:
+        if self.seconds is None:
+            return
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._check)
+
+    def _started(self, engine: Any) -> None:
+        self.start = time.monotonic()
+
+    def _check(self, engine: Any) -> None:
+        elapsed = time.monotonic() - self.start
+        if elapsed >= self.seconds:
+            logger.info("Time budget of %.0f s reached after epoch %d (%.0f s): stopping.", self.seconds,
+                        engine.state.epoch, elapsed)
+            engine.terminate()
+
+
+def set_threads(threads: int | str | None) -> None:
+    """CPU threads for this process (``None`` keeps torch's default of all cores)."""
+    value = optional_path(threads)
+    if value is None:
+        return
+    if not value.isdigit() or int(value) < 1:
+        raise BundleInputError(f"torch_threads '{threads}' is not a positive whole number: give e.g. 1, 2 or null.")
+    torch.set_num_threads(int(value))
+
+
+def stage_handlers(name: str, checkpoint_dir: str | os.PathLike, state: dict[str, Any], writer: Any,
+                   max_seconds: float | str | None = None, extra: Sequence[Any] = (),
+                   output_transform: Callable[[Any], dict[str, float]] = loss_terms) -> list[Any]:
+    """The handlers every training stage has, in the order they must run.
+
+    Resume from the newest checkpoint in ``checkpoint_dir`` when there is one (model, optimisers, trainer
+    state: everything in ``state``), save ``state`` there after every epoch, log the epoch loss and every
+    iteration's loss terms to TensorBoard, then the stage's ``extra`` handlers, then the time budget (last, so
+    the epoch it stops at has been saved).
+    """
+    from monai.handlers import CheckpointLoader, CheckpointSaver, StatsHandler, TensorBoardStatsHandler
+
+    handlers: list[Any] = []
+    latest = latest_checkpoint(checkpoint_dir)
+    if latest is not None:
+        handlers.append(CheckpointLoader(load_path=latest, load_dict=state, map_location="cpu"))
+    handlers += [
+        CheckpointSaver(save_dir=str(checkpoint_dir), save_dict=state, file_prefix=name, epoch_level=True,
+                        save_interval=1, n_saved=1),
+        StatsHandler(iteration_log=False, tag_name=f"{name}_loss"),
+        TensorBoardStatsHandler(summary_writer=writer, output_transform=output_transform),
+        *[h for h in extra if h is not None],
+        TimeBudget(max_seconds),
+    ]
+    return handlers
+
+
+def preflight(datalist: Sequence[dict[str, Any]], dino_model: str, dino_weights: str, dino_kwargs: dict | None = None,
+              dino_pretrain: bool = False, perceptual_weight: float = 0.0, perceptual_weights: str | None = None) -> None:
+    """Check what later stages need from outside before the first one starts, so nothing fails hours in.
+
+    The datalist has been read by now (it is an argument); DINO weights 'hub' are fetched into the local cache
+    now, a local file must exist, and a perceptual loss needs its weights file.
+    """
+    if not datalist:
+        raise BundleInputError("The training datalist is empty: pass --dataset_dir with images.")
+    weights = str(dino_weights)
+    if dino_pretrain:
+        logger.info("DINO: pre-training %s on the training images first (dino_pretrain true).", dino_model)
+    elif weights == "hub":
+        from .dino import DinoFeatures
+
+        DinoFeatures(dino_model, "hub", model_kwargs=dino_kwargs)
+        logger.info("DINO: %s with hub weights (available).", dino_model)
+    elif weights == "random":
+        logger.info("DINO: %s with random weights (the condition carries little information; tests only).", dino_model)
+    elif not os.path.isfile(weights):
+        raise BundleInputError(f"dino_weights '{weights}' is not a file: give a local timm weights file, 'hub' or "
+                               "'random', or --dino_pretrain true to train one on these images first.")
+    else:
+        logger.info("DINO: %s with local weights %s.", dino_model, weights)
+    if float(perceptual_weight) > 0 and perceptual_weights is not None and not os.path.isfile(str(perceptual_weights)):
+        raise BundleInputError(f"perceptual_weights '{perceptual_weights}' is not a file: give the ResNet-50 weights "
+                               "file, or --perceptual_weights null to download them, or --perceptual_weight 0.")
+
+
 def train_stage(
     name: str,
     trainer: Any,
     handlers: Sequence[Any],
     output_path: str | os.PathLike,
     export: Callable[[], Any],
+    record: dict[str, Any] | None = None,
 ) -> None:
     """Attach ``handlers`` and run ``trainer``, then ``export()`` the stage's output to ``output_path``.
 
-    A stage whose output already exists is skipped, so re-running the whole pipeline only does what is
-    missing; a stage interrupted part-way resumes from its last epoch checkpoint (its CheckpointLoader).
-    Delete ``output_path`` to train the stage again (with a larger max_epochs it continues from there).
+    A stage whose output already exists is skipped when it was trained with the same settings (its ``record``),
+    so re-running the whole pipeline only does what is missing; with other settings the run stops and says
+    which, rather than reuse a model silently. A stage interrupted part-way resumes from its last epoch
+    checkpoint. Delete ``output_path`` to train the stage again (with a larger max_epochs it continues).
     """
     if os.path.exists(output_path):
-        logger.info("%s: %s exists, skipping this stage (delete it to train the stage again).", name, output_path)
+        if record is not None:
+            from .models import read_record, record_differences
+
+            stored = read_record(output_path, name, "delete it to train it again")["record"]
+            diffs = record_differences(stored, record)
+            if diffs:
+                raise BundleInputError(
+                    f"The finished {name} model '{output_path}' was trained with other settings ({'; '.join(diffs[:4])}"
+                    f"{'; ...' if len(diffs) > 4 else ''}): delete it (and its checkpoints) or choose another --work_dir "
+                    "to train anew, or drop the changed settings to use it."
+                )
+        logger.info("%s: %s exists and matches these settings: reusing it (delete it to train again).", name, output_path)
         return
     for handler in handlers:
         if handler is not None:
             handler.attach(trainer)
+    # Ignite announces "resuming from epoch 0" before the checkpoint loader has run: say where it really resumed
+    trainer.add_event_handler(Events.STARTED, lambda engine: engine.state.epoch and logger.info(
+        "%s: resumed from the checkpoint of epoch %d (iteration %d).", name, engine.state.epoch, engine.state.iteration))
     ProgressBar(persist=True, desc=name).attach(trainer, output_transform=loss_terms)
     trainer.run()
     export()

@@ -12,13 +12,22 @@ a mask; :func:`oracle_clusters` uses the true mask and only gives an upper bound
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.metrics import compute_dice
+from monai.networks.blocks import SABlock
 from torch import nn
 
+from .constants import LUNG_MASK_COLUMNS
+from .data import output_stems, preprocessed_stack
 from .errors import BundleInputError
+from .heads.frame import image_frame
+from .heads.segmentation import mask_suffix, read_masks, write_masks
+from .io import atomic_write_json
 
 
 class SelfAttentionRecorder:
@@ -26,8 +35,6 @@ class SelfAttentionRecorder:
     ``(B, N, N)`` maps of each call are appended to :attr:`maps` in call order."""
 
     def __init__(self, network: nn.Module) -> None:
-        from monai.networks.blocks import SABlock
-
         self.blocks = [m for m in network.modules() if isinstance(m, SABlock)]
         if not self.blocks:
             raise BundleInputError("This network has no self-attention layer: train the UNet with attention_levels "
@@ -185,8 +192,6 @@ def segment(maps: Sequence[torch.Tensor], images: torch.Tensor, grid: int = 16, 
 
 def dice(predicted: torch.Tensor, truth: torch.Tensor) -> float:
     """Dice of two binary masks of one image (MONAI's ``compute_dice``; 1 when both are empty)."""
-    from monai.metrics import compute_dice
-
     predicted = predicted.float().reshape(1, 1, *predicted.shape[-2:])
     return float(compute_dice(predicted, truth.float().reshape(predicted.shape), ignore_empty=False))
 
@@ -194,7 +199,7 @@ def dice(predicted: torch.Tensor, truth: torch.Tensor) -> float:
 @torch.no_grad()
 def segment_folder(unet: nn.Module, rows: Sequence[dict], preprocessing, scheduler, output_dir, timestep: int = 100,
                    threshold: float = 0.1, grid: int = 16, mask_format: str = "png",
-                   truth_columns: Sequence[str] = ("mask_left_lung", "mask_right_lung"), batch_size: int = 8,
+                   truth_columns: Sequence[str] = LUNG_MASK_COLUMNS, batch_size: int = 8,
                    seed: int = 0, device: torch.device | str = "cpu") -> dict:
     """Zero-shot lung masks for every row with the label-free image-space denoiser (inputs scaled to [-1, 1]).
 
@@ -202,14 +207,6 @@ def segment_folder(unet: nn.Module, rows: Sequence[dict], preprocessing, schedul
     carry all ``truth_columns`` are scored at the model's image size: Dice of the label-free choice and, as an
     upper bound that looks at the truth, of :func:`oracle_clusters`; scores go to ``<output_dir>/metrics.json``.
     """
-    from pathlib import Path
-
-    import numpy as np
-
-    from .data import output_stems, preprocessed_stack, read_mask
-    from .heads import Frame, mask_suffix, original_size, write_masks
-    from .io import atomic_write_json
-
     mask_suffix(mask_format)
     if not rows:
         raise BundleInputError("No images to segment: check input_dir.")
@@ -222,10 +219,9 @@ def segment_folder(unet: nn.Module, rows: Sequence[dict], preprocessing, schedul
         labels, lungs = segment(maps, images, grid, threshold)
         size = images.shape[-1]
         for row, stem, label, lung in zip(chunk, stems[start : start + batch_size], labels, lungs):
-            frame = Frame(original_size(str(row["image"])), size)
-            write_masks(lung[None].float(), frame, ["lungs"], stem, out, mask_format)
+            write_masks(lung[None].float(), image_frame(row, size), ["lungs"], stem, out, mask_format)
             if truth_columns and all(row.get(c) for c in truth_columns):
-                truth = torch.stack([read_mask(str(row[c]), (size, size))[0] for c in truth_columns]).amax(0).bool()
+                truth = read_masks(row, truth_columns, (size, size)).amax(0).bool()
                 scores.append({"image": str(row["image"]), "clusters": int(label.unique().numel()),
                                "dice": dice(lung, truth), "oracle_dice": dice(oracle_clusters(label, truth), truth)})
     metrics: dict = {}

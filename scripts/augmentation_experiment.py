@@ -1,28 +1,237 @@
-"""The synthetic-augmentation experiment: a fixed classifier trained on N real images plus synthetic images
-made from only those N, at several real:synthetic ratios and folds, scored by AUC on a fixed real test set.
+"""Does synthetic data help a downstream classifier? The DiNO-Diffusion augmentation experiment.
+
+For each pool size N and fold, N real training images are drawn (stratified by the label), the generator
+makes synthetic images from only those N (labels carried from their sources), and one fixed classifier
+recipe is trained on real + synthetic at each real:synthetic ratio, and on synthetic images alone. AUC is
+measured on a fixed real test set. Every arm's result is appended to ``results.jsonl`` as soon as it is
+known, so an interrupted experiment continues where it stopped (the synthetic images are kept in --out too).
 
     python scripts/augmentation_experiment.py --train runs/foundation/train.csv --test runs/foundation/test.csv \\
         --label nodule --sizes 10 25 50 150 --ratios 0 1 5 --folds 3 --out runs/augmentation/nodule \\
         -- --work_dir runs/foundation_dino ... (the overrides the generator was trained with)
-
-Interrupted runs continue (results.jsonl and the synthetic images are kept in --out).
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import json
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.metrics import compute_roc_auc
+from monai.networks.nets import DenseNet
+from torch import nn
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
-from evaluate_foundation import parse_overrides  # noqa: E402
+from bundle.cli import config_workflow, parse_overrides, pyplot  # noqa: E402
+from bundle.data import preprocessed_stack, read_datalist  # noqa: E402
+from bundle.errors import BundleInputError  # noqa: E402
+from bundle.io import atomic_write  # noqa: E402
+
+
+def binary_labels(rows: Sequence[Mapping[str, Any]], column: str, positive: str | None = None) -> np.ndarray:
+    """0/1 labels from ``column``: numeric 0/1 values as they are, otherwise 1 where the value is ``positive``."""
+    if not rows or column not in rows[0]:
+        raise BundleInputError(f"Label column '{column}' is not in the datalist (columns: {sorted(rows[0]) if rows else []}).")
+    values = [str(r[column]) for r in rows]
+    if positive is None:
+        if set(values) <= {"0", "1", "0.0", "1.0"}:
+            return np.array([int(float(v)) for v in values])
+        raise BundleInputError(f"Label column '{column}' has values {sorted(set(values))[:5]}: pass --positive with the "
+                               "value that counts as the positive class.")
+    labels = np.array([int(v == str(positive)) for v in values])
+    if labels.min() == labels.max():
+        raise BundleInputError(f"Label column '{column}' has a single class with positive '{positive}': check --positive.")
+    return labels
+
+
+def stratified_pool(labels: np.ndarray, size: int, seed: int) -> list[int]:
+    """``size`` indices drawn without replacement, keeping the class ratio (at least one of each class)."""
+    rng = np.random.default_rng(seed)
+    if size >= len(labels):
+        return list(range(len(labels)))
+    positives, negatives = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    n_pos = int(np.clip(round(size * len(positives) / len(labels)), 1, size - 1))
+    picked = np.concatenate([rng.choice(positives, n_pos, replace=False), rng.choice(negatives, size - n_pos, replace=False)])
+    return sorted(int(i) for i in picked)
+
+
+def make_classifier() -> nn.Module:
+    """The fixed downstream network: a small MONAI DenseNet on one grey channel, one logit."""
+    return DenseNet(spatial_dims=2, in_channels=1, out_channels=1, init_features=16, growth_rate=8,
+                    block_config=(3, 3, 3), bn_size=2)
+
+
+def train_classifier(images: torch.Tensor, labels: torch.Tensor, seed: int, iterations: int = 300,
+                     batch_size: int = 32, lr: float = 1e-3, device: torch.device | str = "cpu") -> nn.Module:
+    """The same recipe every time: AdamW, a fixed number of iterations, class-balanced BCE, no augmentation
+    and no early stopping (radiographs are not mirror-symmetric, and no validation set is spent)."""
+    torch.manual_seed(seed)
+    model = make_classifier().to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    positives = float(labels.sum())
+    pos_weight = torch.tensor((len(labels) - positives) / max(positives, 1.0), device=device)
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(iterations):
+        index = torch.randint(len(images), (min(batch_size, len(images)),), generator=generator)
+        x, y = images[index].to(device), labels[index].float().to(device)
+        loss = loss_fn(model(x).squeeze(1), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def auc(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device | str = "cpu") -> float:
+    scores = torch.cat([model(images[i : i + 64].to(device)).squeeze(1).cpu() for i in range(0, len(images), 64)])
+    return float(compute_roc_auc(scores, labels.float()))
+
+
+def _done(path: Path) -> dict[tuple, dict]:
+    if not path.exists():
+        return {}
+    results = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            results[(r["size"], r["ratio"], r["fold"], r["arm"])] = r
+    return results
+
+
+def run_experiment(
+    generation: Callable[..., list[dict[str, Any]]],
+    train_rows: Sequence[dict[str, Any]],
+    test_rows: Sequence[dict[str, Any]],
+    preprocessing: Callable,
+    label: str,
+    output_dir: str | os.PathLike,
+    positive: str | None = None,
+    sizes: Sequence[int] = (10, 25, 50),
+    ratios: Sequence[float] = (0, 1, 5, 10),
+    folds: int = 3,
+    synthetic_only: bool = True,
+    strategy: str | Mapping[str, float] = "reconstruction",
+    iterations: int = 300,
+    device: torch.device | str = "cpu",
+) -> list[dict[str, Any]]:
+    """Run (or continue) the experiment; returns one record per arm and writes results.jsonl/.md and a plot."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    y_train = binary_labels(train_rows, label, positive)
+    y_test = torch.as_tensor(binary_labels(test_rows, label, positive))
+    x_test = preprocessed_stack(test_rows, preprocessing)
+    x_train = preprocessed_stack(train_rows, preprocessing)
+    results_path = output_dir / "results.jsonl"
+    done = _done(results_path)
+    sizes = sorted({min(int(s), len(train_rows)) for s in sizes})
+    max_ratio = max(ratios)
+    arms = [(n, r, f, "real+synthetic" if r > 0 else "real") for n in sizes for f in range(folds) for r in ratios]
+    if synthetic_only and max_ratio > 0:
+        arms += [(n, max_ratio, f, "synthetic") for n in sizes for f in range(folds)]
+    bar = tqdm(total=len(arms), desc=f"augmentation ({label})", dynamic_ncols=True)
+    bar.update(sum(1 for a in arms if a in done))
+    for n in sizes:
+        for fold in range(folds):
+            todo = [a for a in arms if a[0] == n and a[2] == fold and a not in done]
+            if not todo:
+                continue
+            pool = stratified_pool(y_train, n, seed=1000 * fold + n)
+            fold_dir = output_dir / f"n{n:03d}_fold{fold}"
+            x_syn = y_syn = None
+            if max_ratio > 0 and any(a[1] > 0 for a in todo):
+                pool_rows = [{**train_rows[i], label: str(train_rows[i][label])} for i in pool]
+                generation(pool_rows, output_dir=fold_dir / "synthetic", strategy=strategy,
+                                       total_samples=int(round(max_ratio * n)), label_columns=[label], seed=fold * 100000)
+                manifest = read_datalist(fold_dir / "synthetic" / "manifest.csv")
+                x_syn = preprocessed_stack(manifest, preprocessing)
+                y_syn = torch.as_tensor(binary_labels(manifest, label, positive))
+            for size, ratio, f, arm in todo:
+                count = int(round(ratio * n))
+                parts_x, parts_y = [], []
+                if arm != "synthetic":
+                    parts_x.append(x_train[pool])
+                    parts_y.append(torch.as_tensor(y_train[pool]))
+                if arm != "real":
+                    parts_x.append(x_syn[:count])
+                    parts_y.append(y_syn[:count])
+                x, y = torch.cat(parts_x), torch.cat(parts_y)
+                model = train_classifier(x, y, seed=fold, iterations=iterations, device=device)
+                record = {"size": size, "ratio": ratio, "fold": f, "arm": arm, "label": label, "real_images": n if arm != "synthetic" else 0,
+                          "synthetic_images": 0 if arm == "real" else count, "test_auc": auc(model, x_test, y_test, device),
+                          "test_images": len(test_rows), "iterations": iterations}
+                with open(results_path, "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+                done[(size, ratio, f, arm)] = record
+                bar.update(1)
+    bar.close()
+    records = [done[a] for a in arms]
+    summary = summarise(records)
+    atomic_write(output_dir / "results.md", lambda tmp: Path(tmp).write_text(markdown(summary, label)))
+    plot(summary, output_dir / "augmentation_auc.png", label)
+    return records
+
+
+def summarise(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and standard deviation of the test AUC over folds, per (size, arm, ratio)."""
+    groups: dict[tuple, list[float]] = {}
+    for r in records:
+        groups.setdefault((r["size"], r["arm"], r["ratio"]), []).append(r["test_auc"])
+    return [{"size": s, "arm": a, "ratio": q, "auc_mean": float(np.mean(v)), "auc_std": float(np.std(v)), "folds": len(v)}
+            for (s, a, q), v in sorted(groups.items())]
+
+
+def arm_name(row: Mapping[str, Any]) -> str:
+    if row["arm"] == "real":
+        return "real only"
+    if row["arm"] == "synthetic":
+        return f"synthetic only (1:{row['ratio']:g} of N)"
+    return f"real + synthetic 1:{row['ratio']:g}"
+
+
+def markdown(summary: Sequence[Mapping[str, Any]], label: str) -> str:
+    arms = list(dict.fromkeys(arm_name(r) for r in summary))
+    sizes = sorted({r["size"] for r in summary})
+    lines = [f"Test AUC for `{label}` (mean ± std over folds)", "", "| arm | " + " | ".join(f"N={s}" for s in sizes) + " |",
+             "|---|" + "---|" * len(sizes)]
+    for arm in arms:
+        cells = []
+        for s in sizes:
+            hit = [r for r in summary if r["size"] == s and arm_name(r) == arm]
+            cells.append(f"{hit[0]['auc_mean']:.3f} ± {hit[0]['auc_std']:.3f}" if hit else "")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: Sequence[Mapping[str, Any]], path: Path, label: str) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm in dict.fromkeys(arm_name(r) for r in summary):
+        rows = sorted((r for r in summary if arm_name(r) == arm), key=lambda r: r["size"])
+        sizes = [r["size"] for r in rows]
+        ax.errorbar(sizes, [r["auc_mean"] for r in rows], yerr=[r["auc_std"] for r in rows], marker="o", capsize=3,
+                    label=arm, linestyle="--" if "synthetic only" in arm else "-")
+    ax.axhline(0.5, color="grey", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("real training images N (log scale)")
+    ax.set_ylabel(f"test AUC ({label})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
 
 
 def main() -> None:
@@ -42,17 +251,9 @@ def main() -> None:
     parser.add_argument("--copy_to", type=Path, help="also copy results.md/png there (e.g. docs/results)")
     parser.add_argument("overrides", nargs=argparse.REMAINDER)
     args = parser.parse_args()
-    overrides = parse_overrides([t for t in args.overrides if t != "--"])
+    overrides = parse_overrides(args.overrides)
     os.chdir(ROOT)
-
-    from monai.bundle import ConfigWorkflow
-
-    from bundle.augmentation import run_experiment
-    from bundle.data import read_datalist
-
-    wf = ConfigWorkflow(config_file="configs/inference.json", workflow_type=None, run_id="sample", logging_file=False,
-                        **overrides)
-    wf.initialize()
+    wf = config_workflow("configs/inference.json", "sample", **overrides)
     strategy = ast.literal_eval(args.strategy) if args.strategy.strip().startswith("{") else args.strategy
     start = time.perf_counter()
     run_experiment(wf.parser.get_parsed_content("generation"), read_datalist(args.train), read_datalist(args.test),

@@ -11,7 +11,6 @@ takes the same UNet step (what the Model Zoo latent diffusion bundles do every i
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
@@ -20,10 +19,13 @@ import time
 from pathlib import Path
 
 import torch
+from monai.inferers import DiffusionInferer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+
+from bundle.cli import config_workflow, parse_overrides, report_json  # noqa: E402
+from bundle.data import apply_to_file  # noqa: E402
 
 
 def timed(step, repeats: int) -> list[float]:
@@ -42,16 +44,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("overrides", nargs=argparse.REMAINDER)
     args = parser.parse_args()
-    from evaluate_foundation import parse_overrides
-
     os.chdir(ROOT)
-    import bundle  # noqa: F401
-    from bundle.data import apply_to_file
-    from monai.bundle import ConfigWorkflow
-
-    wf = ConfigWorkflow(config_file="configs/train.json", workflow_type=None, run_id="cache", logging_file=False,
-                        **parse_overrides([t for t in args.overrides if t != "--"]))
-    wf.initialize()
+    wf = config_workflow("configs/train.json", "cache", **parse_overrides(args.overrides))
     get = wf.parser.get_parsed_content
     cache = get("latent_cache")
     batch_size = get("diffusion_batch_size")
@@ -59,7 +53,7 @@ def main() -> None:
     codec, dino, preprocessing = get("codec"), get("dino").to(device), get("preprocessing")
     rows = cache["rows"][:batch_size]
     unet, optimizer = get("unet"), get("diffusion_optimizer")
-    prepare, inferer = get("prepare_batch"), __import__("monai").inferers.DiffusionInferer(get("train_scheduler"))
+    prepare, inferer = get("prepare_batch"), DiffusionInferer(get("train_scheduler"))
     loss_fn = torch.nn.MSELoss()
 
     def unet_step(batch):
@@ -91,11 +85,7 @@ def main() -> None:
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if torch.cuda.is_available():
         result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    report_json(result, args.out)
 
 
 if __name__ == "__main__":

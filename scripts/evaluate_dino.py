@@ -22,15 +22,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.metrics import compute_roc_auc
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+
+from bundle.cli import JSRT_ROOT, jsrt_rows, report_json  # noqa: E402
+from bundle.data import apply_to_file, modality_preprocessing  # noqa: E402
+from bundle.dino import DinoFeatures  # noqa: E402
+from bundle.heads.landmarks import load_landmarks  # noqa: E402
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    from monai.metrics import compute_roc_auc
-
     return float(compute_roc_auc(torch.as_tensor(scores, dtype=torch.float32), torch.as_tensor(labels)))
 
 
@@ -90,24 +93,17 @@ def main() -> None:
     parser.add_argument("--model", default="vit_small_patch16_224")
     parser.add_argument("--input_size", type=int, default=112)
     parser.add_argument("--kwargs", default="{}", help="timm create_model arguments as JSON")
-    parser.add_argument("--jsrt", type=Path, default=ROOT.parent / "shared/data/jsrt")
+    parser.add_argument("--jsrt", type=Path, default=JSRT_ROOT)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-
-    import bundle  # noqa: F401
-    from bundle.data import apply_to_file, modality_preprocessing
-    from bundle.dino import DinoFeatures
-    from jsrt_datalist import jsrt_rows
 
     start = time.time()
     preprocessing = modality_preprocessing(ROOT / "configs/modality/cxr.json", image_size=args.input_size)
     splits = {s: jsrt_rows(args.jsrt, s) for s in ("train", "test")}
     images = {s: torch.stack([torch.as_tensor(apply_to_file(preprocessing, {"image": r["image"]})["image"]) for r in rows])
               for s, rows in splits.items()}
-    landmarks = [np.asarray(json.loads((args.jsrt / "landmarks" / f"{r['id']}.json").read_text())["RL"]
-                            + json.loads((args.jsrt / "landmarks" / f"{r['id']}.json").read_text())["LL"], float)
-                 for r in splits["test"]]
+    landmarks = [load_landmarks(args.jsrt / "landmarks" / f"{r['id']}.json", ["RL", "LL"]) for r in splits["test"]]
     kwargs = json.loads(args.kwargs)
     result = {"model": args.model, "input_size": args.input_size, "kwargs": kwargs, "weights": args.weights,
               "train_images": len(splits["train"]), "test_images": len(splits["test"])}
@@ -134,11 +130,7 @@ def main() -> None:
         }
         result[name] = scores
     result["seconds"] = time.time() - start
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    report_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ beside small thumbnails of those images, loss curves from TensorBoard, and stage
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import sys
@@ -20,22 +19,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.transforms import LoadImage
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def parse_overrides(tokens: list[str]) -> dict:
-    """``--key value`` pairs as the monai.bundle command line reads them (values parsed as Python literals)."""
-    import ast
-
-    out = {}
-    for key, value in zip(tokens[::2], tokens[1::2]):
-        try:
-            out[key.lstrip("-")] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key.lstrip("-")] = value
-    return out
+from bundle.cli import config_workflow, parse_overrides, pyplot, report_json  # noqa: E402
+from bundle.data import apply_to_file, build_datalist, preprocessed_stack  # noqa: E402
+from bundle.evaluation import reconstruction_quality  # noqa: E402
+from bundle.writers import to_display  # noqa: E402
 
 
 def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -47,10 +39,7 @@ def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def plot_losses(work: Path, path: Path) -> dict:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     curves = {stage: scalars(work / "logs" / stage) for stage in ("autoencoder", "diffusion")}
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -79,15 +68,7 @@ def plot_losses(work: Path, path: Path) -> dict:
 
 def sample_grid(rows: list[dict], sample_dir: Path, preprocessing, path: Path, per_row: int) -> None:
     """Each row: the conditioning test image (small thumbnail) then its generated samples."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from bundle.data import apply_to_file
-    from bundle.writers import to_display
-    from monai.transforms import LoadImage
-
+    plt = pyplot()
     sources = list(dict.fromkeys(r["sources"] for r in rows))
     fig, axes = plt.subplots(len(sources), per_row + 1, figsize=(1.3 * (per_row + 1), 1.3 * len(sources)))
     for i, source in enumerate(sources):
@@ -116,21 +97,14 @@ def main() -> None:
     parser.add_argument("--num_samples", type=int, default=4)
     parser.add_argument("overrides", nargs=argparse.REMAINDER)
     args = parser.parse_args()
-    overrides = parse_overrides([t for t in args.overrides if t != "--"])
+    overrides = parse_overrides(args.overrides)
     os.chdir(ROOT)
-
-    import bundle  # noqa: F401
-    from bundle.data import build_datalist, preprocessed_stack
-    from bundle.evaluation import reconstruction_quality
-    from monai.bundle import ConfigWorkflow
 
     args.out.mkdir(parents=True, exist_ok=True)
     sample_dir = args.work_dir / "samples_test"
     settings = {**overrides, "work_dir": str(args.work_dir), "input_dir": str(args.test),
                 "num_inputs": args.num_conditions, "num_samples": args.num_samples, "output_dir": str(sample_dir)}
-    wf = ConfigWorkflow(config_file="configs/inference.json", workflow_type=None, run_id="sample",
-                        logging_file=False, **settings)
-    wf.initialize()
+    wf = config_workflow("configs/inference.json", "sample", **settings)
     preprocessing = wf.parser.get_parsed_content("preprocessing")
     codec = wf.parser.get_parsed_content("trained_codec")
 
@@ -160,8 +134,7 @@ def main() -> None:
                      "peak_rss_mib_of_this_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024},
         "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
-    (args.out / "foundation.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    report_json(result, args.out / "foundation.json")
 
 
 if __name__ == "__main__":

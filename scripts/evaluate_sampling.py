@@ -18,28 +18,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
-from evaluate_foundation import parse_overrides  # noqa: E402
-
-STRATEGY_ORDER = ["reconstruction", "interpolation", "perturbation", "manifold", "img2img", "inpainting"]
+from bundle.cli import config_workflow, parse_overrides, pyplot, report_json  # noqa: E402
+from bundle.data import apply_to_file, build_datalist, read_mask  # noqa: E402
+from bundle.sampling import interpolate  # noqa: E402
+from bundle.strategies import STRATEGIES  # noqa: E402
+from bundle.writers import to_display  # noqa: E402
 
 
 def load_png(path: Path) -> np.ndarray:
-    from PIL import Image
-
     array = np.asarray(Image.open(path)).astype(np.float32)
     return array / (65535.0 if array.max() > 255 else 255.0)
 
 
 def grid(rows: list[list[np.ndarray | None]], path: Path, row_titles: list[str], col_titles: list[str], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.25 * n_cols, 1.25 * n_rows + 0.4), squeeze=False)
@@ -59,12 +56,6 @@ def grid(rows: list[list[np.ndarray | None]], path: Path, row_titles: list[str],
     plt.close(fig)
 
 
-def display(image: torch.Tensor) -> np.ndarray:
-    from bundle.writers import to_display
-
-    return to_display(image)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work_dir", type=Path, required=True, help="work_dir of the trained models")
@@ -77,13 +68,8 @@ def main() -> None:
     parser.add_argument("--no_speed", action="store_true", help="keep the speed figures of sampling.json as they are")
     parser.add_argument("overrides", nargs=argparse.REMAINDER)
     args = parser.parse_args()
-    overrides = parse_overrides([t for t in args.overrides if t != "--"])
+    overrides = parse_overrides(args.overrides)
     os.chdir(ROOT)
-
-    from monai.bundle import ConfigWorkflow
-
-    from bundle.data import apply_to_file, build_datalist
-    from bundle.sampling import interpolate
 
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.work_dir / "sampling_evidence"
@@ -99,16 +85,14 @@ def main() -> None:
         writer.writerows(test_rows)
 
     settings = {**overrides, "work_dir": str(args.work_dir), "input_dir": str(pool), "num_inputs": None}
-    wf = ConfigWorkflow(config_file="configs/inference.json", workflow_type=None, run_id="sample",
-                        logging_file=False, **settings)
-    wf.initialize()
+    wf = config_workflow("configs/inference.json", "sample", **settings)
     get = wf.parser.get_parsed_content
     generation, inputs, preprocessing = get("generation"), get("inputs"), get("preprocessing")
-    real = [display(apply_to_file(preprocessing, dict(r))["image"]) for r in inputs]
+    real = [to_display(apply_to_file(preprocessing, dict(r))["image"]) for r in inputs]
     ids = [Path(r["image"]).stem for r in inputs]
     result: dict = {"settings": overrides, "conditions": ids, "strategies": {}}
 
-    for strategy in STRATEGY_ORDER:
+    for strategy in STRATEGIES:
         out = work / strategy
         rows = generation(inputs, output_dir=out, strategy=strategy, num_samples=args.num_samples, seed=0)
         by_anchor = [[load_png(out / r["image"]) for r in rows if r["image"].startswith(f"{i}_")] for i in ids]
@@ -127,11 +111,9 @@ def main() -> None:
 
     # inpainting: real image, mask, three results
     if args.masks:
-        from bundle.data import read_mask
-
         out = work / "inpainting"
         size = real[0].shape
-        mask = display(read_mask(inputs[0]["mask"], size))
+        mask = to_display(read_mask(inputs[0]["mask"], size))
         rows = [r for r in generation(inputs, output_dir=out, strategy="inpainting", num_samples=args.num_samples,
                                       seed=0) if r["source_ids"] == ids[0]]
         grid([[real[0], mask] + [load_png(out / r["image"]) for r in rows]], args.out / "sampling_inpainting.png",
@@ -172,8 +154,7 @@ def main() -> None:
         "image_size": get("image_size"), "threads": torch.get_num_threads(),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    (args.out / "sampling.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    report_json(result, args.out / "sampling.json")
 
 
 if __name__ == "__main__":

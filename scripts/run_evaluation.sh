@@ -7,10 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 WORK=${WORK:-runs/foundation_dino}
-MODEL=(--work_dir "$WORK" --image_size 64 --autoencoder_channels "[32,64,64]"
-       --autoencoder_path runs/foundation/models/autoencoder.pt --unet_channels "[64,128,128]" --unet_res_blocks 1
-       --unet_head_channels 32 --prediction_type v_prediction --dino_model vit_tiny_patch16_224
-       --dino_kwargs "{'patch_size': 8}" --dino_input_size 64 --dino_weights runs/dino/models/dino/teacher.safetensors)
+# the models describe themselves: only where they are
+MODEL=(--work_dir "$WORK" --autoencoder_path runs/foundation/models/autoencoder.pt)
 TRAIN=runs/foundation/train.csv
 TEST=runs/foundation/test.csv
 SECONDS=0

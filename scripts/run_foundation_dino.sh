@@ -7,16 +7,13 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 WORK=${WORK:-runs/foundation_dino}
 mkdir -p "$WORK"
-ARGS=(--dataset_dir runs/foundation/train.csv --work_dir "$WORK" --image_size 64
-      --autoencoder_channels "[32,64,64]" --autoencoder_path runs/foundation/models/autoencoder.pt
-      --unet_channels "[64,128,128]" --unet_res_blocks 1 --unet_head_channels 32 --prediction_type v_prediction
-      --dino_model vit_tiny_patch16_224 --dino_kwargs "{'patch_size': 8}" --dino_input_size 64
-      --dino_weights runs/dino/models/dino/teacher.safetensors
-      --diffusion_epochs "${DIFFUSION_EPOCHS:-200}" --diffusion_batch_size 32 --preview_interval 50)
+CONFIG="['configs/train.json','configs/profiles/cpu64.json']"
+ARGS=(--dataset_dir runs/foundation/train.csv --work_dir "$WORK" --autoencoder_path runs/foundation/models/autoencoder.pt
+      --dino_weights runs/dino/models/dino/teacher.safetensors --diffusion_epochs "${DIFFUSION_EPOCHS:-200}")
 : > "$WORK/stage_seconds.txt"
 for stage in cache train_diffusion; do
   SECONDS=0
-  $PY -m monai.bundle run "$stage" --config_file configs/train.json "${ARGS[@]}" > "$WORK/$stage.log" 2>&1
+  $PY -m monai.bundle run "$stage" --config_file "$CONFIG" "${ARGS[@]}" > "$WORK/$stage.log" 2>&1
   echo "$stage $SECONDS" >> "$WORK/stage_seconds.txt"
 done
 printf '%s\n' "${ARGS[@]}" > "$WORK/args.txt"

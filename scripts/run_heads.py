@@ -15,22 +15,37 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from monai.losses import DiceCELoss
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
-from evaluate_foundation import parse_overrides  # noqa: E402
+from bundle.cli import config_workflow, parse_overrides, pyplot  # noqa: E402
+from bundle.constants import JSRT_MASK_COLUMNS, LUNG_MASK_COLUMNS, MASK_COLUMN_PREFIX  # noqa: E402
+from bundle.data import read_datalist  # noqa: E402
+from bundle.heads.inference import predict  # noqa: E402
+from bundle.heads.landmarks import HeatmapCrossEntropy, decode_heatmaps, landmark_metrics, load_landmarks  # noqa: E402
+from bundle.heads.networks import MASK_PRIOR_BIAS, LatentDenseHead, build_head  # noqa: E402
+from bundle.heads.segmentation import dice_and_hausdorff  # noqa: E402
+from bundle.heads.training import fine_tune, landmark_items, mask_items  # noqa: E402
 
 INITS = {"pretrained": "image denoiser, pre-trained", "scratch": "same network, from scratch",
          "latent": "latent UNet (main pipeline), pre-trained"}
-STRUCTURES = ["mask_left_lung", "mask_right_lung", "mask_heart", "mask_left_clavicle", "mask_right_clavicle"]
+STRUCTURES = list(JSRT_MASK_COLUMNS)
+
+
+def segmentation_scores(predicted: torch.Tensor, true: torch.Tensor) -> dict:
+    """Per-structure Dice/HD95 of ``(B, C, X, Y)`` masks, their mean Dice and the mean Dice of the two lungs."""
+    per = dice_and_hausdorff(predicted, true, STRUCTURES)
+    return {"per_structure": per, "mean_dice": float(np.mean([v["dice"] for v in per.values()])),
+            "lung_dice": float(np.mean([per[c]["dice"] for c in LUNG_MASK_COLUMNS]))}
 
 
 def main() -> None:
@@ -54,19 +69,10 @@ def main() -> None:
     parser.add_argument("--report_only", action="store_true", help="train nothing: tables and plot from the runs on record")
     parser.add_argument("overrides", nargs=argparse.REMAINDER)
     args = parser.parse_args()
-    overrides = parse_overrides([t for t in args.overrides if t != "--"])
+    overrides = parse_overrides(args.overrides)
     os.chdir(ROOT)
 
-    from monai.bundle import ConfigWorkflow
-    from monai.losses import DiceCELoss
-
-    from bundle.data import read_datalist
-    from bundle.heads import (MASK_PRIOR_BIAS, HeatmapCrossEntropy, LatentDenseHead, build_head, decode_heatmaps, dice_and_hausdorff, fine_tune, landmark_items,
-                              landmark_metrics, load_landmarks, mask_items, predict)
-
-    wf = ConfigWorkflow(config_file="configs/heads/pretrain.json", workflow_type=None, run_id="training",
-                        logging_file=False, **overrides)
-    wf.initialize()
+    wf = config_workflow("configs/heads/pretrain.json", "training", **overrides)
     get = wf.parser.get_parsed_content
     size, preprocessing = int(get("image_size")), get("preprocessing")
     sigma = 5.0 * size / 256  # Di Via et al.: sigma 5 at 256 pixels
@@ -94,19 +100,13 @@ def main() -> None:
             true = np.stack([it["frame"].to_original(it["points"]) for it in test_items])
             return landmark_metrics(pred, true, pixel_spacing=args.pixel_spacing)
         masks = (torch.sigmoid(outputs) > 0.5).float()
-        per = dice_and_hausdorff(masks, torch.stack([it["label"] for it in test_items]), STRUCTURES)
-        return {"per_structure": per, "mean_dice": float(np.mean([v["dice"] for v in per.values()])),
-                "lung_dice": float(np.mean([per["mask_left_lung"]["dice"], per["mask_right_lung"]["dice"]]))}
+        return segmentation_scores(masks, torch.stack([it["label"] for it in test_items]))
 
     # seed-major, so an interrupted invocation leaves whole seeds done
     runs = [(t, n, init, s) for s in args.seeds for t in args.tasks for n in args.sizes for init in args.inits]
     latent = None
     if "latent" in args.inits and not args.report_only:
-        import shlex
-
-        lwf = ConfigWorkflow(config_file="configs/inference.json", workflow_type=None, run_id="sample", logging_file=False,
-                             **parse_overrides(shlex.split(args.latent_args)))
-        lwf.initialize()
+        lwf = config_workflow("configs/inference.json", "sample", **parse_overrides(shlex.split(args.latent_args)))
         if int(lwf.parser.get_parsed_content("image_size")) != size:
             raise SystemExit("--latent_args must give the same --image_size as the heads.")
         latent = lwf.parser
@@ -124,7 +124,7 @@ def main() -> None:
                                    latent.get_parsed_content("trained_unet", lazy=False), channels,
                                    (dino.num_tokens, dino.embed_dim), bias)
         else:
-            unet = wf.parser.get_parsed_content("denoiser_def", lazy=False)
+            unet = wf.parser.get_parsed_content("denoiser_def", lazy=False)()
             head = build_head(unet, channels, args.denoiser if init == "pretrained" else None, bias)
         loss = HeatmapCrossEntropy() if task == "landmarks" else DiceCELoss(sigmoid=True)
         t0 = time.perf_counter()
@@ -150,11 +150,7 @@ def main() -> None:
         all_train = mask_items(train_rows, preprocessing, size, STRUCTURES)
         mean_mask = (torch.stack([it["label"] for it in all_train]).mean(0) > 0.5).float()
         test_masks = torch.stack([it["label"] for it in data["segmentation"][1]])
-        per = dice_and_hausdorff(mean_mask.expand_as(test_masks), test_masks, STRUCTURES)
-        baselines["segmentation_mean_mask"] = {"per_structure": per,
-                                               "mean_dice": float(np.mean([v["dice"] for v in per.values()])),
-                                               "lung_dice": float(np.mean([per["mask_left_lung"]["dice"],
-                                                                           per["mask_right_lung"]["dice"]]))}
+        baselines["segmentation_mean_mask"] = segmentation_scores(mean_mask.expand_as(test_masks), test_masks)
     records = [done[r] for r in runs if r in done]
     result = {"settings": {**overrides, "image_size": size, "heatmap_sigma_px": sigma, "iterations": args.iterations,
                            "lr": args.lr, "sizes": args.sizes, "seeds": args.seeds, "denoiser": str(args.denoiser)},
@@ -190,7 +186,7 @@ def table(records: list, baselines: dict) -> str:
     segs = [r for r in records if r["task"] == "segmentation"]
     if segs:
         names = list(segs[0]["per_structure"])
-        lines += ["| segmentation | N | seeds | " + " | ".join(n.replace("mask_", "") for n in names) + " | mean Dice |",
+        lines += ["| segmentation | N | seeds | " + " | ".join(n.removeprefix(MASK_COLUMN_PREFIX) for n in names) + " | mean Dice |",
                   "|---|---|---|" + "---|" * (len(names) + 1)]
         for n in sorted({r["size"] for r in segs}):
             for init in INITS:
@@ -209,10 +205,7 @@ def table(records: list, baselines: dict) -> str:
 
 
 def plot(records: list, baselines: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = [("landmarks", "mre_px", "landmark MRE (px, 512 frame)", "landmarks_mean_shape"),
               ("segmentation", "lung_dice", "lung Dice", "segmentation_mean_mask")]

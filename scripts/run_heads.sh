@@ -12,10 +12,7 @@ PY=${PYTHON:-.venv/bin/python}
 WORK=${WORK:-runs/heads}
 mkdir -p "$WORK"
 DENOISER=(--image_size 64 --denoiser_channels "[16,32,64]" --denoiser_head_channels 16)
-LATENT='--work_dir runs/foundation_dino --image_size 64 --autoencoder_channels [32,64,64]
-  --autoencoder_path runs/foundation/models/autoencoder.pt --unet_channels [64,128,128] --unet_res_blocks 1
-  --unet_head_channels 32 --prediction_type v_prediction --dino_model vit_tiny_patch16_224
-  --dino_kwargs "{\"patch_size\":8}" --dino_input_size 64 --dino_weights runs/dino/models/dino/teacher.safetensors'
+LATENT='--work_dir runs/foundation_dino --autoencoder_path runs/foundation/models/autoencoder.pt'
 $PY scripts/jsrt_datalist.py --split train --out "$WORK/train.csv"
 $PY scripts/jsrt_datalist.py --split test --out "$WORK/test.csv"
 SECONDS=0

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -28,9 +29,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
-from evaluate_foundation import parse_overrides  # noqa: E402
+from bundle import zero_shot as zs  # noqa: E402
+from bundle.cli import config_workflow, parse_overrides, pyplot  # noqa: E402
+from bundle.constants import LUNG_MASK_COLUMNS  # noqa: E402
+from bundle.data import preprocessed_stack, read_datalist  # noqa: E402
+from bundle.heads.segmentation import read_masks  # noqa: E402
 
 TIMESTEPS = {"denoiser": [0, 50, 100, 200, 400], "latent": [100, 300, 600, 800]}
 THRESHOLDS = [0.1, 0.15, 0.2, 0.3]
@@ -45,34 +49,22 @@ def main() -> None:
     parser.add_argument("--select_on", type=int, default=12, help="train images used to choose the settings")
     parser.add_argument("--out", type=Path, default=ROOT / "docs/results")
     args = parser.parse_args()
-    import os
-
     os.chdir(ROOT)
-    from monai.bundle import ConfigWorkflow
-
-    from bundle import zero_shot as zs
-    from bundle.data import preprocessed_stack, read_datalist, read_mask
-
     start = time.perf_counter()
     models = {}
-    dwf = ConfigWorkflow(config_file="configs/heads/zero_shot.json", workflow_type=None, run_id="inference",
-                         logging_file=False, **parse_overrides(shlex.split(args.denoiser_args)))
-    dwf.initialize()
-    d = dwf.parser.get_parsed_content
+    denoiser_overrides = parse_overrides(shlex.split(args.denoiser_args))
+    d = config_workflow("configs/heads/zero_shot.json", "inference", **denoiser_overrides).parser.get_parsed_content
     size, preprocessing = int(d("image_size")), d("preprocessing")
     models["denoiser"] = (d("trained_denoiser"), d("train_scheduler"), lambda images: (images * 2 - 1, None))
     if args.latent_args:
-        lwf = ConfigWorkflow(config_file="configs/inference.json", workflow_type=None, run_id="sample", logging_file=False,
-                             **parse_overrides(shlex.split(args.latent_args)))
-        lwf.initialize()
-        g = lwf.parser.get_parsed_content
+        latent_overrides = parse_overrides(shlex.split(args.latent_args))
+        g = config_workflow("configs/inference.json", "sample", **latent_overrides).parser.get_parsed_content
         codec, dino = g("trained_codec"), g("dino")
         models["latent"] = (g("trained_unet"), g("train_scheduler"), lambda images: (codec.encode(images), dino(images)))
 
     def load(rows):
         images = preprocessed_stack(rows, preprocessing)
-        truth = torch.stack([torch.cat([read_mask(r[c], (size, size)) for c in ("mask_left_lung", "mask_right_lung")]).amax(0)
-                             for r in rows]).bool()
+        truth = torch.stack([read_masks(r, LUNG_MASK_COLUMNS, (size, size)).amax(0) for r in rows]).bool()
         return images, truth
 
     def score(name, images, truth, timestep, threshold, keep=False):
@@ -114,11 +106,9 @@ def main() -> None:
     # the default model through the bundle's own config, settings as chosen above
     chosen = result["selection"]["denoiser"]["chosen"]
     out_dir = ROOT / "runs/heads/zero_shot_test"
-    cwf = ConfigWorkflow(config_file="configs/heads/zero_shot.json", workflow_type=None, run_id="inference",
-                         logging_file=False, **parse_overrides(shlex.split(args.denoiser_args)), input_dir=str(args.test),
-                         output_dir=str(out_dir), attention_timestep=chosen["timestep"], merge_threshold=chosen["threshold"])
-    cwf.initialize()
-    cwf.run()
+    config_workflow("configs/heads/zero_shot.json", "inference", **denoiser_overrides, input_dir=str(args.test),
+                    output_dir=str(out_dir), attention_timestep=chosen["timestep"],
+                    merge_threshold=chosen["threshold"]).run()
     config_metrics = json.loads((out_dir / "metrics.json").read_text())
     result["test"]["config_run"] = {k: config_metrics[k] for k in ("images", "dice", "oracle_dice_upper_bound", "mean_clusters")}
     result["wall_seconds"] = time.perf_counter() - start
@@ -129,10 +119,7 @@ def main() -> None:
 
 
 def overlay(images, truth, kept, path: Path, count: int = 6) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(kept)
     fig, axes = plt.subplots(len(names) * 2, count, figsize=(2 * count, 4.2 * len(names)), squeeze=False)
@@ -152,9 +139,7 @@ def overlay(images, truth, kept, path: Path, count: int = 6) -> None:
             ax.imshow(image, cmap="gray")
             ax.contour(truth[j].numpy().T.astype(float), levels=[0.5], colors="lime", linewidths=0.8)
             ax.contour(lungs[j].numpy().T.astype(float), levels=[0.5], colors="red", linewidths=0.8)
-            from bundle.zero_shot import dice
-
-            ax.set_title(f"rule Dice {dice(lungs[j], truth[j]):.2f}", fontsize=7)
+            ax.set_title(f"rule Dice {zs.dice(lungs[j], truth[j]):.2f}", fontsize=7)
         for ax in axes[2 * row : 2 * row + 2].flat:
             ax.axis("off")
     fig.suptitle("zero-shot lungs: red = label-free choice, green = truth (JSRT test)", fontsize=9)

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from bundle.augmentation import binary_labels, run_experiment, stratified_pool
 from bundle.errors import BundleInputError
+from scripts.augmentation_experiment import binary_labels, run_experiment, stratified_pool
 
 from .conftest import JSRT, workflow
 

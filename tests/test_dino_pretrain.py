@@ -33,7 +33,7 @@ def test_multi_crop_gives_two_global_and_local_crops():
 
 
 def test_dino_steps_train_the_student_and_the_teacher_follows_the_ema_rule(tmp_path, tiny_dataset):
-    wf = workflow("train_dino.json", "training", settings(tmp_path, tiny_dataset))
+    wf = workflow("train.json", "train_dino", settings(tmp_path, tiny_dataset))
     trainer = wf.parser.get_parsed_content("dino_trainer")
     student, teacher = wf.parser.get_parsed_content("student_on_device"), wf.parser.get_parsed_content("teacher")
     losses, checks, before = [], [], {}
@@ -59,7 +59,7 @@ def test_dino_steps_train_the_student_and_the_teacher_follows_the_ema_rule(tmp_p
 
 
 def test_exported_teacher_loads_into_the_pipeline_extractor_with_the_same_tokens(tmp_path, tiny_dataset, jsrt_images):
-    wf = run_bundle("train_dino.json", "training", {**settings(tmp_path, tiny_dataset), "dino_epochs": 1})
+    wf = run_bundle("train.json", "train_dino", {**settings(tmp_path, tiny_dataset), "dino_epochs": 1})
     teacher = wf.parser.get_parsed_content("teacher").cpu()
     path = tmp_path / "models/dino/teacher.safetensors"
     info = json.loads((tmp_path / "models/dino/teacher.safetensors.json").read_text())
@@ -67,7 +67,7 @@ def test_exported_teacher_loads_into_the_pipeline_extractor_with_the_same_tokens
 
     dino = DinoFeatures("vit_tiny_patch16_224", weights=str(path), tokens="cls+patch", input_size=32,
                         model_kwargs=TINY["dino_kwargs"])
-    images = wf.parser.get_parsed_content("image_cache")["images"][:3].float()
+    images = wf.parser.get_parsed_content("dino_image_cache")["images"][:3].float()
     with torch.no_grad():
         x = (images.expand(-1, 3, -1, -1) - teacher.mean) / teacher.std
         expected = teacher.backbone.forward_features(x)

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from bundle.errors import BundleInputError
-from bundle.heads import (DenseHead, decode_heatmaps, dice_and_hausdorff, gaussian_heatmaps, landmark_metrics,
-                          load_landmarks, resize_points)
+from bundle.heads.landmarks import (HeatmapCrossEntropy, decode_heatmaps, gaussian_heatmaps, landmark_layout,
+                                    landmark_metrics, load_landmarks, resize_points)
+from bundle.heads.networks import DenseHead, build_head, load_head
+from bundle.heads.segmentation import dice_and_hausdorff
 
 from .conftest import JSRT, require
 
@@ -46,6 +48,14 @@ def test_dice_matches_a_hand_computed_case():
     assert result["a"]["hd95_px"] == pytest.approx(2.0) and result["b"]["hd95_px"] == pytest.approx(0.0)
 
 
+def test_mask_folders_drop_the_datalist_prefix_and_never_share_a_folder():
+    from bundle.heads.segmentation import mask_folders
+
+    assert mask_folders(["mask_left_lung", "heart", "lungs"]) == ["left_lung", "heart", "lungs"]
+    with pytest.raises(BundleInputError, match="same folder"):
+        mask_folders(["mask_heart", "heart"])
+
+
 def test_jsrt_landmarks_load_and_the_head_outputs_one_map_per_landmark():
     from monai.networks.nets import DiffusionModelUNet
 
@@ -58,8 +68,6 @@ def test_jsrt_landmarks_load_and_the_head_outputs_one_map_per_landmark():
     assert torch.equal(head.unet.out[-1].bias, torch.full((5,), -4.6))
     with pytest.raises(BundleInputError, match="no group"):
         load_landmarks(JSRT / "landmarks" / "JPCLN001.json", ["XX"])
-    from bundle.heads import landmark_layout
-
     assert landmark_layout(JSRT / "landmarks" / "JPCLN001.json", ["RL", "H"]) == [["RL", 44], ["H", 26]]
     with pytest.raises(BundleInputError, match="no group"):
         landmark_layout(JSRT / "landmarks" / "JPCLN001.json", ["RL", "XX"])
@@ -94,7 +102,8 @@ def test_pretrain_then_fine_tune_heads_on_real_images_loss_falls(pretrained):
     from monai.losses import DiceCELoss
 
     from bundle.data import modality_preprocessing
-    from bundle.heads import HeatmapCrossEntropy, build_head, fine_tune, landmark_items, mask_items, predict
+    from bundle.heads.inference import predict
+    from bundle.heads.training import fine_tune, landmark_items, mask_items
 
     from .conftest import workflow
 
@@ -108,7 +117,7 @@ def test_pretrain_then_fine_tune_heads_on_real_images_loss_falls(pretrained):
     for kind, data, loss in (("landmarks", items, HeatmapCrossEntropy()),
                              ("segmentation", mask_items(rows[:4], pre, 32, ["mask_left_lung", "mask_heart"]),
                               DiceCELoss(sigmoid=True))):
-        unet = workflow("heads/pretrain.json", "training", settings).parser.get_parsed_content("denoiser_def")
+        unet = workflow("heads/pretrain.json", "training", settings).parser.get_parsed_content("denoiser_def")()
         head = build_head(unet, data[0]["label"].shape[0], denoiser)
         losses = fine_tune(head, data, loss, iterations=40, batch_size=4, lr=1e-3)
         first, last = np.mean(losses[:5]), np.mean(losses[-5:])
@@ -124,8 +133,6 @@ def test_head_configs_fine_tune_then_write_landmarks_and_masks_for_a_folder(pret
 
     from monai.transforms import LoadImage
 
-    from bundle.heads import load_head
-
     from .conftest import run_bundle, workflow
 
     settings = {**pretrained["settings"], "labelled_dir": str(pretrained["datalist"]), "num_labelled": 3,
@@ -136,25 +143,27 @@ def test_head_configs_fine_tune_then_write_landmarks_and_masks_for_a_folder(pret
     head_file = pretrained["tmp"] / "work" / "models" / "heads" / "landmarks.pt"
     assert torch.load(head_file, weights_only=False)["names"] == [["RL", 44], ["H", 26]]
     run_bundle("heads/landmarks.json", "inference", {**marks, "input_dir": str(pretrained["datalist"])})
-    written = sorted((tmp_path / "marks").glob("JPC*.json"))
+    written = sorted((tmp_path / "marks" / "landmarks").glob("*.json"))
     first = json.loads(written[0].read_text())
     assert len(written) >= 6 and list(first) == ["RL", "H"] and len(first["RL"]) == 44 and len(first["H"]) == 26
     assert all(-1 <= v <= 512 for p in first["RL"] for v in p)
     metrics = json.loads((tmp_path / "marks" / "metrics.json").read_text())
+    assert sorted(p.name for p in (tmp_path / "marks").iterdir()) == ["landmarks", "metrics.json"]
     assert metrics["images"] == len(written) and metrics["mre_px"] > 0 and 0 <= metrics["sdr_10px"] <= 1
     # segmentation from scratch (the command line's null), masks written as NIfTI in the original frame
     seg = {**settings, "structures": ["mask_left_lung", "mask_heart"], "pretrained_path": "null",
            "mask_format": "nifti", "output_dir": str(tmp_path / "seg")}
     run_bundle("heads/segmentation.json", "training", seg)
     run_bundle("heads/segmentation.json", "inference", seg)
-    mask = LoadImage(image_only=True)(sorted((tmp_path / "seg" / "mask_heart").glob("*.nii.gz"))[0])
+    assert sorted(p.name for p in (tmp_path / "seg").iterdir()) == ["heart", "left_lung", "metrics.json"]
+    mask = LoadImage(image_only=True)(sorted((tmp_path / "seg" / "heart").glob("*.nii.gz"))[0])
     assert mask.shape == (512, 512) and set(np.unique(np.asarray(mask))) <= {0.0, 1.0}
     seg_metrics = json.loads((tmp_path / "seg" / "metrics.json").read_text())
     assert 0 <= seg_metrics["mask_left_lung"]["dice"] <= 1
     assert torch.load(pretrained["tmp"] / "work" / "models" / "heads" / "segmentation.pt",
                       weights_only=False)["pretrained"] == "null"
     # a head used with the wrong config, no labelled data, or a different image size: one clear message each
-    unet = workflow("heads/pretrain.json", "training", pretrained["settings"]).parser.get_parsed_content("denoiser_def")
+    unet = workflow("heads/pretrain.json", "training", pretrained["settings"]).parser.get_parsed_content("denoiser_def")()
     with pytest.raises(BundleInputError, match="is a landmarks head"):
         load_head(unet, head_file, "segmentation", 32)
     with pytest.raises(BundleInputError, match="image_size 32"):
@@ -187,7 +196,7 @@ def test_latent_head_maps_at_image_size_and_keeps_the_autoencoder_frozen():
     from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 
     from bundle.autoencoder import LatentCodec
-    from bundle.heads import LatentDenseHead
+    from bundle.heads.networks import LatentDenseHead
 
     codec = LatentCodec(AutoencoderKL(spatial_dims=2, in_channels=1, out_channels=1, channels=(8, 8), latent_channels=2,
                                       num_res_blocks=1, attention_levels=(False, False), norm_num_groups=8))

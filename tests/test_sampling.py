@@ -90,11 +90,21 @@ def test_classifier_free_guidance_uses_the_zero_null_embedding():
 def test_missing_checkpoint_and_other_dino_are_refused(trained_tiny, tmp_path):
     with pytest.raises(Exception) as err:
         sample({**trained_tiny, "diffusion_path": str(tmp_path / "none.pt")}, tmp_path / "x")
-    assert "none.pt' does not exist: train the diffusion model first" in str(err.value.__cause__ or err.value)
+    assert "none.pt' does not exist: train it (run ID train_diffusion)" in str(err.value.__cause__ or err.value)
     with pytest.raises(Exception) as err:
         sample({**trained_tiny, "dino_tokens": "cls+patch"}, tmp_path / "x")
     cause = err.value.__cause__ or err.value
-    assert isinstance(cause, BundleInputError) and "was trained on DINO tokens" in str(cause)
+    assert isinstance(cause, BundleInputError) and "--dino_tokens cls+patch contradicts the diffusion model" in str(cause)
+    from bundle.dino import DinoFeatures
+
+    other = tmp_path / "other.safetensors"  # same architecture, other weights: only the fingerprint tells
+    from safetensors.torch import save_file
+
+    vit = DinoFeatures("vit_tiny_patch16_224", "random", input_size=32, model_kwargs=trained_tiny["dino_kwargs"], seed=5).vit
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(other))
+    with pytest.raises(Exception) as err:
+        sample({**trained_tiny, "dino_weights": str(other)}, tmp_path / "x")
+    assert "are not the ones the diffusion model" in str(err.value.__cause__ or err.value)
     assert not (tmp_path / "x" / "manifest.csv").exists()
 
 

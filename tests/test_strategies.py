@@ -1,4 +1,5 @@
-"""Every sampling strategy on real JSRT images with the tiny trained pipeline; synthetic datasets; DICOM output."""
+"""The strategy registry and job planning (no models needed), then every sampling strategy on real JSRT images
+with the tiny trained pipeline; synthetic datasets; DICOM output."""
 
 from __future__ import annotations
 
@@ -12,11 +13,100 @@ from monai.transforms import LoadImage
 
 from bundle.data import read_datalist
 from bundle.errors import BundleInputError
-from bundle.sampling import STRATEGIES
+from bundle.sampling import plan_jobs, strategy_counts
+from bundle.strategies import (STRATEGIES, STRATEGY_PARAMS, Plan, Strategy, box_mask, latent_mask, register,
+                               strategy_params)
 
 from .conftest import JSRT, run_bundle, workflow
 
 ALL = {name: 1 for name in STRATEGIES}
+
+
+def embeddings(n: int = 4, tokens: int = 3, dim: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, tokens, dim, generator=torch.Generator().manual_seed(seed)) * 5
+
+
+def rows(n: int, labels: list[str]) -> list[dict]:
+    return [{"image": f"/data/img{i}.png", "id": f"img{i}", "sex": labels[i % len(labels)]} for i in range(n)]
+
+
+def test_plan_carries_labels_and_keeps_interpolation_within_a_label():
+    pool, e = rows(8, ["F", "M"]), embeddings(8)
+    jobs = plan_jobs(pool, e, "interpolation", num_samples=3, label_columns=["sex"], seed=5)
+    assert len(jobs) == 24 and [j["seed"] for j in jobs] == list(range(5, 29))
+    for job in jobs:
+        a, b = job["sources"]
+        assert a != b and pool[a]["sex"] == pool[b]["sex"] == job["labels"]["sex"]
+        assert 0.25 <= job["params"]["t"] <= 0.75
+    assert jobs == plan_jobs(pool, e, "interpolation", num_samples=3, label_columns=["sex"], seed=5)
+    across = plan_jobs(pool, e, "interpolation", total_samples=40, label_columns=["sex"],
+                       params={"interpolation": {"across_labels": True}})
+    assert any(pool[j["sources"][0]]["sex"] != pool[j["sources"][1]]["sex"] for j in across)
+    for job in across:  # the label of the nearer end
+        nearer = job["sources"][0] if job["params"]["t"] <= 0.5 else job["sources"][1]
+        assert job["labels"]["sex"] == pool[nearer]["sex"]
+    manifold = plan_jobs(pool, e, "manifold", num_samples=1, label_columns=["sex"])
+    assert all({pool[i]["sex"] for i in j["sources"]} == {j["labels"]["sex"]} for j in manifold)
+    assert all(len(j["sources"]) == 4 for j in manifold)  # the whole label group fits the Gaussian
+    neighbours = plan_jobs(pool, e, "manifold", num_samples=1, label_columns=["sex"],
+                           params={"manifold": {"model": "neighbours", "neighbours": 2}})
+    for job in neighbours:
+        assert len(job["sources"]) == 3 and sum(job["params"]["weights"]) == pytest.approx(1, abs=1e-5)
+
+
+def test_strategy_mix_is_split_exactly_and_bad_plans_are_refused():
+    assert strategy_counts({"reconstruction": 1, "interpolation": 1, "perturbation": 1}, 10) == \
+        {"reconstruction": 4, "interpolation": 3, "perturbation": 3}
+    assert strategy_counts("img2img", 5) == {"img2img": 5}
+    pool, e = rows(4, ["F"]), embeddings(4)
+    jobs = plan_jobs(pool, e, {"reconstruction": 3, "img2img": 1}, total_samples=8)
+    assert [j["sources"][0] for j in jobs] == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert sorted(j["strategy"] for j in jobs).count("img2img") == 2
+    assert len({j["name"] for j in jobs}) == 8
+    with pytest.raises(BundleInputError, match="not known"):
+        plan_jobs(pool, e, "dream", num_samples=1)
+    with pytest.raises(BundleInputError, match="Label column 'age'"):
+        plan_jobs(pool, e, "reconstruction", num_samples=1, label_columns=["age"])
+    with pytest.raises(BundleInputError, match="has one image"):
+        plan_jobs(rows(2, ["F", "M"]), e[:2], "manifold", num_samples=1, label_columns=["sex"])
+    with pytest.raises(BundleInputError, match="unknown keys"):
+        plan_jobs(pool, e, "perturbation", num_samples=1, params={"perturbation": {"sigma": 1}})
+
+
+def test_box_masks_follow_the_image_axes_and_reach_the_latent_grid():
+    mask = box_mask([0.5, 0.0, 1.0, 0.25], (8, 8))  # right half (x), top quarter (y)
+    assert mask.shape == (1, 8, 8) and mask.sum() == 4 * 2 and mask[0, 4:, :2].all()
+    assert torch.equal(latent_mask(mask, (4, 4))[0, 2:, :1], torch.ones(2, 1)) and latent_mask(mask, (4, 4)).sum() == 2
+    with pytest.raises(BundleInputError, match="x0 < x1"):
+        box_mask([0.6, 0.0, 0.5, 1.0], (8, 8))
+
+
+def test_a_registered_strategy_is_planned_with_its_defaults_and_validated(monkeypatch):
+    class Mirror(Strategy):
+        name = "mirror"
+        defaults = {"partner": 1}
+
+        def check(self, params):
+            if params["partner"] < 0:
+                raise BundleInputError("mirror partner is negative: give a pool index.")
+
+        def plan(self, anchor, params, pool, rng):
+            return Plan([anchor, params["partner"]], {"partner": params["partner"]}, params["partner"])
+
+    for registry in (STRATEGIES, STRATEGY_PARAMS):
+        monkeypatch.setitem(registry, "mirror", None)  # so that the test's strategy is removed afterwards
+    register(Mirror)
+    pool, e = rows(3, ["F", "M", "F"]), embeddings(3)
+    jobs = plan_jobs(pool, e, {"mirror": 1, "reconstruction": 1}, num_samples=2, label_columns=["sex"])
+    mirrored = [j for j in jobs if j["strategy"] == "mirror"]
+    assert len(mirrored) == 3 and all(j["sources"][1] == 1 and j["labels"]["sex"] == "M" for j in mirrored)
+    assert strategy_params({"mirror": {"partner": 2}})["mirror"] == {"partner": 2}
+    with pytest.raises(BundleInputError, match="partner is negative"):
+        plan_jobs(pool, e, "mirror", num_samples=1, params={"mirror": {"partner": -1}})
+    # the built-in ones: defaults for each, and a bad value refused before any job is planned
+    assert set(STRATEGY_PARAMS) == set(STRATEGIES)
+    with pytest.raises(BundleInputError, match="Manifold model 'kde'"):
+        plan_jobs(pool, e, "manifold", num_samples=1, params={"manifold": {"model": "kde"}})
 
 
 def sample(settings: dict, out, run_id: str = "sample", **extra):

@@ -45,7 +45,7 @@ def test_stage2_loss_falls_on_cached_latents(tmp_path, tiny_dataset):
     assert len(losses) == 12
     assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
     saved = torch.load(tmp_path / "models/diffusion.pt", weights_only=True)
-    assert saved["ema"] is True and saved["dino_model"] == "vit_tiny_patch16_224"
+    assert saved["ema"] is True and saved["record"]["dino"]["model_name"] == "vit_tiny_patch16_224"
     cache = torch.load(tmp_path / "cache/latents.pt", weights_only=True)
     assert cache["latents"].shape == (8, 2, 16, 16) and cache["tokens"].shape == (8, 1, 192)
     # the latents are scaled to about unit variance by the stored scale factor

@@ -1,0 +1,15 @@
+"""Values that several modules and scripts must agree on, written once."""
+
+from __future__ import annotations
+
+# ImageNet normalisation, for networks pre-trained on ImageNet (Inception-v3, timm ViTs without their own config)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# a datalist names a structure's mask file in the column "mask_<structure>"; outputs drop the prefix
+MASK_COLUMN_PREFIX = "mask_"
+
+# the structures with masks in the JSRT set (../shared/data/jsrt/masks/<structure>/)
+JSRT_STRUCTURES = ("left_lung", "right_lung", "heart", "left_clavicle", "right_clavicle")
+JSRT_MASK_COLUMNS = tuple(MASK_COLUMN_PREFIX + s for s in JSRT_STRUCTURES)
+LUNG_MASK_COLUMNS = JSRT_MASK_COLUMNS[:2]

@@ -1,0 +1,231 @@
+"""Self-describing model files: each exported model carries a record of the settings it needs to be used.
+
+A record is a JSON-able dict stored under ``"record"`` in the model file: the network's factory and arguments,
+image size and modality, and for the diffusion model its noise schedule, its DINO condition and the
+autoencoder it was trained on. Sampling, evaluation, heads and export rebuild everything from it, so a trained
+work dir needs no network settings on the command line, and a setting that contradicts the record is refused.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from pydoc import locate
+from torch import nn
+
+from .errors import BundleInputError
+
+MODEL_FILES = {
+    "autoencoder": "models/autoencoder.pt",
+    "diffusion": "models/diffusion.pt",
+    "dino": "models/dino/teacher.safetensors",
+    "denoiser": "models/heads/denoiser.pt",
+    "landmarks": "models/heads/landmarks.pt",
+    "segmentation": "models/heads/segmentation.pt",
+}
+
+
+def model_path(work_dir: str | os.PathLike, name: str) -> str:
+    """Where the model ``name`` lives in ``work_dir`` (the one definition of every model file name)."""
+    if name not in MODEL_FILES:
+        raise BundleInputError(f"'{name}' is not a model of this bundle: choose from {sorted(MODEL_FILES)}.")
+    return str(Path(work_dir) / MODEL_FILES[name])
+
+
+def network_record(factory: functools.partial) -> dict[str, Any]:
+    """The ``{"_target_": ..., **arguments}`` of a network factory (a config entry with ``"_mode_": "callable"``)."""
+    if not isinstance(factory, functools.partial):
+        raise TypeError(f"network_record needs a functools.partial (a config entry with _mode_ callable), got {factory!r}.")
+    func = factory.func
+    return {"_target_": f"{func.__module__}.{func.__qualname__}", **factory.keywords}
+
+
+def build_network(record: Mapping[str, Any]) -> nn.Module:
+    """Instantiate the network a :func:`network_record` describes."""
+    args = dict(record)
+    target = locate(str(args.pop("_target_")))
+    if not callable(target):
+        raise BundleInputError(f"The network '{record['_target_']}' recorded in a model file cannot be imported here: "
+                               "install the packages the model was trained with.")
+    return target(**args)
+
+
+def read_record(path: str | os.PathLike, what: str, remedy: str) -> dict[str, Any]:
+    """The whole saved file (weights and record) of a model, with one clear message for each way it can fail."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise BundleInputError(f"The {what} model '{path}' does not exist: {remedy}.")
+    if os.path.getsize(path) == 0:
+        raise BundleInputError(f"The {what} model '{path}' is empty (an interrupted write?): delete it and {remedy}.")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise BundleInputError(f"The {what} model '{path}' is not a readable model file ({type(err).__name__}): "
+                               f"delete it and {remedy}.") from None
+    if not isinstance(saved, dict) or "state_dict" not in saved:
+        raise BundleInputError(f"The {what} model '{path}' holds no state_dict: it was not written by this bundle.")
+    if not isinstance(saved.get("record"), dict):
+        raise BundleInputError(
+            f"The {what} model '{path}' was saved by an earlier version of this bundle without the record of its "
+            "settings: retrain it with this version (delete it, or choose another --work_dir, and run training again)."
+        )
+    return saved
+
+
+def load_network(path: str | os.PathLike, what: str, remedy: str) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a network from its file's record, load its weights, and return it frozen with the whole file."""
+    saved = read_record(path, what, remedy)
+    network = build_network(saved["record"]["network"])
+    try:
+        network.load_state_dict(saved["state_dict"])
+    except RuntimeError as err:
+        raise BundleInputError(f"The {what} model '{path}' does not fit the network its record describes "
+                               f"({str(err).strip().splitlines()[0] if str(err).strip() else 'no detail'}): "
+                               f"delete it and {remedy}.") from None
+    network.requires_grad_(False)
+    return network.eval(), saved
+
+
+def _same(stored: Any, requested: Any) -> bool:
+    if isinstance(stored, (list, tuple)) and isinstance(requested, (list, tuple)):
+        return len(stored) == len(requested) and all(_same(a, b) for a, b in zip(stored, requested))
+    if isinstance(stored, (int, float)) and isinstance(requested, (int, float)) and not isinstance(requested, bool):
+        return float(stored) == float(requested)
+    return str(stored) == str(requested)
+
+
+def check_requested(values: Mapping[str, Any], requested: Mapping[str, Any], path: str | os.PathLike, what: str) -> None:
+    """Refuse a command-line setting that contradicts the model's record (``None``/``null`` means "the model's")."""
+    for key, value in requested.items():
+        if value is None or str(value).strip().lower() in ("", "null", "none"):
+            continue
+        if key in values and not _same(values[key], value):
+            raise BundleInputError(
+                f"--{key} {value} contradicts the {what} model '{path}', which was trained with {key} {values[key]}: "
+                f"leave --{key} out (the model's own value is used) or train a new model with it."
+            )
+
+
+def record_differences(stored: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The settings (dotted keys) whose values differ between two records, for a one-line message."""
+    keys = sorted(set(stored) | set(current))
+    diffs = []
+    for key in keys:
+        a, b = stored.get(key), current.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            diffs += record_differences(a, b, f"{prefix}{key}.")
+        elif not _same(a, b):
+            diffs.append(f"{prefix}{key} {a} -> {b}")
+    return diffs
+
+
+def dino_from_record(record: Mapping[str, Any], model_dir: str | os.PathLike, requested: Mapping[str, Any]) -> nn.Module:
+    """The DINO extractor a diffusion model was conditioned on, checked against its fingerprint.
+
+    The weights file is looked for where training had it and, if the work dir was moved, beside the models.
+    """
+    from .dino import DinoFeatures
+
+    check_requested({"dino_model": record["model_name"], "dino_tokens": record["tokens"],
+                     "dino_input_size": record["input_size"]}, requested, model_dir, "diffusion")
+    weights = str(requested.get("dino_weights") or record["weights"])
+    if weights not in ("hub", "random") and not os.path.isfile(weights):
+        moved = Path(model_dir) / "dino" / Path(weights).name
+        if moved.is_file():
+            weights = str(moved)
+    dino = DinoFeatures(record["model_name"], weights, record["tokens"], record["input_size"],
+                        record.get("model_kwargs") or {}, record.get("seed", 0))
+    if dino.fingerprint() != record["fingerprint"]:
+        raise BundleInputError(
+            f"The DINO weights '{weights}' are not the ones the diffusion model in '{model_dir}' was trained with "
+            f"({record['weights']}): pass --dino_weights with that file."
+        )
+    return dino
+
+
+@dataclass
+class Generator:
+    """A trained generator rebuilt from its two model files: what sampling and evaluation need."""
+
+    codec: nn.Module
+    unet: nn.Module
+    dino: nn.Module
+    record: dict[str, Any]
+    bundle_root: str
+
+    @property
+    def image_size(self) -> int:
+        return int(self.record["image_size"])
+
+    @property
+    def modality(self) -> str:
+        return str(self.record["modality"])
+
+    @property
+    def latent_shape(self) -> list[int]:
+        return list(self.record["latent_shape"])
+
+    @property
+    def preprocessing(self):
+        from .data import modality_preprocessing
+
+        return modality_preprocessing(Path(self.bundle_root) / "configs" / "modality" / f"{self.modality}.json",
+                                      image_size=self.image_size)
+
+    def sampler(self, name: str):
+        from .diffusion import make_sampler
+
+        return make_sampler(name, **self.record["noise_schedule"])
+
+    def to(self, device: torch.device | str) -> Generator:
+        self.codec.to(device), self.unet.to(device), self.dino.to(device)
+        return self
+
+
+def load_codec(path: str | os.PathLike) -> nn.Module:
+    """The autoencoder (with its latent scale factor) rebuilt from its file."""
+    from .autoencoder import LatentCodec
+
+    saved = read_record(path, "autoencoder", "train it (run ID train_autoencoder)")
+    codec = LatentCodec(build_network(saved["record"]["network"]))
+    return codec.load(path)
+
+
+def load_generator(autoencoder_path: str | os.PathLike, diffusion_path: str | os.PathLike,
+                   requested: Mapping[str, Any] | None = None, bundle_root: str | os.PathLike = ".",
+                   device: torch.device | str = "cpu") -> Generator:
+    """Autoencoder + diffusion UNet + DINO from a trained work dir, checked against each other and ``requested``.
+
+    ``requested`` holds the command line's values of recorded settings (``image_size``, ``prediction_type``,
+    ``dino_weights``, ...); ``None`` entries take the model's value, any other that differs is refused.
+    """
+    from .data import hash_file
+
+    requested = dict(requested or {})
+    unet, saved = load_network(diffusion_path, "diffusion", "train it (run ID train_diffusion)")
+    record = saved["record"]
+    schedule = record["noise_schedule"]
+    check_requested({"image_size": record["image_size"], "modality": record["modality"],
+                     "prediction_type": schedule["prediction_type"], "noise_schedule": schedule["schedule"],
+                     "num_train_timesteps": schedule["num_train_timesteps"]},
+                    {k: v for k, v in requested.items() if not k.startswith("dino_")}, diffusion_path, "diffusion")
+    if os.path.isfile(autoencoder_path) and hash_file(autoencoder_path) != record["autoencoder_sha256"]:
+        raise BundleInputError(
+            f"The autoencoder '{autoencoder_path}' is not the one the diffusion model '{diffusion_path}' was trained "
+            "on: pass --autoencoder_path to that autoencoder, or retrain the diffusion model (run ID train_diffusion)."
+        )
+    codec = load_codec(autoencoder_path)
+    dino = dino_from_record(record["dino"], Path(diffusion_path).parent,
+                            {k: v for k, v in requested.items() if k.startswith("dino_")})
+    return Generator(codec, unet, dino, record, str(bundle_root)).to(device)
+
+
+def recorded_value(record: Mapping[str, Any], key: str, requested: Any, path: str | os.PathLike, what: str) -> Any:
+    """A setting a model recorded, after checking the command line's value of it (``None`` = the model's)."""
+    check_requested({key: record[key]}, {key: requested}, path, what)
+    return record[key]

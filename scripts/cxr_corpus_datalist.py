@@ -1,0 +1,63 @@
+"""Write a CSV datalist (image, id, split, patient, source, label, finding) for one split of ../shared/data/cxr_corpus,
+optionally with the JSRT images of the same split appended (source 'jsrt'): the unlabelled training set at scale.
+
+    python scripts/cxr_corpus_datalist.py --split train --with_jsrt --out runs/corpus/train.csv
+    python scripts/cxr_corpus_datalist.py --split test --source kermany --out runs/corpus/test_kermany.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+from pathlib import Path
+
+DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+COLUMNS = ("image", "id", "split", "patient", "source", "label", "finding")
+
+
+def corpus_rows(root: Path, split: str, source: str | None = None) -> list[dict[str, str]]:
+    manifest = root / "manifest.csv"
+    if not manifest.is_file():
+        raise SystemExit(f"error: {manifest} does not exist: pass --root to the cxr_corpus folder (manifest.csv, images/).")
+    with open(manifest, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if split in ("all", r["split"]) and source in (None, r["source"])]
+    return [{"image": str((root / "images" / f"{r['id']}.png").resolve()), **{k: r[k] for k in COLUMNS[1:]}} for r in rows]
+
+
+def jsrt_rows(root: Path, split: str) -> list[dict[str, str]]:
+    manifest = root / "manifest.csv"
+    if not manifest.is_file():
+        raise SystemExit(f"error: {manifest} does not exist: pass --jsrt_root to the JSRT folder (manifest.csv, images/).")
+    with open(manifest, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if split in ("all", r["split"])]
+    return [{"image": str((root / "images" / f"{r['id']}.png").resolve()), "id": r["id"], "split": r["split"],
+             "patient": f"jsrt_{r['id']}", "source": "jsrt", "label": r["condition"] or "", "finding": ""} for r in rows]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, default=DATA_ROOT / "cxr_corpus", help="the cxr_corpus folder")
+    parser.add_argument("--split", default="train", help="train, val, test or all (patient-level splits)")
+    parser.add_argument("--source", default=None, help="keep one source only: nih, kermany or mhhcovid")
+    parser.add_argument("--with_jsrt", action="store_true", help="append the JSRT images of the same split")
+    parser.add_argument("--jsrt_root", type=Path, default=DATA_ROOT / "jsrt", help="the JSRT folder")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    rows = corpus_rows(args.root, args.split, args.source)
+    if args.with_jsrt:
+        rows += jsrt_rows(args.jsrt_root, args.split)
+    if not rows:
+        raise SystemExit(f"error: no rows with split '{args.split}' and source '{args.source}': check both.")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(COLUMNS))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, args.out)
+    print(f"{len(rows)} images -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
