@@ -42,10 +42,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--profile", default=None, help="a configs/profiles/*.json overlay the training used")
     parser.add_argument("overrides", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     os.chdir(ROOT)
-    wf = config_workflow("configs/train.json", "cache", **parse_overrides(args.overrides))
+    config = ["configs/train.json", args.profile] if args.profile else "configs/train.json"
+    wf = config_workflow(config, "cache", **parse_overrides(args.overrides))
     get = wf.parser.get_parsed_content
     cache = get("latent_cache")
     batch_size = get("diffusion_batch_size")

@@ -90,13 +90,18 @@ def correspondence_error(tokens: torch.Tensor, landmarks: list[np.ndarray], ref:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", required=True, help="trained DINO weights (timm safetensors)")
-    parser.add_argument("--model", default="vit_small_patch16_224")
-    parser.add_argument("--input_size", type=int, default=112)
-    parser.add_argument("--kwargs", default="{}", help="timm create_model arguments as JSON")
+    parser.add_argument("--model", default=None, help="timm model name (default: from the weights' .json sidecar)")
+    parser.add_argument("--input_size", type=int, default=None, help="default: from the weights' .json sidecar")
+    parser.add_argument("--kwargs", default=None, help="timm create_model arguments as JSON (default: from the sidecar)")
     parser.add_argument("--jsrt", type=Path, default=JSRT_ROOT)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    sidecar = Path(args.weights + ".json")  # DINO pre-training writes the architecture beside the weights
+    info = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    args.model = args.model or info.get("model_name") or "vit_small_patch16_224"
+    args.input_size = args.input_size or info.get("img_size") or 112
+    args.kwargs = args.kwargs or json.dumps(info.get("model_kwargs", {}))
 
     start = time.time()
     preprocessing = modality_preprocessing(ROOT / "configs/modality/cxr.json", image_size=args.input_size)

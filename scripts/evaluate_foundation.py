@@ -1,7 +1,7 @@
 """Evaluate a trained pipeline on held-out images and write the foundation report.
 
     python scripts/evaluate_foundation.py --work_dir runs/foundation --test runs/foundation/test.csv \\
-        --out docs/results -- --image_size 64 ...   (the same overrides the training used)
+        --out docs/results [-- sampling overrides]   (the models describe themselves: none are needed)
 
 Writes <out>/foundation.json, <out>/foundation.md and the figures it links: autoencoder reconstruction
 PSNR/SSIM/MS-SSIM on the test images, generated samples conditioned on the DINO embeddings of test images
