@@ -12,6 +12,7 @@ from torch import nn
 
 from .errors import BundleInputError
 from .io import atomic_torch_save
+from .models import load_weights
 
 
 class LatentCodec(nn.Module):
@@ -58,25 +59,10 @@ class LatentCodec(nn.Module):
 
     def load(self, path: str | os.PathLike) -> LatentCodec:
         """Load weights and scale factor saved by :meth:`save`; the codec is frozen in eval mode afterwards."""
-        load_state(self, path, "autoencoder", "train the autoencoder first (run ID train_autoencoder) or pass "
-                   "--autoencoder_path to a trained one")
+        load_weights(self, path, "autoencoder", "train the autoencoder first (run ID train_autoencoder) or pass "
+                     "--autoencoder_path to a trained one")
         self.requires_grad_(False)
         return self.eval()
-
-
-def load_state(module: nn.Module, path: str | os.PathLike, what: str, remedy: str) -> dict:
-    """Load a ``{"state_dict": ...}`` file into ``module`` with one clear message for each way it can fail."""
-    if not os.path.isfile(path):
-        raise BundleInputError(f"The {what} checkpoint '{path}' does not exist: {remedy}.")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        module.load_state_dict(saved["state_dict"])
-    except Exception as err:
-        raise BundleInputError(
-            f"The {what} checkpoint '{path}' does not fit the network in the config ({type(err).__name__}: "
-            f"{(str(err).strip().splitlines() or ['no detail'])[0]}); use the config it was trained with, or retrain."
-        ) from None
-    return saved
 
 
 def kl_loss(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:

@@ -77,16 +77,28 @@ def read_record(path: str | os.PathLike, what: str, remedy: str) -> dict[str, An
     return saved
 
 
+def load_weights(module: nn.Module, path: str | os.PathLike, what: str, remedy: str,
+                 saved: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Load a model file's weights into ``module`` with one clear message for a mismatch (it stays trainable:
+    heads fine-tune the denoiser they load).
+
+    ``saved`` is the file already read by :func:`read_record`, so a caller that needed the record reads it once.
+    """
+    saved = saved if saved is not None else read_record(path, what, remedy)
+    try:
+        module.load_state_dict(saved["state_dict"])
+    except RuntimeError as err:
+        detail = (str(err).strip().splitlines() or ["no detail"])[0]
+        raise BundleInputError(f"The {what} model '{path}' does not fit the network its record describes ({detail}): "
+                               f"delete it and {remedy}.") from None
+    return saved
+
+
 def load_network(path: str | os.PathLike, what: str, remedy: str) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a network from its file's record, load its weights, and return it frozen with the whole file."""
     saved = read_record(path, what, remedy)
     network = build_network(saved["record"]["network"])
-    try:
-        network.load_state_dict(saved["state_dict"])
-    except RuntimeError as err:
-        raise BundleInputError(f"The {what} model '{path}' does not fit the network its record describes "
-                               f"({str(err).strip().splitlines()[0] if str(err).strip() else 'no detail'}): "
-                               f"delete it and {remedy}.") from None
+    load_weights(network, path, what, remedy, saved)
     network.requires_grad_(False)
     return network.eval(), saved
 
@@ -124,7 +136,7 @@ def record_differences(stored: Mapping[str, Any], current: Mapping[str, Any], pr
     return diffs
 
 
-def dino_from_record(record: Mapping[str, Any], model_dir: str | os.PathLike, requested: Mapping[str, Any]) -> nn.Module:
+def dino_from_record(record: Mapping[str, Any], diffusion_path: str | os.PathLike, requested: Mapping[str, Any]) -> nn.Module:
     """The DINO extractor a diffusion model was conditioned on, checked against its fingerprint.
 
     The weights file is looked for where training had it and, if the work dir was moved, beside the models.
@@ -132,17 +144,17 @@ def dino_from_record(record: Mapping[str, Any], model_dir: str | os.PathLike, re
     from .dino import DinoFeatures
 
     check_requested({"dino_model": record["model_name"], "dino_tokens": record["tokens"],
-                     "dino_input_size": record["input_size"]}, requested, model_dir, "diffusion")
+                     "dino_input_size": record["input_size"]}, requested, diffusion_path, "diffusion")
     weights = str(requested.get("dino_weights") or record["weights"])
     if weights not in ("hub", "random") and not os.path.isfile(weights):
-        moved = Path(model_dir) / "dino" / Path(weights).name
+        moved = Path(diffusion_path).parent / "dino" / Path(weights).name
         if moved.is_file():
             weights = str(moved)
     dino = DinoFeatures(record["model_name"], weights, record["tokens"], record["input_size"],
                         record.get("model_kwargs") or {}, record.get("seed", 0))
     if dino.fingerprint() != record["fingerprint"]:
         raise BundleInputError(
-            f"The DINO weights '{weights}' are not the ones the diffusion model in '{model_dir}' was trained with "
+            f"The DINO weights '{weights}' are not the ones the diffusion model '{diffusion_path}' was trained with "
             f"({record['weights']}): pass --dino_weights with that file."
         )
     return dino
@@ -188,12 +200,15 @@ class Generator:
 
 
 def load_codec(path: str | os.PathLike) -> nn.Module:
-    """The autoencoder (with its latent scale factor) rebuilt from its file."""
+    """The autoencoder (with its latent scale factor) rebuilt from its file, which is read once."""
     from .autoencoder import LatentCodec
 
-    saved = read_record(path, "autoencoder", "train it (run ID train_autoencoder)")
+    remedy = "train it (run ID train_autoencoder)"
+    saved = read_record(path, "autoencoder", remedy)
     codec = LatentCodec(build_network(saved["record"]["network"]))
-    return codec.load(path)
+    load_weights(codec, path, "autoencoder", remedy, saved)
+    codec.requires_grad_(False)
+    return codec.eval()
 
 
 def load_generator(autoencoder_path: str | os.PathLike, diffusion_path: str | os.PathLike,
@@ -220,7 +235,7 @@ def load_generator(autoencoder_path: str | os.PathLike, diffusion_path: str | os
             "on: pass --autoencoder_path to that autoencoder, or retrain the diffusion model (run ID train_diffusion)."
         )
     codec = load_codec(autoencoder_path)
-    dino = dino_from_record(record["dino"], Path(diffusion_path).parent,
+    dino = dino_from_record(record["dino"], diffusion_path,
                             {k: v for k, v in requested.items() if k.startswith("dino_")})
     return Generator(codec, unet, dino, record, str(bundle_root)).to(device)
 

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..autoencoder import load_state
 from ..errors import BundleInputError
 from ..io import atomic_torch_save
+from ..models import load_weights
 
 MASK_PRIOR_BIAS = -4.595  # log(0.01 / 0.99): every mask channel starts out predicting "absent" (RetinaNet's prior)
 TASKS = ("landmarks", "segmentation")
@@ -73,7 +73,7 @@ class LatentDenseHead(nn.Module):
 
 def load_denoiser(unet: nn.Module, path: str | os.PathLike, remedy: str = "") -> nn.Module:
     """The label-free denoiser's weights into ``unet`` (eval mode)."""
-    load_state(unet, path, "denoiser", f"pre-train it first (configs/heads/pretrain.json) {remedy}".strip())
+    load_weights(unet, path, "denoiser", f"pre-train it first (configs/heads/pretrain.json) {remedy}".strip())
     return unet.eval()
 
 
