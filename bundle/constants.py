@@ -13,3 +13,7 @@ MASK_COLUMN_PREFIX = "mask_"
 JSRT_STRUCTURES = ("left_lung", "right_lung", "heart", "left_clavicle", "right_clavicle")
 JSRT_MASK_COLUMNS = tuple(MASK_COLUMN_PREFIX + s for s in JSRT_STRUCTURES)
 LUNG_MASK_COLUMNS = JSRT_MASK_COLUMNS[:2]
+
+# the chest radiographs that ship with the bundle (NIH ChestX-ray14, 128 px), relative to the repository root:
+# train/ is the default training set, val/ the held-out images the first run's report compares against
+DEFAULT_DATA_DIR = "bundle/default_data/nih_cxr"

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .constants import DEFAULT_DATA_DIR
 from .errors import BundleInputError
 from .io import atomic_torch_save
 
@@ -84,14 +85,26 @@ def mednist_cxr_datalist(root_dir: str | os.PathLike, class_name: str = "CXR") -
         raise BundleInputError(
             f"The default data set (MedNIST) could not be downloaded into '{root_dir}' "
             f"({type(err).__name__}: {str(err).strip().splitlines()[0]}); "
-            "if this machine is offline, pass your own images with --dataset_dir FOLDER_OR_DATALIST."
+            "offline, leave --dataset_dir out to use the images that ship with the bundle, or pass your own."
         ) from None
     return [{"image": item["image"]} for item in data if item["class_name"] == class_name]
 
 
+def default_data(split: str = "train") -> Path:
+    """The chest radiographs that ship with the bundle (NIH ChestX-ray14, 128 px): ``train`` or ``val``."""
+    folder = Path(__file__).resolve().parents[1] / DEFAULT_DATA_DIR / split
+    if not folder.is_dir():
+        raise BundleInputError(f"The bundle's default images '{folder}' are missing (an incomplete copy of the "
+                               "bundle?): restore them from the repository, or pass --dataset_dir with your images.")
+    return folder
+
+
 def build_datalist(dataset_dir: str | os.PathLike | None, download_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The training datalist: a folder, a CSV/JSON datalist, or (``None``) the MedNIST CXR default."""
+    """The training datalist: a folder, a CSV/JSON datalist, ``mednist`` (the MedNIST CXR class, downloaded
+    into ``download_dir``) or nothing (``None``: the chest radiographs that ship with the bundle)."""
     if dataset_dir in (None, "", "None"):
+        return find_images(default_data("train"))
+    if str(dataset_dir).lower() == "mednist":
         return mednist_cxr_datalist(download_dir)
     path = Path(dataset_dir)
     if not path.exists():

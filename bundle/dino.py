@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
-from typing import Any
+import socket
+from typing import Any, NamedTuple
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +19,89 @@ from .data import hash_file, hash_json
 from .errors import BundleInputError
 
 TOKEN_MODES = ("cls", "cls+patch", "patch")
+logger = logging.getLogger(__name__)
+
+
+class WeightsPlan(NamedTuple):
+    """Where the DINO weights of a training run come from, decided before any stage starts."""
+
+    weights: str  # what DinoFeatures loads: 'hub', 'random' or a file (the in-domain teacher when pretrain)
+    pretrain: bool  # pre-train an in-domain DINO on the training images first (run ID train_dino)
+    reason: str  # one line for the log
+
+
+def _hub_source(model_name: str) -> tuple[str | None, str | None]:
+    """``(hf_hub_id, url)`` of timm's pretrained weights for ``model_name`` (``None`` where there are none)."""
+    ensure_torchvision_importable()
+    import timm
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(model_name)
+    except Exception:
+        return None, None
+    if cfg is None:
+        return None, None
+    return getattr(cfg, "hf_hub_id", None) or None, getattr(cfg, "url", None) or None
+
+
+def _hub_cached(hf_hub_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    names = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+    return any(isinstance(try_to_load_from_cache(hf_hub_id, name), str) for name in names)
+
+
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the host of ``url`` opens (offline machines fail in milliseconds)."""
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout):
+            return True
+    except (OSError, TypeError, ValueError):
+        return False
+
+
+def embed_dim(model_name: str, model_kwargs: dict[str, Any] | None = None) -> int:
+    """Width of the tokens ``model_name`` produces, without loading any weights (the UNet's cross-attention dim)."""
+    ensure_torchvision_importable()
+    import timm
+
+    try:
+        with torch.device("meta"):
+            return int(timm.create_model(model_name, pretrained=False, num_classes=0, **dict(model_kwargs or {})).embed_dim)
+    except Exception as err:
+        raise BundleInputError(f"dino_model '{model_name}' with {model_kwargs or {}} cannot be built by timm "
+                               f"({type(err).__name__}: {err}): give a timm ViT name.") from None
+
+
+def plan_weights(weights: str | None, model_name: str, pretrained_path: str | os.PathLike) -> WeightsPlan:
+    """Resolve ``dino_weights`` for training.
+
+    ``'auto'``: an in-domain DINO already trained in this work dir, else the hub weights of ``model_name`` when
+    they are in the local cache or the hub answers, else pre-train one on the training images first (so the
+    default works offline). ``'pretrain'``: always pre-train in-domain. ``'hub'``, ``'random'`` and a file
+    are used as given.
+    """
+    value = str(weights) if weights not in (None, "") else "auto"
+    pretrained = str(pretrained_path)
+    if value == "pretrain":
+        return WeightsPlan(pretrained, True, f"DINO: pre-training {model_name} on the training images first "
+                                              "(dino_weights pretrain).")
+    if value != "auto":
+        return WeightsPlan(value, False, f"DINO: {model_name} with dino_weights '{value}'.")
+    if os.path.isfile(pretrained):
+        return WeightsPlan(pretrained, True, f"DINO (auto): the in-domain {model_name} already trained in this work "
+                                             f"dir ({pretrained}).")
+    from huggingface_hub import constants
+
+    hf_hub_id, url = _hub_source(model_name)
+    if hf_hub_id and _hub_cached(hf_hub_id):
+        return WeightsPlan("hub", False, f"DINO (auto): hub weights of {model_name}, found in the local cache.")
+    if hf_hub_id and _reachable(constants.ENDPOINT) or not hf_hub_id and url and _reachable(url):
+        return WeightsPlan("hub", False, f"DINO (auto): hub weights of {model_name} (downloaded now, before training).")
+    why = "no hub weights exist for it" if not (hf_hub_id or url) else "the hub cannot be reached and they are not cached"
+    return WeightsPlan(pretrained, True, f"DINO (auto): pre-training {model_name} on the training images first, "
+                                         f"because {why}; pass --dino_weights FILE to use weights you have.")
 
 
 def _file_keys(path: str) -> set[str]:
@@ -111,7 +197,8 @@ class DinoFeatures(nn.Module):
                 ) from None
         if not os.path.isfile(self.weights):
             raise BundleInputError(
-                f"dino_weights '{self.weights}' is not a file: give a local timm weights file, 'hub' or 'random'."
+                f"dino_weights '{self.weights}' is not a file: give a local timm weights file, 'hub' or 'random' "
+                "(an in-domain DINO is written to models/dino/ by run ID train_dino, or by the whole training run)."
             )
         _check_sidecar(self.weights, self.model_name, self.model_kwargs)
         try:

@@ -205,12 +205,14 @@ class DinoIteration:
     def schedules(self, iteration: int, epoch_length: int, max_epochs: int) -> dict[str, float]:
         """Every scheduled value at (0-based) ``iteration``."""
         total = max(1, epoch_length * max_epochs)
-        warmup = self.warmup_epochs * epoch_length
+        # warm-ups take at most 10% (lr) and 30% (temperature) of the run, the DINO paper's ratios for 100 epochs,
+        # so that a short or time-budgeted run still spends most of its iterations in the cosine phase
+        warmup = max(1, min(self.warmup_epochs * epoch_length, total // 10))
         if iteration < warmup:
             lr = self.lr * (iteration + 1) / warmup
         else:
             lr = cosine(self.lr, self.min_lr, (iteration - warmup) / max(1, total - warmup))
-        temp_warmup = self.teacher_temp_warmup_epochs * epoch_length
+        temp_warmup = min(self.teacher_temp_warmup_epochs * epoch_length, total * 3 // 10)
         temp = self.teacher_temp[1] if iteration >= temp_warmup else (
             self.teacher_temp[0] + (self.teacher_temp[1] - self.teacher_temp[0]) * iteration / max(1, temp_warmup))
         return {"lr": lr, "weight_decay": cosine(*self.weight_decay, iteration / total),

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
+import shutil
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -51,10 +54,13 @@ def loss_terms(output: dict[str, Any]) -> dict[str, float]:
 
 
 class TimeBudget:
-    """Ends training at the first epoch boundary after ``seconds`` of this run (``None`` = no limit).
+    """Fits training into ``seconds`` of this run (``None`` = no limit).
 
-    Attach it after the checkpoint saver: the last epoch is saved first, the stage then exports its model as
-    if ``max_epochs`` had been reached, and a later run with the output deleted continues from that epoch.
+    After each epoch it plans how many more epochs fit in what is left of the budget (at the mean epoch time of
+    this run so far) and lowers ``engine.state.max_epochs`` to that, so the stage ends on time and schedules
+    that read ``max_epochs`` (DINO's cosine schedules) run to their end. Attach it after the checkpoint saver:
+    the last epoch is saved first, the stage then exports its model as usual, and a later run with the model
+    deleted continues from that epoch (with the configured ``max_epochs`` again).
     """
 
     def __init__(self, seconds: float | str | None = None) -> None:
@@ -63,22 +69,73 @@ class TimeBudget:
         if self.seconds is not None and self.seconds <= 0:
             raise BundleInputError(f"A time budget of {seconds} seconds is not positive: give seconds > 0 or null.")
         self.start = 0.0
+        self.start_epoch = 0
 
     def attach(self, engine: Any) -> None:
         if self.seconds is None:
             return
         engine.add_event_handler(Events.STARTED, self._started)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._check)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._plan)
 
     def _started(self, engine: Any) -> None:
         self.start = time.monotonic()
+        self.start_epoch = engine.state.epoch
 
-    def _check(self, engine: Any) -> None:
+    def _plan(self, engine: Any) -> None:
         elapsed = time.monotonic() - self.start
-        if elapsed >= self.seconds:
-            logger.info("Time budget of %.0f s reached after epoch %d (%.0f s): stopping.", self.seconds,
-                        engine.state.epoch, elapsed)
-            engine.terminate()
+        per_epoch = elapsed / max(1, engine.state.epoch - self.start_epoch)
+        fits = engine.state.epoch + int(max(0.0, self.seconds - elapsed) // per_epoch)
+        if fits < engine.state.max_epochs:
+            logger.info("Time budget of %.0f s: %.1f s per epoch, so training ends after epoch %d of %d.",
+                        self.seconds, per_epoch, fits, engine.state.max_epochs)
+            engine.state.max_epochs = fits
+
+
+def load_profile(bundle_root: str | os.PathLike, name: str, device: Any = "cpu") -> dict[str, Any]:
+    """The settings of ``configs/profiles/<name>.json``; ``auto`` picks ``gpu128`` with a GPU, else ``cpu64``."""
+    folder = Path(str(bundle_root)) / "configs" / "profiles"
+    chosen = str(name)
+    if chosen == "auto":
+        chosen = "gpu128" if torch.device(device).type == "cuda" else "cpu64"
+    path = folder / f"{chosen}.json"
+    if not path.is_file():
+        names = sorted(p.stem for p in folder.glob("*.json"))
+        raise BundleInputError(f"profile '{name}' is not one of {names + ['auto']}: choose one of those, or add "
+                               f"{path} with the same keys.")
+    with open(path) as f:
+        settings = _Profile(json.load(f))
+    settings.path = str(path)
+    logger.info("Profile %s (%s)%s: image size %s, DINO %s.", chosen, path, " chosen for this device"
+                if str(name) == "auto" else "", settings.get("image_size"), settings.get("dino_model"))
+    return settings
+
+
+class _Profile(dict):
+    """A profile's settings; a key the profile lacks stops with one sentence instead of a KeyError."""
+
+    path = ""
+
+    def __missing__(self, key: str) -> Any:
+        raise BundleInputError(f"The profile '{self.path}' does not set '{key}': add it (every profile sets every "
+                               "setting that train.json takes from a profile).")
+
+
+# shares of a run's time budget; the rest is for preprocessing, the latent cache and the closing report
+STAGE_SHARES = {True: {"dino": 0.2, "autoencoder": 0.3, "diffusion": 0.4}, False: {"autoencoder": 0.35, "diffusion": 0.55}}
+
+
+def stage_seconds(minutes: float | str | None, stage: str, pretrain_dino: bool = False) -> float | None:
+    """A stage's share of a whole run's ``time_budget_minutes`` (``None`` = no budget)."""
+    value = optional_path(minutes)
+    if value is None:
+        return None
+    try:
+        total = float(value) * 60
+    except ValueError:
+        total = -1.0
+    if total <= 0:
+        raise BundleInputError(f"time_budget_minutes '{minutes}' is not a positive number: give e.g. 25, or null.")
+    return total * STAGE_SHARES[bool(pretrain_dino)][stage]
 
 
 def set_threads(threads: int | str | None) -> None:
@@ -118,33 +175,48 @@ def stage_handlers(name: str, checkpoint_dir: str | os.PathLike, state: dict[str
     return handlers
 
 
-def preflight(datalist: Sequence[dict[str, Any]], dino_model: str, dino_weights: str, dino_kwargs: dict | None = None,
-              dino_pretrain: bool = False, perceptual_weight: float = 0.0, perceptual_weights: str | None = None) -> None:
+def checkpoint_bytes(*networks: torch.nn.Module, copies: int = 4) -> int:
+    """Bytes a stage's checkpoint of these networks takes: weights plus optimiser moments (and EMA) in float32."""
+    return copies * 4 * sum(p.numel() for net in networks for p in net.parameters())
+
+
+def preflight(datalist: Sequence[dict[str, Any]], dino_plan: Any, dino_model: str, dino_kwargs: dict | None = None,
+              perceptual_weight: float = 0.0, perceptual_weights: str | None = None,
+              work_dir: str | os.PathLike | None = None, image_sizes: Sequence[int] = (),
+              networks: Sequence[Callable[[], torch.nn.Module]] = ()) -> None:
     """Check what later stages need from outside before the first one starts, so nothing fails hours in.
 
-    The datalist has been read by now (it is an argument); DINO weights 'hub' are fetched into the local cache
-    now, a local file must exist, and a perceptual loss needs its weights file.
+    The datalist has been read by now (it is an argument); the DINO plan is said in one line and hub weights are
+    fetched into the local cache now; a local file must exist; a perceptual loss needs its weights file; and the
+    work dir must have room for the image caches and the checkpoints of ``networks`` (factories).
     """
     if not datalist:
         raise BundleInputError("The training datalist is empty: pass --dataset_dir with images.")
-    weights = str(dino_weights)
-    if dino_pretrain:
-        logger.info("DINO: pre-training %s on the training images first (dino_pretrain true).", dino_model)
-    elif weights == "hub":
-        from .dino import DinoFeatures
+    logger.info("%s", dino_plan.reason)
+    weights = str(dino_plan.weights)
+    if not dino_plan.pretrain:
+        if weights == "hub":
+            from .dino import DinoFeatures
 
-        DinoFeatures(dino_model, "hub", model_kwargs=dino_kwargs)
-        logger.info("DINO: %s with hub weights (available).", dino_model)
-    elif weights == "random":
-        logger.info("DINO: %s with random weights (the condition carries little information; tests only).", dino_model)
-    elif not os.path.isfile(weights):
-        raise BundleInputError(f"dino_weights '{weights}' is not a file: give a local timm weights file, 'hub' or "
-                               "'random', or --dino_pretrain true to train one on these images first.")
-    else:
-        logger.info("DINO: %s with local weights %s.", dino_model, weights)
+            DinoFeatures(dino_model, "hub", model_kwargs=dino_kwargs)
+        elif weights != "random" and not os.path.isfile(weights):
+            raise BundleInputError(f"dino_weights '{weights}' is not a file: give a local timm weights file, 'auto', "
+                                   "'hub', 'pretrain' (train one on these images first) or 'random' (tests only).")
     if float(perceptual_weight) > 0 and perceptual_weights is not None and not os.path.isfile(str(perceptual_weights)):
         raise BundleInputError(f"perceptual_weights '{perceptual_weights}' is not a file: give the ResNet-50 weights "
                                "file, or --perceptual_weights null to download them, or --perceptual_weight 0.")
+    if work_dir is not None:
+        # two checkpoints exist for a moment while one replaces the other; plus the exported models
+        need = sum(2 * checkpoint_bytes(factory()) + checkpoint_bytes(factory(), copies=1) for factory in networks)
+        need += sum(len(datalist) * 4 * int(size) ** 2 for size in image_sizes)
+        Path(str(work_dir)).mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(str(work_dir)).free
+        if free < need:
+            raise BundleInputError(f"work_dir '{work_dir}' has {free / 1e9:.2f} GB free, and this run needs about "
+                                   f"{need / 1e9:.2f} GB for caches and checkpoints: free some space or choose another "
+                                   "--work_dir.")
+        logger.info("Preflight: %d images, about %.2f GB needed in %s (%.0f GB free).", len(datalist), need / 1e9,
+                    work_dir, free / 1e9)
 
 
 def train_stage(

@@ -106,7 +106,7 @@ def main() -> None:
                 "num_inputs": args.num_conditions, "num_samples": args.num_samples, "output_dir": str(sample_dir)}
     wf = config_workflow("configs/inference.json", "sample", **settings)
     preprocessing = wf.parser.get_parsed_content("preprocessing")
-    codec = wf.parser.get_parsed_content("trained_codec")
+    codec = wf.parser.get_parsed_content("generator").codec
 
     test_rows = build_datalist(args.test, args.work_dir)
     images = preprocessed_stack(test_rows, preprocessing)
@@ -115,7 +115,7 @@ def main() -> None:
     for old in sample_dir.glob("*.png"):
         old.unlink()  # time a full generation, not a resumed one
     start = time.perf_counter()
-    rows = wf.run()[0]
+    rows = wf.run()[-1]
     seconds = time.perf_counter() - start
     sample_grid(rows, sample_dir, preprocessing, args.out / "foundation_samples.png", args.num_samples)
     losses = plot_losses(args.work_dir, args.out / "foundation_losses.png")

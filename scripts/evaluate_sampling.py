@@ -151,7 +151,7 @@ def main() -> None:
         "images": args.speed_images, "seconds": seconds, "images_per_second": args.speed_images / seconds,
         "sampler": type(get("sampling_scheduler")).__name__, "num_inference_steps": get("num_inference_steps"),
         "guidance_scale": get("guidance_scale"), "batch_size": get("sample_batch_size"),
-        "image_size": get("image_size"), "threads": torch.get_num_threads(),
+        "image_size": get("generator").image_size, "threads": torch.get_num_threads(),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     report_json(result, args.out / "sampling.json")

@@ -107,7 +107,7 @@ def main() -> None:
     latent = None
     if "latent" in args.inits and not args.report_only:
         lwf = config_workflow("configs/inference.json", "sample", **parse_overrides(shlex.split(args.latent_args)))
-        if int(lwf.parser.get_parsed_content("image_size")) != size:
+        if lwf.parser.get_parsed_content("generator").image_size != size:
             raise SystemExit("--latent_args must give the same --image_size as the heads.")
         latent = lwf.parser
     start = time.perf_counter()
@@ -119,10 +119,9 @@ def main() -> None:
         channels = train_items[0]["label"].shape[0]
         bias = MASK_PRIOR_BIAS if task == "segmentation" else 0.0
         if init == "latent":
-            dino = latent.get_parsed_content("dino")
-            head = LatentDenseHead(latent.get_parsed_content("trained_codec", lazy=False),
-                                   latent.get_parsed_content("trained_unet", lazy=False), channels,
-                                   (dino.num_tokens, dino.embed_dim), bias)
+            generator = latent.get_parsed_content("generator", lazy=False)  # a fresh copy to fine-tune
+            head = LatentDenseHead(generator.codec, generator.unet, channels,
+                                   (generator.dino.num_tokens, generator.dino.embed_dim), bias)
         else:
             unet = wf.parser.get_parsed_content("denoiser_def", lazy=False)()
             head = build_head(unet, channels, args.denoiser if init == "pretrained" else None, bias)

@@ -59,8 +59,9 @@ def main() -> None:
     if args.latent_args:
         latent_overrides = parse_overrides(shlex.split(args.latent_args))
         g = config_workflow("configs/inference.json", "sample", **latent_overrides).parser.get_parsed_content
-        codec, dino = g("trained_codec"), g("dino")
-        models["latent"] = (g("trained_unet"), g("train_scheduler"), lambda images: (codec.encode(images), dino(images)))
+        generator = g("generator")
+        codec, dino = generator.codec, generator.dino
+        models["latent"] = (generator.unet, generator.sampler("ddpm"), lambda images: (codec.encode(images), dino(images)))
 
     def load(rows):
         images = preprocessed_stack(rows, preprocessing)

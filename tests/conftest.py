@@ -65,6 +65,7 @@ def tiny_settings(work_dir: Path, dataset_dir: Path | str) -> dict:
         "preview_interval": 1,
         "preview_count": 2,
         "num_inference_steps": 4,
+        "report_count": 4,
     }
 
 

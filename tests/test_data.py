@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bundle.data import (apply_to_file, build_datalist, find_images, mednist_cxr_datalist, modality_preprocessing,
+from bundle.data import (apply_to_file, build_datalist, default_data, find_images, modality_preprocessing,
                          preprocessed_images, read_datalist)
 from bundle.errors import BundleInputError
 
@@ -146,12 +147,26 @@ def test_unknown_modality_lists_the_available_ones(tmp_path):
         modality_preprocessing(ROOT / "configs/modality/xyz.json", image_size=32)
 
 
-def test_offline_default_data_says_to_pass_dataset_dir(tmp_path, monkeypatch):
+def test_mednist_offline_says_what_to_do(tmp_path, monkeypatch):
     import monai.apps.datasets
 
     def offline(*args, **kwargs):
         raise OSError("<urlopen error [Errno -2] Name or service not known>")
 
     monkeypatch.setattr(monai.apps.datasets, "download_and_extract", offline)
-    with pytest.raises(BundleInputError, match="MedNIST.*could not be downloaded.*--dataset_dir"):
-        mednist_cxr_datalist(tmp_path)
+    with pytest.raises(BundleInputError, match="MedNIST.*could not be downloaded.*leave --dataset_dir out"):
+        build_datalist("mednist", tmp_path)
+
+
+def test_default_data_ships_with_the_bundle_and_preprocesses(tmp_path):
+    """No --dataset_dir: the NIH radiographs in the repository, offline; val holds other patients."""
+    rows = build_datalist(None, tmp_path)
+    assert len(rows) == 685 and all(Path(r["image"]).is_file() for r in rows)
+    val = find_images(default_data("val"))
+    assert len(val) == 45
+    train_ids = {Path(r["image"]).name for r in rows}
+    assert not train_ids & {Path(r["image"]).name for r in val}
+    item = apply_to_file(modality_preprocessing(ROOT / "configs/modality/cxr.json", image_size=64), rows[0])
+    image = np.asarray(item["image"])
+    assert image.shape == (1, 64, 64) and 0.0 <= image.min() < 0.1 and 0.9 < image.max() <= 1.0
+    assert not list(tmp_path.iterdir()), "the default data must not download anything"

@@ -1,0 +1,78 @@
+"""The report a training run ends with: samples next to the real images that conditioned them, and their
+evaluation (Fréchet distances, precision/recall, memorisation, the autoencoder's reconstruction quality)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .data import apply_to_file
+from .io import atomic_write
+from .writers import to_display
+
+logger = logging.getLogger(__name__)
+
+
+def _tile(image: np.ndarray, size: int) -> Image.Image:
+    return Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).resize((size, size), Image.BICUBIC)
+
+
+def pairs_grid(reals: Sequence[np.ndarray], samples: Sequence[np.ndarray], path: str | os.PathLike,
+               pairs_per_row: int = 4, sample_size: int = 128) -> None:
+    """One PNG: each sample (``sample_size`` px) beside a half-size thumbnail of the real image it came from."""
+    thumb, gap, header = sample_size // 2, 4, 16
+    pair_width = thumb + sample_size + 3 * gap
+    rows = (len(samples) + pairs_per_row - 1) // pairs_per_row
+    canvas = Image.new("L", (pairs_per_row * pair_width, header + rows * (sample_size + gap)), color=255)
+    draw = ImageDraw.Draw(canvas)
+    for i in range(min(pairs_per_row, len(samples))):
+        draw.text((i * pair_width + gap, 2), "real  | sample", fill=0)
+    for i, (real, sample) in enumerate(zip(reals, samples)):
+        x, y = (i % pairs_per_row) * pair_width + gap, header + (i // pairs_per_row) * (sample_size + gap)
+        canvas.paste(_tile(real, thumb), (x, y))
+        canvas.paste(_tile(sample, sample_size), (x + thumb + gap, y))
+    atomic_write(Path(path), lambda tmp: canvas.save(tmp, format="PNG"))
+
+
+def training_report(bundle_root: str | os.PathLike, work_dir: str | os.PathLike, real_dir: str | os.PathLike,
+                    train_dir: str | os.PathLike | None = None, count: int = 32, device: Any = "cpu",
+                    report_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Sample once from each of ``count`` real images' embeddings with the trained work dir, draw them beside
+    those images, and evaluate them against the real images (and ``train_dir``, for the reference FD and the
+    memorisation check) with the bundle's own ``inference.json`` and ``evaluate.json``."""
+    from .cli import config_workflow
+
+    root, work = Path(str(bundle_root)), Path(str(work_dir))
+    out = Path(str(report_dir)) if report_dir else work / "report"
+    sample_dir = out / "samples"
+    common = {"bundle_root": str(root), "work_dir": str(work), "device": device}
+    sampling = config_workflow(str(root / "configs/inference.json"), "sample", **common, input_dir=str(real_dir),
+                               num_inputs=count, num_samples=1, strategy="reconstruction", output_dir=str(sample_dir))
+    rows = sampling.run()[-1]
+    preprocessing = sampling.parser.get_parsed_content("preprocessing")
+    reals = [to_display(apply_to_file(preprocessing, {"image": r["sources"]})["image"]) for r in rows]
+    samples = [np.asarray(Image.open(sample_dir / r["image"]), dtype=np.float32) / 255.0 for r in rows]
+    grid = out / "samples_grid.png"
+    pairs_grid(reals, samples, grid)
+    evaluation = config_workflow(str(root / "configs/evaluate.json"), "evaluate", **common,
+                                 generated_dir=str(sample_dir / "manifest.csv"), real_dir=str(real_dir),
+                                 train_dir=None if train_dir is None else str(train_dir), max_images=count,
+                                 prdc_k=max(1, min(5, len(rows) - 1)), evaluation_dir=str(out))
+    result = evaluation.run()[-1]
+    lines = [f"Report: {grid} (each sample beside the real image whose DINO embedding conditioned it)",
+             f"        {out / 'evaluation.md'} ({len(rows)} samples against {real_dir})"]
+    for space, entry in result["feature_spaces"].items():
+        ref = entry.get("frechet_distance_train_reference")
+        lines.append(f"        FD in {space} space: {entry['frechet_distance']:.2f}"
+                     + (f" (real training images against the same real images: {ref:.2f})" if ref is not None else ""))
+    if "reconstruction" in result:
+        rec = result["reconstruction"]
+        lines.append(f"        autoencoder reconstruction: PSNR {rec['psnr_db']['mean']:.2f} dB, MS-SSIM "
+                     f"{rec['ms_ssim']['mean']:.3f}")
+    print("\n".join(lines), flush=True)
+    return result

@@ -1,0 +1,116 @@
+"""README command 1's code path: no --dataset_dir, no internet, default DINO weights 'auto', a time budget; it
+trains on the radiographs that ship with the bundle and ends with a report."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+import torch
+from ignite.engine import Engine, Events
+from PIL import Image
+
+import bundle.dino
+from bundle.dino import plan_weights
+from bundle.errors import BundleInputError
+from bundle.models import model_path, read_record
+from bundle.workflow import TimeBudget, load_profile, preflight, stage_seconds
+
+from .conftest import ROOT, run_bundle, tiny_settings
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No hub weights in the cache and no answer from the hub, as on a hospital machine."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.setattr(bundle.dino, "_reachable", lambda *args, **kwargs: False)
+
+
+def test_first_command_offline_on_the_default_images_ends_with_a_report(tmp_path, offline, caplog):
+    settings = tiny_settings(tmp_path / "work", "")
+    del settings["dataset_dir"], settings["dino_weights"]  # the defaults: bundled images, DINO 'auto'
+    settings.update(time_budget_minutes=0.4, ae_epochs=50, diffusion_epochs=50, dino_epochs=50, ae_batch_size=32,
+                    diffusion_batch_size=64, dino_batch_size=64, num_local_crops=2, report_count=8)
+    with caplog.at_level(logging.INFO):
+        run_bundle("train.json", "training", settings)
+    work = tmp_path / "work"
+    assert "pre-training vit_tiny_patch16_224 on the training images first, because the hub cannot be reached" in caplog.text
+    dino = read_record(work / "models/diffusion.pt", "diffusion", "x")["record"]["dino"]
+    assert Path(dino["weights"]).resolve() == Path(model_path(work, "dino")).resolve()
+    # the budget, not the 50 epochs, ended each stage
+    for stage in ("dino", "autoencoder", "diffusion"):
+        epochs = [int(p.stem.split("=")[-1]) for p in (work / "models/checkpoints" / stage).glob("*.pt")]
+        assert epochs and max(epochs) < 50, (stage, epochs)
+    grid = Image.open(work / "report/samples_grid.png")
+    assert grid.size[0] > 4 * 128 and grid.size[1] > 2 * 128
+    evaluation = json.loads((work / "report/evaluation.json").read_text())
+    assert evaluation["counts"] == {"generated": 8, "real": 8, "train": 8}
+    assert "bundle/default_data/nih_cxr/val" in evaluation["real"]
+    for space in ("dino", "pixels"):
+        entry = evaluation["feature_spaces"][space]
+        assert entry["frechet_distance"] > 0 and entry["frechet_distance_train_reference"] > 0
+    assert 0 < evaluation["reconstruction"]["psnr_db"]["mean"] < 60
+
+
+def test_dino_weights_auto_prefers_what_can_be_had(tmp_path, monkeypatch):
+    target = tmp_path / "models/dino.pt"
+    monkeypatch.setattr(bundle.dino, "_hub_cached", lambda hub_id: False)
+    monkeypatch.setattr(bundle.dino, "_reachable", lambda *a, **k: False)
+    plan = plan_weights("auto", "vit_small_patch14_dinov2.lvd142m", target)
+    assert plan.pretrain and plan.weights == str(target) and "cannot be reached" in plan.reason
+    monkeypatch.setattr(bundle.dino, "_reachable", lambda *a, **k: True)
+    assert plan_weights("auto", "vit_small_patch14_dinov2.lvd142m", target)[:2] == ("hub", False)
+    monkeypatch.setattr(bundle.dino, "_reachable", lambda *a, **k: False)
+    monkeypatch.setattr(bundle.dino, "_hub_cached", lambda hub_id: hub_id == "timm/vit_small_patch14_dinov2.lvd142m")
+    plan = plan_weights("auto", "vit_small_patch14_dinov2.lvd142m", target)
+    assert plan[:2] == ("hub", False) and "local cache" in plan.reason
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"x")  # an in-domain DINO already trained here wins: a re-run must not switch condition
+    assert plan_weights("auto", "vit_small_patch14_dinov2.lvd142m", target)[:2] == (str(target), True)
+    assert plan_weights("pretrain", "m", target)[:2] == (str(target), True)
+    assert plan_weights("random", "m", target)[:2] == ("random", False)
+
+
+def test_profiles_follow_the_device_and_name_what_is_missing(tmp_path):
+    assert load_profile(ROOT, "auto", "cpu")["image_size"] == 64
+    assert load_profile(ROOT, "auto", torch.device("cuda", 0))["image_size"] == 128
+    cpu, gpu = (json.loads((ROOT / f"configs/profiles/{n}.json").read_text()) for n in ("cpu64", "gpu128"))
+    assert set(cpu) == set(gpu) - {"sample_batch_size"}, "every profile sets the same keys"
+    with pytest.raises(BundleInputError, match=r"profile 'gpu512' is not one of \['cpu64', 'gpu128', 'auto'\]"):
+        load_profile(ROOT, "gpu512")
+    (tmp_path / "configs/profiles").mkdir(parents=True)
+    (tmp_path / "configs/profiles/mine.json").write_text('{"image_size": 96}')
+    profile = load_profile(tmp_path, "mine")
+    with pytest.raises(BundleInputError, match="mine.json' does not set 'unet_channels'"):
+        profile["unet_channels"]
+
+
+def test_time_budget_plans_the_epochs_that_fit():
+    import time
+
+    engine = Engine(lambda engine, batch: time.sleep(0.02))
+    TimeBudget(0.3).attach(engine)
+    epochs = []
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: epochs.append(e.state.max_epochs))
+    engine.run(range(5), max_epochs=1000)  # 0.1 s per epoch
+    assert 2 <= engine.state.epoch <= 4 and engine.state.max_epochs == engine.state.epoch
+    assert stage_seconds(10, "autoencoder", False) == pytest.approx(210.0)
+    assert stage_seconds(None, "diffusion") is None
+    with pytest.raises(BundleInputError, match="time_budget_minutes '-1' is not a positive number"):
+        stage_seconds(-1, "dino", True)
+
+
+def test_preflight_refuses_a_work_dir_without_room(tmp_path, monkeypatch):
+    import shutil
+
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 10**6, 10**6))
+    plan = bundle.dino.WeightsPlan("random", False, "DINO: random")
+    net = lambda: torch.nn.Linear(1000, 1000)  # noqa: E731: 4 MB of weights, 16 MB a checkpoint
+    with pytest.raises(BundleInputError, match=r"work_dir '.*' has 0.00 GB free, and this run needs about 0.0[34] GB"):
+        preflight([{"image": "x.png"}], plan, "m", work_dir=tmp_path, networks=[net])
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**12, 0, 10**12))
+    preflight([{"image": "x.png"}], plan, "m", work_dir=tmp_path, networks=[net], image_sizes=[64])
