@@ -52,8 +52,12 @@ def read_datalist(path: str | os.PathLike) -> list[dict[str, Any]]:
         with open(path, newline="") as f:
             rows: list[dict[str, Any]] = list(csv.DictReader(f))
     else:
-        with open(path) as f:
-            data = json.load(f)
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise BundleInputError(f"Datalist '{path}' is not valid JSON ({err}): fix the file, or give a CSV with an "
+                                   "'image' column.") from None
         rows = data.get("training", []) if isinstance(data, dict) else data
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise BundleInputError(
@@ -141,7 +145,7 @@ def apply_to_file(transform: Callable, row: dict[str, Any]) -> dict[str, Any]:
     if isinstance(path, (str, os.PathLike)) and not os.path.isfile(path):
         raise BundleInputError(f"Image '{path}' does not exist: fix the path or remove it from the datalist.")
     try:
-        return transform(dict(row))
+        item = transform(dict(row))
     except BundleInputError:
         raise
     except Exception as err:
@@ -154,6 +158,11 @@ def apply_to_file(transform: Callable, row: dict[str, Any]) -> dict[str, Any]:
             f"Image '{path}' could not be read or preprocessed ({type(cause).__name__}: {cause}); "
             "replace the file or remove it from the datalist."
         ) from None
+    image = item.get("image") if isinstance(item, dict) else None
+    if isinstance(image, (torch.Tensor, np.ndarray)) and not bool(np.isfinite(np.asarray(image)).all()):
+        raise BundleInputError(f"Image '{path}' has NaN or infinite pixel values: repair the file or remove it from "
+                               "the datalist.")
+    return item
 
 
 def preprocessed_stack(rows: Sequence[dict[str, Any]], transform: Callable, desc: str = "load") -> torch.Tensor:

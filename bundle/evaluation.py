@@ -256,8 +256,7 @@ def closest_pairs_png(generated: torch.Tensor, train: torch.Tensor, result: Mapp
     axes[0, 0].set_ylabel("generated", fontsize=7)
     axes[1, 0].set_ylabel("nearest train", fontsize=7)
     fig.tight_layout(pad=0.2)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
 

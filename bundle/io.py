@@ -45,3 +45,13 @@ def atomic_write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> N
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def append_jsonl(path: str | os.PathLike, record) -> None:
+    """Add one JSON line to ``path`` by rewriting the file atomically: a kill mid-write never leaves a half line."""
+    import json
+
+    path = Path(path)
+    old = path.read_text() if path.exists() else ""
+    text = old + ("" if not old or old.endswith("\n") else "\n") + json.dumps(record) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
@@ -18,12 +17,6 @@ from ignite.handlers import ProgressBar
 from .errors import BundleInputError
 
 logger = logging.getLogger(__name__)
-
-
-def latest_checkpoint(folder: str | os.PathLike) -> str | None:
-    """The most recent ``*.pt`` checkpoint in ``folder`` (by modification time), or ``None``."""
-    files = glob.glob(os.path.join(str(folder), "*.pt"))
-    return max(files, key=os.path.getmtime) if files else None
 
 
 def flag(value: Any) -> bool:
@@ -56,8 +49,8 @@ def loss_terms(output: dict[str, Any]) -> dict[str, float]:
 class TimeBudget:
     """Fits training into ``seconds`` of this run (``None`` = no limit).
 
-    After each epoch it plans how many more epochs fit in what is left of the budget (at the mean epoch time of
-    this run so far) and lowers ``engine.state.max_epochs`` to that, so the stage ends on time and schedules
+    After each epoch it plans how many more epochs fit in what is left of the budget (at the slower of the mean
+    and the last epoch time of this run) and lowers ``engine.state.max_epochs`` to that, so the stage ends on time and schedules
     that read ``max_epochs`` (DINO's cosine schedules) run to their end. Attach it after the checkpoint saver:
     the last epoch is saved first, the stage then exports its model as usual, and a later run with the model
     deleted continues from that epoch (with the configured ``max_epochs`` again).
@@ -68,7 +61,7 @@ class TimeBudget:
         self.seconds = None if value is None else float(value)
         if self.seconds is not None and self.seconds <= 0:
             raise BundleInputError(f"A time budget of {seconds} seconds is not positive: give seconds > 0 or null.")
-        self.start = 0.0
+        self.start = self.last = 0.0
         self.start_epoch = 0
 
     def attach(self, engine: Any) -> None:
@@ -78,12 +71,15 @@ class TimeBudget:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._plan)
 
     def _started(self, engine: Any) -> None:
-        self.start = time.monotonic()
+        self.start = self.last = time.monotonic()
         self.start_epoch = engine.state.epoch
 
     def _plan(self, engine: Any) -> None:
-        elapsed = time.monotonic() - self.start
-        per_epoch = elapsed / max(1, engine.state.epoch - self.start_epoch)
+        now = time.monotonic()
+        elapsed, last_epoch, self.last = now - self.start, now - self.last, now
+        # the slower of the mean and the last epoch: epochs get slower when a loss term starts (the autoencoder's
+        # discriminator after its warm-up), and planning on the mean alone then overshoots the budget
+        per_epoch = max(elapsed / max(1, engine.state.epoch - self.start_epoch), last_epoch)
         fits = engine.state.epoch + int(max(0.0, self.seconds - elapsed) // per_epoch)
         if fits < engine.state.max_epochs:
             logger.info("Time budget of %.0f s: %.1f s per epoch, so training ends after epoch %d of %d.",
@@ -150,23 +146,23 @@ def set_threads(threads: int | str | None) -> None:
 
 def stage_handlers(name: str, checkpoint_dir: str | os.PathLike, state: dict[str, Any], writer: Any,
                    max_seconds: float | str | None = None, extra: Sequence[Any] = (),
-                   output_transform: Callable[[Any], dict[str, float]] = loss_terms) -> list[Any]:
+                   output_transform: Callable[[Any], dict[str, float]] = loss_terms, n_saved: int = 1) -> list[Any]:
     """The handlers every training stage has, in the order they must run.
 
-    Resume from the newest checkpoint in ``checkpoint_dir`` when there is one (model, optimisers, trainer
-    state: everything in ``state``), save ``state`` there after every epoch, log the epoch loss and every
+    Resume from the newest readable checkpoint in ``checkpoint_dir`` when there is one (model, optimisers,
+    trainer state: everything in ``state``), stop at a non-finite loss, save ``state`` there atomically after
+    every epoch (keeping ``n_saved``), log the epoch loss and every
     iteration's loss terms to TensorBoard, then the stage's ``extra`` handlers, then the time budget (last, so
     the epoch it stops at has been saved).
     """
-    from monai.handlers import CheckpointLoader, CheckpointSaver, StatsHandler, TensorBoardStatsHandler
+    from monai.handlers import StatsHandler, TensorBoardStatsHandler
 
-    handlers: list[Any] = []
-    latest = latest_checkpoint(checkpoint_dir)
-    if latest is not None:
-        handlers.append(CheckpointLoader(load_path=latest, load_dict=state, map_location="cpu"))
-    handlers += [
-        CheckpointSaver(save_dir=str(checkpoint_dir), save_dict=state, file_prefix=name, epoch_level=True,
-                        save_interval=1, n_saved=1),
+    from .checkpoints import AtomicCheckpointSaver, NonFiniteLossGuard, ResumeFromCheckpoint
+
+    handlers: list[Any] = [
+        ResumeFromCheckpoint(checkpoint_dir, state, prefix=name),
+        NonFiniteLossGuard(name),
+        AtomicCheckpointSaver(checkpoint_dir, state, prefix=name, n_saved=n_saved),
         StatsHandler(iteration_log=False, tag_name=f"{name}_loss"),
         TensorBoardStatsHandler(summary_writer=writer, output_transform=output_transform),
         *[h for h in extra if h is not None],
@@ -178,6 +174,22 @@ def stage_handlers(name: str, checkpoint_dir: str | os.PathLike, state: dict[str
 def checkpoint_bytes(*networks: torch.nn.Module, copies: int = 4) -> int:
     """Bytes a stage's checkpoint of these networks takes: weights plus optimiser moments (and EMA) in float32."""
     return copies * 4 * sum(p.numel() for net in networks for p in net.parameters())
+
+
+def check_image_size(image_size: Any, downsampling: Sequence[int] = ()) -> int:
+    """``image_size`` as a whole number that every network's halvings divide (``downsampling``: levels - 1 each)."""
+    try:
+        size = int(image_size)
+        ok = size == float(image_size) and size > 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise BundleInputError(f"--image_size '{image_size}' is not a positive whole number: give e.g. 64.")
+    multiple = 2 ** sum(int(d) for d in downsampling)
+    if size % multiple:
+        raise BundleInputError(f"--image_size {size} cannot be halved {sum(downsampling)} times (autoencoder, then UNet): "
+                               f"give a multiple of {multiple}, e.g. {max(multiple, size // multiple * multiple)}.")
+    return size
 
 
 def preflight(datalist: Sequence[dict[str, Any]], dino_plan: Any, dino_model: str, dino_kwargs: dict | None = None,

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from bundle.cli import config_workflow, parse_overrides, pyplot  # noqa: E402
 from bundle.data import preprocessed_stack, read_datalist  # noqa: E402
 from bundle.errors import BundleInputError  # noqa: E402
-from bundle.io import atomic_write  # noqa: E402
+from bundle.io import append_jsonl, atomic_write  # noqa: E402
 
 
 def binary_labels(rows: Sequence[Mapping[str, Any]], column: str, positive: str | None = None) -> np.ndarray:
@@ -172,8 +172,7 @@ def run_experiment(
                 record = {"size": size, "ratio": ratio, "fold": f, "arm": arm, "label": label, "real_images": n if arm != "synthetic" else 0,
                           "synthetic_images": 0 if arm == "real" else count, "test_auc": auc(model, x_test, y_test, device),
                           "test_images": len(test_rows), "iterations": iterations}
-                with open(results_path, "a") as fh:
-                    fh.write(json.dumps(record) + "\n")
+                append_jsonl(results_path, record)
                 done[(size, ratio, f, arm)] = record
                 bar.update(1)
     bar.close()

@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from bundle.cli import config_workflow, parse_overrides, pyplot  # noqa: E402
 from bundle.constants import JSRT_MASK_COLUMNS, LUNG_MASK_COLUMNS, MASK_COLUMN_PREFIX  # noqa: E402
 from bundle.data import read_datalist  # noqa: E402
+from bundle.io import append_jsonl  # noqa: E402
 from bundle.heads.inference import predict  # noqa: E402
 from bundle.heads.landmarks import HeatmapCrossEntropy, decode_heatmaps, landmark_metrics, load_landmarks  # noqa: E402
 from bundle.heads.networks import MASK_PRIOR_BIAS, LatentDenseHead, build_head  # noqa: E402
@@ -132,8 +133,7 @@ def main() -> None:
         record = {"task": task, "size": n, "init": init, "seed": seed, "iterations": args.iterations,
                   "first_loss": float(np.mean(losses[:10])), "last_loss": float(np.mean(losses[-10:])),
                   "seconds": time.perf_counter() - t0, **score(task, outputs, test_items)}
-        with open(results_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(results_path, record)
         done[(task, n, init, seed)] = record
         print(f"[{i + 1}/{len(runs)}] {task} N={n} {init} seed {seed}: "
               f"{record.get('mre_px', record.get('mean_dice')):.4g} ({record['seconds']:.0f} s)", flush=True)

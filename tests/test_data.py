@@ -128,6 +128,21 @@ def test_constant_image_is_refused(tmp_path, preprocessing):
         load(preprocessing, tmp_path / "flat.png")
 
 
+def test_image_with_nan_pixels_is_refused(tmp_path, jsrt_images, preprocessing):
+    """A NaN block would train stage 1 on loss=nan: it is stopped at load time, naming the file."""
+    array = np.asarray(Image.open(jsrt_images[0]), dtype=np.float32)
+    array[100:140, 100:140] = np.nan
+    nib.save(nib.Nifti1Image(array.T.copy(), np.eye(4)), str(tmp_path / "holes.nii.gz"))
+    with pytest.raises(BundleInputError, match="holes.nii.gz' has NaN or infinite pixel values"):
+        load(preprocessing, tmp_path / "holes.nii.gz")
+
+
+def test_malformed_json_datalist_is_named(tmp_path):
+    (tmp_path / "list.json").write_text('[{"image": "a.png"},')
+    with pytest.raises(BundleInputError, match=r"Datalist '.*list.json' is not valid JSON \(Expecting"):
+        build_datalist(tmp_path / "list.json", tmp_path)
+
+
 def test_empty_folder_missing_paths_and_bad_datalists(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(BundleInputError, match="No images were found in .*empty"):

@@ -108,6 +108,20 @@ def test_missing_checkpoint_and_other_dino_are_refused(trained_tiny, tmp_path):
     assert not (tmp_path / "x" / "manifest.csv").exists()
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("guidance_scale", -1, "--guidance_scale -1 is negative"),
+    ("num_inference_steps", 0, "--num_inference_steps 0 is outside 1..1000"),
+    ("num_inference_steps", 2.5, "--num_inference_steps 2.5 is not a whole number"),
+    ("sample_batch_size", 0, "--sample_batch_size 0 is not positive"),
+])
+def test_impossible_sampling_values_are_refused_before_any_work(trained_tiny, tmp_path, key, value, message):
+    with pytest.raises(Exception) as err:
+        sample({**trained_tiny, key: value}, tmp_path / "x")
+    cause = err.value.__cause__ or err.value
+    assert isinstance(cause, BundleInputError) and message in str(cause)
+    assert not (tmp_path / "x" / ".pool").exists() and not (tmp_path / "x" / "manifest.csv").exists()
+
+
 def test_command_line_shows_one_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     result = subprocess.run(

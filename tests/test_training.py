@@ -10,6 +10,7 @@ import torch
 from ignite.engine import Events
 
 from bundle.diffusion import LatentDiffusionPrepareBatch
+from bundle.errors import BundleInputError
 from monai.networks.schedulers import DDPMScheduler
 
 from .conftest import run_bundle, tiny_settings, workflow
@@ -135,3 +136,15 @@ def test_yes_no_settings_accept_command_line_spellings():
     assert [flag(v) for v in (False, "false", "FALSE", "no", 0, "0", None)] == [False] * 7
     with pytest.raises(BundleInputError, match="not a yes/no value"):
         flag("maybe")
+
+
+@pytest.mark.parametrize("size, message", [(63, "--image_size 63 cannot be halved 2 times .* give a multiple of 4, e.g. 60"),
+                                           ("abc", "--image_size 'abc' is not a positive whole number")])
+def test_an_image_size_the_networks_cannot_halve_is_refused_before_work(tmp_path, tiny_dataset, size, message):
+    settings = {**tiny_settings(tmp_path, tiny_dataset), "image_size": size}
+    with pytest.raises(Exception) as err:
+        run_bundle("train.json", "train_autoencoder", settings)
+    cause = err.value.__cause__ or err.value
+    assert isinstance(cause, BundleInputError)
+    assert __import__("re").search(message, str(cause)), str(cause)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "models").exists()

@@ -100,7 +100,13 @@ def load_head(unet: nn.Module, path: str | os.PathLike, task: str, image_size: i
     """A head saved by :func:`save_head` on a freshly built ``unet`` (the same denoiser definition)."""
     if not os.path.isfile(path):
         raise BundleInputError(f"Head '{path}' does not exist: fine-tune it first (run ID training) or pass --head_path.")
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise BundleInputError(f"Head '{path}' cannot be read ({type(err).__name__}): it is truncated or not a head "
+                               "file; fine-tune it again (delete it first) or pass the right --head_path.") from None
+    if not isinstance(saved, dict) or "state_dict" not in saved:
+        raise BundleInputError(f"'{path}' is not a head file written by this bundle: pass the right --head_path.")
     if saved.get("task") != task:
         raise BundleInputError(f"'{path}' is a {saved.get('task')} head, not a {task} head: use the matching config.")
     if saved["image_size"] != int(image_size):

@@ -1,0 +1,173 @@
+"""Checkpoints that survive kills: exact resume of every stage, atomic writes, unreadable files skipped, pruning
+across restarts, and no non-finite state ever saved."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from ignite.engine import Engine, Events
+
+from bundle.checkpoints import AtomicCheckpointSaver, NonFiniteLossGuard, ResumeFromCheckpoint, checkpoint_files
+from bundle.errors import BundleInputError
+
+from .conftest import run_bundle, tiny_settings, workflow
+
+STAGES = {  # run ID, state entry, stages to run first
+    "autoencoder": ("train_autoencoder", "ae_state", ()),
+    "diffusion": ("train_diffusion", "diffusion_state", ("train_autoencoder", "cache")),
+    "dino": ("train_dino", "dino_state", ()),
+}
+
+
+def _flat(state_dict, prefix=""):
+    """Every tensor of a (nested) state dict, by path."""
+    out = {}
+    for key, value in state_dict.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        elif isinstance(value, (list, tuple)) and key == "param_groups":
+            continue
+        elif isinstance(value, torch.Tensor):
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_resume_restores_every_weight_of_the_last_checkpoint(stage, tmp_path, tiny_dataset):
+    run_id, state_key, before = STAGES[stage]
+    settings = {**tiny_settings(tmp_path, tiny_dataset), "ae_epochs": 1, "diffusion_epochs": 3, "dino_epochs": 3,
+                "dino_batch_size": 4, "num_local_crops": 2}
+    for earlier in before:
+        run_bundle("train.json", earlier, settings)
+    settings = {**settings, "ae_epochs": 3}
+    wf = workflow("train.json", run_id, settings)
+    trainer = wf.parser.get_parsed_content(state_key)["trainer"]
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=3), lambda e: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        wf.run()
+    files = checkpoint_files(tmp_path / "models/checkpoints" / stage)
+    assert [f.name for f in files] == [f"{stage}_checkpoint_epoch=1.pt"]
+    saved = torch.load(files[0], weights_only=True)
+
+    wf = workflow("train.json", run_id, settings)
+    state = wf.parser.get_parsed_content(state_key)
+    compared = []
+
+    def compare(engine):  # after the resume handler, before the first step changes anything
+        if compared:
+            return
+        for key, obj in state.items():
+            if key == "trainer":
+                # Ignite has counted the new epoch and iteration by now
+                assert engine.state.epoch == 2 and engine.state.iteration == saved["trainer"]["iteration"] + 1
+                continue
+            now, then = _flat(obj.state_dict()), _flat(saved[key])
+            assert now.keys() == then.keys(), key
+            for name in now:
+                torch.testing.assert_close(now[name], then[name], msg=f"{key}.{name} differs after resume")
+            compared.append(key)
+
+    state["trainer"].add_event_handler(Events.ITERATION_STARTED, compare)
+    wf.run()
+    expected = {"autoencoder": {"autoencoder", "discriminator", "ae_optimizer", "d_optimizer"},
+                "diffusion": {"unet", "optimizer", "ema"},
+                "dino": {"student", "teacher", "optimizer", "dino_loss"}}[stage]
+    assert expected <= set(compared)
+
+
+def _engine(model, epochs_seen):
+    def step(engine, batch):
+        model.weight.data += 1.0
+        return {"loss": torch.tensor(1.0)}
+
+    engine = Engine(step)
+    engine.add_event_handler(Events.EPOCH_STARTED, lambda e: epochs_seen.append(e.state.epoch))
+    return engine
+
+
+def test_an_unreadable_newest_checkpoint_is_skipped_and_old_ones_are_pruned(tmp_path, caplog):
+    model = torch.nn.Linear(2, 2)
+    state = {"model": model}
+    seen: list[int] = []
+    engine = _engine(model, seen)
+    state["trainer"] = engine
+    AtomicCheckpointSaver(tmp_path, state, "stage", n_saved=1).attach(engine)
+    engine.run(range(2), max_epochs=2)
+    assert [p.name for p in checkpoint_files(tmp_path)] == ["stage_checkpoint_epoch=2.pt"]
+    good = model.weight.detach().clone()
+    (tmp_path / "stage_checkpoint_epoch=3.pt").write_bytes(b"")  # a kill during a write, with in-place saving
+    (tmp_path / "stage_checkpoint_epoch=4.pt").write_bytes(
+        (tmp_path / "stage_checkpoint_epoch=2.pt").read_bytes()[:100])  # truncated
+
+    model2 = torch.nn.Linear(2, 2)
+    seen2: list[int] = []
+    engine2 = _engine(model2, seen2)
+    state2 = {"model": model2, "trainer": engine2}
+    ResumeFromCheckpoint(tmp_path, state2, "stage").attach(engine2)
+    resumed = []
+    engine2.add_event_handler(Events.STARTED, lambda e: resumed.append(model2.weight.detach().clone()))
+    AtomicCheckpointSaver(tmp_path, state2, "stage", n_saved=1).attach(engine2)
+    with caplog.at_level(logging.WARNING):
+        engine2.run(range(2), max_epochs=5)
+    assert torch.equal(resumed[0], good) and seen2 == [3, 4, 5]
+    assert "Skipping checkpoint" in caplog.text and "epoch=4.pt" in caplog.text and "epoch=3.pt" in caplog.text
+    # across the restart, only the newest epoch is kept: the broken files and epoch 2 are gone
+    assert [p.name for p in tmp_path.iterdir()] == ["stage_checkpoint_epoch=5.pt"]
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_file_and_no_partial_one(tmp_path, monkeypatch):
+    model = torch.nn.Linear(2, 2)
+    engine = _engine(model, [])
+    state = {"model": model, "trainer": engine}
+    AtomicCheckpointSaver(tmp_path, state, "stage", n_saved=1).attach(engine)
+    engine.run(range(1), max_epochs=1)
+    before = (tmp_path / "stage_checkpoint_epoch=1.pt").read_bytes()
+    real_save = torch.save
+
+    def dies_mid_write(obj, path, *args, **kwargs):
+        real_save(obj, path, *args, **kwargs)
+        with open(path, "r+b") as f:
+            f.truncate(10)
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(torch, "save", dies_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run(range(1), max_epochs=2)
+    assert [p.name for p in tmp_path.iterdir()] == ["stage_checkpoint_epoch=1.pt"]
+    assert (tmp_path / "stage_checkpoint_epoch=1.pt").read_bytes() == before
+
+
+def test_a_foreign_checkpoint_is_refused_with_the_key_that_differs(tmp_path):
+    torch.save({"model": torch.nn.Linear(3, 3).state_dict(), "trainer": {"epoch": 1, "iteration": 1,
+                "epoch_length": 1, "max_epochs": 1}}, tmp_path / "stage_checkpoint_epoch=1.pt")
+    model = torch.nn.Linear(2, 2)
+    engine = _engine(model, [])
+    ResumeFromCheckpoint(tmp_path, {"model": model, "trainer": engine}, "stage").attach(engine)
+    with pytest.raises(BundleInputError, match=r"stage_checkpoint_epoch=1.pt' does not fit this stage's networks "
+                                                r"\(.*weight.*\): .*delete"):
+        engine.run(range(1), max_epochs=3)
+
+
+def test_non_finite_losses_and_weights_stop_the_stage_and_are_never_saved(tmp_path):
+    model = torch.nn.Linear(2, 2)
+
+    def step(engine, batch):
+        if engine.state.iteration == 3:
+            model.weight.data[0, 0] = float("nan")
+            return {"loss": torch.tensor(float("nan"))}
+        return {"loss": torch.tensor(1.0)}
+
+    engine = Engine(step)
+    state = {"model": model, "trainer": engine}
+    NonFiniteLossGuard("autoencoder").attach(engine)
+    AtomicCheckpointSaver(tmp_path, state, "autoencoder").attach(engine)
+    data = [{"image": torch.zeros(1), "source": ["a.png", "b.png"]}] * 2
+    with pytest.raises(BundleInputError, match=r"autoencoder: the loss is nan at iteration 3, epoch 2 "
+                                                r"\(batch files: a.png, b.png\)"):
+        engine.run(data, max_epochs=3)
+    assert [p.name for p in tmp_path.iterdir()] == ["autoencoder_checkpoint_epoch=1.pt"]
+    # weights that went non-finite without a NaN loss are refused by the saver itself
+    with pytest.raises(BundleInputError, match=r"model: the weights became non-finite by epoch .*model.weight"):
+        AtomicCheckpointSaver(tmp_path, {"model": model}, "model")(engine)
