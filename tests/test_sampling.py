@@ -48,7 +48,10 @@ def test_same_seed_same_image_and_finished_outputs_are_skipped(trained_tiny, tmp
     os.remove(first[0])
     stamps = {p: p.stat().st_mtime_ns for p in first[1:]}
     sample(trained_tiny, tmp_path / "a")
-    assert first[0].exists() and first[0].read_bytes() == (tmp_path / "b" / first[0].name).read_bytes()
+    # made alone instead of in a batch of two: the same image up to float rounding in batched convolutions
+    alone, batched = (np.asarray(LoadImage(image_only=True)(str(p)), dtype=np.int16)
+                      for p in (first[0], tmp_path / "b" / first[0].name))
+    assert np.abs(alone - batched).max() <= 1 and (alone != batched).mean() < 0.01
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     sample(trained_tiny, tmp_path / "c", sample_seed=100)
     assert (tmp_path / "c" / first[1].name).read_bytes() != first[1].read_bytes()
