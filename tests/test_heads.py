@@ -73,6 +73,41 @@ def test_jsrt_landmarks_load_and_the_head_outputs_one_map_per_landmark():
         landmark_layout(JSRT / "landmarks" / "JPCLN001.json", ["RL", "XX"])
 
 
+def test_written_landmarks_are_in_the_original_frame_close_to_the_truth(tmp_path):
+    """A head whose heatmaps peak at the true points (on the 32-px square) must write points within the 32-px
+    grid's rounding (16 px cells in the 512-px frame) of the JSRT truth."""
+    import json
+
+    from bundle.cli import jsrt_rows
+    from bundle.data import modality_preprocessing
+    from bundle.heads.frame import image_frame
+    from bundle.heads.inference import infer
+
+    from .conftest import ROOT
+
+    rows = [r for r in jsrt_rows(require(JSRT), "test") if r["landmark_file"]][:3]
+    size, names = 32, [["RL", 44], ["H", 26]]
+    maps = []
+    for row in rows:
+        points = np.round(image_frame(row, size).to_image(load_landmarks(row["landmark_file"], ["RL", "H"]))).astype(int)
+        heat = torch.zeros(len(points), size, size)
+        heat[torch.arange(len(points)), points[:, 0].clip(0, size - 1), points[:, 1].clip(0, size - 1)] = 1.0
+        maps.append(heat)
+
+    class Oracle(torch.nn.Module):
+        def forward(self, images):
+            return torch.stack([maps.pop(0) for _ in range(len(images))])
+
+    preprocessing = modality_preprocessing(ROOT / "configs/modality/cxr.json", image_size=size)
+    metrics = infer(Oracle(), {"task": "landmarks", "names": names, "image_size": size}, rows, preprocessing, tmp_path)
+    for row in rows:
+        written = json.loads((tmp_path / "landmarks" / f"{row['id']}.json").read_text())
+        truth = load_landmarks(row["landmark_file"], ["RL", "H"])
+        error = np.linalg.norm(np.asarray(written["RL"] + written["H"]) - truth, axis=1)
+        assert error.max() < 512 / size * 0.75 and error.mean() < 512 / size * 0.5, row["id"]
+    assert metrics["images"] == 3 and metrics["mre_px"] < 8
+
+
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """A tiny denoiser pre-trained without labels on 6 real JSRT training images, and their datalist rows."""
@@ -119,6 +154,11 @@ def test_pretrain_then_fine_tune_heads_on_real_images_loss_falls(pretrained):
                               DiceCELoss(sigmoid=True))):
         unet = workflow("heads/pretrain.json", "training", settings).parser.get_parsed_content("denoiser_def")()
         head = build_head(unet, data[0]["label"].shape[0], denoiser)
+        # the pre-trained denoiser's weights are in the fresh head (all but the new output layer)
+        saved = torch.load(denoiser, weights_only=True)["state_dict"]
+        fresh = head.unet.state_dict()
+        shared = [k for k in saved if k in fresh and saved[k].shape == fresh[k].shape]
+        assert len(shared) > 0.9 * len(saved) and all(torch.equal(fresh[k], saved[k]) for k in shared)
         losses = fine_tune(head, data, loss, iterations=40, batch_size=4, lr=1e-3)
         first, last = np.mean(losses[:5]), np.mean(losses[-5:])
         # heatmap cross-entropy starts at log(32 * 32) = 6.93 and cannot go below the targets' entropy

@@ -136,3 +136,29 @@ def test_command_line_shows_one_clear_error(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: No images were found in") and "dataset_dir" in last
     assert "Traceback" not in result.stderr
+
+
+def test_the_pool_cache_is_rebuilt_when_an_input_image_changes(trained_tiny, tmp_path, caplog):
+    import logging
+    import shutil
+
+    from PIL import Image
+
+    rows = list(csv.DictReader(open(trained_tiny["dataset_dir"])))[:2]
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for r in rows:
+        shutil.copy(r["image"], pool)
+    with caplog.at_level(logging.INFO):
+        sample(trained_tiny, tmp_path / "out", input_dir=str(pool))
+        caplog.clear()
+        sample(trained_tiny, tmp_path / "out", input_dir=str(pool), sample_seed=7)
+        assert "latent cache" in caplog.text and "up to date: reusing it" in caplog.text and "rebuilding" not in caplog.text
+        before = torch.load(tmp_path / "out" / ".pool" / "latents.pt", weights_only=True)["latents"].clone()
+        first = sorted(pool.glob("*.png"))[0]
+        Image.fromarray(255 - np.asarray(Image.open(first).convert("L"))).save(first)  # same name, other image
+        caplog.clear()
+        sample(trained_tiny, tmp_path / "out", input_dir=str(pool), sample_seed=8)
+    assert "was built from other images" in caplog.text
+    after = torch.load(tmp_path / "out" / ".pool" / "latents.pt", weights_only=True)["latents"]
+    assert not torch.allclose(before[0], after[0]) and torch.allclose(before[1], after[1], atol=1e-5)

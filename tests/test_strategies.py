@@ -208,8 +208,20 @@ def test_mask_files_from_the_datalist_drive_inpainting(trained_tiny, tmp_path):
     pool = tmp_path / "pool.csv"
     pool.write_text("image,mask,nodule\n" + "".join(f"{p},{JSRT / 'masks' / 'left_lung' / p.name},1\n" for p in images))
     sample(trained_tiny, tmp_path / "out", input_dir=str(pool), strategy="inpainting", num_samples=1,
-           label_columns=["nodule"])
+           label_columns=["nodule"], output_formats=["png16"])
     rows = read_manifest(tmp_path / "out")
+    # pixels change inside the mask file's region only (a transposed or shifted mask would change the other lung)
+    from bundle.data import read_mask
+
+    wf = workflow("inference.json", "sample", {**trained_tiny, "input_dir": str(pool), "num_inputs": 2})
+    preprocessing = wf.parser.get_parsed_content("preprocessing")
+    for row, image in zip(rows, images):
+        real = preprocessing({"image": str(image)})["image"][0].float()
+        out = torch.as_tensor(np.asarray(LoadImage(image_only=True)(str(tmp_path / "out" / row["image"]))).astype(np.float32))
+        inside = read_mask(str(JSRT / "masks" / "left_lung" / image.name), (32, 32))[0].bool()
+        grown = torch.nn.functional.max_pool2d(inside[None, None].float(), 3, 1, 1)[0, 0].bool()  # edge of the latent grid
+        torch.testing.assert_close(out[~grown] / 65535, real[~grown], atol=1 / 65535 + 1e-3, rtol=0)
+        assert (out[inside] / 65535 - real[inside]).abs().mean() > 0.02
     assert [json.loads(r["params"])["mask"] for r in rows] == [str(JSRT / "masks" / "left_lung" / p.name) for p in images]
     assert {r["nodule"] for r in rows} == {"1"}
     pool.write_text(f"image,mask\n{images[0]},{tmp_path / 'missing.png'}\n")
