@@ -9,7 +9,7 @@ install_excepthook()
 
 from . import (  # noqa: E402,F401
     autoencoder, cache, data, diffusion, dino, dino_pretrain, evaluation, heads, manifold, models, report, sampling,
-    transforms, workflow, writers, zero_shot,
+    transforms, validation, workflow, writers, zero_shot,
 )
 
 __version__ = "0.3.0"

@@ -28,6 +28,7 @@ from .cache import latent_cache
 from .data import output_stems, preprocessed_images
 from .diffusion import sample_latents, seeded_noise
 from .errors import BundleInputError
+from .validation import check_sampling_values
 from .io import atomic_path
 from .strategies import STRATEGIES, Pool, strategy_params
 from .writers import FORMATS, dicom_uid, write_image
@@ -150,30 +151,6 @@ def write_manifest(rows: list[dict[str, Any]], path: str | os.PathLike, label_co
 
 
 @torch.no_grad()
-def check_sampling_values(num_inference_steps: Any, guidance_scale: Any, batch_size: Any = 1,
-                          num_train_timesteps: int | None = None) -> None:
-    """Refuse sampling settings that cannot work, before the pool is encoded or anything is written."""
-    def number(name: str, value: Any, kind: type) -> Any:
-        try:
-            out = kind(value)
-        except (TypeError, ValueError):
-            raise BundleInputError(f"--{name} '{value}' is not a number: give e.g. {kind(3)}.") from None
-        if kind is int and out != float(value):
-            raise BundleInputError(f"--{name} {value} is not a whole number: give e.g. 50.")
-        return out
-
-    steps = number("num_inference_steps", num_inference_steps, int)
-    if steps < 1 or (num_train_timesteps is not None and steps > int(num_train_timesteps)):
-        raise BundleInputError(f"--num_inference_steps {num_inference_steps} is outside 1..{num_train_timesteps or 'the'} "
-                               "training steps: give e.g. 50.")
-    scale = number("guidance_scale", guidance_scale, float)
-    if not math.isfinite(scale) or scale < 0:
-        raise BundleInputError(f"--guidance_scale {guidance_scale} is negative or not finite: give 0 (unconditional), "
-                               "1 (conditional, no guidance) or more (e.g. 3).")
-    if number("sample_batch_size", batch_size, int) < 1:
-        raise BundleInputError(f"--sample_batch_size {batch_size} is not positive: give e.g. 8.")
-
-
 def generate(
     datalist: Sequence[dict[str, Any]],
     preprocessing: Callable,

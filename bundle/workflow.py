@@ -15,6 +15,7 @@ from ignite.engine import Events
 from ignite.handlers import ProgressBar
 
 from .errors import BundleInputError
+from .validation import number
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +59,7 @@ class TimeBudget:
 
     def __init__(self, seconds: float | str | None = None) -> None:
         value = optional_path(seconds)
-        self.seconds = None if value is None else float(value)
-        if self.seconds is not None and self.seconds <= 0:
-            raise BundleInputError(f"A time budget of {seconds} seconds is not positive: give seconds > 0 or null.")
+        self.seconds = None if value is None else number("max_seconds", value, float, 0, "600, or null", strictly=True)
         self.start = self.last = 0.0
         self.start_epoch = 0
 
@@ -125,12 +124,7 @@ def stage_seconds(minutes: float | str | None, stage: str, pretrain_dino: bool =
     value = optional_path(minutes)
     if value is None:
         return None
-    try:
-        total = float(value) * 60
-    except ValueError:
-        total = -1.0
-    if total <= 0:
-        raise BundleInputError(f"time_budget_minutes '{minutes}' is not a positive number: give e.g. 25, or null.")
+    total = 60 * number("time_budget_minutes", value, float, 0, "25, or null", strictly=True)
     return total * STAGE_SHARES[bool(pretrain_dino)][stage]
 
 
@@ -139,9 +133,7 @@ def set_threads(threads: int | str | None) -> None:
     value = optional_path(threads)
     if value is None:
         return
-    if not value.isdigit() or int(value) < 1:
-        raise BundleInputError(f"torch_threads '{threads}' is not a positive whole number: give e.g. 1, 2 or null.")
-    torch.set_num_threads(int(value))
+    torch.set_num_threads(number("torch_threads", value, int, 1, "1, 2 or null"))
 
 
 def stage_handlers(name: str, checkpoint_dir: str | os.PathLike, state: dict[str, Any], writer: Any,
@@ -174,22 +166,6 @@ def stage_handlers(name: str, checkpoint_dir: str | os.PathLike, state: dict[str
 def checkpoint_bytes(*networks: torch.nn.Module, copies: int = 4) -> int:
     """Bytes a stage's checkpoint of these networks takes: weights plus optimiser moments (and EMA) in float32."""
     return copies * 4 * sum(p.numel() for net in networks for p in net.parameters())
-
-
-def check_image_size(image_size: Any, downsampling: Sequence[int] = ()) -> int:
-    """``image_size`` as a whole number that every network's halvings divide (``downsampling``: levels - 1 each)."""
-    try:
-        size = int(image_size)
-        ok = size == float(image_size) and size > 0
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise BundleInputError(f"--image_size '{image_size}' is not a positive whole number: give e.g. 64.")
-    multiple = 2 ** sum(int(d) for d in downsampling)
-    if size % multiple:
-        raise BundleInputError(f"--image_size {size} cannot be halved {sum(downsampling)} times (autoencoder, then UNet): "
-                               f"give a multiple of {multiple}, e.g. {max(multiple, size // multiple * multiple)}.")
-    return size
 
 
 def preflight(datalist: Sequence[dict[str, Any]], dino_plan: Any, dino_model: str, dino_kwargs: dict | None = None,

@@ -99,7 +99,7 @@ def test_time_budget_plans_the_epochs_that_fit():
     assert 2 <= engine.state.epoch <= 4 and engine.state.max_epochs == engine.state.epoch
     assert stage_seconds(10, "autoencoder", False) == pytest.approx(210.0)
     assert stage_seconds(None, "diffusion") is None
-    with pytest.raises(BundleInputError, match="time_budget_minutes '-1' is not a positive number"):
+    with pytest.raises(BundleInputError, match="--time_budget_minutes -1 must be above 0"):
         stage_seconds(-1, "dino", True)
 
 

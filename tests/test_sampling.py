@@ -112,10 +112,10 @@ def test_missing_checkpoint_and_other_dino_are_refused(trained_tiny, tmp_path):
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("guidance_scale", -1, "--guidance_scale -1 is negative"),
-    ("num_inference_steps", 0, "--num_inference_steps 0 is outside 1..1000"),
+    ("guidance_scale", -1, "--guidance_scale -1 must be at least 0.0"),
+    ("num_inference_steps", 0, "--num_inference_steps 0 must be at least 1"),
     ("num_inference_steps", 2.5, "--num_inference_steps 2.5 is not a whole number"),
-    ("sample_batch_size", 0, "--sample_batch_size 0 is not positive"),
+    ("sample_batch_size", 0, "--sample_batch_size 0 must be at least 1"),
 ])
 def test_impossible_sampling_values_are_refused_before_any_work(trained_tiny, tmp_path, key, value, message):
     with pytest.raises(Exception) as err:

@@ -142,7 +142,7 @@ def test_yes_no_settings_accept_command_line_spellings():
 
 
 @pytest.mark.parametrize("size, message", [(63, "--image_size 63 cannot be halved 2 times .* give a multiple of 4, e.g. 60"),
-                                           ("abc", "--image_size 'abc' is not a positive whole number")])
+                                           ("abc", "--image_size 'abc' is not a number: give e.g. 64")])
 def test_an_image_size_the_networks_cannot_halve_is_refused_before_work(tmp_path, tiny_dataset, size, message):
     settings = {**tiny_settings(tmp_path, tiny_dataset), "image_size": size}
     with pytest.raises(Exception) as err:
