@@ -95,7 +95,8 @@ def test_evaluate_config_writes_json_markdown_and_closest_pairs(trained_tiny, tm
     assert set(result["feature_spaces"]) == {"dino", "pixels"}
     assert result["feature_spaces"]["dino"]["name"].startswith("dino:vit_tiny_patch16_224")
     for space in result["feature_spaces"].values():
-        assert space["frechet_distance"] >= 0 and 0 <= space["prdc"]["coverage"] <= 1
+        # samples of a 2-epoch model are far from the real images; the reference (real against itself) is 0
+        assert space["frechet_distance"] > 1e-2 and 0 <= space["prdc"]["coverage"] <= 1
         assert space["frechet_distance_train_reference"] == pytest.approx(0, abs=1e-4)  # train and real are one set here
     assert result["memorisation"]["test_to_train"]["min"] == pytest.approx(0)  # real == train: all are "copies"
     assert 0 < result["diversity_ms_ssim"]["real"] < 1 and 0 < result["reconstruction"]["psnr_db"]["mean"] < 60
