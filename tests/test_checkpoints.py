@@ -4,6 +4,7 @@ across restarts, and no non-finite state ever saved."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,3 +172,15 @@ def test_non_finite_losses_and_weights_stop_the_stage_and_are_never_saved(tmp_pa
     # weights that went non-finite without a NaN loss are refused by the saver itself
     with pytest.raises(BundleInputError, match=r"model: the weights became non-finite by epoch .*model.weight"):
         AtomicCheckpointSaver(tmp_path, {"model": model}, "model")(engine)
+
+
+def test_a_temporary_file_left_by_a_killed_write_is_removed_by_the_next_write(tmp_path):
+    from bundle.io import atomic_write
+
+    target = tmp_path / "stage_checkpoint_epoch=3.pt"
+    leftover = tmp_path / ".stage_checkpoint_epoch=3.pt.abc123.tmp"  # what SIGKILL during a write leaves
+    leftover.write_bytes(b"partial")
+    other = tmp_path / ".other.pt.abc123.tmp"
+    other.write_bytes(b"another file's write")
+    atomic_write(target, lambda tmp: Path(tmp).write_bytes(b"done"))
+    assert target.read_bytes() == b"done" and not leftover.exists() and other.exists()
