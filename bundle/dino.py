@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import socket
 from typing import Any, NamedTuple
@@ -19,7 +18,6 @@ from .data import hash_file, hash_json
 from .errors import BundleInputError
 
 TOKEN_MODES = ("cls", "cls+patch", "patch")
-logger = logging.getLogger(__name__)
 
 
 class WeightsPlan(NamedTuple):

@@ -3,7 +3,6 @@ evaluation (Fréchet distances, precision/recall, memorisation, the autoencoder'
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -14,8 +13,6 @@ from PIL import Image, ImageDraw
 from .data import apply_to_file
 from .io import atomic_write
 from .writers import to_display
-
-logger = logging.getLogger(__name__)
 
 
 def _tile(image: np.ndarray, size: int) -> Image.Image:

@@ -138,12 +138,12 @@ def set_threads(threads: int | str | None) -> None:
 
 def stage_handlers(name: str, checkpoint_dir: str | os.PathLike, state: dict[str, Any], writer: Any,
                    max_seconds: float | str | None = None, extra: Sequence[Any] = (),
-                   output_transform: Callable[[Any], dict[str, float]] = loss_terms, n_saved: int = 1) -> list[Any]:
+                   output_transform: Callable[[Any], dict[str, float]] = loss_terms) -> list[Any]:
     """The handlers every training stage has, in the order they must run.
 
     Resume from the newest readable checkpoint in ``checkpoint_dir`` when there is one (model, optimisers,
     trainer state: everything in ``state``), stop at a non-finite loss, save ``state`` there atomically after
-    every epoch (keeping ``n_saved``), log the epoch loss and every
+    every epoch (keeping the newest), log the epoch loss and every
     iteration's loss terms to TensorBoard, then the stage's ``extra`` handlers, then the time budget (last, so
     the epoch it stops at has been saved).
     """
@@ -154,18 +154,13 @@ def stage_handlers(name: str, checkpoint_dir: str | os.PathLike, state: dict[str
     handlers: list[Any] = [
         ResumeFromCheckpoint(checkpoint_dir, state, prefix=name),
         NonFiniteLossGuard(name),
-        AtomicCheckpointSaver(checkpoint_dir, state, prefix=name, n_saved=n_saved),
+        AtomicCheckpointSaver(checkpoint_dir, state, prefix=name),
         StatsHandler(iteration_log=False, tag_name=f"{name}_loss"),
         TensorBoardStatsHandler(summary_writer=writer, output_transform=output_transform),
         *[h for h in extra if h is not None],
         TimeBudget(max_seconds),
     ]
     return handlers
-
-
-def checkpoint_bytes(*networks: torch.nn.Module, copies: int = 4) -> int:
-    """Bytes a stage's checkpoint of these networks takes: weights plus optimiser moments (and EMA) in float32."""
-    return copies * 4 * sum(p.numel() for net in networks for p in net.parameters())
 
 
 def preflight(datalist: Sequence[dict[str, Any]], dino_plan: Any, dino_model: str, dino_kwargs: dict | None = None,
@@ -194,8 +189,10 @@ def preflight(datalist: Sequence[dict[str, Any]], dino_plan: Any, dino_model: st
         raise BundleInputError(f"perceptual_weights '{perceptual_weights}' is not a file: give the ResNet-50 weights "
                                "file, or --perceptual_weights null to download them, or --perceptual_weight 0.")
     if work_dir is not None:
-        # two checkpoints exist for a moment while one replaces the other; plus the exported models
-        need = sum(2 * checkpoint_bytes(factory()) + checkpoint_bytes(factory(), copies=1) for factory in networks)
+        # float32 bytes per parameter: a checkpoint holds weights, two optimiser moments and EMA (4 copies), two
+        # checkpoints exist for a moment while one replaces the other, and the exported model is one more copy
+        parameters = sum(p.numel() for factory in networks for p in factory().parameters())
+        need = 4 * (2 * 4 + 1) * parameters
         need += sum(len(datalist) * 4 * int(size) ** 2 for size in image_sizes)
         Path(str(work_dir)).mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(str(work_dir)).free

@@ -62,19 +62,15 @@ MARKERS = {"dino": "dino [", "autoencoder": "autoencoder [", "cache": "encode la
 
 
 def check(work: Path) -> dict:
-    """What a finished run must leave behind; returns the facts, raises nothing."""
+    """The facts a finished run leaves behind (an unreadable model file raises: the trial then fails)."""
     import torch
 
-    facts: dict = {}
-    temps = [str(p) for p in work.rglob("*.tmp")]
-    facts["temporary_files_left"] = temps
-    counts = {stage: len(checkpoint_files(work / "models" / "checkpoints" / stage)) for stage in EPOCHS}
-    facts["checkpoints_per_stage"] = counts
-    epochs = {}
+    facts: dict = {"temporary_files_left": [str(p) for p in work.rglob("*.tmp")],
+                   "checkpoints_per_stage": {}, "epochs_trained": {}}
     for stage in EPOCHS:
         files = checkpoint_files(work / "models" / "checkpoints" / stage)
-        epochs[stage] = int(files[-1].stem.split("=")[-1]) if files else None
-    facts["epochs_trained"] = epochs
+        facts["checkpoints_per_stage"][stage] = len(files)
+        facts["epochs_trained"][stage] = int(files[-1].stem.split("=")[-1]) if files else None
     for name in ("autoencoder", "diffusion"):
         torch.load(model_path(work, name), map_location="cpu", weights_only=True)  # readable
     report = json.loads((work / "report" / "evaluation.json").read_text())
@@ -118,8 +114,13 @@ def run_trial(dataset: Path, work: Path, kills: int, rng: random.Random, logs: P
     start = time.time()
     with open(logs / f"trial_{trial}_final.log", "w") as log:
         final = subprocess.run(command(dataset, work), stdout=log, stderr=subprocess.STDOUT)
+    seconds, facts, error = round(time.time() - start, 1), None, None
+    try:
+        facts = check(work) if final.returncode == 0 else None
+    except Exception as err:  # an unreadable or missing output fails the trial, it does not stop the script
+        error = f"{type(err).__name__}: {err}"
     return {"attempts": events, "kills": [e for e in events if e["killed"]], "final_returncode": final.returncode,
-            "final_seconds": round(time.time() - start, 1), "check": check(work) if final.returncode == 0 else None}
+            "final_seconds": seconds, "check": facts, "check_error": error}
 
 
 def main() -> None:
