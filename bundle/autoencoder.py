@@ -13,6 +13,7 @@ from torch import nn
 from .errors import BundleInputError
 from .io import atomic_torch_save
 from .models import load_weights
+from .performance import autocast, grad_scaler, step
 
 
 class LatentCodec(nn.Module):
@@ -93,6 +94,12 @@ class AutoencoderKLIteration:
         self.kl_weight, self.adv_weight, self.adv_warmup_epochs = kl_weight, adv_weight, adv_warmup_epochs
         self.perceptual_loss, self.perceptual_weight = perceptual_loss, perceptual_weight
         self.adv_loss = PatchAdversarialLoss(criterion="least_squares")
+        self._scalers: dict[str, Any] = {}  # fp16 gradient scalers, made on the first step (None otherwise)
+
+    def _scaler(self, engine, name: str) -> Any:
+        if name not in self._scalers:
+            self._scalers[name] = grad_scaler(engine)
+        return self._scalers[name]
 
     def __call__(self, engine, batchdata: dict[str, torch.Tensor]) -> dict[str, Any]:
         images = batchdata[CommonKeys.IMAGE].to(engine.state.device, non_blocking=engine.non_blocking)
@@ -101,32 +108,32 @@ class AutoencoderKLIteration:
         network.train()
 
         optimizer.zero_grad(set_to_none=True)
-        reconstruction, z_mu, z_sigma = network(images)
-        recon = engine.loss_function(reconstruction.float(), images)
-        kl = kl_loss(z_mu.float(), z_sigma.float())
-        loss = recon + self.kl_weight * kl
-        out = {"recon_loss": recon.item(), "kl_loss": kl.item()}
-        if self.perceptual_loss is not None and self.perceptual_weight > 0:
-            perceptual = self.perceptual_loss(reconstruction.float(), images)
-            loss = loss + self.perceptual_weight * perceptual
-            out["perceptual_loss"] = perceptual.item()
-        if adversarial:
-            logits_fake = self.discriminator(reconstruction.contiguous().float())[-1]
-            g_adv = self.adv_loss(logits_fake, target_is_real=True, for_discriminator=False)
-            loss = loss + self.adv_weight * g_adv
-            out["g_adv_loss"] = g_adv.item()
-        loss.backward()
-        optimizer.step()
+        with autocast(engine):
+            reconstruction, z_mu, z_sigma = network(images)
+            recon = engine.loss_function(reconstruction.float(), images)
+            kl = kl_loss(z_mu.float(), z_sigma.float())
+            loss = recon + self.kl_weight * kl
+            out = {"recon_loss": recon.item(), "kl_loss": kl.item()}
+            if self.perceptual_loss is not None and self.perceptual_weight > 0:
+                perceptual = self.perceptual_loss(reconstruction.float(), images)
+                loss = loss + self.perceptual_weight * perceptual
+                out["perceptual_loss"] = perceptual.item()
+            if adversarial:
+                logits_fake = self.discriminator(reconstruction.contiguous())[-1].float()
+                g_adv = self.adv_loss(logits_fake, target_is_real=True, for_discriminator=False)
+                loss = loss + self.adv_weight * g_adv
+                out["g_adv_loss"] = g_adv.item()
+        step(engine, loss, optimizer, self._scaler(engine, "autoencoder"))
 
         if adversarial:
             self.discriminator.train()
             self.d_optimizer.zero_grad(set_to_none=True)
-            logits_fake = self.discriminator(reconstruction.detach().contiguous().float())[-1]
-            logits_real = self.discriminator(images.contiguous())[-1]
-            d_loss = 0.5 * (self.adv_loss(logits_fake, target_is_real=False, for_discriminator=True)
-                            + self.adv_loss(logits_real, target_is_real=True, for_discriminator=True))
-            (self.adv_weight * d_loss).backward()
-            self.d_optimizer.step()
+            with autocast(engine):
+                logits_fake = self.discriminator(reconstruction.detach().contiguous())[-1].float()
+                logits_real = self.discriminator(images.contiguous())[-1].float()
+                d_loss = 0.5 * (self.adv_loss(logits_fake, target_is_real=False, for_discriminator=True)
+                                + self.adv_loss(logits_real, target_is_real=True, for_discriminator=True))
+            step(engine, self.adv_weight * d_loss, self.d_optimizer, self._scaler(engine, "discriminator"))
             out["d_loss"] = d_loss.item()
 
         out.update({CommonKeys.IMAGE: images, CommonKeys.PRED: reconstruction.detach(), CommonKeys.LOSS: loss.detach()})

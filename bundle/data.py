@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import glob
 import hashlib
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -16,7 +18,7 @@ from tqdm import tqdm
 
 from .constants import DEFAULT_DATA_DIR
 from .errors import BundleInputError
-from .io import atomic_torch_save
+from .io import atomic_path, atomic_torch_save
 
 logger = logging.getLogger(__name__)
 
@@ -241,10 +243,12 @@ def files_fingerprint(datalist: Sequence[dict[str, Any]]) -> str:
     return hash_json(stats)
 
 
-def load_or_build(path: str | os.PathLike, key: dict[str, str], build: Callable[[], dict], what: str) -> dict:
+def load_or_build(path: str | os.PathLike, key: dict[str, str], build: Callable[[], dict], what: str,
+                  complete: Callable[[dict], bool] | None = None) -> dict:
     """Return the cache at ``path`` if it was built from exactly ``key``; otherwise rebuild it (atomically).
 
-    ``key`` names each ingredient (images, transforms, autoencoder, ...) so that a rebuild says which changed.
+    ``key`` names each ingredient (images, transforms, autoencoder, ...) so that a rebuild says which changed;
+    ``complete`` checks what the cache refers to outside its own file (a cache that fails it is rebuilt).
     """
     path = Path(path)
     if path.exists():
@@ -254,11 +258,14 @@ def load_or_build(path: str | os.PathLike, key: dict[str, str], build: Callable[
             logger.warning("%s cache %s is unreadable (%s): rebuilding it.", what, path, err)
         else:
             old = cached.get("key", {})
-            if old == key:
+            if old == key and (complete is None or complete(cached)):
                 logger.info("%s cache %s is up to date: reusing it.", what, path)
                 return cached
-            changed = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
-            logger.info("%s cache %s was built from other %s: rebuilding it.", what, path, ", ".join(changed))
+            if old == key:
+                logger.warning("%s cache %s is incomplete (its data file is missing or short): rebuilding it.", what, path)
+            else:
+                changed = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
+                logger.info("%s cache %s was built from other %s: rebuilding it.", what, path, ", ".join(changed))
     built = build()
     built["key"] = dict(key)
     atomic_torch_save(built, path)
@@ -266,28 +273,81 @@ def load_or_build(path: str | os.PathLike, key: dict[str, str], build: Callable[
     return built
 
 
+PIXEL_DTYPE = torch.float16
+
+
+def write_pixels(datalist: Sequence[dict[str, Any]], transform: Callable, path: str | os.PathLike) -> list[int]:
+    """Preprocess image after image and append each one's float16 pixels to ``path`` (atomically): memory holds
+    one image at a time, whatever the number of images. Returns the shape of one image."""
+    shape = None
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        for row in tqdm(datalist, desc="load images", leave=False, dynamic_ncols=True):
+            image = np.asarray(apply_to_file(transform, row)["image"], dtype=np.float16)
+            if shape is None:
+                shape = image.shape
+            elif image.shape != shape:
+                raise BundleInputError(
+                    f"Preprocessing gave '{row.get('image')}' the shape {image.shape}, other images {shape}: the "
+                    "modality transforms must end in a fixed size (resize and pad to image_size)."
+                )
+            f.write(np.ascontiguousarray(image).tobytes())
+    return list(shape)
+
+
+def _pixel_file(cache_path: Path, key: dict[str, str]) -> Path:
+    return cache_path.with_name(f"{cache_path.stem}.{hash_json(key)[:16]}.f16")
+
+
 def preprocessed_images(datalist: Sequence[dict[str, Any]], transform: Callable, cache_path: str | os.PathLike) -> dict:
-    """Every image preprocessed once (float16, ``(N, 1, H, W)``) and cached on disk, with its source row."""
+    """Every image preprocessed once and cached on disk, with its source row; ``images`` is ``(N, 1, H, W)`` float16.
+
+    The pixels live in a raw file beside the cache, written image by image and memory-mapped when read: building
+    and using the cache take memory for one image, not for all of them (the operating system pages the file in
+    and out), which is what lets a large data set through on a small machine.
+    """
+    cache_path = Path(cache_path)
     key = {"images": files_fingerprint(datalist), "transforms": hash_json(describe(transform))}
+    pixels = _pixel_file(cache_path, key)
+    if not datalist:
+        raise BundleInputError("The datalist is empty: give at least one image.")
 
     def build() -> dict:
-        items = preprocess(datalist, transform, desc="load images")
-        shapes = {tuple(it["image"].shape) for it in items}
-        if len(shapes) > 1:
-            raise BundleInputError(
-                f"Preprocessing gave images of different shapes {sorted(shapes)}: the modality transforms must "
-                "end in a fixed size (resize and pad to image_size)."
-            )
-        images = torch.stack([torch.as_tensor(np.asarray(it["image"])) for it in items]).to(torch.float16)
+        shape = write_pixels(datalist, transform, pixels)
+        for stale in cache_path.parent.glob(f"{glob.escape(cache_path.stem)}.*.f16"):
+            if stale != pixels:
+                stale.unlink(missing_ok=True)
         rows = [{k: (str(v) if not isinstance(v, (int, float)) else v) for k, v in r.items()} for r in datalist]
-        return {"images": images, "rows": rows}
+        return {"pixels": pixels.name, "shape": [len(datalist), *shape], "rows": rows}
 
-    return load_or_build(cache_path, key, build, "image")
+    def complete(cache: dict) -> bool:
+        expected = math.prod(cache.get("shape", [0])) * PIXEL_DTYPE.itemsize
+        return cache.get("pixels") == pixels.name and pixels.is_file() and pixels.stat().st_size == expected > 0
+
+    cache = load_or_build(cache_path, key, build, "image", complete)
+    shape = cache["shape"]
+    images = torch.from_file(str(pixels), shared=False, size=math.prod(shape), dtype=PIXEL_DTYPE).view(shape)
+    return {**cache, "images": images}
 
 
-def image_items(cache: dict) -> list[dict[str, Any]]:
-    """The cached images as dataset items (float32 ``(1, H, W)`` tensors under ``image``)."""
-    return [{"image": img.float(), "source": row["image"]} for img, row in zip(cache["images"], cache["rows"])]
+class ImageItems(Sequence):
+    """The cached images as dataset items (float32 ``(1, H, W)`` tensors under ``image``), converted one at a
+    time as the data loader asks for them, so a data set never exists twice in memory."""
+
+    def __init__(self, cache: dict) -> None:
+        self.images, self.rows = cache["images"], cache["rows"]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return {"image": self.images[index].float(), "source": self.rows[index]["image"]}
+
+
+def image_items(cache: dict) -> ImageItems:
+    """The cached images as dataset items (see :class:`ImageItems`)."""
+    return ImageItems(cache)
 
 
 def modality_preprocessing(config_path: str | os.PathLike, **values: Any):

@@ -22,6 +22,7 @@ from torch import nn
 from .compat import ensure_torchvision_importable
 from .constants import IMAGENET_MEAN, IMAGENET_STD
 from .io import atomic_path, atomic_write_json
+from .performance import autocast, grad_scaler, step
 
 
 class DinoHead(nn.Module):
@@ -201,6 +202,7 @@ class DinoIteration:
         self.weight_decay, self.teacher_momentum, self.teacher_temp = weight_decay, teacher_momentum, teacher_temp
         self.teacher_temp_warmup_epochs = teacher_temp_warmup_epochs
         self.freeze_last_layer_epochs, self.clip_grad = freeze_last_layer_epochs, clip_grad
+        self._scaler: Any = False  # the fp16 gradient scaler, made on the first step (None when not needed)
 
     def schedules(self, iteration: int, epoch_length: int, max_epochs: int) -> dict[str, float]:
         """Every scheduled value at (0-based) ``iteration``."""
@@ -229,20 +231,25 @@ class DinoIteration:
             group["weight_decay"] = s["weight_decay"] if group.get("decay", True) else 0.0
 
         student.train()
-        with torch.no_grad():
-            teacher_out = self.teacher(crops[:2])
-        student_out = student(crops)
-        loss = self.loss(student_out, teacher_out, len(crops), s["teacher_temp"])
+        with autocast(engine):
+            with torch.no_grad():
+                teacher_out = self.teacher(crops[:2])
+            student_out = student(crops)
+            loss = self.loss(student_out.float(), teacher_out.float(), len(crops), s["teacher_temp"])
         if not torch.isfinite(loss):
             raise FloatingPointError(f"DINO loss is {loss.item()} at iteration {engine.state.iteration}: lower dino_lr.")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.clip_grad:
-            nn.utils.clip_grad_norm_(student.parameters(), self.clip_grad)
-        if engine.state.epoch <= self.freeze_last_layer_epochs:
-            for p in student.head.last_layer.parameters():
-                p.grad = None
-        optimizer.step()
+
+        def clip_and_freeze() -> None:
+            if self.clip_grad:
+                nn.utils.clip_grad_norm_(student.parameters(), self.clip_grad)
+            if engine.state.epoch <= self.freeze_last_layer_epochs:
+                for p in student.head.last_layer.parameters():
+                    p.grad = None
+
+        if self._scaler is False:
+            self._scaler = grad_scaler(engine)
+        step(engine, loss, optimizer, self._scaler, before_step=clip_and_freeze)
         update_teacher(self.teacher, student, s["teacher_momentum"])
         return {"loss": loss.detach(), **{k: torch.tensor(v) for k, v in s.items()}}
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bundle.data import (apply_to_file, build_datalist, default_data, find_images, modality_preprocessing,
+from bundle.data import (apply_to_file, build_datalist, default_data, find_images, image_items, modality_preprocessing,
                          preprocessed_images, read_datalist)
 from bundle.errors import BundleInputError
 
@@ -86,22 +86,43 @@ def test_image_cache_is_reused_and_rebuilt_when_a_file_changes(tmp_path, jsrt_im
     datalist = read_datalist(write_datalist(tmp_path / "list.csv", images))
     first = preprocessed_images(datalist, preprocessing, tmp_path / "images.pt")
     assert first["images"].shape == (3, 1, SIZE, SIZE) and first["images"].dtype == torch.float16
+    expected = torch.stack([torch.as_tensor(apply_to_file(preprocessing, r)["image"]) for r in datalist]).half()
+    assert torch.equal(first["images"], expected), "the cache holds each image's preprocessed pixels, in order"
+    pixel_files = list(tmp_path.glob("images.*.f16"))
+    assert len(pixel_files) == 1 and pixel_files[0].stat().st_size == 3 * SIZE * SIZE * 2
 
     import bundle.data
 
     calls = []
-    real = bundle.data.preprocess
-    monkeypatch.setattr(bundle.data, "preprocess", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = bundle.data.write_pixels
+    monkeypatch.setattr(bundle.data, "write_pixels", lambda *a, **k: calls.append(1) or real(*a, **k))
     again = preprocessed_images(datalist, preprocessing, tmp_path / "images.pt")
     assert calls == [] and torch.equal(again["images"], first["images"])
 
     shutil.copy(jsrt_images[5], images[1])  # same name, new content
     changed = preprocessed_images(datalist, preprocessing, tmp_path / "images.pt")
     assert calls == [1] and not torch.equal(changed["images"][1], first["images"][1])
+    assert torch.equal(changed["images"][0], first["images"][0])
+    assert len(list(tmp_path.glob("images.*.f16"))) == 1, "the pixel file of the old build is removed"
 
     resized = modality_preprocessing(ROOT / "configs/modality/cxr.json", image_size=32)
     assert preprocessed_images(datalist, resized, tmp_path / "images.pt")["images"].shape[-1] == 32
     assert calls == [1, 1]
+
+    # a cache whose pixel file is cut short (a full disk, a kill while copying) is rebuilt, not read past its end
+    pixel_file = next(tmp_path.glob("images.*.f16"))
+    pixel_file.write_bytes(pixel_file.read_bytes()[:100])
+    assert preprocessed_images(datalist, resized, tmp_path / "images.pt")["images"].shape == (3, 1, 32, 32)
+    assert calls == [1, 1, 1] and pixel_file.stat().st_size == 3 * 32 * 32 * 2
+
+
+def test_dataset_items_convert_one_image_at_a_time(tmp_path, jsrt_images, preprocessing):
+    datalist = read_datalist(write_datalist(tmp_path / "list.csv", jsrt_images[:4]))
+    cache = preprocessed_images(datalist, preprocessing, tmp_path / "images.pt")
+    items = image_items(cache)
+    assert len(items) == 4 and items[2]["image"].dtype == torch.float32
+    assert torch.equal(items[2]["image"], cache["images"][2].float()) and items[2]["source"] == datalist[2]["image"]
+    assert [it["source"] for it in items[1:3]] == [r["image"] for r in datalist[1:3]]
 
 
 # ---- bad input ------------------------------------------------------------------------------------------

@@ -1,0 +1,190 @@
+"""Speed settings: mixed precision, channels-last, compile and fused attention, the GPU profile's code path
+run on the CPU, and the DPM-Solver++ sampler against an exactly known denoiser."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from bundle.autoencoder import AutoencoderKLIteration
+from bundle.diffusion import make_sampler
+from bundle.errors import BundleInputError
+from bundle.performance import amp_dtype, amp_enabled, amp_kwargs, compiled
+
+from .conftest import tiny_settings, workflow
+
+SCHEDULE = dict(num_train_timesteps=1000, schedule="scaled_linear_beta", beta_start=0.0015, beta_end=0.0195)
+
+
+def test_amp_settings_name_their_dtype_and_stay_off_on_a_cpu(caplog):
+    assert amp_dtype("none") is None and amp_dtype("BF16") is torch.bfloat16 and amp_dtype("fp16") is torch.float16
+    assert amp_kwargs("bf16") == {"dtype": torch.bfloat16} and amp_kwargs("none") == {}
+    with pytest.raises(BundleInputError, match="amp 'fp8' is not known: choose none, bf16 or fp16"):
+        amp_dtype("fp8")
+    with caplog.at_level(logging.WARNING):
+        assert amp_enabled("fp16", "cpu") is False
+    assert "amp 'fp16' is a GPU setting" in caplog.text
+    assert amp_enabled("none", "cpu") is False
+
+
+def gpu256_settings(tmp_path, tiny_dataset, **extra) -> dict:
+    """The gpu256 profile (bf16, channels-last, fused attention, data workers) with its networks shrunk to run
+    on the CPU: the same code path, tiny sizes; DINO is the tiny ViT of the other tests."""
+    tiny = tiny_settings(tmp_path, tiny_dataset)
+    keep = ("dataset_dir", "work_dir", "dino_model", "dino_weights", "dino_kwargs", "num_inference_steps")
+    return {**{k: tiny[k] for k in keep}, "profile": "gpu256", "image_size": 32, "dino_input_size": 32,
+            "autoencoder_channels": [8, 8, 8, 8], "latent_channels": 4, "unet_channels": [8, 16, 16],
+            "unet_head_channels": 8, "unet_res_blocks": 1, "ae_batch_size": 4, "diffusion_batch_size": 4,
+            "dino_batch_size": 4, "num_workers": 1, "compile": False, "preview_interval": 0, **extra}
+
+
+def one_iteration(trainer) -> dict:
+    trainer.state.max_epochs, trainer.state.epoch_length = 1, 1
+    trainer.run()
+    return trainer.state.output
+
+
+def test_gpu_profile_code_path_runs_a_step_of_every_stage_on_cpu(tmp_path, tiny_dataset):
+    settings = gpu256_settings(tmp_path, tiny_dataset, adv_warmup_epochs=0)
+    wf = workflow("train.json", "cache", settings)
+    get = wf.parser.get_parsed_content
+    assert get("amp") == "bf16" and get("amp_on") is False  # a GPU setting: float32 on the CPU
+    unet, autoencoder = get("unet"), get("autoencoder")
+    assert any(m.use_flash_attention for m in unet.modules() if hasattr(m, "use_flash_attention"))
+    conv = next(m for m in unet.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    assert get("ae_loader").num_workers == 1 and get("ae_loader").persistent_workers
+
+    before = {k: v.clone() for k, v in autoencoder.state_dict().items()}
+    out = one_iteration(get("ae_trainer"))
+    assert torch.isfinite(out["loss"]) and "d_loss" in out
+    assert any(not torch.equal(before[k], v) for k, v in autoencoder.state_dict().items())
+
+    get("ae_export")()
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    out = one_iteration(get("diffusion_trainer"))
+    assert torch.isfinite(out["loss"])
+    assert any(not torch.equal(before[k], v) for k, v in unet.state_dict().items())
+
+    dino = workflow("train.json", "train_dino", {**settings, "dino_batch_size": 4})
+    out = one_iteration(dino.parser.get_parsed_content("dino_trainer"))
+    assert torch.isfinite(out["loss"])
+
+
+def test_compiled_and_eager_training_steps_agree(tmp_path, tiny_dataset):
+    """torch.compile (inductor, this machine's C++ compiler) against eager on the configured UNet: the same
+    loss and the same updated weights from the same start and batch."""
+    wf = workflow("train.json", "cache", gpu256_settings(tmp_path, tiny_dataset))
+    get = wf.parser.get_parsed_content
+    unet = get("unet")
+    twin = copy.deepcopy(unet)
+    torch.manual_seed(0)
+    x, t, context = torch.randn(4, 4, 4, 4), torch.randint(0, 1000, (4,)), torch.randn(4, 1, 192)
+    target = torch.randn(4, 4, 4, 4)
+    results = []
+    for network, runner in ((unet, compiled(unet, True)), (twin, compiled(twin, False))):
+        optimizer = torch.optim.AdamW(network.parameters(), lr=1e-3)
+        loss = torch.nn.functional.mse_loss(runner(x, t, context=context), target)
+        loss.backward()
+        optimizer.step()
+        results.append((loss.item(), network.state_dict()))
+    assert type(compiled(unet, True)).__name__ == "OptimizedModule" and compiled(unet, False) is unet
+    (loss_c, state_c), (loss_e, state_e) = results
+    assert loss_c == pytest.approx(loss_e, rel=1e-4)
+    assert list(state_c) == list(state_e), "compiling keeps the weights' names"
+    for key in state_e:
+        torch.testing.assert_close(state_c[key], state_e[key], rtol=1e-3, atol=1e-4)
+
+
+def test_autoencoder_step_under_autocast_and_gradient_scaling_trains(tmp_path):
+    """The bundle's own iteration under fp16 autocast with a gradient scaler (what a GPU run does), on the CPU."""
+    from monai.networks.nets import AutoencoderKL, PatchDiscriminator
+
+    torch.manual_seed(0)
+    autoencoder = AutoencoderKL(spatial_dims=2, in_channels=1, out_channels=1, channels=[8, 8], latent_channels=2,
+                                num_res_blocks=1, norm_num_groups=8, attention_levels=[False, False],
+                                with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False)
+    discriminator = PatchDiscriminator(spatial_dims=2, num_layers_d=2, channels=8, in_channels=1, out_channels=1)
+    d_optimizer = torch.optim.Adam(discriminator.parameters(), 1e-3)
+    iteration = AutoencoderKLIteration(discriminator, d_optimizer, adv_warmup_epochs=0)
+    engine = SimpleNamespace(network=autoencoder, optimizer=torch.optim.Adam(autoencoder.parameters(), 1e-3),
+                             loss_function=torch.nn.L1Loss(), non_blocking=False, amp=True,
+                             amp_kwargs={"dtype": torch.float16},
+                             state=SimpleNamespace(device=torch.device("cpu"), epoch=1))
+    images = torch.rand(2, 1, 16, 16)
+    seen = []
+    autoencoder.decoder.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    before = copy.deepcopy(autoencoder.state_dict())
+    out = iteration(engine, {"image": images})
+    assert seen == [torch.float16], "the forward pass ran under fp16 autocast"
+    assert set(iteration._scalers) == {"autoencoder", "discriminator"}
+    assert all(type(s).__name__ == "GradScaler" for s in iteration._scalers.values())
+    assert torch.isfinite(out["loss"]) and out["pred"].shape == images.shape
+    assert any(not torch.equal(before[k], v) for k, v in autoencoder.state_dict().items())
+    engine.amp_kwargs = {"dtype": torch.bfloat16}
+    assert AutoencoderKLIteration(discriminator, d_optimizer)._scaler(engine, "autoencoder") is None
+
+
+def gaussian_sample(sampler: str, steps: int, prediction_type: str, std: float = 0.5, mean: float = 0.3):
+    """Sample N(mean, std^2) data with the exact denoiser of that Gaussian (known in closed form)."""
+    scheduler = make_sampler(sampler, prediction_type=prediction_type, **SCHEDULE)
+    scheduler.set_timesteps(steps)
+    x = torch.randn(20000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for t in scheduler.timesteps:
+        alpha_bar = scheduler.alphas_cumprod[int(t)].double()
+        a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+        clean = mean + a * std**2 / (a**2 * std**2 + s**2) * (x - a * mean)
+        eps = (x - a * clean) / s
+        output = eps if prediction_type == "epsilon" else a * eps - s * clean
+        x = scheduler.step(output.float(), t, x.float())[0].double()
+    return x
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_dpm_solver_reaches_the_converged_trajectory_in_ten_steps(prediction_type):
+    reference = gaussian_sample("ddim", 1000, prediction_type)
+    assert reference.std().item() == pytest.approx(0.5, abs=0.01) and reference.mean().item() == pytest.approx(0.3, abs=0.02)
+    dpm = (gaussian_sample("dpmpp_2m", 10, prediction_type) - reference).abs().mean().item()
+    ddim = (gaussian_sample("ddim", 10, prediction_type) - reference).abs().mean().item()
+    assert dpm < 0.01 and ddim > 0.03, (dpm, ddim)
+
+
+def test_dpm_solver_timesteps_and_bad_use():
+    scheduler = make_sampler("dpmpp_2m", prediction_type="epsilon", **SCHEDULE)
+    scheduler.set_timesteps(20)
+    steps = scheduler.timesteps.tolist()
+    assert len(steps) == 20 and steps[0] == 999 and steps == sorted(steps, reverse=True) and steps[-1] > 0
+    with pytest.raises(ValueError, match="timestep 500 is not one of this scheduler's timesteps"):
+        scheduler.step(torch.zeros(1), 500, torch.zeros(1))
+    with pytest.raises(ValueError, match="num_inference_steps 0 must be between 1 and 1000"):
+        scheduler.set_timesteps(0)
+    with pytest.raises(BundleInputError, match="Sampler 'dpm' is not known"):
+        make_sampler("dpm", prediction_type="epsilon", **SCHEDULE)
+
+
+def test_augmentations_run_without_metadata_tracking_and_restore_it():
+    from monai.data import MetaTensor, get_track_meta
+    from monai.transforms import RandAffined
+
+    from bundle.dino_pretrain import multi_crop
+    from bundle.transforms import WithoutMeta
+
+    image = MetaTensor(torch.rand(1, 32, 32))
+    crops = WithoutMeta(multi_crop(32, 16, 2))({"image": image, "source": "x.png"})
+    assert sorted(crops) == ["crop_0", "crop_1", "crop_2", "crop_3"]
+    assert all(type(c) is torch.Tensor for c in crops.values()) and crops["crop_3"].shape == (1, 16, 16)
+    assert get_track_meta() is True, "tracking is back on for whatever runs next"
+    affine = RandAffined(keys="image", prob=1.0, rotate_range=0.5)
+    assert isinstance(affine({"image": image})["image"], MetaTensor)
+    assert type(WithoutMeta(affine)({"image": image})["image"]) is torch.Tensor
+
+    def failing(_):
+        raise RuntimeError("bad crop")
+
+    with pytest.raises(RuntimeError, match="bad crop"):
+        WithoutMeta(failing)({})
+    assert get_track_meta() is True
