@@ -13,7 +13,7 @@ from torch import nn
 from .errors import BundleInputError
 from .io import atomic_torch_save
 from .models import load_weights
-from .performance import autocast, grad_scaler, step
+from .performance import autocast, autocast_dtype, grad_scaler, step
 
 
 class LatentCodec(nn.Module):
@@ -89,8 +89,9 @@ class AutoencoderKLIteration:
         adv_warmup_epochs: int = 5,
         perceptual_loss: Callable | None = None,
         perceptual_weight: float = 0.0,
+        amp: str | None = None,
     ) -> None:
-        self.discriminator, self.d_optimizer = discriminator, d_optimizer
+        self.discriminator, self.d_optimizer, self.amp = discriminator, d_optimizer, amp
         self.kl_weight, self.adv_weight, self.adv_warmup_epochs = kl_weight, adv_weight, adv_warmup_epochs
         self.perceptual_loss, self.perceptual_weight = perceptual_loss, perceptual_weight
         self.adv_loss = PatchAdversarialLoss(criterion="least_squares")
@@ -98,17 +99,18 @@ class AutoencoderKLIteration:
 
     def _scaler(self, engine, name: str) -> Any:
         if name not in self._scalers:
-            self._scalers[name] = grad_scaler(engine)
+            self._scalers[name] = grad_scaler(autocast_dtype(self.amp, engine.state.device), engine.state.device)
         return self._scalers[name]
 
     def __call__(self, engine, batchdata: dict[str, torch.Tensor]) -> dict[str, Any]:
         images = batchdata[CommonKeys.IMAGE].to(engine.state.device, non_blocking=engine.non_blocking)
         network, optimizer = engine.network, engine.optimizer
         adversarial = self.adv_weight > 0 and engine.state.epoch > self.adv_warmup_epochs
+        dtype = autocast_dtype(self.amp, engine.state.device)
         network.train()
 
         optimizer.zero_grad(set_to_none=True)
-        with autocast(engine):
+        with autocast(engine.state.device, dtype):
             reconstruction, z_mu, z_sigma = network(images)
             recon = engine.loss_function(reconstruction.float(), images)
             kl = kl_loss(z_mu.float(), z_sigma.float())
@@ -128,7 +130,7 @@ class AutoencoderKLIteration:
         if adversarial:
             self.discriminator.train()
             self.d_optimizer.zero_grad(set_to_none=True)
-            with autocast(engine):
+            with autocast(engine.state.device, dtype):
                 logits_fake = self.discriminator(reconstruction.detach().contiguous())[-1].float()
                 logits_real = self.discriminator(images.contiguous())[-1].float()
                 d_loss = 0.5 * (self.adv_loss(logits_fake, target_is_real=False, for_discriminator=True)

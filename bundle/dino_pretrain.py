@@ -22,7 +22,7 @@ from torch import nn
 from .compat import ensure_torchvision_importable
 from .constants import IMAGENET_MEAN, IMAGENET_STD
 from .io import atomic_path, atomic_write_json
-from .performance import autocast, grad_scaler, step
+from .performance import autocast, autocast_dtype, grad_scaler, step
 
 
 class DinoHead(nn.Module):
@@ -196,8 +196,9 @@ class DinoIteration:
         teacher_temp_warmup_epochs: int = 30,
         freeze_last_layer_epochs: int = 1,
         clip_grad: float = 3.0,
+        amp: str | None = None,
     ) -> None:
-        self.teacher, self.loss = teacher, loss
+        self.teacher, self.loss, self.amp = teacher, loss, amp
         self.lr, self.min_lr, self.warmup_epochs = lr, min_lr, warmup_epochs
         self.weight_decay, self.teacher_momentum, self.teacher_temp = weight_decay, teacher_momentum, teacher_temp
         self.teacher_temp_warmup_epochs = teacher_temp_warmup_epochs
@@ -230,8 +231,9 @@ class DinoIteration:
             group["lr"] = s["lr"]
             group["weight_decay"] = s["weight_decay"] if group.get("decay", True) else 0.0
 
+        dtype = autocast_dtype(self.amp, device)
         student.train()
-        with autocast(engine):
+        with autocast(device, dtype):
             with torch.no_grad():
                 teacher_out = self.teacher(crops[:2])
             student_out = student(crops)
@@ -248,7 +250,7 @@ class DinoIteration:
                     p.grad = None
 
         if self._scaler is False:
-            self._scaler = grad_scaler(engine)
+            self._scaler = grad_scaler(dtype, device)
         step(engine, loss, optimizer, self._scaler, before_step=clip_and_freeze)
         update_teacher(self.teacher, student, s["teacher_momentum"])
         return {"loss": loss.detach(), **{k: torch.tensor(v) for k, v in s.items()}}

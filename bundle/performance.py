@@ -1,8 +1,8 @@
 """Speed settings of a profile: mixed precision, channels-last memory layout and ``torch.compile``.
 
-Measured on two AVX2 CPU cores (docs/results/performance.md) none of them speeds up a training step, so the CPU
-profile leaves them off; the GPU profiles switch them on. Every setting keeps the weights and their names as
-they are, so checkpoints and exported models do not depend on it.
+Measured on two CPU cores (docs/results/performance.md), channels-last, compile and fused attention did not speed
+up a training step; bf16 autocast did, on a CPU with bf16 instructions. Every setting keeps the weights and
+their names as they are, so checkpoints and exported models do not depend on it.
 """
 
 from __future__ import annotations
@@ -30,18 +30,32 @@ def amp_dtype(amp: str | None) -> torch.dtype | None:
     return AMP_DTYPES[key]
 
 
-def amp_enabled(amp: str | None, device: Any) -> bool:
-    """Whether the trainers run under autocast: only on a GPU. MONAI's trainers autocast CUDA only, and a CPU
-    without bf16 units (this one) is slower in reduced precision, so on a CPU the setting is said and ignored."""
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX512-BF16 / AMX) that oneDNN uses for bf16 convolutions and GEMMs."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def autocast_dtype(amp: str | None, device: Any) -> torch.dtype | None:
+    """The dtype training autocasts to on ``device``, or None (float32): any amp setting on a GPU; bf16 on a CPU
+    with bf16 instructions; otherwise the setting is said once in the log and ignored."""
     dtype = amp_dtype(amp)
-    if dtype is None:
-        return False
-    if torch.device(device).type != "cuda":
-        if amp not in _WARNED:
-            _WARNED.add(amp)
-            logger.warning("amp '%s' is a GPU setting: on %s the trainers run in float32.", amp, device)
-        return False
-    return True
+    kind = torch.device(device).type
+    if dtype is None or kind == "cuda" or (kind == "cpu" and dtype is torch.bfloat16 and cpu_has_bf16()):
+        return dtype
+    if amp not in _WARNED:
+        _WARNED.add(amp)
+        logger.warning("amp '%s' cannot run on %s (fp16 is a GPU setting; bf16 needs a GPU or a CPU with bf16 "
+                       "instructions): training in float32.", amp, device)
+    return None
+
+
+def amp_enabled(amp: str | None, device: Any) -> bool:
+    """MONAI's trainer flag: its trainers autocast CUDA only (and add a gradient scaler); on a CPU the bundle
+    autocasts the network itself (:func:`training_network`)."""
+    return torch.device(device).type == "cuda" and autocast_dtype(amp, device) is not None
 
 
 def amp_kwargs(amp: str | None) -> dict[str, Any]:
@@ -75,14 +89,51 @@ def compiled(network: nn.Module, enabled: bool = False) -> nn.Module:
 
 
 @contextlib.contextmanager
-def autocast(engine: Any) -> Iterator[None]:
-    """Autocast for the bundle's own iteration functions, as MONAI's trainers do it: on when the trainer's
-    ``amp`` is, with its ``amp_kwargs``, on the trainer's device."""
-    if getattr(engine, "amp", False):
-        with torch.autocast(torch.device(engine.state.device).type, **(engine.amp_kwargs or {})):
-            yield
-    else:
+def autocast(device: Any, dtype: torch.dtype | None) -> Iterator[None]:
+    """``torch.autocast`` on ``device`` to ``dtype``; nothing when ``dtype`` is None."""
+    if dtype is None:
         yield
+    else:
+        with torch.autocast(torch.device(device).type, dtype=dtype):
+            yield
+
+
+def _to_float(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.float()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_float(v) for v in value)
+    return value
+
+
+class Autocast(nn.Module):
+    """``module`` run under autocast to ``dtype``, its floating outputs returned in float32 (losses stay float32).
+    Attributes the wrapper lacks are looked up on ``module``."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.module, self.dtype = module, dtype
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        device = next(self.module.parameters()).device
+        with torch.autocast(device.type, dtype=self.dtype):
+            return _to_float(self.module(*args, **kwargs))
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+def training_network(network: nn.Module, amp: str | None, device: Any, compile: bool = False) -> nn.Module:
+    """The network as a MONAI trainer runs it: under bf16 autocast on a CPU that has bf16 (on a GPU, MONAI's
+    trainer autocasts), then compiled when asked. It shares the parameters of ``network``, which checkpoints,
+    EMA and export keep using."""
+    dtype = autocast_dtype(amp, device)
+    if dtype is not None and torch.device(device).type != "cuda":
+        network = Autocast(network, dtype)
+    return compiled(network, compile)
 
 
 def step(engine: Any, loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: Any = None,
@@ -103,8 +154,6 @@ def step(engine: Any, loss: torch.Tensor, optimizer: torch.optim.Optimizer, scal
     scaler.update()
 
 
-def grad_scaler(engine: Any) -> Any:
-    """A gradient scaler for fp16 training on the engine's device (None otherwise: bf16 and float32 need none)."""
-    if not getattr(engine, "amp", False) or (engine.amp_kwargs or {}).get("dtype") is not torch.float16:
-        return None
-    return torch.amp.GradScaler(torch.device(engine.state.device).type)
+def grad_scaler(dtype: torch.dtype | None, device: Any) -> Any:
+    """A gradient scaler for fp16 training on ``device`` (None otherwise: bf16 and float32 need none)."""
+    return torch.amp.GradScaler(torch.device(device).type) if dtype is torch.float16 else None

@@ -16,7 +16,9 @@ about speed. Timed iterations follow warm-up iterations (which include any compi
 - ``diffusion_reencode``: the same step when every batch is loaded, preprocessed and encoded again (the
   Model Zoo latent diffusion bundles' loop);
 - ``sampling``: the bundle's sampler (batched classifier-free guidance) + decoding, with the configured sampler;
-- ``sampling_monai``: MONAI's stock ``LatentDiffusionInferer.sample`` on the same networks, scheduler and steps;
+- ``sampling_monai``: MONAI's stock ``LatentDiffusionInferer.sample`` with its DDIM scheduler on the same networks
+  and steps; ``sampling_monai_ddim50``: the same at 50 DDIM steps, which a 20-step DPM-Solver++ matches in
+  accuracy (docs/results/samplers.md);
 - ``head``: one few-shot landmark fine-tuning step (needs ../shared/data/jsrt; skipped without it).
 
 Prints a Markdown table and writes ``<out>.json`` and ``<out>.md``. Any ``--key value`` after ``--`` overrides
@@ -40,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 STAGES = ("image_cache", "autoencoder", "latent_cache", "dino", "diffusion", "diffusion_reencode", "sampling",
-          "sampling_monai", "head")
+          "sampling_monai", "sampling_monai_ddim50", "head")
 
 
 # ---- one stage, in its own process -----------------------------------------------------------------------
@@ -178,11 +180,42 @@ def _diffusion_parts(args):
     return get
 
 
+# dense bf16 tensor-core peaks (TFLOP/s, without sparsity) of GPUs the GPU profiles are sized for
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A6000": 155.0}
+
+
+def unet_step_flops(get) -> float:
+    """Floating-point operations of one UNet training step (forward + backward) at the configured batch."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet, device, batch = get("unet"), get("device"), get("diffusion_batch_size")
+    tokens = get("latent_cache")["tokens"]
+    latents = torch.randn(batch, *get("latent_shape"), device=device)
+    context = torch.randn(batch, *tokens.shape[1:], device=device)
+    timesteps = torch.randint(0, 1000, (batch,), device=device)
+    with FlopCounterMode(display=False) as counter:
+        unet(latents, timesteps, context=context).float().pow(2).mean().backward()
+    unet.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
 def stage_diffusion(args) -> dict:
+    import torch
+
     get = _diffusion_parts(args)
     ema = get("ema")
     times = _run_trainer(get("diffusion_trainer"), args.warmup, args.iterations, extra=[ema] if ema else [])
-    return {"batch_size": get("diffusion_batch_size"), "seconds": times}
+    flops = unet_step_flops(get)
+    median = sorted(times)[len(times) // 2]
+    result = {"batch_size": get("diffusion_batch_size"), "seconds": times,
+              "unet_step_tflop": round(flops / 1e12, 4), "achieved_tflops": round(flops / median / 1e12, 4)}
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+        if peak:
+            result["fraction_of_bf16_peak"] = round(flops / median / 1e12 / peak, 3)
+    return result
 
 
 def stage_diffusion_reencode(args) -> dict:
@@ -243,14 +276,14 @@ def stage_sampling(args) -> dict:
     return {"batch_size": batch, "seconds": times, "num_inference_steps": steps, "sampler": get("sampler")}
 
 
-def stage_sampling_monai(args) -> dict:
+def stage_sampling_monai(args, steps: int | None = None) -> dict:
     import torch
     from monai.inferers import LatentDiffusionInferer
 
     from bundle.diffusion import make_sampler, seeded_noise
 
     get, device, codec, unet, batch, context = _sampling_parts(args)
-    steps, guidance = get("num_inference_steps"), get("guidance_scale")
+    steps, guidance = steps or get("num_inference_steps"), get("guidance_scale")
     scheduler = make_sampler("ddim", **get("noise_schedule_settings"))
     scheduler.set_timesteps(steps, device=device)
     inferer = LatentDiffusionInferer(scheduler, scale_factor=float(codec.scale_factor))
@@ -264,6 +297,12 @@ def stage_sampling_monai(args) -> dict:
 
     times = _timed_loop(step, 1, max(1, args.iterations // 4))
     return {"batch_size": batch, "seconds": times, "num_inference_steps": steps, "sampler": "ddim"}
+
+
+def stage_sampling_monai_ddim50(args) -> dict:
+    """MONAI's inferer with DDIM at 50 steps: as close to a converged 200-step trajectory as the bundle's
+    default (DPM-Solver++ at 20 steps) is, or less (docs/results/samplers.md)."""
+    return stage_sampling_monai(args, 50)
 
 
 def stage_head(args) -> dict:
@@ -339,15 +378,24 @@ def markdown(results: list[dict], info: dict) -> str:
             lines.append(f"| {r['stage']} | | skipped: {r['skipped']} | | | |")
             continue
         per = "whole run" if r["per"] == "run" else f"{r['seconds_median']:.3f}"
-        lines.append(f"| {r['stage']} | {r['batch_size']} | {per} | {r['images_per_second']:.1f} | "
+        name = f"{r['stage']} ({r['sampler']}, {r['num_inference_steps']} steps)" if "sampler" in r else r["stage"]
+        lines.append(f"| {name} | {r['batch_size']} | {per} | {r['images_per_second']:.1f} | "
                      f"{r['peak_rss_mib']:.0f} | {r.get('peak_gpu_mib', '-')} |")
     ratios = {r["stage"]: r["images_per_second"] for r in results if "images_per_second" in r}
+    for r in results:
+        if "achieved_tflops" in r:
+            peak = (f", {100 * r['fraction_of_bf16_peak']:.0f}% of the GPU's dense bf16 peak"
+                    if "fraction_of_bf16_peak" in r else "")
+            lines.append(f"\nThe UNet step ({r['unet_step_tflop'] * 1000:.1f} GFLOP forward + backward) runs at "
+                         f"{r['achieved_tflops'] * 1000:.1f} GFLOP/s{peak}.")
     if "diffusion" in ratios and "diffusion_reencode" in ratios:
         lines.append(f"\nStage 2 from the cache is {ratios['diffusion'] / ratios['diffusion_reencode']:.1f}x the "
                      "re-encoding loop.")
-    if "sampling" in ratios and "sampling_monai" in ratios:
-        lines.append(f"The bundle's sampler is {ratios['sampling'] / ratios['sampling_monai']:.2f}x MONAI's "
-                     "LatentDiffusionInferer.sample.")
+    for name, what in (("sampling_monai", "at the same number of steps"),
+                       ("sampling_monai_ddim50", "with DDIM at 50 steps")):
+        if "sampling" in ratios and name in ratios:
+            lines.append(f"The bundle's sampler is {ratios['sampling'] / ratios[name]:.2f}x MONAI's "
+                         f"LatentDiffusionInferer.sample {what}.")
     return "\n".join(lines) + "\n"
 
 

@@ -22,4 +22,4 @@ for stage in train_autoencoder cache train_diffusion; do
   echo "$stage $SECONDS" >> "$WORK/stage_seconds.txt"
 done
 $PY scripts/evaluate_foundation.py --work_dir "$WORK" --test "$WORK/test.csv" --out "$OUT"
-$PY scripts/benchmark_cache.py --out "$OUT/cache_benchmark.json" --profile configs/profiles/cpu64.json -- "${ARGS[@]}"
+$PY scripts/benchmark.py --profile cpu64 --stages diffusion diffusion_reencode --work_dir "$WORK" --out "$OUT/cache_benchmark" -- "${ARGS[@]}"

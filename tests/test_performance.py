@@ -13,7 +13,8 @@ import torch
 from bundle.autoencoder import AutoencoderKLIteration
 from bundle.diffusion import make_sampler
 from bundle.errors import BundleInputError
-from bundle.performance import amp_dtype, amp_enabled, amp_kwargs, compiled
+from bundle.performance import (Autocast, amp_dtype, amp_enabled, amp_kwargs, autocast_dtype, compiled, cpu_has_bf16,
+                                grad_scaler, step, training_network)
 
 from .conftest import tiny_settings, workflow
 
@@ -26,9 +27,36 @@ def test_amp_settings_name_their_dtype_and_stay_off_on_a_cpu(caplog):
     with pytest.raises(BundleInputError, match="amp 'fp8' is not known: choose none, bf16 or fp16"):
         amp_dtype("fp8")
     with caplog.at_level(logging.WARNING):
-        assert amp_enabled("fp16", "cpu") is False
-    assert "amp 'fp16' is a GPU setting" in caplog.text
-    assert amp_enabled("none", "cpu") is False
+        assert autocast_dtype("fp16", "cpu") is None
+    assert "amp 'fp16' cannot run on cpu" in caplog.text
+    assert amp_enabled("bf16", "cpu") is False, "MONAI's trainers autocast CUDA only: the bundle does it on a CPU"
+    assert autocast_dtype("bf16", "cpu") is (torch.bfloat16 if cpu_has_bf16() else None)
+    assert autocast_dtype("fp16", "cuda") is torch.float16 and amp_enabled("bf16", "cuda")
+    network = torch.nn.Linear(4, 4)
+    assert training_network(network, "none", "cpu") is network
+
+
+def test_autocast_wrapper_runs_bf16_inside_and_returns_float32():
+    network = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+    wrapped = Autocast(network, torch.bfloat16)
+    seen = []
+    network[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    out = wrapped(torch.randn(2, 8))
+    assert seen == [torch.bfloat16] and out.dtype == torch.float32
+    assert getattr(wrapped, "0") is network[0], "attributes the wrapper lacks come from the network"
+    assert list(wrapped.parameters()) == list(network.parameters())
+
+
+def test_fp16_gradient_scaler_steps_and_skips_non_finite_gradients():
+    assert grad_scaler(torch.bfloat16, "cpu") is None and grad_scaler(None, "cpu") is None
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    scaler = grad_scaler(torch.float16, "cpu")
+    step(None, (weight * 2).sum(), optimizer, scaler)
+    torch.testing.assert_close(weight.detach(), torch.full((3,), 0.8))  # unscaled gradient 2, lr 0.1
+    optimizer.zero_grad()
+    step(None, (weight * float("inf")).sum(), optimizer, scaler)
+    torch.testing.assert_close(weight.detach(), torch.full((3,), 0.8)), "an overflowing step is skipped"
 
 
 def gpu256_settings(tmp_path, tiny_dataset, **extra) -> dict:
@@ -52,7 +80,7 @@ def test_gpu_profile_code_path_runs_a_step_of_every_stage_on_cpu(tmp_path, tiny_
     settings = gpu256_settings(tmp_path, tiny_dataset, adv_warmup_epochs=0)
     wf = workflow("train.json", "cache", settings)
     get = wf.parser.get_parsed_content
-    assert get("amp") == "bf16" and get("amp_on") is False  # a GPU setting: float32 on the CPU
+    assert get("amp") == "bf16" and get("amp_on") is False  # MONAI's trainer autocasts CUDA only
     unet, autoencoder = get("unet"), get("autoencoder")
     assert any(m.use_flash_attention for m in unet.modules() if hasattr(m, "use_flash_attention"))
     conv = next(m for m in unet.modules() if isinstance(m, torch.nn.Conv2d))
@@ -66,7 +94,9 @@ def test_gpu_profile_code_path_runs_a_step_of_every_stage_on_cpu(tmp_path, tiny_
 
     get("ae_export")()
     before = {k: v.clone() for k, v in unet.state_dict().items()}
-    out = one_iteration(get("diffusion_trainer"))
+    trainer = get("diffusion_trainer")
+    assert isinstance(trainer.network, Autocast) == cpu_has_bf16(), "on a bf16 CPU the bundle autocasts the UNet"
+    out = one_iteration(trainer)
     assert torch.isfinite(out["loss"])
     assert any(not torch.equal(before[k], v) for k, v in unet.state_dict().items())
 
@@ -100,8 +130,10 @@ def test_compiled_and_eager_training_steps_agree(tmp_path, tiny_dataset):
         torch.testing.assert_close(state_c[key], state_e[key], rtol=1e-3, atol=1e-4)
 
 
-def test_autoencoder_step_under_autocast_and_gradient_scaling_trains(tmp_path):
-    """The bundle's own iteration under fp16 autocast with a gradient scaler (what a GPU run does), on the CPU."""
+def test_autoencoder_step_under_bf16_autocast_trains(tmp_path):
+    """The bundle's own stage-1 iteration under bf16 autocast, as a CPU with bf16 instructions runs it."""
+    if not cpu_has_bf16():
+        pytest.skip("this CPU has no bf16 instructions: bf16 autocast is off on it")
     from monai.networks.nets import AutoencoderKL, PatchDiscriminator
 
     torch.manual_seed(0)
@@ -110,23 +142,20 @@ def test_autoencoder_step_under_autocast_and_gradient_scaling_trains(tmp_path):
                                 with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False)
     discriminator = PatchDiscriminator(spatial_dims=2, num_layers_d=2, channels=8, in_channels=1, out_channels=1)
     d_optimizer = torch.optim.Adam(discriminator.parameters(), 1e-3)
-    iteration = AutoencoderKLIteration(discriminator, d_optimizer, adv_warmup_epochs=0)
+    iteration = AutoencoderKLIteration(discriminator, d_optimizer, adv_warmup_epochs=0, amp="bf16")
     engine = SimpleNamespace(network=autoencoder, optimizer=torch.optim.Adam(autoencoder.parameters(), 1e-3),
-                             loss_function=torch.nn.L1Loss(), non_blocking=False, amp=True,
-                             amp_kwargs={"dtype": torch.float16},
+                             loss_function=torch.nn.L1Loss(), non_blocking=False,
                              state=SimpleNamespace(device=torch.device("cpu"), epoch=1))
     images = torch.rand(2, 1, 16, 16)
     seen = []
     autoencoder.decoder.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    discriminator.register_forward_hook(lambda m, i, o: seen.append(o[-1].dtype))
     before = copy.deepcopy(autoencoder.state_dict())
     out = iteration(engine, {"image": images})
-    assert seen == [torch.float16], "the forward pass ran under fp16 autocast"
-    assert set(iteration._scalers) == {"autoencoder", "discriminator"}
-    assert all(type(s).__name__ == "GradScaler" for s in iteration._scalers.values())
-    assert torch.isfinite(out["loss"]) and out["pred"].shape == images.shape
+    assert seen[0] == torch.bfloat16 and set(seen) == {torch.bfloat16}, "every forward ran under bf16 autocast"
+    assert iteration._scalers == {"autoencoder": None, "discriminator": None}, "bf16 needs no gradient scaler"
+    assert torch.isfinite(out["loss"]) and out["loss"].dtype == torch.float32 and out["pred"].shape == images.shape
     assert any(not torch.equal(before[k], v) for k, v in autoencoder.state_dict().items())
-    engine.amp_kwargs = {"dtype": torch.bfloat16}
-    assert AutoencoderKLIteration(discriminator, d_optimizer)._scaler(engine, "autoencoder") is None
 
 
 def gaussian_sample(sampler: str, steps: int, prediction_type: str, std: float = 0.5, mean: float = 0.3):
