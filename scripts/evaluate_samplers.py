@@ -88,6 +88,12 @@ def main() -> None:
     result = {"work_dir": str(args.work_dir), "conditions": str(args.conditions), "real_images": len(real),
               "samples": len(contexts), "guidance_scale": guidance, "reference": f"ddim {args.reference_steps}",
               "device": str(device), "threads": torch.get_num_threads(), "settings": rows}
+    header = [f"Samplers on the generator in `{args.work_dir}`: {len(contexts)} samples ({args.samples_per_condition} per "
+              f"condition, the DINO embeddings of the {len(real)} images of `{args.conditions}`), guidance "
+              f"{guidance}, the same seeds for every setting; {device}, {torch.get_num_threads()} threads. PSNR: each "
+              f"sample against the same sample from DDIM at {args.reference_steps} steps (the converged trajectory); "
+              f"FD: against the {len(real)} real images, in pixels (32x32) and in the generator's DINO space.", "",
+              "    python scripts/evaluate_samplers.py " + " ".join(sys.argv[1:]), ""]
     table = ["| sampler | steps | s | images/s | PSNR to reference (dB) | FD pixels | FD DINO |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -99,7 +105,7 @@ def main() -> None:
         from bundle.io import atomic_write
 
         report_json(result, args.out.with_suffix(".json"))
-        atomic_write(args.out.with_suffix(".md"), lambda t: Path(t).write_text("\n".join(table) + "\n"))
+        atomic_write(args.out.with_suffix(".md"), lambda t: Path(t).write_text("\n".join(header + table) + "\n"))
 
 
 if __name__ == "__main__":
