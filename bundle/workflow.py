@@ -86,6 +86,30 @@ class TimeBudget:
             engine.state.max_epochs = fits
 
 
+class EpochSnapshots:
+    """Every ``every`` epochs, ``save(path)`` a complete model file to ``<folder>/<name>_epoch<NNNN>.pt``.
+
+    Checkpoints keep only the newest epoch; snapshots stay, so that a long run can be evaluated along the way
+    (quality against training compute) with the same loaders as the final model. ``every`` None or 0: off.
+    """
+
+    def __init__(self, folder: str | os.PathLike, save: Callable[[Path], None], name: str,
+                 every: int | str | None = None) -> None:
+        value = optional_path(every)
+        self.every = 0 if value is None else number("snapshot_every", value, int, 0, "10, or 0 for none")
+        self.folder, self.save, self.name = Path(folder), save, name
+
+    def attach(self, engine: Any) -> None:
+        if self.every:
+            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.every), self)
+
+    def __call__(self, engine: Any) -> None:
+        path = self.folder / f"{self.name}_epoch{engine.state.epoch:04d}.pt"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.save(path)
+        logger.info("%s snapshot of epoch %d written to %s.", self.name, engine.state.epoch, path)
+
+
 def load_profile(bundle_root: str | os.PathLike, name: str, device: Any = "cpu") -> dict[str, Any]:
     """The settings of ``configs/profiles/<name>.json``; ``auto`` picks ``gpu128`` with a GPU, else ``cpu64``."""
     folder = Path(str(bundle_root)) / "configs" / "profiles"

@@ -53,6 +53,30 @@ def test_stage2_loss_falls_on_cached_latents(tmp_path, tiny_dataset):
     assert 0.5 < float(cache["latents"].std()) < 2.0
 
 
+def test_snapshots_keep_a_loadable_model_every_n_epochs(tmp_path, tiny_dataset):
+    from bundle.models import load_generator
+
+    settings = {**tiny_settings(tmp_path, tiny_dataset), "ae_epochs": 2, "diffusion_epochs": 3, "snapshot_every": 2}
+    run_bundle("train.json", "train_autoencoder", settings)
+    run_bundle("train.json", "train_diffusion", settings)
+    snapshots = sorted(p.name for p in (tmp_path / "models/snapshots").iterdir())
+    assert snapshots == ["autoencoder_epoch0002.pt", "diffusion_epoch0002.pt"]
+    autoencoder = torch.load(tmp_path / "models/snapshots/autoencoder_epoch0002.pt", weights_only=True)
+    final = torch.load(tmp_path / "models/autoencoder.pt", weights_only=True)
+    assert autoencoder["record"] == final["record"] and autoencoder["scale_factor"] == pytest.approx(final["scale_factor"])
+    generator = load_generator(tmp_path / "models/autoencoder.pt", tmp_path / "models/snapshots/diffusion_epoch0002.pt")
+    snapshot = torch.load(tmp_path / "models/snapshots/diffusion_epoch0002.pt", weights_only=True)
+    last = torch.load(tmp_path / "models/diffusion.pt", weights_only=True)
+    assert snapshot["ema"] is True and snapshot["record"] == last["record"]
+    assert any(not torch.equal(snapshot["state_dict"][k], v) for k, v in last["state_dict"].items()), \
+        "epoch 2's weights, not the final ones"
+    assert all(torch.equal(generator.unet.state_dict()[k], v) for k, v in snapshot["state_dict"].items())
+    from bundle.workflow import EpochSnapshots
+
+    with pytest.raises(BundleInputError, match="--snapshot_every -1 must be at least 0"):
+        EpochSnapshots(tmp_path, print, "diffusion", every=-1)
+
+
 def test_latent_cache_is_reused_and_rebuilt_when_an_ingredient_changes(tmp_path, tiny_dataset, caplog):
     settings = tiny_settings(tmp_path, tiny_dataset)
     run_bundle("train.json", "train_autoencoder", settings)
