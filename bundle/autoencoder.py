@@ -13,7 +13,7 @@ from torch import nn
 from .errors import BundleInputError
 from .io import atomic_torch_save
 from .models import load_weights
-from .performance import autocast, autocast_dtype, grad_scaler, step
+from .performance import GradScalers, autocast, autocast_dtype, step
 
 
 class LatentCodec(nn.Module):
@@ -95,12 +95,7 @@ class AutoencoderKLIteration:
         self.kl_weight, self.adv_weight, self.adv_warmup_epochs = kl_weight, adv_weight, adv_warmup_epochs
         self.perceptual_loss, self.perceptual_weight = perceptual_loss, perceptual_weight
         self.adv_loss = PatchAdversarialLoss(criterion="least_squares")
-        self._scalers: dict[str, Any] = {}  # fp16 gradient scalers, made on the first step (None otherwise)
-
-    def _scaler(self, engine, name: str) -> Any:
-        if name not in self._scalers:
-            self._scalers[name] = grad_scaler(autocast_dtype(self.amp, engine.state.device), engine.state.device)
-        return self._scalers[name]
+        self._scalers = GradScalers()
 
     def __call__(self, engine, batchdata: dict[str, torch.Tensor]) -> dict[str, Any]:
         images = batchdata[CommonKeys.IMAGE].to(engine.state.device, non_blocking=engine.non_blocking)
@@ -125,7 +120,7 @@ class AutoencoderKLIteration:
                 g_adv = self.adv_loss(logits_fake, target_is_real=True, for_discriminator=False)
                 loss = loss + self.adv_weight * g_adv
                 out["g_adv_loss"] = g_adv.item()
-        step(engine, loss, optimizer, self._scaler(engine, "autoencoder"))
+        step(loss, optimizer, self._scalers.get_for("autoencoder", dtype, engine.state.device))
 
         if adversarial:
             self.discriminator.train()
@@ -135,7 +130,8 @@ class AutoencoderKLIteration:
                 logits_real = self.discriminator(images.contiguous())[-1].float()
                 d_loss = 0.5 * (self.adv_loss(logits_fake, target_is_real=False, for_discriminator=True)
                                 + self.adv_loss(logits_real, target_is_real=True, for_discriminator=True))
-            step(engine, self.adv_weight * d_loss, self.d_optimizer, self._scaler(engine, "discriminator"))
+            step(self.adv_weight * d_loss, self.d_optimizer,
+                 self._scalers.get_for("discriminator", dtype, engine.state.device))
             out["d_loss"] = d_loss.item()
 
         out.update({CommonKeys.IMAGE: images, CommonKeys.PRED: reconstruction.detach(), CommonKeys.LOSS: loss.detach()})

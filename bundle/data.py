@@ -279,6 +279,8 @@ PIXEL_DTYPE = torch.float16
 def write_pixels(datalist: Sequence[dict[str, Any]], transform: Callable, path: str | os.PathLike) -> list[int]:
     """Preprocess image after image and append each one's float16 pixels to ``path`` (atomically): memory holds
     one image at a time, whatever the number of images. Returns the shape of one image."""
+    if not datalist:
+        raise BundleInputError("The datalist is empty: give at least one image.")
     shape = None
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         for row in tqdm(datalist, desc="load images", leave=False, dynamic_ncols=True):
@@ -307,9 +309,7 @@ def preprocessed_images(datalist: Sequence[dict[str, Any]], transform: Callable,
     """
     cache_path = Path(cache_path)
     key = {"images": files_fingerprint(datalist), "transforms": hash_json(describe(transform))}
-    pixels = _pixel_file(cache_path, key)
-    if not datalist:
-        raise BundleInputError("The datalist is empty: give at least one image.")
+    pixels = _pixel_file(cache_path, key)  # named by the key: a cache whose key matches refers to this file
 
     def build() -> dict:
         shape = write_pixels(datalist, transform, pixels)
@@ -317,11 +317,11 @@ def preprocessed_images(datalist: Sequence[dict[str, Any]], transform: Callable,
             if stale != pixels:
                 stale.unlink(missing_ok=True)
         rows = [{k: (str(v) if not isinstance(v, (int, float)) else v) for k, v in r.items()} for r in datalist]
-        return {"pixels": pixels.name, "shape": [len(datalist), *shape], "rows": rows}
+        return {"shape": [len(datalist), *shape], "rows": rows}
 
     def complete(cache: dict) -> bool:
         expected = math.prod(cache.get("shape", [0])) * PIXEL_DTYPE.itemsize
-        return cache.get("pixels") == pixels.name and pixels.is_file() and pixels.stat().st_size == expected > 0
+        return pixels.is_file() and pixels.stat().st_size == expected > 0
 
     cache = load_or_build(cache_path, key, build, "image", complete)
     shape = cache["shape"]

@@ -22,7 +22,7 @@ from torch import nn
 from .compat import ensure_torchvision_importable
 from .constants import IMAGENET_MEAN, IMAGENET_STD
 from .io import atomic_path, atomic_write_json
-from .performance import autocast, autocast_dtype, grad_scaler, step
+from .performance import GradScalers, autocast, autocast_dtype, step
 
 
 class DinoHead(nn.Module):
@@ -203,7 +203,7 @@ class DinoIteration:
         self.weight_decay, self.teacher_momentum, self.teacher_temp = weight_decay, teacher_momentum, teacher_temp
         self.teacher_temp_warmup_epochs = teacher_temp_warmup_epochs
         self.freeze_last_layer_epochs, self.clip_grad = freeze_last_layer_epochs, clip_grad
-        self._scaler: Any = False  # the fp16 gradient scaler, made on the first step (None when not needed)
+        self._scalers = GradScalers()
 
     def schedules(self, iteration: int, epoch_length: int, max_epochs: int) -> dict[str, float]:
         """Every scheduled value at (0-based) ``iteration``."""
@@ -249,9 +249,7 @@ class DinoIteration:
                 for p in student.head.last_layer.parameters():
                     p.grad = None
 
-        if self._scaler is False:
-            self._scaler = grad_scaler(dtype, device)
-        step(engine, loss, optimizer, self._scaler, before_step=clip_and_freeze)
+        step(loss, optimizer, self._scalers.get_for("student", dtype, device), before_step=clip_and_freeze)
         update_teacher(self.teacher, student, s["teacher_momentum"])
         return {"loss": loss.detach(), **{k: torch.tensor(v) for k, v in s.items()}}
 

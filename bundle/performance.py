@@ -8,6 +8,7 @@ their names as they are, so checkpoints and exported models do not depend on it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from typing import Any, Iterator
 
@@ -30,6 +31,7 @@ def amp_dtype(amp: str | None) -> torch.dtype | None:
     return AMP_DTYPES[key]
 
 
+@functools.cache
 def cpu_has_bf16() -> bool:
     """Whether this CPU has bf16 instructions (AVX512-BF16 / AMX) that oneDNN uses for bf16 convolutions and GEMMs."""
     try:
@@ -136,8 +138,7 @@ def training_network(network: nn.Module, amp: str | None, device: Any, compile: 
     return compiled(network, compile)
 
 
-def step(engine: Any, loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: Any = None,
-         before_step: Any = None) -> None:
+def step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: Any = None, before_step: Any = None) -> None:
     """Backward and optimiser step, through ``scaler`` (a ``GradScaler``, for fp16) when one is given;
     ``before_step`` runs on unscaled gradients (clipping)."""
     if scaler is None:
@@ -157,3 +158,12 @@ def step(engine: Any, loss: torch.Tensor, optimizer: torch.optim.Optimizer, scal
 def grad_scaler(dtype: torch.dtype | None, device: Any) -> Any:
     """A gradient scaler for fp16 training on ``device`` (None otherwise: bf16 and float32 need none)."""
     return torch.amp.GradScaler(torch.device(device).type) if dtype is torch.float16 else None
+
+
+class GradScalers(dict):
+    """One gradient scaler per optimiser of an iteration function, made on its first step (None unless fp16)."""
+
+    def get_for(self, name: str, dtype: torch.dtype | None, device: Any) -> Any:
+        if name not in self:
+            self[name] = grad_scaler(dtype, device)
+        return self[name]

@@ -142,8 +142,6 @@ def stage_autoencoder(args) -> dict:
 
 
 def stage_latent_cache(args) -> dict:
-    import torch
-
     from bundle.cache import encode_images
 
     wf = _workflow(args)
@@ -161,7 +159,6 @@ def stage_latent_cache(args) -> dict:
     encode_images(images[batch * args.warmup : count], codec, dino, device, batch)
     _sync()
     seconds = time.perf_counter() - start
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return {"batch_size": batch, "images": count - batch * args.warmup, "seconds": [seconds], "per": "run"}
 
 

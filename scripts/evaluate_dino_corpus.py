@@ -13,7 +13,6 @@ random baseline is the same architecture at ``--random_seeds`` initialisations (
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
@@ -28,16 +27,11 @@ sys.path.insert(0, str(ROOT))
 from bundle.cli import report_json  # noqa: E402
 from bundle.data import apply_to_file, modality_preprocessing  # noqa: E402
 from bundle.dino import DinoFeatures  # noqa: E402
+from cxr_corpus_datalist import corpus_rows  # noqa: E402
 from evaluate_dino import auc, features, knn_scores, linear_probe  # noqa: E402
 
 CORPUS = ROOT.parent / "shared" / "data" / "cxr_corpus"
 TASKS = {"kermany": ("normal", "pneumonia"), "nih": ("normal", "pneumonia")}
-
-
-def corpus_rows(root: Path, split: str, source: str, labels: tuple[str, str]) -> list[dict]:
-    with open(root / "manifest.csv", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["split"] == split and r["source"] == source and r["label"] in labels]
-    return [{**r, "image": str((root / "images" / f"{r['id']}.png").resolve())} for r in rows]
 
 
 def bootstrap_interval(scores: np.ndarray, labels: np.ndarray, n: int = 1000, seed: int = 0) -> list[float]:
@@ -67,15 +61,13 @@ def main() -> None:
     parser.add_argument("--random_seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    if not (args.corpus / "manifest.csv").is_file():
-        sys.exit(f"{args.corpus}/manifest.csv does not exist: pass --corpus to the cxr_corpus folder.")
     info = json.loads(Path(args.weights + ".json").read_text())
     model, size, kwargs = info["model_name"], info["img_size"], info.get("model_kwargs", {})
     start = time.time()
     preprocessing = modality_preprocessing(ROOT / "configs/modality/cxr.json", image_size=size)
     data = {}
     for source, labels in TASKS.items():
-        rows = {s: corpus_rows(args.corpus, s, source, labels) for s in ("train", "test")}
+        rows = {s: [r for r in corpus_rows(args.corpus, s, source) if r["label"] in labels] for s in ("train", "test")}
         images = {s: torch.stack([torch.as_tensor(apply_to_file(preprocessing, {"image": r["image"]})["image"])
                                   for r in rs]) for s, rs in rows.items()}
         y = {s: np.array([r["label"] == labels[1] for r in rs], dtype=np.float32) for s, rs in rows.items()}

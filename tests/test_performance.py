@@ -52,10 +52,10 @@ def test_fp16_gradient_scaler_steps_and_skips_non_finite_gradients():
     weight = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.SGD([weight], lr=0.1)
     scaler = grad_scaler(torch.float16, "cpu")
-    step(None, (weight * 2).sum(), optimizer, scaler)
+    step((weight * 2).sum(), optimizer, scaler)
     torch.testing.assert_close(weight.detach(), torch.full((3,), 0.8))  # unscaled gradient 2, lr 0.1
     optimizer.zero_grad()
-    step(None, (weight * float("inf")).sum(), optimizer, scaler)
+    step((weight * float("inf")).sum(), optimizer, scaler)
     torch.testing.assert_close(weight.detach(), torch.full((3,), 0.8)), "an overflowing step is skipped"
 
 
