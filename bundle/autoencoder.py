@@ -134,5 +134,6 @@ class AutoencoderKLIteration:
                  self._scalers.get_for("discriminator", dtype, engine.state.device))
             out["d_loss"] = d_loss.item()
 
-        out.update({CommonKeys.IMAGE: images, CommonKeys.PRED: reconstruction.detach(), CommonKeys.LOSS: loss.detach()})
+        # float32 for the handlers: under bf16 autocast the decoder's output is bf16, which numpy (image writers) refuses
+        out.update({CommonKeys.IMAGE: images, CommonKeys.PRED: reconstruction.detach().float(), CommonKeys.LOSS: loss.detach()})
         return out

@@ -156,6 +156,8 @@ def test_autoencoder_step_under_bf16_autocast_trains(tmp_path):
     assert iteration._scalers == {"autoencoder": None, "discriminator": None}, "bf16 needs no gradient scaler"
     assert torch.isfinite(out["loss"]) and out["loss"].dtype == torch.float32 and out["pred"].shape == images.shape
     assert any(not torch.equal(before[k], v) for k, v in autoencoder.state_dict().items())
+    # the image handlers convert the reconstruction with numpy, which has no bf16
+    assert out["pred"].dtype == torch.float32 and out["pred"].numpy().shape == (2, 1, 16, 16)
 
 
 def gaussian_sample(sampler: str, steps: int, prediction_type: str, std: float = 0.5, mean: float = 0.3):
