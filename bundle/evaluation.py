@@ -214,6 +214,63 @@ def memorisation(generated: torch.Tensor, train: torch.Tensor, test: torch.Tenso
     }
 
 
+def divergent(generated: torch.Tensor, generated_features: torch.Tensor, train_features: torch.Tensor,
+              test_features: torch.Tensor, real_images: torch.Tensor, margin: float = 1.0) -> dict[str, Any]:
+    """Flag samples that no real radiograph resembles: an automatic check for diverged sampling.
+
+    A sample is flagged when any of these holds: (1) it has a non-finite pixel; (2) it is flat, its pixel
+    standard deviation below half the smallest one among ``real_images`` (the real held-out images); (3) it is
+    noisy, its mean absolute Laplacian (high-frequency energy) above ``margin`` times the largest among
+    ``real_images``; (4) it lies off the real manifold, its nearest-training-image distance (in the given
+    feature space, e.g. 32x32 pixels) above ``margin`` times the largest nearest-training distance of a real
+    held-out image. With ``margin`` >= 1 no real held-out image trips a flag, so each flag is a sample that is
+    flatter, noisier or farther from the training data than every real unseen image is.
+    """
+    if len(test_features) < 2:
+        raise BundleInputError(f"The divergence check needs at least two real held-out images, got {len(test_features)}.")
+    flat = generated.flatten(1)
+    non_finite = ~torch.isfinite(flat).all(dim=1)
+    std = torch.nan_to_num(flat.float(), nan=0.0, posinf=0.0, neginf=0.0).std(dim=1)
+    floor = 0.5 * float(real_images.flatten(1).float().std(dim=1).min())
+    laplacian = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
+
+    def roughness(images: torch.Tensor) -> torch.Tensor:
+        x = torch.nan_to_num(images.float().flatten(0, -3)[:, None])  # every 2-D plane, one channel
+        return F.conv2d(x, laplacian).abs().flatten(1).mean(1).view(len(images), -1).amax(1)
+
+    rough_limit = margin * float(roughness(real_images).max())
+    test_nn = torch.cdist(test_features.double(), train_features.double()).min(dim=1).values
+    limit = margin * float(test_nn.max())
+    gen_nn = torch.cdist(torch.nan_to_num(generated_features.double()), train_features.double()).min(dim=1).values
+    reasons = {"non_finite": non_finite, "flat": std < floor, "noisy": roughness(generated) > rough_limit,
+               "off_manifold": gen_nn > limit}
+    flagged = torch.zeros(len(generated), dtype=torch.bool)
+    for mask in reasons.values():
+        flagged |= mask
+    return {"count": int(flagged.sum()), "of": len(generated), "flagged": flagged.nonzero().flatten().tolist(),
+            "by_reason": {k: int(v.sum()) for k, v in reasons.items()}, "std_floor": floor,
+            "roughness_limit": rough_limit, "distance_limit": limit, "margin": margin,
+            "nearest_train_distance": {"generated_max": float(gen_nn.max()), "generated_median": float(gen_nn.median()),
+                                       "test_max": float(test_nn.max()), "test_median": float(test_nn.median())}}
+
+
+def source_retrieval(generated_features: torch.Tensor, pool_features: torch.Tensor, sources: Sequence[int]) -> dict:
+    """How often a sample's source image is its nearest (top-1) or among its 5 nearest real images of the pool.
+
+    With conditioning that carries nothing, the source is found at chance: 1/N and 5/N for a pool of N.
+    Use a feature space the generator was not conditioned on (e.g. pixels), so the match is not circular.
+    """
+    sources = torch.as_tensor(list(sources))
+    if len(sources) != len(generated_features) or int(sources.max()) >= len(pool_features) or int(sources.min()) < 0:
+        raise BundleInputError(f"source_retrieval needs one source index in [0, {len(pool_features)}) per sample.")
+    d = torch.cdist(generated_features.double(), pool_features.double())
+    rank = (d < d.gather(1, sources[:, None])).sum(dim=1)  # 0 = the source is the nearest
+    n = len(pool_features)
+    return {"pool": n, "samples": len(sources), "top1": float((rank == 0).double().mean()),
+            "top5": float((rank < 5).double().mean()), "chance_top1": 1 / n, "chance_top5": min(1.0, 5 / n),
+            "median_rank": float(rank.double().median() + 1)}
+
+
 @torch.no_grad()
 def reconstruction_quality(images: torch.Tensor, codec: nn.Module, batch_size: int = 16,
                            device: torch.device | str = "cpu") -> dict[str, dict[str, float]]:
@@ -235,29 +292,37 @@ def reconstruction_quality(images: torch.Tensor, codec: nn.Module, batch_size: i
 # ---- the whole evaluation --------------------------------------------------------------------------------
 
 
-def closest_pairs_png(generated: torch.Tensor, train: torch.Tensor, result: Mapping[str, Any], path: Path,
-                      count: int = 8) -> None:
-    """The ``count`` generated images closest to a training image, each above its nearest training image."""
+def two_rows_png(top: Sequence[torch.Tensor], bottom: Sequence[torch.Tensor], labels: tuple[str, str], path: Path,
+                 titles: Sequence[str] = ()) -> None:
+    """A figure of image pairs, column by column: ``top[i]`` above ``bottom[i]``, rows named by ``labels``."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # matplotlib is slow to import and only this report figure needs it
+    import matplotlib.pyplot as plt  # matplotlib is slow to import and only the report figures need it
 
-    order = np.argsort(result["distance"])[:count]
-    fig, axes = plt.subplots(2, len(order), figsize=(1.3 * len(order), 2.9), squeeze=False)
-    for col, g in enumerate(order):
-        axes[0, col].imshow(to_display(generated[g]), cmap="gray", vmin=0, vmax=1)
-        axes[1, col].imshow(to_display(train[result["nearest_train"][g]]), cmap="gray", vmin=0, vmax=1)
-        flag = " (flagged)" if g in result["flagged"] else ""
-        axes[0, col].set_title(f"d={result['distance'][g]:.3g}{flag}", fontsize=6)
+    fig, axes = plt.subplots(2, len(top), figsize=(1.3 * len(top), 2.9 if titles else 2.7), squeeze=False)
+    for col, (upper, lower) in enumerate(zip(top, bottom)):
+        axes[0, col].imshow(to_display(upper), cmap="gray", vmin=0, vmax=1)
+        axes[1, col].imshow(to_display(lower), cmap="gray", vmin=0, vmax=1)
+        if col < len(titles):
+            axes[0, col].set_title(titles[col], fontsize=6)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    axes[0, 0].set_ylabel("generated", fontsize=7)
-    axes[1, 0].set_ylabel("nearest train", fontsize=7)
+    axes[0, 0].set_ylabel(labels[0], fontsize=7)
+    axes[1, 0].set_ylabel(labels[1], fontsize=7)
     fig.tight_layout(pad=0.2)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
+
+
+def closest_pairs_png(generated: torch.Tensor, train: torch.Tensor, result: Mapping[str, Any], path: Path,
+                      count: int = 8) -> None:
+    """The ``count`` generated images closest to a training image, each above its nearest training image."""
+    order = np.argsort(result["distance"])[:count]
+    titles = [f"d={result['distance'][g]:.3g}{' (flagged)' if g in result['flagged'] else ''}" for g in order]
+    two_rows_png([generated[g] for g in order], [train[result["nearest_train"][g]] for g in order],
+                 ("generated", "nearest train"), path, titles)
 
 
 def markdown_table(result: Mapping[str, Any]) -> str:

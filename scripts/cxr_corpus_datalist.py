@@ -3,6 +3,7 @@ optionally with the JSRT images of the same split appended (source 'jsrt'): the 
 
     python scripts/cxr_corpus_datalist.py --split train --with_jsrt --out runs/corpus/train.csv
     python scripts/cxr_corpus_datalist.py --split test --source kermany --out runs/corpus/test_kermany.csv
+    python scripts/cxr_corpus_datalist.py --lists runs/corpus/lists   (train.csv, test_corpus.csv, test_jsrt.csv)
 """
 
 from __future__ import annotations
@@ -42,21 +43,34 @@ def main() -> None:
     parser.add_argument("--source", default=None, help="keep one source only: nih, kermany or mhhcovid")
     parser.add_argument("--with_jsrt", action="store_true", help="append the JSRT images of the same split")
     parser.add_argument("--jsrt_root", type=Path, default=DATA_ROOT / "jsrt", help="the JSRT folder")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, help="the datalist to write")
+    parser.add_argument("--lists", type=Path, help="instead of --out: write the generator's standard lists into this "
+                        "folder: train.csv (corpus train + JSRT train), test_corpus.csv and test_jsrt.csv")
     args = parser.parse_args()
+    if args.lists:
+        write(args.lists / "train.csv", corpus_rows(args.root, "train") + jsrt_rows(args.jsrt_root, "train"))
+        write(args.lists / "test_corpus.csv", corpus_rows(args.root, "test"))
+        write(args.lists / "test_jsrt.csv", jsrt_rows(args.jsrt_root, "test"))
+        return
+    if not args.out:
+        parser.error("pass --out (one datalist) or --lists (the standard lists)")
     rows = corpus_rows(args.root, args.split, args.source)
     if args.with_jsrt:
         rows += jsrt_rows(args.jsrt_root, args.split)
     if not rows:
         raise SystemExit(f"error: no rows with split '{args.split}' and source '{args.source}': check both.")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
+    write(args.out, rows)
+
+
+def write(out: Path, rows: list[dict[str, str]]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(COLUMNS))
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, args.out)
-    print(f"{len(rows)} images -> {args.out}")
+    os.replace(tmp, out)
+    print(f"{len(rows)} images -> {out}")
 
 
 if __name__ == "__main__":

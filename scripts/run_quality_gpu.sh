@@ -15,11 +15,7 @@ WORK=${WORK:-runs/gpu128}
 PROFILE=${PROFILE:-configs/profiles/gpu128.json}
 DATA=${DATA:-$WORK/lists}
 mkdir -p "$WORK"
-if [ ! -f "$DATA/train.csv" ]; then
-  $PY scripts/cxr_corpus_datalist.py --split train --with_jsrt --out "$DATA/train.csv"
-  $PY scripts/cxr_corpus_datalist.py --split test --out "$DATA/test_corpus.csv"
-  $PY scripts/jsrt_datalist.py --split test --out "$DATA/test_jsrt.csv"
-fi
+[ -f "$DATA/train.csv" ] || $PY scripts/cxr_corpus_datalist.py --lists "$DATA"
 DINO="$WORK/models/dino/teacher.safetensors"
 TRAIN="['configs/train.json','$PROFILE']"
 COMMON=(--work_dir "$WORK" --dataset_dir "$DATA/train.csv" "$@")

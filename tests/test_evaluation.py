@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bundle.errors import BundleInputError
-from bundle.evaluation import PixelFeatures, diversity, frechet_distance, memorisation, prdc
+from bundle.evaluation import PixelFeatures, divergent, diversity, frechet_distance, memorisation, prdc, source_retrieval
 
 from .conftest import run_bundle
 
@@ -69,6 +69,40 @@ def test_memorisation_flags_a_planted_copy(jsrt_batch):
     result = memorisation(pixels(generated), pixels(train), pixels(test), quantile=0.05)
     assert result["flagged"] == [6] and result["nearest_train"][6] == 7 and result["distance"][6] < 1e-5
     assert result["flagged_fraction"] == pytest.approx(1 / 7)
+
+
+def test_divergence_check_passes_real_images_and_flags_noise_blank_and_nan(jsrt_batch):
+    pixels = PixelFeatures(16)
+    train, test = jsrt_batch[:24], jsrt_batch[24:40]
+    g = torch.Generator().manual_seed(0)
+    noise = torch.rand((1, *jsrt_batch.shape[1:]), generator=g)  # what a diverged sampler makes: texture, no anatomy
+    blank = torch.full_like(noise, 0.5)
+    broken = test[:1].clone()
+    broken[..., 3, 3] = float("nan")
+    speckled = (test[1:2] + 0.15 * torch.randn(test[1:2].shape, generator=g)).clamp(0, 1)  # anatomy under noise
+    generated = torch.cat([test[2:8], noise, blank, broken, speckled])
+    result = divergent(generated, pixels(generated), pixels(train), pixels(test), test)
+    assert result["flagged"] == [6, 7, 8, 9] and result["count"] == 4 and result["of"] == 10
+    assert result["by_reason"]["non_finite"] == 1 and result["by_reason"]["flat"] == 1
+    assert result["by_reason"]["noisy"] == 3  # the noise image, the speckled radiograph and the zeroed NaN pixel
+    real_only = divergent(test, pixels(test), pixels(train), pixels(test), test)
+    assert real_only["count"] == 0, "the real held-out images themselves are never divergent"
+    far = divergent(test[:2] * 0.2, pixels(test[:2] * 0.2), pixels(train), pixels(test), test)
+    assert far["by_reason"]["off_manifold"] == 2, "dark radiographs lie off the manifold of the training images"
+    with pytest.raises(BundleInputError, match="at least two real held-out"):
+        divergent(test, pixels(test), pixels(train), pixels(test[:1]), test[:1])
+
+
+def test_source_retrieval_finds_sources_of_faithful_samples_and_chance_for_shuffled_ones(jsrt_batch):
+    pixels = PixelFeatures(16)
+    pool = pixels(jsrt_batch[:20])
+    faithful = pixels(blur(jsrt_batch[:20], 0.7))
+    result = source_retrieval(faithful, pool, range(20))
+    assert result["top1"] == 1.0 and result["top5"] == 1.0 and result["chance_top1"] == 0.05 and result["median_rank"] == 1
+    shuffled = source_retrieval(faithful, pool, [(i + 7) % 20 for i in range(20)])
+    assert shuffled["top1"] == 0.0 and shuffled["top5"] < 1.0
+    with pytest.raises(BundleInputError, match="one source index"):
+        source_retrieval(faithful, pool, [25] * 20)
 
 
 def test_inception_features_need_a_weights_file(tmp_path):

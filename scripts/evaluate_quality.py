@@ -1,0 +1,271 @@
+"""Quality against training compute, and the generator's targets, on fixed held-out sets.
+
+    python scripts/evaluate_quality.py --work_dir runs/corpus_cpu64 --train runs/corpus_cpu64/lists/train.csv \\
+        --test jsrt=runs/corpus_cpu64/lists/test_jsrt.csv --test corpus=runs/corpus_cpu64/lists/test_corpus.csv \\
+        --out docs/results/quality_cpu64
+
+Every test set is judged on its own. Curves (one point per snapshot in ``work_dir/models/snapshots``, written by
+training with ``--snapshot_every N``, plus the final model): autoencoder PSNR and MS-SSIM on every test image;
+Fréchet distance of reconstruction-strategy samples (each conditioned on one test image's DINO embedding, the
+bundle's default sampler) against the test images, in pixels (32x32) and in the generator's DINO space, on the
+first ``--curve_samples`` test images. Targets (final models only, ``--samples`` samples per test set, test images
+reused as conditions round-robin):
+
+- FD against the reference FD of as many randomly drawn training images (what a perfect generator scores);
+- divergent samples, by :func:`bundle.evaluation.divergent` (non-finite, flat, noisy or off the real manifold,
+  each compared with every real held-out image);
+- conditioning: is a sample's source its nearest real image among the pool of test images, in pixel space
+  (which the generator was not conditioned on)? top-1/top-5 against chance 1/N and 5/N;
+- memorisation: samples conditioned on training images, flagged when closer to a training image than the
+  closest real test image is to any (a copy), and the 5%-quantile rate of :func:`bundle.evaluation.memorisation`.
+
+Writes OUT/quality.json, OUT/quality.md (tables), OUT/curves.png and OUT/samples_<set>.png (samples beside their
+sources as thumbnails). Nothing is trained; reruns reuse the image caches in ``work_dir/cache``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bundle.data import build_datalist, modality_preprocessing, preprocessed_images  # noqa: E402
+from bundle.diffusion import sample_latents, seeded_noise  # noqa: E402
+from bundle.errors import BundleInputError  # noqa: E402
+from bundle.evaluation import (divergent, extract, feature_space, frechet_distance, memorisation,  # noqa: E402
+                               reconstruction_quality, source_retrieval, two_rows_png)
+from bundle.io import atomic_write  # noqa: E402
+from bundle.models import load_codec, load_generator, model_path, read_record  # noqa: E402
+
+EPOCH = re.compile(r"_epoch(\d+)\.pt$")
+
+
+def snapshots(work_dir: Path, name: str) -> list[tuple[int | None, Path]]:
+    """``(epoch, path)`` of every snapshot of ``name`` in epoch order, then the final model (epoch None)."""
+    found = sorted((int(EPOCH.search(p.name).group(1)), p) for p in (work_dir / "models" / "snapshots").glob(f"{name}_epoch*.pt")
+                   if EPOCH.search(p.name))
+    final = Path(model_path(work_dir, name))
+    return found + ([(None, final)] if final.is_file() else [])
+
+
+def image_set(source: str, preprocessing, cache: Path) -> torch.Tensor:
+    rows = build_datalist(source, None)
+    if not rows:
+        raise BundleInputError(f"Image set '{source}' has no images.")
+    return preprocessed_images(rows, preprocessing, cache)["images"].float()
+
+
+@torch.no_grad()
+def sample(generator, contexts: torch.Tensor, seeds: list[int], sampler: str, steps: int, guidance: float,
+           batch_size: int) -> torch.Tensor:
+    scheduler = generator.sampler(sampler)
+    out = []
+    for i in range(0, len(contexts), batch_size):
+        noise = seeded_noise(seeds[i : i + batch_size], generator.latent_shape, "cpu")
+        latents = sample_latents(generator.unet, scheduler, contexts[i : i + batch_size], noise, steps, guidance)
+        out.append(generator.codec.decode(latents).clamp(0, 1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def embed(generator, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    return torch.cat([generator.dino(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def curves_png(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for name in result["test_sets"]:
+        ae = [p for p in result["autoencoder_curve"] if name in p["sets"]]
+        if ae:
+            axes[0].plot([p["iterations"] for p in ae], [p["sets"][name]["psnr_db"]["mean"] for p in ae], "o-", label=name)
+        dif = [p for p in result["diffusion_curve"] if name in p["sets"]]
+        for space, style in (("pixels", "o-"), ("dino", "s--")):
+            if dif:
+                ratio = [p["sets"][name][f"fd_{space}"] / p["sets"][name][f"fd_{space}_reference"] for p in dif]
+                axes[1 if space == "pixels" else 2].plot([p["iterations"] for p in dif], ratio, style, label=name)
+    axes[0].axhline(30, color="grey", lw=0.8, ls=":")
+    axes[0].set(title="autoencoder PSNR on test (dB)", xlabel="autoencoder iterations")
+    for ax, space in ((axes[1], "pixels"), (axes[2], "DINO")):
+        ax.axhline(2, color="grey", lw=0.8, ls=":")
+        ax.set(title=f"FD / reference FD, {space}", xlabel="diffusion iterations", yscale="log")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+def markdown(result: dict) -> str:
+    lines = ["| test set | AE PSNR (dB) | AE MS-SSIM | FD pixels (ref) | FD DINO (ref) | divergent | source top-1 (chance) "
+             "| source top-5 (chance) | copies |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, t in result["targets"].items():
+        r, c = t["reconstruction"], t["conditioning"]
+        lines.append(
+            f"| {name} | {r['psnr_db']['mean']:.2f} | {r['ms_ssim']['mean']:.4f} | {t['fd_pixels']:.2f} "
+            f"({t['fd_pixels_reference']:.2f}, {t['fd_pixels'] / t['fd_pixels_reference']:.2f}x) | {t['fd_dino']:.2f} "
+            f"({t['fd_dino_reference']:.2f}, {t['fd_dino'] / t['fd_dino_reference']:.2f}x) | {t['divergent']['count']} of "
+            f"{t['divergent']['of']} | {c['top1']:.3f} ({c['chance_top1']:.3f}) | {c['top5']:.3f} ({c['chance_top5']:.3f}) "
+            f"| {t['memorisation']['copies']} of {t['memorisation']['samples']} |")
+    lines += ["", "| model | iterations | " + " | ".join(f"{n} PSNR / MS-SSIM" for n in result["test_sets"]) + " |",
+              "|---|---|" + "---|" * len(result["test_sets"])]
+    for p in result["autoencoder_curve"]:
+        lines.append(f"| {p['model']} | {p['iterations']} | " + " | ".join(
+            f"{p['sets'][n]['psnr_db']['mean']:.2f} / {p['sets'][n]['ms_ssim']['mean']:.4f}" for n in result["test_sets"]) + " |")
+    lines += ["", "| model | iterations | " + " | ".join(f"{n} FD pixels / DINO (x reference)" for n in result["test_sets"])
+              + " |", "|---|---|" + "---|" * len(result["test_sets"])]
+    for p in result["diffusion_curve"]:
+        lines.append(f"| {p['model']} | {p['iterations']} | " + " | ".join(
+            f"{p['sets'][n]['fd_pixels']:.2f} / {p['sets'][n]['fd_dino']:.2f} "
+            f"({p['sets'][n]['fd_pixels'] / p['sets'][n]['fd_pixels_reference']:.2f}x / "
+            f"{p['sets'][n]['fd_dino'] / p['sets'][n]['fd_dino_reference']:.2f}x)" for n in result["test_sets"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work_dir", type=Path, required=True)
+    parser.add_argument("--train", required=True, help="the generator's training images (datalist or folder)")
+    parser.add_argument("--test", action="append", required=True, metavar="NAME=SOURCE",
+                        help="a named held-out set; repeat for several (each is judged on its own)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--samples", type=int, default=256, help="samples per test set for the targets")
+    parser.add_argument("--curve_samples", type=int, default=128, help="samples per test set per curve point")
+    parser.add_argument("--memorisation_samples", type=int, default=128)
+    parser.add_argument("--ae_batch_size", type=int, default=16, help="to turn epochs into iterations")
+    parser.add_argument("--diffusion_batch_size", type=int, default=32)
+    parser.add_argument("--sampler", default="dpmpp_2m")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance_scale", type=float, default=3.0)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--final_only", action="store_true", help="skip the snapshots (targets only)")
+    args = parser.parse_args()
+    tests = dict(t.split("=", 1) for t in args.test)
+    started = time.perf_counter()
+    torch.manual_seed(0)
+
+    ae_final = Path(model_path(args.work_dir, "autoencoder"))
+    record = read_record(ae_final, "autoencoder", "train it first (run ID train_autoencoder)")["record"]
+    preprocessing = modality_preprocessing(ROOT / "configs" / "modality" / f"{record['modality']}.json",
+                                           image_size=record["image_size"])
+    cache = args.work_dir / "cache"
+    train = image_set(args.train, preprocessing, cache / "eval_train.pt")
+    real = {name: image_set(src, preprocessing, cache / f"eval_test_{name}.pt") for name, src in tests.items()}
+    per_epoch = {"ae": math.ceil(len(train) / args.ae_batch_size), "diffusion": math.ceil(len(train) / args.diffusion_batch_size)}
+    result: dict = {"work_dir": str(args.work_dir), "train_images": len(train), "test_sets": {n: len(x) for n, x in real.items()},
+                    "sampler": {"name": args.sampler, "steps": args.steps, "guidance_scale": args.guidance_scale},
+                    "autoencoder_curve": [], "diffusion_curve": [], "targets": {}}
+    pixels = feature_space("pixels")
+    pix_train = extract(pixels, train)
+    pix_real = {n: extract(pixels, x) for n, x in real.items()}
+    rng = np.random.default_rng(0)
+
+    ae_points = snapshots(args.work_dir, "autoencoder")
+    for epoch, path in (ae_points[-1:] if args.final_only else ae_points):
+        codec = load_codec(path)
+        point = {"model": path.name, "epoch": epoch, "iterations": None if epoch is None else epoch * per_epoch["ae"],
+                 "sets": {n: reconstruction_quality(x, codec) for n, x in real.items()}}
+        result["autoencoder_curve"].append(point)
+        print(json.dumps({k: v for k, v in point.items()}), flush=True)
+    if result["autoencoder_curve"] and result["autoencoder_curve"][-1]["iterations"] is None:
+        previous = [p["iterations"] for p in result["autoencoder_curve"] if p["iterations"] is not None]
+        result["autoencoder_curve"][-1]["iterations"] = max(previous, default=0) or None
+
+    diffusion_points = snapshots(args.work_dir, "diffusion")
+    final_generator = None
+    for epoch, path in (diffusion_points[-1:] if args.final_only else diffusion_points):
+        generator = load_generator(ae_final, path, bundle_root=ROOT)
+        dino = feature_space("dino", generator.dino)
+        point = {"model": path.name, "epoch": epoch,
+                 "iterations": None if epoch is None else epoch * per_epoch["diffusion"], "sets": {}}
+        for name, x in real.items():
+            n = min(args.curve_samples, len(x))
+            contexts = embed(generator, x[:n])
+            samples = sample(generator, contexts, list(range(n)), args.sampler, args.steps, args.guidance_scale, args.batch_size)
+            reference = train[torch.as_tensor(rng.choice(len(train), n, replace=False))]
+            point["sets"][name] = {
+                "samples": n,
+                "fd_pixels": frechet_distance(extract(pixels, x[:n]), extract(pixels, samples)),
+                "fd_pixels_reference": frechet_distance(extract(pixels, x[:n]), extract(pixels, reference)),
+                "fd_dino": frechet_distance(extract(dino, x[:n]), extract(dino, samples)),
+                "fd_dino_reference": frechet_distance(extract(dino, x[:n]), extract(dino, reference)),
+            }
+        result["diffusion_curve"].append(point)
+        print(json.dumps(point), flush=True)
+        final_generator = generator if epoch is None else None
+    if result["diffusion_curve"] and result["diffusion_curve"][-1]["iterations"] is None:
+        previous = [p["iterations"] for p in result["diffusion_curve"] if p["iterations"] is not None]
+        result["diffusion_curve"][-1]["iterations"] = max(previous, default=0) or None
+
+    if final_generator is not None:
+        generator = final_generator
+        dino = feature_space("dino", generator.dino)
+        dino_train = extract(dino, train)
+        ae_final_quality = result["autoencoder_curve"][-1]["sets"]
+        for name, x in real.items():
+            count = args.samples
+            sources = [i % len(x) for i in range(count)]
+            contexts = embed(generator, x)[sources]
+            samples = sample(generator, contexts, [10_000 + i for i in range(count)], args.sampler, args.steps,
+                             args.guidance_scale, args.batch_size)
+            reference = train[torch.as_tensor(rng.choice(len(train), count, replace=False))]
+            pix_samples, dino_samples, dino_real = extract(pixels, samples), extract(dino, samples), extract(dino, x)
+            target = {
+                "samples": count,
+                "reconstruction": ae_final_quality[name],
+                "fd_pixels": frechet_distance(pix_real[name], pix_samples),
+                "fd_pixels_reference": frechet_distance(pix_real[name], extract(pixels, reference)),
+                "fd_dino": frechet_distance(dino_real, dino_samples),
+                "fd_dino_reference": frechet_distance(dino_real, extract(dino, reference)),
+                "divergent": divergent(samples, pix_samples, pix_train, pix_real[name], x),
+                "conditioning": source_retrieval(pix_samples, pix_real[name], sources),
+            }
+            two_rows_png(x[sources[:8]], samples[:8], ("source", "sample"), args.out / f"samples_{name}.png")
+            result["targets"][name] = target
+            print(json.dumps({name: {k: v for k, v in target.items() if k != "divergent"}}), flush=True)
+        # memorisation: samples conditioned on training images, the ones a copying model would reproduce
+        m = min(args.memorisation_samples, len(train))
+        picks = torch.as_tensor(rng.choice(len(train), m, replace=False))
+        copies_of = sample(generator, embed(generator, train[picks]), [20_000 + i for i in range(m)], args.sampler,
+                           args.steps, args.guidance_scale, args.batch_size)
+        pix_copies = extract(pixels, copies_of)
+        all_test = torch.cat(list(pix_real.values()))
+        mem = memorisation(pix_copies, pix_train, all_test, quantile=0.05)
+        closest_real = float(torch.cdist(all_test.double(), pix_train.double()).min())
+        copies = int((torch.as_tensor(mem["distance"]) < closest_real).sum())
+        summary = {"samples": m, "copies": copies, "closest_test_to_train": closest_real,
+                   "closest_sample_to_train": mem["generated_to_train"]["min"],
+                   "median_sample_to_train": mem["generated_to_train"]["median"],
+                   "median_test_to_train": mem["test_to_train"]["median"],
+                   "quantile_0.05_flagged_fraction": mem["flagged_fraction"],
+                   "nearest_is_own_source": float((torch.as_tensor(mem["nearest_train"]) == picks).double().mean())}
+        for name in result["targets"]:
+            result["targets"][name]["memorisation"] = summary
+        result["memorisation"] = summary
+        result["dino_train_features"] = int(dino_train.shape[1])
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write(args.out / "quality.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
+    if result["targets"]:
+        atomic_write(args.out / "quality.md", lambda tmp: Path(tmp).write_text(markdown(result)))
+    curves_png(result, args.out / "curves.png")
+    print(f"wrote {args.out}/quality.json in {result['seconds']} s")
+
+
+if __name__ == "__main__":
+    main()
