@@ -8,7 +8,7 @@ quiet_optional_decoder_notices()
 install_excepthook()
 
 from . import (  # noqa: E402,F401
-    autoencoder, cache, data, diffusion, dino, dino_pretrain, evaluation, heads, manifold, models, report, sampling,
+    autoencoder, cache, concepts, data, diffusion, dino, dino_pretrain, evaluation, heads, manifold, models, report, sampling,
     transforms, validation, workflow, writers, zero_shot,
 )
 

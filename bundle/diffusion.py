@@ -175,8 +175,12 @@ def sample_latents(
     strength: float = 1.0,
     mask: torch.Tensor | None = None,
     generators: Sequence[torch.Generator] | None = None,
+    weights: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """Denoise ``noise`` into latents conditioned on ``context`` with classifier-free guidance.
+
+    ``context`` may also be a list of contexts (each ``(B, K_i, D)``) with ``weights``: their guidance directions
+    are summed, ``null + guidance_scale * sum_i w_i (prediction_i - null)`` (composable diffusion).
 
     ``guidance_scale`` 1 is plain conditional sampling; above 1 pushes away from the null-context prediction.
     With ``init`` latents and ``strength`` < 1 (img2img), sampling starts from ``init`` noised to the
@@ -196,12 +200,19 @@ def sample_latents(
         latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(batch))
     else:
         latents = noise
-    null = null_context(context)
+    composed = isinstance(context, (list, tuple))
+    if composed and (weights is None or len(weights) != len(context) or not context):
+        raise BundleInputError("Composed sampling needs one weight per context.")
+    null = null_context(context[0][:, :1] if composed else context)
     guided = guidance_scale != 1.0
     steps = tqdm(timesteps, desc="sampling", leave=False, disable=not progress, dynamic_ncols=True)
     for i, t in enumerate(steps):
         t_batch = torch.full((batch,), int(t), device=latents.device, dtype=torch.long)
-        if guided:
+        if composed:
+            unconditional = unet(latents, t_batch, context=null)
+            directions = [w * (unet(latents, t_batch, context=c) - unconditional) for w, c in zip(weights, context)]
+            prediction = unconditional + guidance_scale * sum(directions)
+        elif guided:
             both = unet(torch.cat([latents, latents]), torch.cat([t_batch, t_batch]), context=torch.cat([context, null]))
             conditional, unconditional = both.chunk(2)
             prediction = unconditional + guidance_scale * (conditional - unconditional)
@@ -236,14 +247,15 @@ class SamplePreviewHandler:
     """Every ``interval`` epochs, sample one image per fixed context and log the grid to TensorBoard.
 
     The contexts are fixed (the first cached embeddings), as are the seeds, so successive grids show the
-    model improving rather than new random draws.
+    model improving rather than new random draws. ``contexts`` may be a function returning them (tokens that are
+    themselves being learned, as a concept's are).
     """
 
     def __init__(
         self,
         codec: nn.Module,
         scheduler: Scheduler,
-        contexts: torch.Tensor,
+        contexts: torch.Tensor | Callable[[], torch.Tensor],
         latent_shape: Sequence[int],
         summary_writer: Any,
         network: Callable[[], nn.Module] | nn.Module | None = None,
@@ -265,7 +277,7 @@ class SamplePreviewHandler:
         was_training = network.training
         network.eval()
         device = engine.state.device
-        contexts = self.contexts.to(device).float()
+        contexts = (self.contexts() if callable(self.contexts) else self.contexts).to(device).float()
         noise = seeded_noise(range(len(contexts)), self.latent_shape, device)
         latents = sample_latents(network, self.scheduler, contexts, noise, self.num_inference_steps, self.guidance_scale)
         images = self.codec.decode(latents).clamp(0, 1).transpose(-1, -2).cpu()  # MONAI (x, y) -> display rows

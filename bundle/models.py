@@ -179,6 +179,11 @@ class Generator:
         return str(self.record["modality"])
 
     @property
+    def context_dim(self) -> int:
+        """The width of the UNet's context tokens (the DINO embedding's, and a concept's)."""
+        return int(self.record["network"]["cross_attention_dim"])
+
+    @property
     def latent_shape(self) -> list[int]:
         return list(self.record["latent_shape"])
 

@@ -81,8 +81,10 @@ def plan_jobs(
     seed: int = 0,
     label_columns: Sequence[str] = (),
     params: Mapping[str, Mapping[str, Any]] | None = None,
+    concepts: Any = None,
 ) -> list[dict[str, Any]]:
     """One job per output: ``num_samples`` per pool image, or ``total_samples`` spread evenly over the pool.
+    ``concepts`` (a :class:`bundle.concepts.ConceptBank`) serves the strategies that take concepts.
 
     Output ``j`` uses seed ``seed + j``; its strategy comes from a seeded shuffle of the mix, and its
     random choices (partner, interpolation weight, neighbours' weights) from its own seeded stream.
@@ -108,7 +110,7 @@ def plan_jobs(
     members: dict[tuple, list[int]] = {}
     for i, g in enumerate(groups):
         members.setdefault(g, []).append(i)
-    pool = Pool(rows, embeddings, groups, members)
+    pool = Pool(rows, embeddings, groups, members, concepts)
     stems = output_stems(rows)
     per_anchor: Counter = Counter()
     jobs = []
@@ -116,7 +118,8 @@ def plan_jobs(
         plan = STRATEGIES[kind].plan(anchor, params[kind], pool, np.random.default_rng([seed + j, 2]))
         jobs.append({"strategy": kind, "anchor": anchor, "seed": seed + j, "sources": plan.sources,
                      "labels": {c: rows[plan.labels_from][c] for c in label_columns}, "params": plan.params,
-                     "name": f"{stems[anchor]}_{kind}_{per_anchor[anchor]:03d}"})
+                     "name": f"{stems[anchor]}_{kind}_{per_anchor[anchor]:03d}",
+                     **({"concept": plan.concept} if plan.concept is not None else {})})
         per_anchor[anchor] += 1
     for chosen_strategy in chosen:
         chosen_strategy.after_plan(jobs, pool)
@@ -173,6 +176,7 @@ def generate(
     formats: Sequence[str] = ("png",),
     device: torch.device | str = "cpu",
     jobs: Sequence[dict[str, Any]] | None = None,
+    concepts: Any = None,
 ) -> list[dict[str, Any]]:
     """Generate images from a pool of real images and write them with ``manifest.csv`` into ``output_dir``.
 
@@ -195,7 +199,7 @@ def generate(
     pool = latent_cache(images, codec, dino, autoencoder_path, output_dir / ".pool" / "latents.pt", device, batch_size)
     embeddings = pool["tokens"].float()
     if jobs is None:
-        jobs = plan_jobs(datalist, embeddings, strategy, num_samples, total_samples, seed, label_columns, params)
+        jobs = plan_jobs(datalist, embeddings, strategy, num_samples, total_samples, seed, label_columns, params, concepts)
     sampler = type(scheduler).__name__
     study = dicom_uid(str(output_dir.resolve()), "study")
     series = dicom_uid(str(output_dir.resolve()), "series", sampler, num_inference_steps, guidance_scale)
@@ -226,14 +230,19 @@ def generate(
     with tqdm(total=len(pending), desc="generate", dynamic_ncols=True, disable=not pending) as bar:
         for batch in batches:
             batch_jobs = [job for _, job, _ in batch]
-            context = torch.stack([STRATEGIES[job["strategy"]].context(job, embeddings) for job in batch_jobs]).to(device)
+            contexts = [STRATEGIES[job["strategy"]].context(job, embeddings) for job in batch_jobs]
+            weights = getattr(contexts[0], "weights", None)  # a guidance composition of concepts (same in a batch)
+            if weights is not None:
+                context = [torch.stack([c.tokens[i] for c in contexts]).to(device) for i in range(len(weights))]
+            else:
+                context = torch.stack(contexts).to(device)
             noise = seeded_noise([job["seed"] for job in batch_jobs], latent_shape, device)
             generators = [torch.Generator(device=device).manual_seed(int(job["seed"])) for job in batch_jobs]
 
             def sample(**start: Any) -> torch.Tensor:
                 start = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in start.items()}
                 latents = sample_latents(unet, scheduler, context, noise, num_inference_steps, guidance_scale,
-                                         generators=generators, **start)
+                                         generators=generators, weights=weights, **start)
                 return codec.decode(latents).clamp(0, 1).cpu()
 
             out = STRATEGIES[batch_jobs[0]["strategy"]].render(batch_jobs, sample, pool["latents"], images["images"])

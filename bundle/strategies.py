@@ -7,7 +7,9 @@ from the pool, the embedding that conditions the job, and how a batch of its job
 - ``manifold``: a new embedding drawn from the anchor's label group (a Gaussian fitted to the group's
   embeddings, or a random convex mix of an image and its nearest neighbours), no seed image needed;
 - ``img2img``: a real image's latent noised to ``strength`` and denoised again under its own embedding;
-- ``inpainting``: only the inside of a mask regenerated, the rest kept from the real image.
+- ``inpainting``: only the inside of a mask regenerated, the rest kept from the real image;
+- ``concept``: learned concept tokens (bundle/concepts.py), one or several with weights; img2img and inpainting
+  also take ``concepts`` (e.g. a finding added inside a mask of a normal film).
 
 A new strategy is one new :class:`Strategy` subclass decorated with :func:`register`: planning, the
 manifest, the configs' ``strategy``/``strategy_params`` and the error messages all read :data:`STRATEGIES`.
@@ -16,6 +18,7 @@ manifest, the configs' ``strategy``/``strategy_params`` and the error messages a
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Mapping, Sequence
@@ -38,6 +41,7 @@ class Pool:
     embeddings: torch.Tensor
     groups: list[tuple]  # each row's label tuple
     members: dict[tuple, list[int]]  # the rows of each label tuple
+    concepts: Any = None  # a bundle.concepts.ConceptBank, for the strategies that take concepts
 
 
 @dataclass
@@ -48,6 +52,7 @@ class Plan:
     sources: list[int]
     params: dict[str, Any]
     labels_from: int
+    concept: Any = None  # the job's concept context (tokens, or a guidance Composition) instead of an embedding
 
 
 # sample(**keywords of bundle.diffusion.sample_latents) -> the batch's decoded images (B, 1, H, W) on the CPU
@@ -71,19 +76,45 @@ class Strategy:
     def after_plan(self, jobs: Sequence[Mapping[str, Any]], pool: Pool) -> None:
         """Anything to say about the whole plan once every job is planned."""
 
-    def context(self, job: Mapping[str, Any], embeddings: torch.Tensor) -> torch.Tensor:
-        """The conditioning embedding ``(tokens, dim)`` of one job."""
+    def context(self, job: Mapping[str, Any], embeddings: torch.Tensor) -> Any:
+        """The conditioning embedding ``(tokens, dim)`` of one job (its concept's, when it has one)."""
+        if job.get("concept") is not None:
+            return job["concept"]
         return embeddings[job["sources"][0]].clone()
 
     def batch_key(self, job: Mapping[str, Any]) -> tuple:
         """Jobs with equal keys are sampled in one batch by the :meth:`render` of the batch's first job, so
         strategies that share a key must share :meth:`render`."""
-        return ("noise",)
+        return ("noise", *concept_key(job))
 
     def render(self, jobs: Sequence[Mapping[str, Any]], sample: Sample, latents: torch.Tensor,
                images: torch.Tensor) -> torch.Tensor:
         """Decoded images of a batch of jobs, given the pool's cached ``latents`` and preprocessed ``images``."""
         return sample()
+
+
+def concept_key(job: Mapping[str, Any]) -> tuple:
+    """What jobs must share to be batched together: the same concepts, weights and composition."""
+    p = job["params"]
+    return (json.dumps(p["concepts"], sort_keys=True), p["composition"]) if p.get("concepts") else ()
+
+
+def with_concepts(plan: Plan, params: Mapping[str, Any], pool: Pool, required: bool = False) -> Plan:
+    """Give ``plan`` the concepts of ``params`` (names -> weights, composition), recorded with their files."""
+    from .concepts import check_weights
+
+    if not params.get("concepts"):
+        if required:
+            raise BundleInputError("The concept strategy needs concepts: e.g. --strategy_params "
+                                   "\"{'concept': {'concepts': {'pneumonia': 1.0}}}\" (learn them with configs/concept.json).")
+        return plan
+    if pool.concepts is None:
+        raise BundleInputError("Concepts were asked for, but no concept folder is set: pass --concept_dir.")
+    weights = check_weights(params["concepts"], params.get("composition", "mix"))
+    plan.concept = pool.concepts.compose(weights, params.get("composition", "mix"))
+    plan.params.update({"concepts": weights, "composition": params.get("composition", "mix"),
+                        "concept_files": {n: str(pool.concepts.path(n)) for n in weights}})
+    return plan
 
 
 STRATEGIES: dict[str, Strategy] = {}
@@ -123,6 +154,19 @@ def _of_anchors(pool_tensor: torch.Tensor, jobs: Sequence[Mapping[str, Any]]) ->
 @register
 class Reconstruction(Strategy):
     name = "reconstruction"
+
+
+@register
+class Concept(Strategy):
+    """Samples of learned concepts (bundle/concepts.py), alone or several with weights: ``mix`` averages their
+    tokens, ``guidance`` sums their guidance directions. Weights (a, 1 - a) interpolate between two concepts.
+    The pool image only lends its labels and a seed."""
+
+    name = "concept"
+    defaults = {"concepts": {}, "composition": "mix"}
+
+    def plan(self, anchor, params, pool, rng):
+        return with_concepts(Plan([anchor], {}, anchor), params, pool, required=True)
 
 
 @register
@@ -189,10 +233,13 @@ class Manifold(Strategy):
 @register
 class Img2Img(Strategy):
     name = "img2img"
-    defaults = {"strength": 0.6}
+    defaults = {"strength": 0.6, "concepts": {}, "composition": "mix"}
+
+    def plan(self, anchor, params, pool, rng):
+        return with_concepts(Plan([anchor], {"strength": params["strength"]}, anchor), params, pool)
 
     def batch_key(self, job):
-        return ("img2img", float(job["params"]["strength"]))
+        return ("img2img", float(job["params"]["strength"]), *concept_key(job))
 
     def render(self, jobs, sample, latents, images):
         return sample(init=_of_anchors(latents, jobs), strength=float(jobs[0]["params"]["strength"]))
@@ -222,7 +269,7 @@ def latent_mask(mask: torch.Tensor, latent_size: Sequence[int]) -> torch.Tensor:
 @register
 class Inpainting(Strategy):
     name = "inpainting"
-    defaults = {"mask_column": "mask", "box": [0.55, 0.2, 0.9, 0.75], "paste": True}
+    defaults = {"mask_column": "mask", "box": [0.55, 0.2, 0.9, 0.75], "paste": True, "concepts": {}, "composition": "mix"}
 
     def check(self, params):
         _check_box(params["box"])
@@ -231,10 +278,10 @@ class Inpainting(Strategy):
         mask = str(pool.rows[anchor].get(params["mask_column"]) or "")
         p = {"mask": mask} if mask else {"box": list(params["box"])}
         p["paste"] = bool(params["paste"])
-        return Plan([anchor], p, anchor)
+        return with_concepts(Plan([anchor], p, anchor), params, pool)
 
     def batch_key(self, job):
-        return ("inpainting",)
+        return ("inpainting", *concept_key(job))
 
     @staticmethod
     def pixel_mask(job: Mapping[str, Any], size: Sequence[int]) -> torch.Tensor:

@@ -4,7 +4,7 @@
 # with a model snapshot every few epochs, then scripts/evaluate_quality.py (curves over the snapshots and the
 # targets on the corpus and JSRT test splits). Every stage resumes from its last epoch checkpoint: after an
 # interruption, run the same command again and it goes on where it stopped (a finished stage is skipped).
-#   bash scripts/run_quality_cpu.sh        (WORK=runs/corpus_cpu64; about 4 h on two CPU cores)
+#   bash scripts/run_quality_cpu.sh        (WORK=runs/corpus_cpu64; about 3 h on two CPU cores)
 #   DATA=folder with train.csv, test_corpus.csv, test_jsrt.csv  (default: written from ../shared/data)
 # Settings chosen by the pilots of docs/results/quality.md; override with the environment variables below.
 set -euo pipefail
@@ -27,8 +27,8 @@ stage() {  # stage NAME RUN_ID [overrides...]
 stage train_dino train_dino --dino_epochs "${DINO_EPOCHS:-16}"
 stage train_autoencoder train_autoencoder --ae_epochs "${AE_EPOCHS:-40}" --snapshot_every "${AE_SNAPSHOT_EVERY:-5}"
 stage cache cache --dino_weights "$DINO"
-stage train_diffusion train_diffusion --dino_weights "$DINO" --diffusion_epochs "${DIFFUSION_EPOCHS:-200}" \
-  --snapshot_every "${DIFFUSION_SNAPSHOT_EVERY:-20}"
+stage train_diffusion train_diffusion --dino_weights "$DINO" --diffusion_epochs "${DIFFUSION_EPOCHS:-150}" \
+  --snapshot_every "${DIFFUSION_SNAPSHOT_EVERY:-15}"
 SECONDS=0
 $PY scripts/evaluate_quality.py --work_dir "$WORK" --train "$DATA/train.csv" --test "jsrt=$DATA/test_jsrt.csv" \
   --test "corpus=$DATA/test_corpus.csv" --out "${OUT:-docs/results/quality_cpu64}" > "$WORK/evaluate_quality.log" 2>&1
