@@ -39,6 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bundle.cli import pyplot  # noqa: E402
 from bundle.data import build_datalist, modality_preprocessing, preprocessed_images  # noqa: E402
 from bundle.diffusion import sample_latents, seeded_noise  # noqa: E402
 from bundle.errors import BundleInputError  # noqa: E402
@@ -83,11 +84,7 @@ def embed(generator, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor
 
 
 def curves_png(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     for name in result["test_sets"]:
         ae = [p for p in result["autoencoder_curve"] if name in p["sets"]]
