@@ -9,7 +9,7 @@ install_excepthook()
 
 from . import (  # noqa: E402,F401
     autoencoder, cache, concepts, data, diffusion, dino, dino_pretrain, evaluation, heads, manifold, models, report, sampling,
-    transforms, validation, workflow, writers, zero_shot,
+    transforms, validation, volumes, workflow, writers, zero_shot,
 )
 
 __version__ = "0.3.0"

@@ -351,22 +351,53 @@ def image_items(cache: dict) -> ImageItems:
 
 
 def modality_preprocessing(config_path: str | os.PathLike, **values: Any):
-    """``LoadImaged`` followed by the ``transforms`` list of a modality config (e.g. configs/modality/cxr.json).
+    """The modality config's ``loader`` (default ``LoadImaged``) followed by its ``transforms`` list (e.g.
+    configs/modality/cxr.json; volume modalities load one slice with bundle.volumes.LoadSliced).
 
-    ``values`` (such as ``image_size``) fill the ``@`` references of the modality file, so one file serves
-    every image size.
+    ``values`` (such as ``image_size``, or a CT ``window``) fill the ``@`` references of the modality file, so one
+    file serves every image size.
     """
-    from monai.bundle import ConfigParser
     from monai.transforms import Compose, LoadImaged
 
-    path = Path(config_path)
+    parser = modality_parser(config_path, **values)
+    transforms = parser.get_parsed_content("transforms")
+    loader = (parser.get_parsed_content("loader") if "loader" in parser.get("", {}) else
+              LoadImaged(keys="image", image_only=True, ensure_channel_first=True))
+    return Compose([loader, *transforms])
+
+
+def modality_parser(path: str | os.PathLike, **values: Any):
+    """The modality config at ``path`` with ``values`` set (keys it lacks are added, others replaced)."""
+    from monai.bundle import ConfigParser
+
+    path = Path(path)
     if not path.is_file():
         available = sorted(p.stem for p in path.parent.glob("*.json")) if path.parent.is_dir() else []
         raise BundleInputError(
             f"Modality config '{path}' does not exist: choose --modality from {available} or add that file."
         )
-    parser = ConfigParser(ConfigParser.load_config_file(path))
+    parser = ConfigParser(ConfigParser.load_config_file(path), globals={"bundle": "bundle"})
     for key, value in values.items():
-        parser[key] = value
-    transforms = parser.get_parsed_content("transforms")
-    return Compose([LoadImaged(keys="image", image_only=True, ensure_channel_first=True), *transforms])
+        if key == "slices" and isinstance(value, dict):
+            parser[key] = {**(parser.get("slices") or {}), **value}
+        else:
+            parser[key] = value
+    return parser
+
+
+def modality_datalist(rows: Sequence[dict[str, Any]], config_path: str | os.PathLike, **values: Any) -> list[dict]:
+    """The datalist as the modality takes it: a volume modality (a ``slices`` section in its config) turns each
+    volume (NIfTI file, or DICOM series: the files of one folder count as one volume) into one row per usable 2D
+    slice (bundle/volumes.py); a 2D modality takes the rows as they are."""
+    parser = modality_parser(config_path, **values)
+    slices = parser.get_parsed_content("slices") if "slices" in parser.get("", {}) else None
+    if not slices:
+        return list(rows)
+    from .volumes import slice_rows
+
+    volumes: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        image = Path(str(row["image"]))
+        key = str(image.parent) if image.name.lower().endswith((".dcm", ".dicom")) else str(image)
+        volumes.setdefault(key, {**row, "image": key})
+    return slice_rows(list(volumes.values()), **slices)
