@@ -10,7 +10,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -132,11 +132,21 @@ def preprocess(datalist: Sequence[dict[str, Any]], transform: Callable, desc: st
     return items
 
 
+def slice_suffix(row: Mapping[str, Any]) -> str:
+    """``_axial060``-style suffix of a volume slice row (bundle/volumes.py), empty for a 2D image row."""
+    if row.get("slice_index") in (None, ""):
+        return ""
+    from .volumes import AXES
+
+    axis = {v: k for k, v in AXES.items()}.get(int(row.get("slice_axis", 2)), "axis")
+    return f"_{axis}{int(row['slice_index']):03d}"
+
+
 def output_stems(rows: Sequence[dict[str, Any]]) -> list[str]:
     """File-name stems for outputs: the source's name, made unique with its index only where names clash."""
     from collections import Counter
 
-    names = [Path(str(r["image"])).name.split(".")[0] for r in rows]
+    names = [Path(str(r["image"])).name.split(".")[0] + slice_suffix(r) for r in rows]
     counts = Counter(names)
     return [n if counts[n] == 1 else f"{i:05d}_{n}" for i, n in enumerate(names)]
 
@@ -234,12 +244,19 @@ def hash_file(path: str | os.PathLike) -> str:
 
 
 def files_fingerprint(datalist: Sequence[dict[str, Any]]) -> str:
-    """Changes when any image is added, removed, renamed or rewritten (path, size, modification time)."""
+    """Changes when any image is added, removed, renamed or rewritten (path, size, modification time), or when
+    another slice of a volume is chosen (a DICOM series folder counts by its files)."""
     stats = []
     for row in datalist:
         path = str(row["image"])
         st = os.stat(path) if os.path.exists(path) else None
-        stats.append([path, st.st_size if st else -1, st.st_mtime_ns if st else -1])
+        entry = [path, st.st_size if st else -1, st.st_mtime_ns if st else -1]
+        if row.get("slice_index") not in (None, ""):
+            folder = Path(path)
+            files = sorted(folder.iterdir()) if folder.is_dir() else []
+            entry += [row.get("slice_axis"), int(row["slice_index"]),
+                      [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]]
+        stats.append(entry)
     return hash_json(stats)
 
 

@@ -12,7 +12,7 @@ import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from pydoc import locate
@@ -188,11 +188,25 @@ class Generator:
         return list(self.record["latent_shape"])
 
     @property
+    def modality_file(self) -> Path:
+        return Path(self.bundle_root) / "configs" / "modality" / f"{self.modality}.json"
+
+    @property
+    def modality_settings(self) -> dict[str, Any]:
+        """What the training run changed in its modality config (e.g. a CT window); empty when nothing."""
+        return dict(self.record.get("modality_settings") or {})
+
+    @property
     def preprocessing(self):
         from .data import modality_preprocessing
 
-        return modality_preprocessing(Path(self.bundle_root) / "configs" / "modality" / f"{self.modality}.json",
-                                      image_size=self.image_size)
+        return modality_preprocessing(self.modality_file, image_size=self.image_size, **self.modality_settings)
+
+    def datalist(self, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """``rows`` as this generator's modality takes them (volumes cut into slice rows, 2D images as they are)."""
+        from .data import modality_datalist
+
+        return modality_datalist(rows, self.modality_file, **self.modality_settings)
 
     def sampler(self, name: str):
         from .diffusion import make_sampler

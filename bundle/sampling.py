@@ -25,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .cache import latent_cache
-from .data import output_stems, preprocessed_images
+from .data import output_stems, preprocessed_images, slice_suffix
 from .diffusion import sample_latents, seeded_noise
 from .errors import BundleInputError
 from .validation import check_sampling_values
@@ -59,7 +59,8 @@ def strategy_counts(strategy: str | Mapping[str, float], total: int) -> dict[str
 
 
 def source_id(row: Mapping[str, Any]) -> str:
-    return str(row.get("id") or Path(str(row["image"])).name.split(".")[0])
+    """The source's ``id`` column, else its file name; a volume slice adds its axis and index."""
+    return str(row.get("id") or Path(str(row["image"])).name.split(".")[0]) + slice_suffix(row)
 
 
 def label_groups(rows: Sequence[Mapping[str, Any]], label_columns: Sequence[str]) -> list[tuple]:

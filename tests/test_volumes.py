@@ -152,3 +152,15 @@ def test_mri_slices_are_scaled_by_percentiles():
     assert 100 < len(rows) < 181
     image = modality_preprocessing("configs/modality/mri.json", image_size=64)(rows[len(rows) // 2])["image"]
     assert image.shape == (1, 64, 64) and float(image.min()) == 0.0 and 0.8 < float(image.max()) <= 1.0
+
+
+def test_slice_rows_name_their_slice_in_outputs_and_cache_keys(head_ct):
+    from bundle.data import files_fingerprint, output_stems
+    from bundle.sampling import source_id
+
+    rows = slice_rows([{"image": str(head_ct)}], "axial", stride=10, span=(0.2, 0.8))
+    assert [r["slice_index"] for r in rows] == [21, 31, 41, 51, 61, 71, 81]
+    assert output_stems(rows)[:2] == ["head_ct_axial021", "head_ct_axial031"]
+    assert source_id(rows[0]) == "head_ct_axial021"
+    shifted = slice_rows([{"image": str(head_ct)}], "axial", stride=10, span=(0.21, 0.8))
+    assert len(shifted) == len(rows) and files_fingerprint(shifted) != files_fingerprint(rows)
