@@ -29,12 +29,14 @@ from .data import output_stems, preprocessed_images, slice_suffix
 from .diffusion import sample_latents, seeded_noise
 from .errors import BundleInputError
 from .validation import check_sampling_values
+from .volumes import output_affine, source_modality
 from .io import atomic_path
 from .strategies import STRATEGIES, Pool, strategy_params
 from .writers import FORMATS, dicom_uid, write_image
 
 logger = logging.getLogger(__name__)
 
+VOLUME_MODALITIES = {"ct": "CT", "mri": "MR"}  # the DICOM Modality of synthetic slices of NIfTI volumes
 MANIFEST_FIELDS = ["image", "source_ids", "sources", "strategy", "params", "seed", "sampler", "num_inference_steps",
                    "guidance_scale"]
 
@@ -178,12 +180,15 @@ def generate(
     device: torch.device | str = "cpu",
     jobs: Sequence[dict[str, Any]] | None = None,
     concepts: Any = None,
+    modality: str | None = None,
 ) -> list[dict[str, Any]]:
     """Generate images from a pool of real images and write them with ``manifest.csv`` into ``output_dir``.
 
     The pool's preprocessed images, latents and DINO embeddings are cached in ``output_dir/.pool`` (rebuilt
     when the images, preprocessing, autoencoder or DINO model change). Outputs that already exist are kept.
-    ``jobs`` replaces the planned jobs (e.g. :func:`interpolation_jobs`).
+    ``jobs`` replaces the planned jobs (e.g. :func:`interpolation_jobs`). An output made from a slice of a volume
+    is written as NIfTI where its source slice lies (its affine) and as DICOM with the source's Modality
+    (the volume's own, or ``modality``'s: ct -> CT, mri -> MR).
     """
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
@@ -248,10 +253,15 @@ def generate(
 
             out = STRATEGIES[batch_jobs[0]["strategy"]].render(batch_jobs, sample, pool["latents"], images["images"])
             for image, (j, job, paths) in zip(out, batch):
+                source = datalist[job["sources"][0]]
+                placed = source.get("slice_index") not in (None, "")  # a slice of a volume: keep its place
                 for fmt, path in zip(formats, paths):
                     write_image(image, path, fmt, study_uid=study, series_uid=series, instance_number=j + 1,
                                 description=f"synthetic {job['strategy']} (DiNO-Diffusion)",
-                                instance_uid=dicom_uid(str(path.resolve()), job["seed"]))
+                                instance_uid=dicom_uid(str(path.resolve()), job["seed"]),
+                                affine=output_affine(source, image.shape[-2:]) if placed and fmt == "nifti" else None,
+                                modality=(source_modality(source) or VOLUME_MODALITIES.get(str(modality), "OT"))
+                                if placed else None)
                 done.add(j)
             write_manifest([rows[j] for j in sorted(done)], manifest, label_columns)
             bar.update(len(batch))

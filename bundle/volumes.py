@@ -9,6 +9,7 @@ the image's left, anterior (axial) or superior (coronal, sagittal) at the top.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections import OrderedDict
@@ -265,3 +266,52 @@ class LoadSliced(MapTransform):
                 "pixel_spacing": in_plane if self.spacing is None else [target, target],
                 "source_modality": info.get("modality")})
         return d
+
+
+def volume_geometry(source: str) -> tuple[tuple[int, int, int], np.ndarray, str | None]:
+    """``(shape, RAS affine, DICOM modality)`` of a volume, read once per file state (cached)."""
+    p = Path(source)
+    stamp = (p.stat().st_mtime_ns, p.stat().st_size) if p.exists() else None
+    return _volume_geometry(str(p), stamp)
+
+
+@functools.lru_cache(maxsize=4)
+def _volume_geometry(source: str, stamp: Any) -> tuple[tuple[int, int, int], np.ndarray, str | None]:
+    data, affine, info = read_volume(source)
+    return tuple(int(n) for n in data.shape), affine, info.get("modality")
+
+
+def output_affine(row: Mapping[str, Any], size: Sequence[int]) -> np.ndarray:
+    """The RAS affine of an output image of ``size`` (x, y) made from a slice row: where its pixels lie in the
+    source volume's world space, assuming the slice filled the image along its longer side and was centred along
+    the other (the modality configs' resize-longest-then-pad), so a synthetic slice overlays its source."""
+    shape, affine, _ = volume_geometry(str(row["image"]))
+    axis, index = axis_number(row.get("slice_axis", 2)), int(row["slice_index"])
+    in_plane = [a for a in range(3) if a != axis]  # volume axes shown along output x and y
+    flips = {2: (True, True), 1: (True, True), 0: (True, True)}[axis]  # display_slice flips both shown axes
+    sizes = np.linalg.norm(affine[:3, :3], axis=0)
+    extent = [shape[a] * sizes[a] for a in in_plane]  # mm along output x and y
+    pixel = max(extent) / max(size)  # mm per output pixel (square pixels, longest side fills the image)
+    voxel_to_output = np.zeros((4, 4))
+    voxel_to_output[3, 3] = 1.0
+    voxel_to_output[axis, 3] = index
+    for out_axis, (vol_axis, flip) in enumerate(zip(in_plane, flips)):
+        step = pixel / sizes[vol_axis]  # voxels per output pixel
+        offset = (size[out_axis] - extent[out_axis] / pixel) / 2  # padding before the content, in output pixels
+        # output pixel centre p -> voxel centre: (p + 0.5 - offset) * step - 0.5, counted from the flipped end
+        start = (0.5 - offset) * step - 0.5
+        if flip:
+            voxel_to_output[vol_axis, out_axis] = -step
+            voxel_to_output[vol_axis, 3] = shape[vol_axis] - 1 - start
+        else:
+            voxel_to_output[vol_axis, out_axis] = step
+            voxel_to_output[vol_axis, 3] = start
+    voxel_to_output[axis, 2] = 1.0  # a one-voxel-thick slab along the slice axis
+    return affine @ voxel_to_output
+
+
+def source_modality(row: Mapping[str, Any]) -> str | None:
+    """The DICOM Modality of a slice row's volume (a DICOM series), else None."""
+    if row.get("slice_index") in (None, ""):
+        return None
+    return volume_geometry(str(row["image"]))[2]

@@ -31,14 +31,15 @@ def write_png(image: torch.Tensor | np.ndarray, path: str | os.PathLike, bit_dep
         pil.save(tmp, format="PNG")
 
 
-def write_nifti(image: torch.Tensor | np.ndarray, path: str | os.PathLike) -> None:
-    """A 2D NIfTI in MONAI's own (x, y) order, so ``LoadImage`` reads back exactly the array written."""
+def write_nifti(image: torch.Tensor | np.ndarray, path: str | os.PathLike, affine: np.ndarray | None = None) -> None:
+    """A 2D NIfTI in MONAI's own (x, y) order, so ``LoadImage`` reads back exactly the array written; ``affine``
+    places it in world space (a slice of a volume overlays its source, bundle.volumes.output_affine)."""
     import nibabel as nib
 
     array = np.asarray(image.detach().cpu() if isinstance(image, torch.Tensor) else image, dtype=np.float32)
     array = np.clip(array.reshape(array.shape[-2:]), 0.0, 1.0)
     with atomic_path(path) as tmp:
-        nib.save(nib.Nifti1Image(array, np.eye(4)), tmp + ".nii.gz")
+        nib.save(nib.Nifti1Image(array, np.eye(4) if affine is None else np.asarray(affine, np.float64)), tmp + ".nii.gz")
         os.replace(tmp + ".nii.gz", tmp)
 
 
@@ -57,8 +58,10 @@ def write_dicom(
     instance_uid: str | None = None,
     instance_number: int = 1,
     description: str = "synthetic image",
+    modality: str | None = None,
 ) -> None:
-    """A 16-bit MONOCHROME2 DICOM Secondary Capture marked as synthetic.
+    """A 16-bit MONOCHROME2 DICOM Secondary Capture marked as synthetic; ``modality`` (default OT) is the source's
+    (CT, MR) for slices of volumes.
 
     ``ConversionType`` SYN (synthetic image), ``ImageType`` DERIVED\\SECONDARY and "synthetic" in the series
     description; the patient is "SYNTHETIC" and nothing from the source images' headers is copied.
@@ -82,7 +85,7 @@ def write_dicom(
     ds.SeriesInstanceUID = series_uid or dicom_uid("series", instance_uid)
     ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "SYNTHETIC", "SYNTHETIC", "", ""
     ds.StudyDate, ds.StudyTime, ds.ReferringPhysicianName, ds.StudyID, ds.AccessionNumber = "", "", "", "", ""
-    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "OT", 1, int(instance_number)
+    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = (modality or "OT")[:16], 1, int(instance_number)
     ds.SeriesDescription = description[:64]
     ds.ConversionType = "SYN"
     ds.ImageType = ["DERIVED", "SECONDARY"]
@@ -100,14 +103,16 @@ def write_dicom(
 FORMATS = {"png": ".png", "png16": ".png", "nifti": ".nii.gz", "dicom": ".dcm"}
 
 
-def write_image(image: torch.Tensor | np.ndarray, path: str | os.PathLike, fmt: str, **dicom: object) -> None:
-    """Write ``image`` in one of :data:`FORMATS`; ``dicom`` keywords (UIDs, description) go to the DICOM writer."""
+def write_image(image: torch.Tensor | np.ndarray, path: str | os.PathLike, fmt: str, affine: np.ndarray | None = None,
+                **dicom: object) -> None:
+    """Write ``image`` in one of :data:`FORMATS`; ``affine`` places a NIfTI output, ``dicom`` keywords (UIDs,
+    description, modality) go to the DICOM writer."""
     if fmt == "png":
         write_png(image, path)
     elif fmt == "png16":
         write_png(image, path, bit_depth=16)
     elif fmt == "nifti":
-        write_nifti(image, path)
+        write_nifti(image, path, affine)
     elif fmt == "dicom":
         write_dicom(image, path, **dicom)
     else:

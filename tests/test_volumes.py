@@ -164,3 +164,34 @@ def test_slice_rows_name_their_slice_in_outputs_and_cache_keys(head_ct):
     assert source_id(rows[0]) == "head_ct_axial021"
     shifted = slice_rows([{"image": str(head_ct)}], "axial", stride=10, span=(0.21, 0.8))
     assert len(shifted) == len(rows) and files_fingerprint(shifted) != files_fingerprint(rows)
+
+
+def test_a_synthetic_slice_is_written_where_its_source_slice_lies(head_ct, tmp_path):
+    import nibabel as nib
+
+    from bundle.volumes import output_affine, source_modality
+    from bundle.writers import write_dicom, write_nifti
+
+    data, affine, _ = read_volume(head_ct)
+    row = slice_rows([{"image": str(head_ct)}], "axial", stride=50)[1]
+    image = modality_preprocessing("configs/modality/ct.json", image_size=64)(row)["image"]
+    out = output_affine(row, image.shape[-2:])
+    assert nib.aff2axcodes(out) == ("L", "P", "S") and np.allclose(np.linalg.norm(out[:3, :2], axis=0), 256 * 0.957 / 64, atol=1e-3)
+    # every output pixel is the brain-windowed mean of the 4 x 4 voxels it lies over
+    to_voxel = np.linalg.inv(affine) @ out
+    for p, q in [(10, 30), (32, 32), (50, 20)]:
+        i, j = (to_voxel @ np.array([p, q, 0, 1]))[:2]
+        block = data[int(round(i - 1.5)) : int(round(i - 1.5)) + 4, int(round(j - 1.5)) : int(round(j - 1.5)) + 4, row["slice_index"]]
+        assert float(image[0, p, q]) == pytest.approx(float(np.clip(block / 80.0, 0, 1).mean()), abs=1e-5)
+    write_nifti(image, tmp_path / "slice.nii.gz", out)
+    assert np.allclose(nib.load(str(tmp_path / "slice.nii.gz")).affine, out)
+    # a slice of a DICOM series keeps the series' Modality in the synthetic Secondary Capture
+    hu, small_affine = small_ct(head_ct)
+    write_series(tmp_path / "series", hu, small_affine)
+    series_row = slice_rows([{"image": str(tmp_path / "series")}], "axial")[0]
+    assert source_modality(series_row) == "CT" and source_modality({"image": "x.png"}) is None
+    write_dicom(image, tmp_path / "slice.dcm", modality=source_modality(series_row))
+    import pydicom
+
+    ds = pydicom.dcmread(str(tmp_path / "slice.dcm"))
+    assert ds.Modality == "CT" and ds.ConversionType == "SYN" and "synthetic" in ds.SeriesDescription
