@@ -383,6 +383,20 @@ def modality_preprocessing(config_path: str | os.PathLike, **values: Any):
     return Compose([loader, *transforms])
 
 
+def output_preprocessing(image_size: int):
+    """Reading generated images back (bundle.writers outputs): one grey 2D image, values divided by their storage
+    range (8-bit, 16-bit, or float in [0, 1] as written), resized and padded to ``image_size``."""
+    from monai.transforms import Compose, EnsureTyped, LoadImaged, Resized, SpatialPadd
+
+    from .transforms import Radiograph2Dd, UnitRanged
+
+    return Compose([LoadImaged(keys="image", image_only=True, ensure_channel_first=True), UnitRanged(keys="image"),
+                    Radiograph2Dd(keys="image"),
+                    Resized(keys="image", spatial_size=image_size, size_mode="longest", mode="area"),
+                    SpatialPadd(keys="image", spatial_size=[image_size, image_size], mode="constant"),
+                    EnsureTyped(keys="image", dtype=torch.float32, track_meta=False)])
+
+
 def modality_parser(path: str | os.PathLike, **values: Any):
     """The modality config at ``path`` with ``values`` set (keys it lacks are added, others replaced)."""
     from monai.bundle import ConfigParser

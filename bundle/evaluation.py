@@ -41,10 +41,13 @@ def require_image_sets(*sources: str | os.PathLike | None, optional: Sequence[st
                                    "manifest (--generated_dir, --real_dir, --train_dir).")
 
 
-def load_images(source: str | os.PathLike, preprocessing: Callable, limit: int | None = None) -> tuple[torch.Tensor, list[str]]:
-    """A folder, datalist or sampling manifest -> ``(N, 1, H, W)`` preprocessed images and their paths."""
+def load_images(source: str | os.PathLike, preprocessing: Callable, limit: int | None = None,
+                rows_for: Callable | None = None) -> tuple[torch.Tensor, list[str]]:
+    """A folder, datalist or sampling manifest -> ``(N, 1, H, W)`` preprocessed images and their paths;
+    ``rows_for`` turns the rows into those the modality takes (a generator's ``datalist``: volumes into slices)."""
     require_image_sets(source)
-    rows = build_datalist(source, None)[:limit]
+    rows = build_datalist(source, None)
+    rows = (rows_for(rows) if rows_for is not None else rows)[:limit]
     return preprocessed_stack(rows, preprocessing, f"load {Path(str(source)).name}"), [str(r["image"]) for r in rows]
 
 
@@ -364,16 +367,21 @@ def evaluate(
     k: int = 5,
     max_images: int | None = None,
     device: torch.device | str = "cpu",
+    rows_for: Callable | None = None,
+    generated_preprocessing: Callable | None = None,
 ) -> dict[str, Any]:
     """Compare a generated set with a real one and write ``evaluation.json`` and ``evaluation.md``.
+
+    ``rows_for`` turns the real and training sets' rows into those the modality takes (volumes into slices);
+    ``generated_preprocessing`` reads the generated images (default: ``preprocessing``).
 
     ``train_dir`` (the generator's training images) enables the memorisation check and a reference FD of the
     training set against the real set; ``codec`` adds the autoencoder's reconstruction quality on the real set.
     """
     output_dir = Path(output_dir)
-    generated, generated_paths = load_images(generated_dir, preprocessing, max_images)
-    real, _ = load_images(real_dir, preprocessing, max_images)
-    train = load_images(train_dir, preprocessing, max_images)[0] if train_dir else None
+    generated, generated_paths = load_images(generated_dir, generated_preprocessing or preprocessing, max_images)
+    real, _ = load_images(real_dir, preprocessing, max_images, rows_for)
+    train = load_images(train_dir, preprocessing, max_images, rows_for)[0] if train_dir else None
     if generated.shape[1:] != real.shape[1:]:
         raise BundleInputError(f"Generated images are {tuple(generated.shape[1:])} and real ones {tuple(real.shape[1:])}"
                                " after preprocessing: evaluate at one --image_size.")

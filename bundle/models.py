@@ -129,6 +129,8 @@ def record_differences(stored: Mapping[str, Any], current: Mapping[str, Any], pr
     diffs = []
     for key in keys:
         a, b = stored.get(key), current.get(key)
+        if a in (None, {}) and b in (None, {}):  # a setting added later, left empty: models without it match
+            continue
         if isinstance(a, Mapping) and isinstance(b, Mapping):
             diffs += record_differences(a, b, f"{prefix}{key}.")
         elif not _same(a, b):
@@ -201,6 +203,17 @@ class Generator:
         from .data import modality_preprocessing
 
         return modality_preprocessing(self.modality_file, image_size=self.image_size, **self.modality_settings)
+
+    @property
+    def output_preprocessing(self):
+        """How this generator's own outputs (PNG/NIfTI/DICOM in [0, 1]) are read back: the modality's preprocessing
+        for 2D modalities; for volume modalities, whose preprocessing reads volumes, the outputs' grey values
+        brought to [0, 1] by their storage range and resized to the image size."""
+        from .data import modality_parser, output_preprocessing
+
+        if "slices" not in modality_parser(self.modality_file).get("", {}):
+            return self.preprocessing
+        return output_preprocessing(self.image_size)
 
     def datalist(self, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """``rows`` as this generator's modality takes them (volumes cut into slice rows, 2D images as they are)."""

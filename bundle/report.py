@@ -52,7 +52,9 @@ def training_report(bundle_root: str | os.PathLike, work_dir: str | os.PathLike,
                                num_inputs=count, num_samples=1, strategy="reconstruction", output_dir=str(sample_dir))
     rows = sampling.run()[-1]
     preprocessing = sampling.parser.get_parsed_content("preprocessing")
-    reals = [to_display(apply_to_file(preprocessing, {"image": r["sources"]})["image"]) for r in rows]
+    reals = [to_display(apply_to_file(preprocessing, {"image": r["sources"], **{k: r[k] for k in ("slice_axis", "slice_index")
+                                                                                  if r.get(k) not in (None, "")}})["image"])
+             for r in rows]
     samples = [np.asarray(Image.open(sample_dir / r["image"]), dtype=np.float32) / 255.0 for r in rows]
     grid = out / "samples_grid.png"
     pairs_grid(reals, samples, grid)

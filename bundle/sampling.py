@@ -210,6 +210,9 @@ def generate(
     study = dicom_uid(str(output_dir.resolve()), "study")
     series = dicom_uid(str(output_dir.resolve()), "series", sampler, num_inference_steps, guidance_scale)
 
+    # a pool of volume slices: the manifest names each source's slice, so the real slice can be found again
+    slice_columns = ["slice_axis", "slice_index"] if any(r.get("slice_index") not in (None, "") for r in datalist) else []
+    label_columns = [*label_columns, *(c for c in slice_columns if c not in label_columns)]
     rows, pending = [], []
     for j, job in enumerate(jobs):
         paths = [output_dir / f"{job['name']}{FORMATS[f]}" for f in formats]
@@ -217,7 +220,8 @@ def generate(
         rows.append({"image": paths[0].name, "source_ids": ";".join(source_id(r) for r in sources),
                      "sources": ";".join(str(r["image"]) for r in sources), "strategy": job["strategy"],
                      "params": json.dumps(job["params"], sort_keys=True), "seed": job["seed"], "sampler": sampler,
-                     "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, **job["labels"]})
+                     "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, **job["labels"],
+                     **{c: ";".join(str(r.get(c, "")) for r in sources) for c in slice_columns}})
         if not all(p.exists() for p in paths):
             pending.append((j, job, paths))
     manifest = output_dir / "manifest.csv"

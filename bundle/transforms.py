@@ -106,3 +106,30 @@ class WithoutMeta:
 
     def __repr__(self) -> str:
         return f"WithoutMeta({self.transform!r})"
+
+
+class UnitRanged(MapTransform):
+    """Grey values divided by the range of the type they were stored in (uint8 -> /255, uint16 -> /65535); floats
+    (NIfTI outputs, already in [0, 1]) stay as they are. MONAI's readers return stored values as float, so the
+    storage type is read from the file: PNG mode, or the DICOM BitsStored."""
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = d[key] / self.storage_max(_source(d[key]))
+        return d
+
+    @staticmethod
+    def storage_max(path: str) -> float:
+        name = path.lower()
+        if name.endswith(".png"):
+            from PIL import Image
+
+            with Image.open(path) as image:
+                return 65535.0 if image.mode in ("I;16", "I;16B", "I") else 255.0
+        if name.endswith((".dcm", ".dicom")):
+            import pydicom
+
+            header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["BitsStored"])
+            return float(2 ** int(header.get("BitsStored", 16)) - 1)
+        return 1.0

@@ -109,7 +109,9 @@ def curves_png(result: dict, path: Path) -> None:
 
 
 def markdown(result: dict) -> str:
-    lines = ["| test set | AE PSNR (dB) | AE MS-SSIM | FD pixels (ref) | FD DINO (ref) | divergent | source top-1 (chance) "
+    lines = [f"Targets judged on the diffusion model `{result['target_model']}`; sampler {result['sampler']['name']}, "
+             f"{result['sampler']['steps']} steps, guidance {result['sampler']['guidance_scale']}.", "",
+             "| test set | AE PSNR (dB) | AE MS-SSIM | FD pixels (ref) | FD DINO (ref) | divergent | source top-1 (chance) "
              "| source top-5 (chance) | copies |", "|---|---|---|---|---|---|---|---|---|"]
     for name, t in result["targets"].items():
         r, c = t["reconstruction"], t["conditioning"]
@@ -151,6 +153,8 @@ def main() -> None:
     parser.add_argument("--guidance_scale", type=float, default=3.0)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--final_only", action="store_true", help="skip the snapshots (targets only)")
+    parser.add_argument("--target_model", type=Path, default=None,
+                        help="judge the targets on this diffusion snapshot (a run still under way) instead of the final model")
     args = parser.parse_args()
     tests = dict(t.split("=", 1) for t in args.test)
     started = time.perf_counter()
@@ -164,7 +168,8 @@ def main() -> None:
     train = image_set(args.train, preprocessing, cache / "eval_train.pt")
     real = {name: image_set(src, preprocessing, cache / f"eval_test_{name}.pt") for name, src in tests.items()}
     per_epoch = {"ae": math.ceil(len(train) / args.ae_batch_size), "diffusion": math.ceil(len(train) / args.diffusion_batch_size)}
-    result: dict = {"work_dir": str(args.work_dir), "train_images": len(train), "test_sets": {n: len(x) for n, x in real.items()},
+    result: dict = {"work_dir": str(args.work_dir), "target_model": str(args.target_model or "final"),
+                    "train_images": len(train), "test_sets": {n: len(x) for n, x in real.items()},
                     "sampler": {"name": args.sampler, "steps": args.steps, "guidance_scale": args.guidance_scale},
                     "autoencoder_curve": [], "diffusion_curve": [], "targets": {}}
     pixels = feature_space("pixels")
@@ -184,10 +189,18 @@ def main() -> None:
         result["autoencoder_curve"][-1]["iterations"] = max(previous, default=0) or None
 
     diffusion_points = snapshots(args.work_dir, "diffusion")
+    if args.target_model is not None:
+        diffusion_points = [p for p in diffusion_points if p[1] != args.target_model and p[0] is not None
+                            and p[0] < int(EPOCH.search(args.target_model.name).group(1))] + [(None, args.target_model)]
     final_generator = None
     for epoch, path in (diffusion_points[-1:] if args.final_only else diffusion_points):
         generator = load_generator(ae_final, path, bundle_root=ROOT)
         dino = feature_space("dino", generator.dino)
+        if epoch is None and EPOCH.search(path.name):  # a snapshot judged as the target model
+            epoch = int(EPOCH.search(path.name).group(1))
+            final = True
+        else:
+            final = epoch is None
         point = {"model": path.name, "epoch": epoch,
                  "iterations": None if epoch is None else epoch * per_epoch["diffusion"], "sets": {}}
         for name, x in real.items():
@@ -204,7 +217,7 @@ def main() -> None:
             }
         result["diffusion_curve"].append(point)
         print(json.dumps(point), flush=True)
-        final_generator = generator if epoch is None else None
+        final_generator = generator if final else None
     if result["diffusion_curve"] and result["diffusion_curve"][-1]["iterations"] is None:
         previous = [p["iterations"] for p in result["diffusion_curve"] if p["iterations"] is not None]
         result["diffusion_curve"][-1]["iterations"] = max(previous, default=0) or None

@@ -179,7 +179,7 @@ def test_empty_folder_missing_paths_and_bad_datalists(tmp_path):
 
 
 def test_unknown_modality_lists_the_available_ones(tmp_path):
-    with pytest.raises(BundleInputError, match=r"choose --modality from \['cxr'"):
+    with pytest.raises(BundleInputError, match=r"choose --modality from \['ct', 'cxr', 'mri'\]"):
         modality_preprocessing(ROOT / "configs/modality/xyz.json", image_size=32)
 
 

@@ -195,3 +195,35 @@ def test_a_synthetic_slice_is_written_where_its_source_slice_lies(head_ct, tmp_p
 
     ds = pydicom.dcmread(str(tmp_path / "slice.dcm"))
     assert ds.Modality == "CT" and ds.ConversionType == "SYN" and "synthetic" in ds.SeriesDescription
+
+
+@pytest.mark.parametrize("modality, volume, settings", [
+    ("ct", CT, {"window": "brain", "slices": {"stride": 8}}),
+    ("mri", T1, {"slices": {"stride": 12}}),
+])
+def test_tiny_volume_pipeline_trains_and_samples_slices_in_place(modality, volume, settings, tmp_path):
+    import csv
+
+    import nibabel as nib
+    import pydicom
+
+    from .conftest import run_bundle, tiny_settings
+
+    require(volume)
+    datalist = tmp_path / "volumes.csv"
+    datalist.write_text(f"image,patient\n{volume},p1\n")
+    run_bundle("train.json", "training", {**tiny_settings(tmp_path / "work", datalist), "modality": modality,
+                                          "modality_settings": settings, "diffusion_epochs": 1, "ae_epochs": 1})
+    out = tmp_path / "samples"
+    run_bundle("inference.json", "sample", {"work_dir": str(tmp_path / "work"), "input_dir": str(datalist), "num_inputs": 2,
+                                            "num_samples": 1, "num_inference_steps": 2, "output_dir": str(out),
+                                            "output_formats": ["nifti", "dicom"]})
+    with open(out / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    first = slice_rows([{"image": str(volume)}], **{"axis": "axial", **settings.get("slices", {}),
+                        **({"foreground_threshold": -500, "min_foreground": 0.1} if modality == "ct" else {"min_foreground": 0.15})})
+    assert [r["source_ids"] for r in rows] == [f"{volume.name.split('.')[0]}_axial{r['slice_index']:03d}" for r in first[:2]]
+    image = nib.load(str(out / rows[0]["image"]))
+    assert image.shape == (32, 32) and nib.aff2axcodes(image.affine) == ("L", "P", "S")
+    dicom = pydicom.dcmread(str(out / rows[0]["image"].replace(".nii.gz", ".dcm")))
+    assert dicom.Modality == {"ct": "CT", "mri": "MR"}[modality] and dicom.ConversionType == "SYN"
