@@ -167,6 +167,14 @@ def main() -> None:
     cache = args.work_dir / "cache"
     train = image_set(args.train, preprocessing, cache / "eval_train.pt")
     real = {name: image_set(src, preprocessing, cache / f"eval_test_{name}.pt") for name, src in tests.items()}
+    # the reference of a test set: training images of its own sources (JSRT test against JSRT train, not against
+    # the corpus children), when both lists name their source
+    train_rows = build_datalist(args.train, None)
+    pools = {}
+    for name, src in tests.items():
+        sources = {str(r.get("source", "")) for r in build_datalist(src, None)}
+        same = [i for i, r in enumerate(train_rows) if str(r.get("source", "")) in sources]
+        pools[name] = torch.as_tensor(same if "" not in sources and same else list(range(len(train_rows))))
     per_epoch = {"ae": math.ceil(len(train) / args.ae_batch_size), "diffusion": math.ceil(len(train) / args.diffusion_batch_size)}
     result: dict = {"work_dir": str(args.work_dir), "target_model": str(args.target_model or "final"),
                     "train_images": len(train), "test_sets": {n: len(x) for n, x in real.items()},
@@ -207,7 +215,9 @@ def main() -> None:
             n = min(args.curve_samples, len(x))
             contexts = embed(generator, x[:n])
             samples = sample(generator, contexts, list(range(n)), args.sampler, args.steps, args.guidance_scale, args.batch_size)
-            reference = train[torch.as_tensor(rng.choice(len(train), n, replace=False))]
+            n = min(n, len(pools[name]))
+            reference = train[pools[name][torch.as_tensor(rng.choice(len(pools[name]), n, replace=False))]]
+            samples = samples[:n]
             point["sets"][name] = {
                 "samples": n,
                 "fd_pixels": frechet_distance(extract(pixels, x[:n]), extract(pixels, samples)),
@@ -233,19 +243,26 @@ def main() -> None:
             contexts = embed(generator, x)[sources]
             samples = sample(generator, contexts, [10_000 + i for i in range(count)], args.sampler, args.steps,
                              args.guidance_scale, args.batch_size)
-            reference = train[torch.as_tensor(rng.choice(len(train), count, replace=False))]
+            n_ref = min(count, len(pools[name]))  # FD is biased by set size: both sets get n_ref images
+            reference = train[pools[name][torch.as_tensor(rng.choice(len(pools[name]), n_ref, replace=False))]]
             pix_samples, dino_samples, dino_real = extract(pixels, samples), extract(dino, samples), extract(dino, x)
             target = {
                 "samples": count,
+                "fd_images": n_ref,
+                "reference_pool": len(pools[name]),
                 "reconstruction": ae_final_quality[name],
-                "fd_pixels": frechet_distance(pix_real[name], pix_samples),
+                "fd_pixels": frechet_distance(pix_real[name], pix_samples[:n_ref]),
                 "fd_pixels_reference": frechet_distance(pix_real[name], extract(pixels, reference)),
-                "fd_dino": frechet_distance(dino_real, dino_samples),
+                "fd_dino": frechet_distance(dino_real, dino_samples[:n_ref]),
                 "fd_dino_reference": frechet_distance(dino_real, extract(dino, reference)),
                 "divergent": divergent(samples, pix_samples, pix_train, pix_real[name], x),
                 "conditioning": source_retrieval(pix_samples, pix_real[name], sources),
             }
             two_rows_png(x[sources[:8]], samples[:8], ("source", "sample"), args.out / f"samples_{name}.png")
+            flagged = target["divergent"]["flagged"][:8]
+            if flagged:
+                two_rows_png(x[[sources[i] for i in flagged]], samples[flagged], ("source", "flagged"),
+                             args.out / f"divergent_{name}.png")
             result["targets"][name] = target
             print(json.dumps({name: {k: v for k, v in target.items() if k != "divergent"}}), flush=True)
         # memorisation: samples conditioned on training images, the ones a copying model would reproduce
