@@ -288,24 +288,18 @@ def output_affine(row: Mapping[str, Any], size: Sequence[int]) -> np.ndarray:
     shape, affine, _ = volume_geometry(str(row["image"]))
     axis, index = axis_number(row.get("slice_axis", 2)), int(row["slice_index"])
     in_plane = [a for a in range(3) if a != axis]  # volume axes shown along output x and y
-    flips = {2: (True, True), 1: (True, True), 0: (True, True)}[axis]  # display_slice flips both shown axes
     sizes = np.linalg.norm(affine[:3, :3], axis=0)
     extent = [shape[a] * sizes[a] for a in in_plane]  # mm along output x and y
     pixel = max(extent) / max(size)  # mm per output pixel (square pixels, longest side fills the image)
     voxel_to_output = np.zeros((4, 4))
     voxel_to_output[3, 3] = 1.0
     voxel_to_output[axis, 3] = index
-    for out_axis, (vol_axis, flip) in enumerate(zip(in_plane, flips)):
+    for out_axis, vol_axis in enumerate(in_plane):  # display_slice flips both shown axes
         step = pixel / sizes[vol_axis]  # voxels per output pixel
         offset = (size[out_axis] - extent[out_axis] / pixel) / 2  # padding before the content, in output pixels
-        # output pixel centre p -> voxel centre: (p + 0.5 - offset) * step - 0.5, counted from the flipped end
-        start = (0.5 - offset) * step - 0.5
-        if flip:
-            voxel_to_output[vol_axis, out_axis] = -step
-            voxel_to_output[vol_axis, 3] = shape[vol_axis] - 1 - start
-        else:
-            voxel_to_output[vol_axis, out_axis] = step
-            voxel_to_output[vol_axis, 3] = start
+        # output pixel centre p -> voxel centre (p + 0.5 - offset) * step - 0.5, counted from the far end
+        voxel_to_output[vol_axis, out_axis] = -step
+        voxel_to_output[vol_axis, 3] = shape[vol_axis] - 1 - ((0.5 - offset) * step - 0.5)
     voxel_to_output[axis, 2] = 1.0  # a one-voxel-thick slab along the slice axis
     return affine @ voxel_to_output
 

@@ -196,6 +196,8 @@ def main() -> None:
         previous = [p["iterations"] for p in result["autoencoder_curve"] if p["iterations"] is not None]
         result["autoencoder_curve"][-1]["iterations"] = max(previous, default=0) or None
 
+    curve_subsets = {name: torch.as_tensor(np.sort(np.random.default_rng(1).choice(len(x), min(args.curve_samples, len(x)),
+                                                                                    replace=False))) for name, x in real.items()}
     diffusion_points = snapshots(args.work_dir, "diffusion")
     if args.target_model is not None:
         diffusion_points = [p for p in diffusion_points if p[1] != args.target_model and p[0] is not None
@@ -211,19 +213,21 @@ def main() -> None:
             final = epoch is None
         point = {"model": path.name, "epoch": epoch,
                  "iterations": None if epoch is None else epoch * per_epoch["diffusion"], "sets": {}}
-        for name, x in real.items():
-            n = min(args.curve_samples, len(x))
-            contexts = embed(generator, x[:n])
+        for name, x_all in real.items():
+            # a fixed random subset: test lists are ordered by source, and the first rows would be one source only
+            x = x_all[curve_subsets[name]]
+            n = len(x)
+            contexts = embed(generator, x)
             samples = sample(generator, contexts, list(range(n)), args.sampler, args.steps, args.guidance_scale, args.batch_size)
             n = min(n, len(pools[name]))
             reference = train[pools[name][torch.as_tensor(rng.choice(len(pools[name]), n, replace=False))]]
             samples = samples[:n]
             point["sets"][name] = {
                 "samples": n,
-                "fd_pixels": frechet_distance(extract(pixels, x[:n]), extract(pixels, samples)),
-                "fd_pixels_reference": frechet_distance(extract(pixels, x[:n]), extract(pixels, reference)),
-                "fd_dino": frechet_distance(extract(dino, x[:n]), extract(dino, samples)),
-                "fd_dino_reference": frechet_distance(extract(dino, x[:n]), extract(dino, reference)),
+                "fd_pixels": frechet_distance(extract(pixels, x), extract(pixels, samples)),
+                "fd_pixels_reference": frechet_distance(extract(pixels, x), extract(pixels, reference)),
+                "fd_dino": frechet_distance(extract(dino, x), extract(dino, samples)),
+                "fd_dino_reference": frechet_distance(extract(dino, x), extract(dino, reference)),
             }
         result["diffusion_curve"].append(point)
         print(json.dumps(point), flush=True)
@@ -235,7 +239,6 @@ def main() -> None:
     if final_generator is not None:
         generator = final_generator
         dino = feature_space("dino", generator.dino)
-        dino_train = extract(dino, train)
         ae_final_quality = result["autoencoder_curve"][-1]["sets"]
         for name, x in real.items():
             count = args.samples
@@ -284,7 +287,6 @@ def main() -> None:
         for name in result["targets"]:
             result["targets"][name]["memorisation"] = summary
         result["memorisation"] = summary
-        result["dino_train_features"] = int(dino_train.shape[1])
     result["seconds"] = round(time.perf_counter() - started, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write(args.out / "quality.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
