@@ -1,14 +1,21 @@
-"""Does synthetic data help a downstream classifier? The DiNO-Diffusion augmentation experiment.
+"""Does synthetic data help a downstream classifier? The DiNO-Diffusion augmentation experiment, and the
+synthetic-data showdown between DINO-manifold samples and learned concepts.
 
-For each pool size N and fold, N real training images are drawn (stratified by the label), the generator
-makes synthetic images from only those N (labels carried from their sources), and one fixed classifier
-recipe is trained on real + synthetic at each real:synthetic ratio, and on synthetic images alone. AUC is
-measured on a fixed real test set. Every arm's result is appended to ``results.jsonl`` as soon as it is
-known, so an interrupted experiment continues where it stopped (the synthetic images are kept in --out too).
+For each pool size N and fold, N real training images are drawn (stratified by the label; with --per_class,
+N of each class), the generator makes synthetic images from only those N (labels carried from their sources),
+and one fixed classifier recipe is trained on real + synthetic at each real:synthetic ratio, and on synthetic
+images alone. With --concept_tokens K, a concept per class is also learned from only that class's pool images
+(configs/concept.json, generator frozen) and its samples make two more arms: real + concept images, and concept
+images alone. AUC is measured on a fixed real test set. Every arm's result is appended to ``results.jsonl`` as
+soon as it is known, so an interrupted experiment continues where it stopped (the synthetic images and the
+concepts are kept in --out too).
 
     python scripts/augmentation_experiment.py --train runs/foundation/train.csv --test runs/foundation/test.csv \\
         --label nodule --sizes 10 25 50 150 --ratios 0 1 5 --folds 3 --out runs/augmentation/nodule \\
         -- --work_dir runs/foundation_dino ... (the overrides the generator was trained with)
+    python scripts/augmentation_experiment.py --train runs/kermany/train.csv --test runs/kermany/test.csv \\
+        --label label --positive pneumonia --per_class --sizes 10 25 50 100 --ratios 0 1 5 --folds 3 \\
+        --concept_tokens 8 --out runs/showdown/kermany -- --work_dir runs/corpus_cpu64
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bundle.cli import config_workflow, parse_overrides, pyplot  # noqa: E402
+from bundle.concepts import ConceptBank, concept_path  # noqa: E402
 from bundle.data import preprocessed_stack, read_datalist  # noqa: E402
 from bundle.errors import BundleInputError  # noqa: E402
 from bundle.io import append_jsonl, atomic_write  # noqa: E402
@@ -55,12 +63,16 @@ def binary_labels(rows: Sequence[Mapping[str, Any]], column: str, positive: str 
     return labels
 
 
-def stratified_pool(labels: np.ndarray, size: int, seed: int) -> list[int]:
-    """``size`` indices drawn without replacement, keeping the class ratio (at least one of each class)."""
+def stratified_pool(labels: np.ndarray, size: int, seed: int, per_class: bool = False) -> list[int]:
+    """``size`` indices drawn without replacement, keeping the class ratio (at least one of each class); with
+    ``per_class``, ``size`` of each class (all of a class that has fewer)."""
     rng = np.random.default_rng(seed)
+    positives, negatives = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    if per_class:
+        picked = np.concatenate([rng.choice(c, min(size, len(c)), replace=False) for c in (positives, negatives)])
+        return sorted(int(i) for i in picked)
     if size >= len(labels):
         return list(range(len(labels)))
-    positives, negatives = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
     n_pos = int(np.clip(round(size * len(positives) / len(labels)), 1, size - 1))
     picked = np.concatenate([rng.choice(positives, n_pos, replace=False), rng.choice(negatives, size - n_pos, replace=False)])
     return sorted(int(i) for i in picked)
@@ -111,6 +123,43 @@ def _done(path: Path) -> dict[tuple, dict]:
     return results
 
 
+def concept_learner(overrides: Mapping[str, Any], autoencoder_path: str, diffusion_path: str, context_dim: int,
+                    **settings: Any) -> Callable[[Sequence[dict], str, Path], ConceptBank]:
+    """``learn(rows, name, folder)``: learns concept ``name`` from ``rows`` into ``folder`` with configs/concept.json
+    (the generator of the two model files frozen; ``settings`` such as concept_tokens, concept_steps), keeps a
+    concept already there, and returns the folder's ConceptBank."""
+    model_files = {"autoencoder_path": str(autoencoder_path), "diffusion_path": str(diffusion_path)}
+
+    def learn(rows: Sequence[dict], name: str, folder: Path) -> ConceptBank:
+        if not concept_path(folder, name).is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            datalist = folder / f"{name}.csv"
+            atomic_write(datalist, lambda tmp: Path(tmp).write_text("image\n" + "".join(f"{r['image']}\n" for r in rows)))
+            config_workflow("configs/concept.json", "learn_concept", **{**overrides, **settings, **model_files},
+                            concept_images=str(datalist), concept_name=name, concept_dir=str(folder)).run()
+        return ConceptBank(folder, autoencoder_path, diffusion_path, context_dim)
+
+    return learn
+
+
+def concept_samples(generation: Callable[..., list[dict[str, Any]]], learn: Callable[..., Any], pool_rows: Sequence[dict],
+                    label: str, positive: str | None, count: int, out: Path, seed: int) -> list[dict[str, Any]]:
+    """Learn one concept per class from that class's pool rows only (``learn(rows, name, folder)``), then sample
+    each concept in proportion to its class's share of the pool; the manifest rows carry the class label."""
+    classes = binary_labels(pool_rows, label, positive)
+    rows = []
+    for cls in (1, 0):
+        members = [r for r, y in zip(pool_rows, classes) if y == cls]
+        name = f"class{cls}"
+        bank = learn(members, name, out / "concepts")
+        n = int(round(count * len(members) / len(pool_rows)))
+        generation(members, output_dir=out / name, strategy="concept", total_samples=n, label_columns=[label],
+                   params={"concept": {"concepts": {name: 1.0}}}, seed=seed + 50000 * cls, concepts=bank)
+        rows += read_datalist(out / name / "manifest.csv")
+    order = np.random.default_rng(seed).permutation(len(rows))  # the first k of them mix both classes
+    return [rows[i] for i in order]
+
+
 def run_experiment(
     generation: Callable[..., list[dict[str, Any]]],
     train_rows: Sequence[dict[str, Any]],
@@ -126,8 +175,12 @@ def run_experiment(
     strategy: str | Mapping[str, float] = "reconstruction",
     iterations: int = 300,
     device: torch.device | str = "cpu",
+    per_class: bool = False,
+    learn_concept: Callable[..., Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run (or continue) the experiment; returns one record per arm and writes results.jsonl/.md and a plot."""
+    """Run (or continue) the experiment; returns one record per arm and writes results.jsonl/.md and a plot.
+    ``learn_concept(rows, name, folder)`` (learns a concept, returns the ConceptBank of ``folder``) adds the
+    concept arms."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     y_train = binary_labels(train_rows, label, positive)
@@ -139,8 +192,12 @@ def run_experiment(
     sizes = sorted({min(int(s), len(train_rows)) for s in sizes})
     max_ratio = max(ratios)
     arms = [(n, r, f, "real+synthetic" if r > 0 else "real") for n in sizes for f in range(folds) for r in ratios]
+    if learn_concept is not None:
+        arms += [(n, r, f, "real+concept") for n in sizes for f in range(folds) for r in ratios if r > 0]
     if synthetic_only and max_ratio > 0:
         arms += [(n, max_ratio, f, "synthetic") for n in sizes for f in range(folds)]
+        if learn_concept is not None:
+            arms += [(n, max_ratio, f, "concept") for n in sizes for f in range(folds)]
     bar = tqdm(total=len(arms), desc=f"augmentation ({label})", dynamic_ncols=True)
     bar.update(sum(1 for a in arms if a in done))
     for n in sizes:
@@ -148,29 +205,37 @@ def run_experiment(
             todo = [a for a in arms if a[0] == n and a[2] == fold and a not in done]
             if not todo:
                 continue
-            pool = stratified_pool(y_train, n, seed=1000 * fold + n)
+            pool = stratified_pool(y_train, n, seed=1000 * fold + n, per_class=per_class)
             fold_dir = output_dir / f"n{n:03d}_fold{fold}"
-            x_syn = y_syn = None
-            if max_ratio > 0 and any(a[1] > 0 for a in todo):
-                pool_rows = [{**train_rows[i], label: str(train_rows[i][label])} for i in pool]
+            pool_rows = [{**train_rows[i], label: str(train_rows[i][label])} for i in pool]
+            synthetic: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+            if any(a[3] in ("real+synthetic", "synthetic") for a in todo):
                 generation(pool_rows, output_dir=fold_dir / "synthetic", strategy=strategy,
-                                       total_samples=int(round(max_ratio * n)), label_columns=[label], seed=fold * 100000)
+                           total_samples=int(round(max_ratio * len(pool))), label_columns=[label], seed=fold * 100000)
                 manifest = read_datalist(fold_dir / "synthetic" / "manifest.csv")
-                x_syn = preprocessed_stack(manifest, preprocessing)
-                y_syn = torch.as_tensor(binary_labels(manifest, label, positive))
+                synthetic["synthetic"] = (preprocessed_stack(manifest, preprocessing),
+                                          torch.as_tensor(binary_labels(manifest, label, positive)))
+            if any(a[3] in ("real+concept", "concept") for a in todo):
+                manifest = concept_samples(generation, learn_concept, pool_rows, label, positive,
+                                           int(round(max_ratio * len(pool))), fold_dir / "concept", seed=fold * 100000)
+                synthetic["concept"] = (preprocessed_stack(manifest, preprocessing),
+                                        torch.as_tensor(binary_labels(manifest, label, positive)))
             for size, ratio, f, arm in todo:
-                count = int(round(ratio * n))
+                count = int(round(ratio * len(pool)))
                 parts_x, parts_y = [], []
-                if arm != "synthetic":
+                if arm in ("real", "real+synthetic", "real+concept"):
                     parts_x.append(x_train[pool])
                     parts_y.append(torch.as_tensor(y_train[pool]))
                 if arm != "real":
+                    x_syn, y_syn = synthetic[arm.removeprefix("real+")]
                     parts_x.append(x_syn[:count])
                     parts_y.append(y_syn[:count])
                 x, y = torch.cat(parts_x), torch.cat(parts_y)
                 model = train_classifier(x, y, seed=fold, iterations=iterations, device=device)
-                record = {"size": size, "ratio": ratio, "fold": f, "arm": arm, "label": label, "real_images": n if arm != "synthetic" else 0,
-                          "synthetic_images": 0 if arm == "real" else count, "test_auc": auc(model, x_test, y_test, device),
+                real = len(pool) if arm.startswith("real") else 0
+                record = {"size": size, "ratio": ratio, "fold": f, "arm": arm, "label": label, "real_images": real,
+                          "per_class": per_class, "synthetic_images": 0 if arm == "real" else count,
+                          "test_auc": auc(model, x_test, y_test, device),
                           "test_images": len(test_rows), "iterations": iterations}
                 append_jsonl(results_path, record)
                 done[(size, ratio, f, arm)] = record
@@ -183,13 +248,16 @@ def run_experiment(
     return records
 
 
+ARM_ORDER = ("real", "real+synthetic", "real+concept", "synthetic", "concept")
+
+
 def summarise(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and standard deviation of the test AUC over folds, per (size, arm, ratio)."""
+    """Mean and standard deviation of the test AUC over folds, per (size, arm, ratio), in the order of ARM_ORDER."""
     groups: dict[tuple, list[float]] = {}
     for r in records:
-        groups.setdefault((r["size"], r["arm"], r["ratio"]), []).append(r["test_auc"])
-    return [{"size": s, "arm": a, "ratio": q, "auc_mean": float(np.mean(v)), "auc_std": float(np.std(v)), "folds": len(v)}
-            for (s, a, q), v in sorted(groups.items())]
+        groups.setdefault((r["size"], ARM_ORDER.index(r["arm"]), r["ratio"]), []).append(r["test_auc"])
+    return [{"size": s, "arm": ARM_ORDER[a], "ratio": q, "auc_mean": float(np.mean(v)), "auc_std": float(np.std(v)),
+             "folds": len(v)} for (s, a, q), v in sorted(groups.items())]
 
 
 def arm_name(row: Mapping[str, Any]) -> str:
@@ -197,6 +265,10 @@ def arm_name(row: Mapping[str, Any]) -> str:
         return "real only"
     if row["arm"] == "synthetic":
         return f"synthetic only (1:{row['ratio']:g} of N)"
+    if row["arm"] == "concept":
+        return f"concept images only (1:{row['ratio']:g} of N)"
+    if row["arm"] == "real+concept":
+        return f"real + concept images 1:{row['ratio']:g}"
     return f"real + synthetic 1:{row['ratio']:g}"
 
 
@@ -224,7 +296,7 @@ def plot(summary: Sequence[Mapping[str, Any]], path: Path, label: str) -> None:
                     label=arm, linestyle="--" if "synthetic only" in arm else "-")
     ax.axhline(0.5, color="grey", linewidth=0.8)
     ax.set_xscale("log")
-    ax.set_xlabel("real training images N (log scale)")
+    ax.set_xlabel("N, the real pool size (log scale)")
     ax.set_ylabel(f"test AUC ({label})")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -246,6 +318,10 @@ def main() -> None:
     parser.add_argument("--strategy", default="{'reconstruction': 1, 'interpolation': 1, 'perturbation': 1}",
                         help="sampling strategy or mix (Python literal)")
     parser.add_argument("--iterations", type=int, default=300)
+    parser.add_argument("--per_class", action="store_true", help="N images of each class (default: N in all)")
+    parser.add_argument("--concept_tokens", type=int, help="also learn a concept of K tokens per class and fold "
+                        "(configs/concept.json) and add the concept arms")
+    parser.add_argument("--concept_steps", type=int, default=300)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--copy_to", type=Path, help="also copy results.md/png there (e.g. docs/results)")
     parser.add_argument("overrides", nargs=argparse.REMAINDER)
@@ -254,11 +330,17 @@ def main() -> None:
     os.chdir(ROOT)
     wf = config_workflow("configs/inference.json", "sample", **overrides)
     strategy = ast.literal_eval(args.strategy) if args.strategy.strip().startswith("{") else args.strategy
+    get = wf.parser.get_parsed_content
+    learner = None
+    if args.concept_tokens:
+        learner = concept_learner(overrides, get("autoencoder_path"), get("diffusion_path"), get("generator").context_dim,
+                                  concept_tokens=args.concept_tokens, concept_steps=args.concept_steps)
     start = time.perf_counter()
     run_experiment(wf.parser.get_parsed_content("generation"), read_datalist(args.train), read_datalist(args.test),
                    wf.parser.get_parsed_content("preprocessing"), args.label, args.out, positive=args.positive,
                    sizes=args.sizes, ratios=args.ratios, folds=args.folds, synthetic_only=not args.no_synthetic_only,
-                   strategy=strategy, iterations=args.iterations, device=wf.parser.get_parsed_content("device"))
+                   strategy=strategy, iterations=args.iterations, device=get("device"), per_class=args.per_class,
+                   learn_concept=learner)
     print(f"wall time {time.perf_counter() - start:.0f} s (this invocation)")
     print((args.out / "results.md").read_text())
     if args.copy_to:

@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# Evidence for sampling and evaluation with the DINO-conditioned generator (scripts/run_foundation_dino.sh):
-# one grid per strategy, speed, generated-vs-real metrics on the JSRT test split, and the augmentation
-# experiment for `nodule` and `sex`. Outputs: docs/results/sampling*.{json,png}, docs/results/evaluation*,
-# docs/results/augmentation_*.   bash scripts/run_evaluation.sh   (~45 min on 2 CPU cores)
+# Evidence for sampling and evaluation with a trained generator (default: the long CPU run of
+# scripts/run_quality_cpu.sh, trained on cxr_corpus train + JSRT train): one grid per strategy on JSRT test
+# images, speed, generated-vs-real metrics on the JSRT test split, and the augmentation experiment for JSRT
+# `nodule` and `sex`. Outputs: docs/results/sampling*.{json,png}, docs/results/evaluation*, docs/results/augmentation_*.
+#   bash scripts/run_evaluation.sh   (~40 min on 2 CPU cores)
+# WORK (the generator's work dir), TRAIN (the images it was trained on: the memorisation check and the reference
+# FD), LABELLED (the labelled JSRT train split for the augmentation experiment) and TEST change the inputs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-WORK=${WORK:-runs/foundation_dino}
-# the models describe themselves: only where they are
-MODEL=(--work_dir "$WORK" --autoencoder_path runs/foundation/models/autoencoder.pt)
-TRAIN=runs/foundation/train.csv
-TEST=runs/foundation/test.csv
+WORK=${WORK:-runs/corpus_cpu64}
+MODEL=(--work_dir "$WORK")   # the models describe themselves: only where they are
+TRAIN=${TRAIN:-$WORK/lists/train.csv}
+LABELLED=${LABELLED:-$WORK/lists/jsrt_train.csv}
+TEST=${TEST:-$WORK/lists/jsrt_test.csv}
+[ -f "$LABELLED" ] || $PY scripts/jsrt_datalist.py --split train --out "$LABELLED"
+[ -f "$TEST" ] || $PY scripts/jsrt_datalist.py --split test --out "$TEST"
 SECONDS=0
 $PY scripts/evaluate_sampling.py --work_dir "$WORK" --test "$TEST" --masks ../shared/data/jsrt/masks/left_lung \
     --out docs/results -- "${MODEL[@]}"
@@ -23,12 +28,12 @@ $PY -m monai.bundle run evaluate --config_file configs/evaluate.json "${MODEL[@]
     --evaluation_dir docs/results/evaluation
 echo "evaluation $SECONDS" >> "$WORK/stage_seconds.txt"
 SECONDS=0
-$PY scripts/augmentation_experiment.py --train "$TRAIN" --test "$TEST" --label nodule --sizes 10 50 150 \
-    --ratios 0 1 3 --folds 2 --iterations 200 --out runs/augmentation/nodule --copy_to docs/results \
+$PY scripts/augmentation_experiment.py --train "$LABELLED" --test "$TEST" --label nodule --sizes 10 50 150 \
+    --ratios 0 1 3 --folds 2 --iterations 200 --out "$WORK/augmentation/nodule" --copy_to docs/results \
     -- "${MODEL[@]}" --num_inference_steps 20
 echo "augmentation_nodule $SECONDS" >> "$WORK/stage_seconds.txt"
 SECONDS=0
-$PY scripts/augmentation_experiment.py --train "$TRAIN" --test "$TEST" --label sex --positive M --sizes 10 50 \
-    --ratios 0 3 --folds 2 --iterations 200 --out runs/augmentation/sex --copy_to docs/results \
+$PY scripts/augmentation_experiment.py --train "$LABELLED" --test "$TEST" --label sex --positive M --sizes 10 50 \
+    --ratios 0 3 --folds 2 --iterations 200 --out "$WORK/augmentation/sex" --copy_to docs/results \
     -- "${MODEL[@]}" --num_inference_steps 20
 echo "augmentation_sex $SECONDS" >> "$WORK/stage_seconds.txt"

@@ -44,7 +44,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", type=Path, required=True)
     parser.add_argument("--test", type=Path, required=True)
-    parser.add_argument("--denoiser_args", required=True, help="overrides configs/heads/pretrain.json was run with")
+    parser.add_argument("--denoiser_args", default="", help="overrides configs/heads/pretrain.json was run with (without: "
+                        "the latent UNet only)")
     parser.add_argument("--latent_args", default="", help="overrides naming the trained latent model (configs/inference.json)")
     parser.add_argument("--select_on", type=int, default=12, help="train images used to choose the settings")
     parser.add_argument("--out", type=Path, default=ROOT / "docs/results")
@@ -52,15 +53,20 @@ def main() -> None:
     os.chdir(ROOT)
     start = time.perf_counter()
     models = {}
+    if not args.denoiser_args and not args.latent_args:
+        raise SystemExit("Give --denoiser_args, --latent_args or both.")
     denoiser_overrides = parse_overrides(shlex.split(args.denoiser_args))
-    d = config_workflow("configs/heads/zero_shot.json", "inference", **denoiser_overrides).parser.get_parsed_content
-    size, preprocessing = int(d("image_size")), d("preprocessing")
-    models["denoiser"] = (d("trained_denoiser"), d("train_scheduler"), lambda images: (images * 2 - 1, None))
+    if args.denoiser_args:
+        d = config_workflow("configs/heads/zero_shot.json", "inference", **denoiser_overrides).parser.get_parsed_content
+        size, preprocessing = int(d("image_size")), d("preprocessing")
+        models["denoiser"] = (d("trained_denoiser"), d("train_scheduler"), lambda images: (images * 2 - 1, None))
     if args.latent_args:
         latent_overrides = parse_overrides(shlex.split(args.latent_args))
         g = config_workflow("configs/inference.json", "sample", **latent_overrides).parser.get_parsed_content
         generator = g("generator")
         codec, dino = generator.codec, generator.dino
+        if not args.denoiser_args:
+            size, preprocessing = generator.image_size, generator.preprocessing
         models["latent"] = (generator.unet, generator.sampler("ddpm"), lambda images: (codec.encode(images), dino(images)))
 
     def load(rows):
@@ -104,14 +110,15 @@ def main() -> None:
     result["test"]["control_blocks_16x16"] = {"dice": float(np.mean(control)), "dice_std": float(np.std(control)),
                                               "oracle_dice_upper_bound": float(np.mean(
                                                   [zs.dice(zs.oracle_clusters(blocks, t), t) for t in test_truth]))}
-    # the default model through the bundle's own config, settings as chosen above
-    chosen = result["selection"]["denoiser"]["chosen"]
-    out_dir = ROOT / "runs/heads/zero_shot_test"
-    config_workflow("configs/heads/zero_shot.json", "inference", **denoiser_overrides, input_dir=str(args.test),
-                    output_dir=str(out_dir), attention_timestep=chosen["timestep"],
-                    merge_threshold=chosen["threshold"]).run()
-    config_metrics = json.loads((out_dir / "metrics.json").read_text())
-    result["test"]["config_run"] = {k: config_metrics[k] for k in ("images", "dice", "oracle_dice_upper_bound", "mean_clusters")}
+    if "denoiser" in models:  # the default model through the bundle's own config, settings as chosen above
+        chosen = result["selection"]["denoiser"]["chosen"]
+        out_dir = ROOT / "runs/heads/zero_shot_test"
+        config_workflow("configs/heads/zero_shot.json", "inference", **denoiser_overrides, input_dir=str(args.test),
+                        output_dir=str(out_dir), attention_timestep=chosen["timestep"],
+                        merge_threshold=chosen["threshold"]).run()
+        config_metrics = json.loads((out_dir / "metrics.json").read_text())
+        result["test"]["config_run"] = {k: config_metrics[k] for k in ("images", "dice", "oracle_dice_upper_bound",
+                                                                      "mean_clusters")}
     result["wall_seconds"] = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "zero_shot.json").write_text(json.dumps(result, indent=2))

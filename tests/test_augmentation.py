@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from bundle.data import read_datalist
 from bundle.errors import BundleInputError
 from scripts.augmentation_experiment import binary_labels, run_experiment, stratified_pool
 
@@ -61,3 +62,39 @@ def test_experiment_runs_end_to_end_writes_table_and_plot_and_resumes(trained_ti
     key = lambda r: (r["size"], r["ratio"], r["arm"])  # noqa: E731
     assert sorted(map(json.loads, lines), key=key) == sorted(again, key=key) and len((out / "results.jsonl").read_text().splitlines()) == 6
     assert (out / "n004_fold0" / "synthetic" / "manifest.csv").stat().st_mtime_ns == stamp
+
+
+def test_per_class_pools_take_n_of_each_class():
+    labels = np.array([1] * 30 + [0] * 70)
+    pool = stratified_pool(labels, 10, seed=0, per_class=True)
+    assert len(pool) == 20 and labels[pool].sum() == 10 and pool == stratified_pool(labels, 10, seed=0, per_class=True)
+    assert labels[stratified_pool(labels, 50, seed=0, per_class=True)].sum() == 30  # all of a class that has fewer
+
+
+def test_concept_arms_learn_one_concept_per_class_from_the_pool_only(trained_tiny, tmp_path):
+    from scripts.augmentation_experiment import concept_learner
+
+    images = sorted(p.stem for p in (JSRT / "images").glob("*.png"))
+    positives, negatives = [i for i in images if i.startswith("JPCLN")], [i for i in images if i.startswith("JPCNN")]
+    if len(positives) < 9 or len(negatives) < 9:
+        pytest.skip("needs at least 9 JSRT images of each class")
+    train, test = labelled(positives[:7] + negatives[:7]), labelled(positives[7:9] + negatives[7:9])
+    wf = workflow("inference.json", "sample", {**trained_tiny, "num_inference_steps": 2})
+    get = wf.parser.get_parsed_content
+    learn = concept_learner(trained_tiny, get("autoencoder_path"), get("diffusion_path"), get("generator").context_dim,
+                            concept_tokens=2, concept_steps=4, concept_batch_size=4)
+    out = tmp_path / "showdown"
+    records = run_experiment(get("generation"), train, test, get("preprocessing"), label="nodule", output_dir=out, sizes=[5],
+                             ratios=[0, 2], folds=1, iterations=2, per_class=True, learn_concept=learn)
+    assert [(r["arm"], r["real_images"], r["synthetic_images"]) for r in records] == [
+        ("real", 10, 0), ("real+synthetic", 10, 20), ("real+concept", 10, 20), ("synthetic", 0, 20), ("concept", 0, 20)]
+    fold = out / "n005_fold0" / "concept"
+    labels = binary_labels(train, "nodule")
+    pool = stratified_pool(labels, 5, seed=5, per_class=True)  # the experiment's pool of fold 0
+    for cls in (1, 0):
+        learned_from = (fold / "concepts" / f"class{cls}.csv").read_text().splitlines()[1:]
+        assert learned_from == [train[i]["image"] for i in pool if labels[i] == cls]
+        assert (fold / "concepts" / f"class{cls}.safetensors").stat().st_size < 1 << 20
+        manifest = read_datalist(fold / f"class{cls}" / "manifest.csv")
+        assert len(manifest) == 10 and {m["nodule"] for m in manifest} == {str(cls)} and {m["strategy"] for m in manifest} == {"concept"}
+    assert "| real + concept images 1:2 |" in (out / "results.md").read_text()
