@@ -20,9 +20,11 @@ from torch import nn
 
 from .errors import BundleInputError
 
+# The diffusion UNet is the primary network (models/model.pt, the Model Zoo's name); the autoencoder is named as the
+# zoo's latent diffusion bundles name theirs.
 MODEL_FILES = {
-    "autoencoder": "models/autoencoder.pt",
-    "diffusion": "models/diffusion.pt",
+    "autoencoder": "models/model_autoencoder.pt",
+    "diffusion": "models/model.pt",
     "dino": "models/dino/teacher.safetensors",
     "denoiser": "models/heads/denoiser.pt",
     "landmarks": "models/heads/landmarks.pt",
@@ -30,11 +32,18 @@ MODEL_FILES = {
 }
 
 
+# Names of bundle versions before 0.4.0: a work dir that has a model under its old name keeps using it.
+LEGACY_MODEL_FILES = {"autoencoder": "models/autoencoder.pt", "diffusion": "models/diffusion.pt"}
+
+
 def model_path(work_dir: str | os.PathLike, name: str) -> str:
-    """Where the model ``name`` lives in ``work_dir`` (the one definition of every model file name)."""
+    """Where the model ``name`` lives in ``work_dir`` (the one definition of every model file name). A work dir
+    trained by an earlier version keeps its file where it is (read and written under the old name)."""
     if name not in MODEL_FILES:
         raise BundleInputError(f"'{name}' is not a model of this bundle: choose from {sorted(MODEL_FILES)}.")
-    return str(Path(work_dir) / MODEL_FILES[name])
+    path = Path(work_dir) / MODEL_FILES[name]
+    legacy = Path(work_dir) / LEGACY_MODEL_FILES.get(name, MODEL_FILES[name])
+    return str(legacy if legacy.is_file() and not path.is_file() else path)
 
 
 def network_record(factory: functools.partial) -> dict[str, Any]:

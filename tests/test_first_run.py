@@ -38,7 +38,7 @@ def test_first_command_offline_on_the_default_images_ends_with_a_report(tmp_path
         run_bundle("train.json", "training", settings)
     work = tmp_path / "work"
     assert "pre-training vit_tiny_patch16_224 on the training images first, because the hub cannot be reached" in caplog.text
-    dino = read_record(work / "models/diffusion.pt", "diffusion", "x")["record"]["dino"]
+    dino = read_record(work / "models/model.pt", "diffusion", "x")["record"]["dino"]
     assert Path(dino["weights"]).resolve() == Path(model_path(work, "dino")).resolve()
     # the budget, not the 50 epochs, ended each stage
     for stage in ("dino", "autoencoder", "diffusion"):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bundle.errors import BundleInputError
-from bundle.models import build_network, load_generator, network_record, read_record
+from bundle.models import build_network, load_generator, model_path, network_record, read_record
 
 from .conftest import ROOT, run_bundle, tiny_settings, workflow
 
@@ -31,12 +31,12 @@ def test_network_record_rebuilds_the_same_network():
 
 def test_trained_models_carry_their_settings(trained_tiny):
     work = trained_tiny["work_dir"]
-    ae = read_record(f"{work}/models/autoencoder.pt", "autoencoder", "x")["record"]
+    ae = read_record(f"{work}/models/model_autoencoder.pt", "autoencoder", "x")["record"]
     assert ae["image_size"] == 32 and ae["latent_shape"] == [2, 16, 16] and ae["network"]["channels"] == [8, 16]
-    diffusion = read_record(f"{work}/models/diffusion.pt", "diffusion", "x")["record"]
+    diffusion = read_record(f"{work}/models/model.pt", "diffusion", "x")["record"]
     assert diffusion["noise_schedule"]["prediction_type"] == "v_prediction"  # the cpu64 profile's
     assert diffusion["dino"]["model_name"] == "vit_tiny_patch16_224" and diffusion["dino"]["weights"] == "random"
-    generator = load_generator(f"{work}/models/autoencoder.pt", f"{work}/models/diffusion.pt", bundle_root=ROOT)
+    generator = load_generator(f"{work}/models/model_autoencoder.pt", f"{work}/models/model.pt", bundle_root=ROOT)
     assert generator.image_size == 32 and generator.latent_shape == [2, 16, 16]
     assert generator.sampler("ddim").prediction_type == "v_prediction"
 
@@ -78,7 +78,7 @@ def test_a_finished_model_with_other_settings_is_not_reused(trained_tiny):
 
 def test_a_model_without_a_record_gets_one_clear_message(trained_tiny, tmp_path):
     old = tmp_path / "old.pt"
-    saved = torch.load(f"{trained_tiny['work_dir']}/models/diffusion.pt", weights_only=True)
+    saved = torch.load(f"{trained_tiny['work_dir']}/models/model.pt", weights_only=True)
     torch.save({k: v for k, v in saved.items() if k != "record"}, old)
     with pytest.raises(BundleInputError, match="earlier version of this bundle without the record"):
         read_record(old, "diffusion", "x")
@@ -97,7 +97,7 @@ def test_time_budget_stops_at_an_epoch_end_and_exports(tmp_path, tiny_dataset):
     trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: epochs.append(e.state.epoch))
     wf.run()
     assert epochs == [1]
-    assert (tmp_path / "models/autoencoder.pt").is_file()
+    assert (tmp_path / "models/model_autoencoder.pt").is_file()
     assert [p.name for p in (tmp_path / "models/checkpoints/autoencoder").glob("*.pt")] == ["autoencoder_checkpoint_epoch=1.pt"]
 
 
@@ -107,3 +107,16 @@ def test_missing_dino_weights_stop_the_run_before_stage_one(tmp_path, tiny_datas
         run_bundle("train.json", "training", settings)
     assert "missing.safetensors' is not a file" in str(err.value.__cause__ or err.value)
     assert not (tmp_path / "models").exists()
+
+
+def test_model_files_have_the_model_zoo_names_and_old_work_dirs_keep_theirs(tmp_path):
+    assert model_path(tmp_path, "diffusion") == str(tmp_path / "models/model.pt")
+    assert model_path(tmp_path, "autoencoder") == str(tmp_path / "models/model_autoencoder.pt")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models/diffusion.pt").write_bytes(b"x")  # a work dir of an earlier version
+    assert model_path(tmp_path, "diffusion") == str(tmp_path / "models/diffusion.pt")
+    assert model_path(tmp_path, "autoencoder") == str(tmp_path / "models/model_autoencoder.pt")
+    (tmp_path / "models/model.pt").write_bytes(b"x")
+    assert model_path(tmp_path, "diffusion") == str(tmp_path / "models/model.pt")
+    with pytest.raises(BundleInputError, match="not a model of this bundle"):
+        model_path(tmp_path, "vae")

@@ -29,7 +29,7 @@ def test_stage1_loss_falls_and_exports_a_scale_factor(tmp_path, tiny_dataset):
     wf.run()
     assert len(losses) == 16
     assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
-    saved = torch.load(tmp_path / "models/autoencoder.pt", weights_only=True)
+    saved = torch.load(tmp_path / "models/model_autoencoder.pt", weights_only=True)
     assert 0 < saved["scale_factor"] < 1e3 and saved["scale_factor"] != 1.0
     assert float(saved["state_dict"]["scale_factor"]) == pytest.approx(saved["scale_factor"])
     assert len(list((tmp_path / "models/checkpoints/autoencoder").glob("*.pt"))) == 1
@@ -45,7 +45,7 @@ def test_stage2_loss_falls_on_cached_latents(tmp_path, tiny_dataset):
     wf.run()
     assert len(losses) == 12
     assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
-    saved = torch.load(tmp_path / "models/diffusion.pt", weights_only=True)
+    saved = torch.load(tmp_path / "models/model.pt", weights_only=True)
     assert saved["ema"] is True and saved["record"]["dino"]["model_name"] == "vit_tiny_patch16_224"
     cache = torch.load(tmp_path / "cache/latents.pt", weights_only=True)
     assert cache["latents"].shape == (8, 2, 16, 16) and cache["tokens"].shape == (8, 1, 192)
@@ -62,11 +62,11 @@ def test_snapshots_keep_a_loadable_model_every_n_epochs(tmp_path, tiny_dataset):
     snapshots = sorted(p.name for p in (tmp_path / "models/snapshots").iterdir())
     assert snapshots == ["autoencoder_epoch0002.pt", "diffusion_epoch0002.pt"]
     autoencoder = torch.load(tmp_path / "models/snapshots/autoencoder_epoch0002.pt", weights_only=True)
-    final = torch.load(tmp_path / "models/autoencoder.pt", weights_only=True)
+    final = torch.load(tmp_path / "models/model_autoencoder.pt", weights_only=True)
     assert autoencoder["record"] == final["record"] and autoencoder["scale_factor"] == pytest.approx(final["scale_factor"])
-    generator = load_generator(tmp_path / "models/autoencoder.pt", tmp_path / "models/snapshots/diffusion_epoch0002.pt")
+    generator = load_generator(tmp_path / "models/model_autoencoder.pt", tmp_path / "models/snapshots/diffusion_epoch0002.pt")
     snapshot = torch.load(tmp_path / "models/snapshots/diffusion_epoch0002.pt", weights_only=True)
-    last = torch.load(tmp_path / "models/diffusion.pt", weights_only=True)
+    last = torch.load(tmp_path / "models/model.pt", weights_only=True)
     assert snapshot["ema"] is True and snapshot["record"] == last["record"]
     assert any(not torch.equal(snapshot["state_dict"][k], v) for k, v in last["state_dict"].items()), \
         "epoch 2's weights, not the final ones"
@@ -114,7 +114,7 @@ def test_interrupted_training_resumes_from_the_last_epoch(tmp_path, tiny_dataset
     trainer.add_event_handler(Events.ITERATION_COMPLETED(once=3), killed)
     with pytest.raises(KeyboardInterrupt):
         wf.run()
-    assert not (tmp_path / "models/autoencoder.pt").exists()
+    assert not (tmp_path / "models/model_autoencoder.pt").exists()
     checkpoints = list((tmp_path / "models/checkpoints/autoencoder").glob("*.pt"))
     assert [c.name for c in checkpoints] == ["autoencoder_checkpoint_epoch=1.pt"]
 
@@ -125,7 +125,7 @@ def test_interrupted_training_resumes_from_the_last_epoch(tmp_path, tiny_dataset
     wf.run()
     assert epochs == [2, 3]
     assert trainer.state.iteration == 3 * 2
-    assert (tmp_path / "models/autoencoder.pt").exists()
+    assert (tmp_path / "models/model_autoencoder.pt").exists()
 
     # a finished stage is skipped on the next run, so re-running the pipeline only does what is missing
     wf = workflow("train.json", "train_autoencoder", settings)

@@ -1,0 +1,227 @@
+"""MONAI Model Zoo packaging and the zoo's checks, run locally.
+
+A trained work dir becomes a zoo-ready bundle folder: the configs, the ``bundle`` package, the docs, ``LICENSE``,
+``configs/metadata.json`` whose data formats are those of the trained networks, and ``models/`` with the weights
+(the diffusion UNet as ``models/model.pt``, the autoencoder as ``models/model_autoencoder.pt``, the DINO teacher)
+listed with their SHA-256 in ``large_files.yml``, so that the weights can live outside git. :func:`verify` runs what
+the zoo's CI runs on a bundle (directory, version, metadata against the schema, the network's input/output check
+and an export), offline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from .data import hash_file as sha256
+from .errors import BundleInputError
+from .io import atomic_write, atomic_write_json
+from .models import MODEL_FILES, load_generator, model_path, read_record
+
+logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
+LOCAL_SCHEMA = Path(__file__).parent / "schemas" / "model_zoo_metadata.json"
+# what a zoo bundle folder holds from this repository (models/ is written from the work dir)
+PACKAGE_FILES = ("configs", "bundle", "docs", "scripts", "LICENSE", "requirements.txt")
+
+
+def _tensor(kind: str, fmt: str, channels: int, shape: Sequence[Any], dtype: str = "float32",
+            value_range: Sequence[float] = (), **extra: Any) -> dict[str, Any]:
+    return {"type": kind, "format": fmt, "num_channels": int(channels), "spatial_shape": list(shape), "dtype": dtype,
+            "value_range": list(value_range), "is_patch_data": False, **extra}
+
+
+def data_formats(image_size: int, latent_shape: Sequence[int], context_tokens: int, context_dim: int,
+                 num_train_timesteps: int, modality: str) -> dict[str, dict[str, Any]]:
+    """The metadata's ``network_data_format`` (the diffusion UNet, the primary network: its noisy-latent input is
+    named ``image`` and its output ``pred``, the names MONAI's ``verify_net_in_out`` reads; timesteps and DINO
+    context are its other inputs) and ``autoencoder_data_format`` (image to reconstruction)."""
+    channels, grid = int(latent_shape[0]), [int(s) for s in latent_shape[1:]]
+    image = _tensor("image", "magnitude", 1, [image_size, image_size], value_range=(0, 1), modality=modality)
+    return {
+        "network_data_format": {
+            "inputs": {
+                "image": _tensor("noise", "latent", channels, grid),
+                "timesteps": _tensor("vector", "timesteps", 1, [], "long", (0, num_train_timesteps - 1)),
+                "context": _tensor("embedding", "DINO tokens (batch, tokens, width)", context_dim, [context_tokens]),
+            },
+            "outputs": {"pred": _tensor("feature", "latent", channels, grid, channel_def={"0": "v or noise prediction"})},
+        },
+        "autoencoder_data_format": {
+            "inputs": {"image": image},
+            "outputs": {"pred": {**image, "channel_def": {"0": "reconstruction"}}},
+        },
+    }
+
+
+def generator_data_formats(work_dir: str | os.PathLike, bundle_root: str | os.PathLike = ROOT) -> dict[str, dict[str, Any]]:
+    """:func:`data_formats` of the generator trained in ``work_dir``."""
+    generator = load_generator(model_path(work_dir, "autoencoder"), model_path(work_dir, "diffusion"), bundle_root=bundle_root)
+    return data_formats(generator.image_size, generator.latent_shape, generator.dino.num_tokens, generator.context_dim,
+                        generator.record["noise_schedule"]["num_train_timesteps"], generator.modality)
+
+
+def large_files_yaml(entries: Sequence[Mapping[str, str]]) -> str:
+    """``large_files.yml``: every weights file with where to download it and its hash."""
+    lines = ["large_files:"]
+    for e in entries:
+        lines += [f'  - path: "{e["path"]}"', f'    url: "{e["url"]}"', f'    hash_val: "{e["hash_val"]}"',
+                  '    hash_type: "sha256"']
+    return "\n".join(lines) + "\n"
+
+
+def package(work_dir: str | os.PathLike, out_dir: str | os.PathLike, base_url: str, version: str | None = None,
+            source_root: str | os.PathLike = ROOT) -> Path:
+    """Write a zoo-ready bundle folder ``out_dir`` from the generator trained in ``work_dir``.
+
+    ``base_url``: where the weights will be uploaded (``<base_url>/<file name>`` goes into ``large_files.yml``).
+    The folder is built beside ``out_dir`` and renamed into place when complete; an existing ``out_dir`` is refused.
+    """
+    out_dir, source_root = Path(out_dir), Path(source_root)
+    if out_dir.exists():
+        raise BundleInputError(f"The package folder '{out_dir}' exists already: choose another or delete it.")
+    files = {MODEL_FILES[name]: model_path(work_dir, name) for name in ("diffusion", "autoencoder")}
+    missing = [p for p in files.values() if not os.path.isfile(p)]
+    if missing:
+        raise BundleInputError(f"The work dir '{work_dir}' lacks {missing}: train it first (run ID training).")
+    formats = generator_data_formats(work_dir, source_root)
+    dino = read_record(files[MODEL_FILES["diffusion"]], "diffusion", "train it")["record"]["dino"]["weights"]
+    if dino not in ("hub", "random"):  # a weights file: it travels beside the models, where sampling looks for it
+        moved = Path(files[MODEL_FILES["diffusion"]]).parent / "dino" / Path(dino).name
+        files[f"models/dino/{Path(dino).name}"] = dino if os.path.isfile(dino) else str(moved)
+    tmp = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        for name in PACKAGE_FILES:
+            src = source_root / name
+            if src.is_dir():
+                shutil.copytree(src, tmp / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "results"))
+            elif src.is_file():
+                shutil.copy(src, tmp / name)
+        (tmp / "configs" / "metadata.json").unlink(missing_ok=True)  # a link to the repository's: written below
+        (tmp / "docs" / "README.md").unlink(missing_ok=True)
+        shutil.copy(source_root / "README.md", tmp / "docs" / "README.md")
+        metadata = json.loads((source_root / "metadata.json").read_text())
+        metadata.update(formats)
+        if version:
+            if version not in metadata.get("changelog", {}):
+                raise BundleInputError(f"Version {version} has no changelog entry in metadata.json: add one first.")
+            metadata["version"] = version
+        atomic_write_json(tmp / "configs" / "metadata.json", metadata)
+        entries = []
+        for rel, src in files.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, tmp / rel)
+            entries.append({"path": rel, "url": f"{base_url.rstrip('/')}/{Path(rel).name}", "hash_val": sha256(src)})
+        atomic_write(tmp / "large_files.yml", lambda t: Path(t).write_text(large_files_yaml(entries)))
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("Packaged %s into %s (weights listed in large_files.yml).", work_dir, out_dir)
+    return out_dir
+
+
+def verify(bundle_dir: str | os.PathLike, schema: str | os.PathLike = LOCAL_SCHEMA,
+           known_versions: Sequence[str] = ()) -> dict[str, Any]:
+    """The zoo CI's checks on a bundle folder, offline; returns what each found and raises at the first failure.
+
+    1. directory: ``configs/metadata.json``, ``LICENSE``, ``models/model.pt``, ``configs/inference.json``; every file
+       of ``large_files.yml`` present with its hash;
+    2. version: ``version`` has a ``changelog`` entry and is not one of ``known_versions`` (already published);
+    3. metadata: MONAI's ``verify_metadata`` against ``schema`` (a local file: no download);
+    4. network input/output: MONAI's ``verify_net_in_out`` on ``network_def`` with timesteps and DINO context;
+    5. export: the UNet and the latent decoder traced to TorchScript and compared with the eager networks.
+    """
+    from monai.bundle import verify_metadata, verify_net_in_out
+
+    bundle_dir = Path(bundle_dir)
+    found: dict[str, Any] = {}
+    needed = ["configs/metadata.json", "LICENSE", "models/model.pt", "configs/inference.json"]
+    absent = [n for n in needed if not (bundle_dir / n).is_file()]
+    if absent:
+        raise BundleInputError(f"The bundle '{bundle_dir}' lacks {absent}, which the Model Zoo requires.")
+    large = bundle_dir / "large_files.yml"
+    if large.is_file():
+        import yaml
+
+        for entry in yaml.safe_load(large.read_text())["large_files"]:
+            path = bundle_dir / entry["path"]
+            if not path.is_file() or sha256(path) != entry["hash_val"]:
+                raise BundleInputError(f"'{entry['path']}' of large_files.yml is missing or its SHA-256 differs.")
+        found["large_files"] = "hashes match"
+    metadata = json.loads((bundle_dir / "configs" / "metadata.json").read_text())
+    version = metadata.get("version")
+    if version not in metadata.get("changelog", {}):
+        raise BundleInputError(f"metadata.json version {version} has no changelog entry.")
+    if version in known_versions:
+        raise BundleInputError(f"Version {version} is published already: raise the version and add a changelog entry.")
+    found["version"] = version
+    verify_metadata(meta_file=str(bundle_dir / "configs" / "metadata.json"), filepath=str(schema))
+    found["metadata"] = f"valid against {Path(schema).name}"
+    config = str(bundle_dir / "configs" / "inference.json")
+    fmt = metadata["network_data_format"]["inputs"]
+    context = torch.rand(1, fmt["context"]["spatial_shape"][0], fmt["context"]["num_channels"])
+    verify_net_in_out(net_id="network_def", meta_file=str(bundle_dir / "configs" / "metadata.json"), config_file=config,
+                      device="cpu", bundle_root=str(bundle_dir), work_dir=str(bundle_dir),
+                      extra_forward_args={"timesteps": torch.tensor([10]), "context": context})
+    found["network_def"] = "input/output channels and dtype as network_data_format states"
+    found["export"] = export_torchscript(bundle_dir)
+    return found
+
+
+class _Decoder(torch.nn.Module):
+    """Scaled latents to images: the codec's decode as a module, for tracing."""
+
+    def __init__(self, codec: torch.nn.Module) -> None:
+        super().__init__()
+        self.codec = codec
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.codec.decode(latents)
+
+
+def _traced(module: torch.nn.Module, example: tuple, check: tuple, path: Path) -> float:
+    """Trace ``module`` on ``example``, save it to ``path`` atomically, load it back and return its largest
+    difference from the eager module on ``check`` (other inputs than the trace saw)."""
+    with torch.no_grad():
+        traced = torch.jit.trace(module, example, check_trace=False)
+        atomic_write(path, lambda t: torch.jit.save(traced, t))
+        loaded = torch.jit.load(str(path))
+        difference = float((loaded(*check) - module(*check)).abs().max())
+    if difference > 1e-4:
+        raise RuntimeError(f"The TorchScript export {path.name} differs from the eager network by {difference:.2e}.")
+    return difference
+
+
+def export_torchscript(bundle_dir: str | os.PathLike) -> dict[str, Any]:
+    """TorchScript by tracing, what a deployment runs: the diffusion UNet (``models/model.ts``: noisy latents,
+    timesteps, context to the prediction) and the autoencoder's latent decoder (``models/decoder.ts``), each
+    checked against the eager network on a batch size and timesteps the trace did not see. Scripting fails on
+    MONAI's attention blocks (as for the zoo's other diffusion bundles); tracing records the one code path a
+    generator uses."""
+    from .models import load_codec, load_network
+
+    bundle_dir = Path(bundle_dir)
+    fmt = json.loads((bundle_dir / "configs" / "metadata.json").read_text())["network_data_format"]["inputs"]
+    g = torch.Generator().manual_seed(0)
+
+    def inputs(batch: int, steps: list[int]) -> tuple:
+        latent = torch.randn(batch, fmt["image"]["num_channels"], *fmt["image"]["spatial_shape"], generator=g)
+        context = torch.randn(batch, fmt["context"]["spatial_shape"][0], fmt["context"]["num_channels"], generator=g)
+        return latent, torch.tensor(steps), context
+
+    unet, _ = load_network(bundle_dir / MODEL_FILES["diffusion"], "diffusion", "package the bundle again")
+    decoder = _Decoder(load_codec(bundle_dir / MODEL_FILES["autoencoder"])).eval()
+    example, check = inputs(1, [10]), inputs(3, [999, 500, 0])
+    return {"models/model.ts": _traced(unet, example, check, bundle_dir / "models" / "model.ts"),
+            "models/decoder.ts": _traced(decoder, example[:1], check[:1], bundle_dir / "models" / "decoder.ts")}
