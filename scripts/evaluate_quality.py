@@ -7,8 +7,9 @@
 Every test set is judged on its own. Curves (one point per snapshot in ``work_dir/models/snapshots``, written by
 training with ``--snapshot_every N``, plus the final model): autoencoder PSNR and MS-SSIM on every test image;
 Fréchet distance of reconstruction-strategy samples (each conditioned on one test image's DINO embedding, the
-bundle's default sampler) against the test images, in pixels (32x32) and in the generator's DINO space, on the
-first ``--curve_samples`` test images. Targets (final models only, ``--samples`` samples per test set, test images
+bundle's default sampler) against the test images, in pixels (32x32) and in the generator's DINO space, on a fixed
+random subset of ``--curve_samples`` test images, with one reference (as many training images of the test set's
+source) for every point of the curve. Targets (final models only, ``--samples`` samples per test set, test images
 reused as conditions round-robin):
 
 - FD against the reference FD of as many randomly drawn training images (what a perfect generator scores);
@@ -198,6 +199,11 @@ def main() -> None:
 
     curve_subsets = {name: torch.as_tensor(np.sort(np.random.default_rng(1).choice(len(x), min(args.curve_samples, len(x)),
                                                                                     replace=False))) for name, x in real.items()}
+    # one reference per test set for the whole curve (as many training images of its source as curve samples), so
+    # that the curve's ratios move with the model only
+    curve_rng = np.random.default_rng([0, 1])
+    curve_references = {name: train[pools[name][torch.as_tensor(curve_rng.choice(
+        len(pools[name]), min(len(curve_subsets[name]), len(pools[name])), replace=False))]] for name in real}
     diffusion_points = snapshots(args.work_dir, "diffusion")
     if args.target_model is not None:
         diffusion_points = [p for p in diffusion_points if p[1] != args.target_model and p[0] is not None
@@ -219,8 +225,8 @@ def main() -> None:
             n = len(x)
             contexts = embed(generator, x)
             samples = sample(generator, contexts, list(range(n)), args.sampler, args.steps, args.guidance_scale, args.batch_size)
-            n = min(n, len(pools[name]))
-            reference = train[pools[name][torch.as_tensor(rng.choice(len(pools[name]), n, replace=False))]]
+            reference = curve_references[name]
+            n = len(reference)
             samples = samples[:n]
             point["sets"][name] = {
                 "samples": n,
