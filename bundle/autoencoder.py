@@ -10,6 +10,7 @@ from monai.losses import PatchAdversarialLoss
 from monai.utils import CommonKeys
 from torch import nn
 
+from .distributed import average_gradients
 from .errors import BundleInputError
 from .io import atomic_torch_save
 from .models import load_weights
@@ -130,8 +131,10 @@ class AutoencoderKLIteration:
                 logits_real = self.discriminator(images.contiguous())[-1].float()
                 d_loss = 0.5 * (self.adv_loss(logits_fake, target_is_real=False, for_discriminator=True)
                                 + self.adv_loss(logits_real, target_is_real=True, for_discriminator=True))
+            # averaged over the processes of a multi-GPU run by hand: DDP refuses the two forward passes before one backward
             step(self.adv_weight * d_loss, self.d_optimizer,
-                 self._scalers.get_for("discriminator", dtype, engine.state.device))
+                 self._scalers.get_for("discriminator", dtype, engine.state.device),
+                 before_step=lambda: average_gradients(self.discriminator))
             out["d_loss"] = d_loss.item()
 
         # float32 for the handlers: under bf16 autocast the decoder's output is bf16, which numpy (image writers) refuses

@@ -265,9 +265,16 @@ def load_or_build(path: str | os.PathLike, key: dict[str, str], build: Callable[
     """Return the cache at ``path`` if it was built from exactly ``key``; otherwise rebuild it (atomically).
 
     ``key`` names each ingredient (images, transforms, autoencoder, ...) so that a rebuild says which changed;
-    ``complete`` checks what the cache refers to outside its own file (a cache that fails it is rebuilt).
+    ``complete`` checks what the cache refers to outside its own file (a cache that fails it is rebuilt). In a
+    multi-process run the first process builds it and the others then read it.
     """
-    path = Path(path)
+    from .distributed import main_first
+
+    return main_first(lambda: _load_or_build(Path(path), key, build, what, complete))
+
+
+def _load_or_build(path: Path, key: dict[str, str], build: Callable[[], dict], what: str,
+                   complete: Callable[[dict], bool] | None) -> dict:
     if path.exists():
         try:
             cached = torch.load(path, map_location="cpu", weights_only=True)

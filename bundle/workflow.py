@@ -14,6 +14,7 @@ import torch
 from ignite.engine import Events
 from ignite.handlers import ProgressBar
 
+from . import distributed
 from .errors import BundleInputError
 from .validation import number
 
@@ -80,6 +81,7 @@ class TimeBudget:
         # discriminator after its warm-up), and planning on the mean alone then overshoots the budget
         per_epoch = max(elapsed / max(1, engine.state.epoch - self.start_epoch), last_epoch)
         fits = engine.state.epoch + int(max(0.0, self.seconds - elapsed) // per_epoch)
+        fits = distributed.from_main(fits)  # every process stops at the same epoch
         if fits < engine.state.max_epochs:
             logger.info("Time budget of %.0f s: %.1f s per epoch, so training ends after epoch %d of %d.",
                         self.seconds, per_epoch, fits, engine.state.max_epochs)
@@ -175,6 +177,11 @@ def stage_handlers(name: str, checkpoint_dir: str | os.PathLike, state: dict[str
 
     from .checkpoints import AtomicCheckpointSaver, NonFiniteLossGuard, ResumeFromCheckpoint
 
+    from ignite.handlers import EMAHandler
+
+    if not distributed.is_main():  # the other processes of a multi-GPU run: train, resume, keep EMA weights; no output
+        return [ResumeFromCheckpoint(checkpoint_dir, state, prefix=name), NonFiniteLossGuard(name),
+                *[h for h in extra if isinstance(h, EMAHandler)], TimeBudget(max_seconds)]
     handlers: list[Any] = [
         ResumeFromCheckpoint(checkpoint_dir, state, prefix=name),
         NonFiniteLossGuard(name),
@@ -263,10 +270,13 @@ def train_stage(
     # Ignite announces "resuming from epoch 0" before the checkpoint loader has run: say where it really resumed
     trainer.add_event_handler(Events.STARTED, lambda engine: engine.state.epoch and logger.info(
         "%s: resumed from the checkpoint of epoch %d (iteration %d).", name, engine.state.epoch, engine.state.iteration))
-    ProgressBar(persist=True, desc=name).attach(trainer, output_transform=loss_terms)
+    if distributed.is_main():
+        ProgressBar(persist=True, desc=name).attach(trainer, output_transform=loss_terms)
     trainer.run()
-    export()
-    logger.info("%s: done, wrote %s.", name, output_path)
+    if distributed.is_main():  # one process writes the model; the others wait for it before the next stage reads it
+        export()
+        logger.info("%s: done, wrote %s.", name, output_path)
+    distributed.barrier()
 
 
 def run_config(config_file: str | os.PathLike, run_id: str, **overrides: Any) -> None:
