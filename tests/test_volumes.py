@@ -227,3 +227,21 @@ def test_tiny_volume_pipeline_trains_and_samples_slices_in_place(modality, volum
     assert image.shape == (32, 32) and nib.aff2axcodes(image.affine) == ("L", "P", "S")
     dicom = pydicom.dcmread(str(out / rows[0]["image"].replace(".nii.gz", ".dcm")))
     assert dicom.Modality == {"ct": "CT", "mri": "MR"}[modality] and dicom.ConversionType == "SYN"
+
+
+def test_single_dicom_files_are_2d_images_and_a_volume_config_says_so(tmp_path):
+    """pydicom's own CT and MR test slices: read as 2D images (the cxr path, any 2D modality), refused by a volume
+    config with a message naming the file's folder."""
+    import shutil
+
+    from pydicom.data import get_testdata_file
+
+    for name in ("CT_small.dcm", "MR_small.dcm"):
+        image = modality_preprocessing("configs/modality/cxr.json", image_size=32)({"image": get_testdata_file(name)})["image"]
+        assert tuple(image.shape) == (1, 32, 32) and 0.0 <= float(image.min()) < 0.05 and 0.95 < float(image.max()) <= 1.0
+        assert float(image.std()) > 0.1, "a real slice, not a flat image"
+    single = tmp_path / "one_slice"
+    single.mkdir()
+    shutil.copy(get_testdata_file("CT_small.dcm"), single / "CT_small.dcm")
+    with pytest.raises(BundleInputError, match="one_slice' holds a single DICOM slice"):
+        modality_datalist([{"image": str(single / "CT_small.dcm")}], "configs/modality/ct.json")
