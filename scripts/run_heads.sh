@@ -5,14 +5,14 @@
 # self-attention. Outputs: docs/results/heads.{json,png}, heads_table.md, zero_shot.{json,png}.
 #   bash scripts/run_heads.sh   (2 CPU cores: ~16 min pre-training, ~4 min per fine-tuning run, 1 min zero-shot)
 # Fine-tuning results are appended to runs/heads/heads_results.jsonl, so an interrupted run continues.
-# The latent comparison and zero-shot latent rows need the generator of scripts/run_foundation_dino.sh.
+# The latent comparison and zero-shot latent rows need the generator of scripts/run_quality_cpu.sh (LATENT: another).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 WORK=${WORK:-runs/heads}
 mkdir -p "$WORK"
 DENOISER=(--image_size 64 --denoiser_channels "[16,32,64]" --denoiser_head_channels 16)
-LATENT='--work_dir runs/foundation_dino --autoencoder_path runs/foundation/models/autoencoder.pt'
+LATENT=${LATENT:-'--work_dir runs/corpus_cpu64'}  # the generator at scale (scripts/run_quality_cpu.sh)
 $PY scripts/jsrt_datalist.py --split train --out "$WORK/train.csv"
 $PY scripts/jsrt_datalist.py --split test --out "$WORK/test.csv"
 SECONDS=0
