@@ -4,14 +4,13 @@
 # images, speed, generated-vs-real metrics on the JSRT test split, and the augmentation experiment for JSRT
 # `nodule` and `sex`. Outputs: docs/results/sampling*.{json,png}, docs/results/evaluation*, docs/results/augmentation_*.
 #   bash scripts/run_evaluation.sh   (~40 min on 2 CPU cores)
-# WORK (the generator's work dir), TRAIN (the images it was trained on: the memorisation check and the reference
-# FD), LABELLED (the labelled JSRT train split for the augmentation experiment) and TEST change the inputs.
+# WORK (the generator's work dir), LABELLED (the JSRT train split: the same-source reference FD, the memorisation
+# check and the augmentation experiment's labelled pool) and TEST change the inputs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 WORK=${WORK:-runs/corpus_cpu64}
 MODEL=(--work_dir "$WORK")   # the models describe themselves: only where they are
-TRAIN=${TRAIN:-$WORK/lists/train.csv}
 LABELLED=${LABELLED:-$WORK/lists/jsrt_train.csv}
 TEST=${TEST:-$WORK/lists/jsrt_test.csv}
 [ -f "$LABELLED" ] || $PY scripts/jsrt_datalist.py --split train --out "$LABELLED"
@@ -24,7 +23,7 @@ SECONDS=0
 $PY -m monai.bundle run sample --config_file configs/inference.json "${MODEL[@]}" --input_dir "$TEST" \
     --num_inputs all --num_samples 4 --output_dir "$WORK/samples_test"
 $PY -m monai.bundle run evaluate --config_file configs/evaluate.json "${MODEL[@]}" \
-    --generated_dir "$WORK/samples_test/manifest.csv" --real_dir "$TEST" --train_dir "$TRAIN" \
+    --generated_dir "$WORK/samples_test/manifest.csv" --real_dir "$TEST" --train_dir "$LABELLED" \
     --evaluation_dir docs/results/evaluation
 echo "evaluation $SECONDS" >> "$WORK/stage_seconds.txt"
 SECONDS=0
