@@ -322,6 +322,7 @@ def main() -> None:
     parser.add_argument("--concept_tokens", type=int, help="also learn a concept of K tokens per class and fold "
                         "(configs/concept.json) and add the concept arms")
     parser.add_argument("--concept_steps", type=int, default=300)
+    parser.add_argument("--concept_init", default="mean", choices=["mean", "random"])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--copy_to", type=Path, help="also copy results.md/png there (e.g. docs/results)")
     parser.add_argument("overrides", nargs=argparse.REMAINDER)
@@ -334,7 +335,8 @@ def main() -> None:
     learner = None
     if args.concept_tokens:
         learner = concept_learner(overrides, get("autoencoder_path"), get("diffusion_path"), get("generator").context_dim,
-                                  concept_tokens=args.concept_tokens, concept_steps=args.concept_steps)
+                                  concept_tokens=args.concept_tokens, concept_steps=args.concept_steps,
+                                  concept_init=args.concept_init)
     start = time.perf_counter()
     run_experiment(wf.parser.get_parsed_content("generation"), read_datalist(args.train), read_datalist(args.test),
                    wf.parser.get_parsed_content("preprocessing"), args.label, args.out, positive=args.positive,

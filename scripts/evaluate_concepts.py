@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--concept_images", type=int, default=100)
     parser.add_argument("--concept_steps", type=int, default=600)
+    parser.add_argument("--init", default="mean", choices=["mean", "random"], help="how the concept tokens start")
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance_scale", type=float, default=3.0)
@@ -83,7 +84,8 @@ def main() -> None:
     images = {s: preprocessed_images(r, pre, args.out / ".cache" / f"{s}.pt")["images"].float() for s, r in rows.items()}
     started = time.perf_counter()
     classifier = train_classifier(images["train"], torch.as_tensor(labels["train"]), args.seed, args.classifier_iterations)
-    result: dict = {"work_dir": work, "label": args.label, "positive": args.positive,
+    result: dict = {"work_dir": work, "label": args.label, "positive": args.positive, "init": args.init,
+                    "concept_steps": args.concept_steps,
                     "classifier": {"iterations": args.classifier_iterations, "train_images": len(labels["train"]),
                                    "test_auc": auc(classifier, images["test"], torch.as_tensor(labels["test"]))},
                     "concepts": []}
@@ -107,7 +109,7 @@ def main() -> None:
             t0 = time.perf_counter()
             config_workflow("configs/concept.json", "learn_concept", work_dir=work, concept_images=str(datalist),
                             concept_name=name, concept_dir=str(args.out / "concepts"), concept_tokens=k,
-                            concept_steps=args.concept_steps, seed=args.seed).run()
+                            concept_steps=args.concept_steps, concept_init=args.init, seed=args.seed).run()
             tokens, info = load_concept(args.out / "concepts" / f"{name}.safetensors")
             arms.append((f"concept K={k}", tokens, {**{x: info.get(x) for x in ("steps", "final_loss", "num_tokens")},
                                                      "seconds": round(time.perf_counter() - t0, 1),
