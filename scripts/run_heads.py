@@ -37,7 +37,8 @@ from bundle.heads.networks import MASK_PRIOR_BIAS, LatentDenseHead, build_head  
 from bundle.heads.segmentation import dice_and_hausdorff  # noqa: E402
 from bundle.heads.training import fine_tune, landmark_items, mask_items  # noqa: E402
 
-INITS = {"pretrained": "image denoiser, pre-trained", "scratch": "same network, from scratch",
+INITS = {"pretrained": "image denoiser, pre-trained", "pretrained_large": "image denoiser, pre-trained on the larger set",
+         "scratch": "same network, from scratch",
          "latent": "latent UNet (main pipeline), pre-trained"}
 STRUCTURES = list(JSRT_MASK_COLUMNS)
 
@@ -60,7 +61,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--pixel_spacing", type=float, default=0.7, help="mm per pixel of the landmark frame (JSRT 512 px)")
     parser.add_argument("--tasks", nargs="+", default=["landmarks", "segmentation"])
-    parser.add_argument("--inits", nargs="+", default=["pretrained", "scratch"], choices=["pretrained", "scratch", "latent"],
+    parser.add_argument("--denoiser_large", type=Path, help="a second pre-trained denoiser (e.g. on a larger unlabelled "
+                        "set), the init 'pretrained_large'")
+    parser.add_argument("--inits", nargs="+", default=["pretrained", "scratch"],
+                        choices=["pretrained", "pretrained_large", "scratch", "latent"],
                         help="pretrained: the image-space denoiser; scratch: the same network untrained; latent: the main "
                              "pipeline's latent UNet and autoencoder (give --latent_args)")
     parser.add_argument("--latent_args", default="", help="overrides for configs/inference.json naming the trained latent "
@@ -106,6 +110,8 @@ def main() -> None:
     # seed-major, so an interrupted invocation leaves whole seeds done
     runs = [(t, n, init, s) for s in args.seeds for t in args.tasks for n in args.sizes for init in args.inits]
     latent = None
+    if "pretrained_large" in args.inits and args.denoiser_large is None and not args.report_only:
+        raise SystemExit("--inits pretrained_large needs --denoiser_large (the second pre-trained denoiser file).")
     if "latent" in args.inits and not args.report_only:
         lwf = config_workflow("configs/inference.json", "sample", **parse_overrides(shlex.split(args.latent_args)))
         if lwf.parser.get_parsed_content("generator").image_size != size:
@@ -125,7 +131,8 @@ def main() -> None:
                                    (generator.dino.num_tokens, generator.dino.embed_dim), bias)
         else:
             unet = wf.parser.get_parsed_content("denoiser_def", lazy=False)()
-            head = build_head(unet, channels, args.denoiser if init == "pretrained" else None, bias)
+            weights = {"pretrained": args.denoiser, "pretrained_large": args.denoiser_large}.get(init)
+            head = build_head(unet, channels, weights, bias)
         loss = HeatmapCrossEntropy() if task == "landmarks" else DiceCELoss(sigmoid=True)
         t0 = time.perf_counter()
         losses = fine_tune(head, train_items[:n], loss, args.iterations, lr=args.lr, seed=seed)
@@ -152,7 +159,8 @@ def main() -> None:
         baselines["segmentation_mean_mask"] = segmentation_scores(mean_mask.expand_as(test_masks), test_masks)
     records = [done[r] for r in runs if r in done]
     result = {"settings": {**overrides, "image_size": size, "heatmap_sigma_px": sigma, "iterations": args.iterations,
-                           "lr": args.lr, "sizes": args.sizes, "seeds": args.seeds, "denoiser": str(args.denoiser)},
+                           "lr": args.lr, "sizes": args.sizes, "seeds": args.seeds, "denoiser": str(args.denoiser),
+                           "denoiser_large": str(args.denoiser_large) if args.denoiser_large else None},
               "baselines": baselines, "runs": records, "wall_seconds_this_invocation": time.perf_counter() - start}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "heads.json").write_text(json.dumps(result, indent=2))
