@@ -117,11 +117,12 @@ def package(work_dir: str | os.PathLike, out_dir: str | os.PathLike, base_url: s
                 raise BundleInputError(f"Version {version} has no changelog entry in metadata.json: add one first.")
             metadata["version"] = version
         atomic_write_json(tmp / "configs" / "metadata.json", metadata)
-        entries = []
         for rel, src in files.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, tmp / rel)
-            entries.append({"path": rel, "url": f"{base_url.rstrip('/')}/{Path(rel).name}", "hash_val": sha256(src)})
+        weights = [*files, *export_torchscript(tmp)]
+        entries = [{"path": rel, "url": f"{base_url.rstrip('/')}/{Path(rel).name}", "hash_val": sha256(tmp / rel)}
+                   for rel in weights]
         atomic_write(tmp / "large_files.yml", lambda t: Path(t).write_text(large_files_yaml(entries)))
         os.replace(tmp, out_dir)
     except BaseException:
@@ -140,7 +141,7 @@ def verify(bundle_dir: str | os.PathLike, schema: str | os.PathLike = LOCAL_SCHE
     2. version: ``version`` has a ``changelog`` entry and is not one of ``known_versions`` (already published);
     3. metadata: MONAI's ``verify_metadata`` against ``schema`` (a local file: no download);
     4. network input/output: MONAI's ``verify_net_in_out`` on ``network_def`` with timesteps and DINO context;
-    5. export: the UNet and the latent decoder traced to TorchScript and compared with the eager networks.
+    5. export: the TorchScript files of the UNet and the latent decoder against the eager networks.
     """
     from monai.bundle import verify_metadata, verify_net_in_out
 
@@ -175,7 +176,7 @@ def verify(bundle_dir: str | os.PathLike, schema: str | os.PathLike = LOCAL_SCHE
                       device="cpu", bundle_root=str(bundle_dir), work_dir=str(bundle_dir),
                       extra_forward_args={"timesteps": torch.tensor([10]), "context": context})
     found["network_def"] = "input/output channels and dtype as network_data_format states"
-    found["export"] = export_torchscript(bundle_dir)
+    found["export"] = check_torchscript(bundle_dir)
     return found
 
 
@@ -190,28 +191,14 @@ class _Decoder(torch.nn.Module):
         return self.codec.decode(latents)
 
 
-def _traced(module: torch.nn.Module, example: tuple, check: tuple, path: Path) -> float:
-    """Trace ``module`` on ``example``, save it to ``path`` atomically, load it back and return its largest
-    difference from the eager module on ``check`` (other inputs than the trace saw)."""
-    with torch.no_grad():
-        traced = torch.jit.trace(module, example, check_trace=False)
-        atomic_write(path, lambda t: torch.jit.save(traced, t))
-        loaded = torch.jit.load(str(path))
-        difference = float((loaded(*check) - module(*check)).abs().max())
-    if difference > 1e-4:
-        raise RuntimeError(f"The TorchScript export {path.name} differs from the eager network by {difference:.2e}.")
-    return difference
+TORCHSCRIPT_FILES = ("models/model.ts", "models/decoder.ts")
 
 
-def export_torchscript(bundle_dir: str | os.PathLike) -> dict[str, Any]:
-    """TorchScript by tracing, what a deployment runs: the diffusion UNet (``models/model.ts``: noisy latents,
-    timesteps, context to the prediction) and the autoencoder's latent decoder (``models/decoder.ts``), each
-    checked against the eager network on a batch size and timesteps the trace did not see. Scripting fails on
-    MONAI's attention blocks (as for the zoo's other diffusion bundles); tracing records the one code path a
-    generator uses."""
+def _networks_and_inputs(bundle_dir: Path) -> tuple[dict[str, torch.nn.Module], tuple, tuple]:
+    """The UNet and the latent decoder of a bundle folder, keyed by their TorchScript file, with an example input
+    for tracing (batch 1) and another for checking (batch 3, other timesteps)."""
     from .models import load_codec, load_network
 
-    bundle_dir = Path(bundle_dir)
     fmt = json.loads((bundle_dir / "configs" / "metadata.json").read_text())["network_data_format"]["inputs"]
     g = torch.Generator().manual_seed(0)
 
@@ -222,6 +209,40 @@ def export_torchscript(bundle_dir: str | os.PathLike) -> dict[str, Any]:
 
     unet, _ = load_network(bundle_dir / MODEL_FILES["diffusion"], "diffusion", "package the bundle again")
     decoder = _Decoder(load_codec(bundle_dir / MODEL_FILES["autoencoder"])).eval()
-    example, check = inputs(1, [10]), inputs(3, [999, 500, 0])
-    return {"models/model.ts": _traced(unet, example, check, bundle_dir / "models" / "model.ts"),
-            "models/decoder.ts": _traced(decoder, example[:1], check[:1], bundle_dir / "models" / "decoder.ts")}
+    return dict(zip(TORCHSCRIPT_FILES, (unet, decoder))), inputs(1, [10]), inputs(3, [999, 500, 0])
+
+
+def _arguments(name: str, inputs: tuple) -> tuple:
+    return inputs if name == "models/model.ts" else inputs[:1]  # the decoder takes the latents only
+
+
+def export_torchscript(bundle_dir: str | os.PathLike) -> list[str]:
+    """TorchScript by tracing, what a deployment runs: the diffusion UNet (``models/model.ts``: noisy latents,
+    timesteps, context to the prediction) and the autoencoder's latent decoder (``models/decoder.ts``). Scripting
+    fails on MONAI's attention blocks (as for the zoo's other diffusion bundles); tracing records the one code
+    path a generator uses, and :func:`check_torchscript` shows it generalises."""
+    bundle_dir = Path(bundle_dir)
+    networks, example, _ = _networks_and_inputs(bundle_dir)
+    with torch.no_grad():
+        for name, network in networks.items():
+            traced = torch.jit.trace(network, _arguments(name, example), check_trace=False)
+            atomic_write(bundle_dir / name, lambda t, traced=traced: torch.jit.save(traced, t))
+    return list(networks)
+
+
+def check_torchscript(bundle_dir: str | os.PathLike) -> dict[str, float]:
+    """Each TorchScript file against its eager network on a batch size and timesteps the trace did not see:
+    the largest absolute difference (refused above 1e-4, or when a file is missing)."""
+    bundle_dir = Path(bundle_dir)
+    networks, _, check = _networks_and_inputs(bundle_dir)
+    found = {}
+    for name, network in networks.items():
+        if not (bundle_dir / name).is_file():
+            raise BundleInputError(f"'{name}' is missing in '{bundle_dir}': package the bundle again (scripts/package_zoo.py).")
+        with torch.no_grad():
+            loaded = torch.jit.load(str(bundle_dir / name))
+            difference = float((loaded(*_arguments(name, check)) - network(*_arguments(name, check))).abs().max())
+        if difference > 1e-4:
+            raise RuntimeError(f"The TorchScript export {name} differs from the eager network by {difference:.2e}.")
+        found[name] = difference
+    return found

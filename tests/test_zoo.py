@@ -52,7 +52,7 @@ def test_a_trained_work_dir_packages_into_a_bundle_that_passes_the_zoo_checks(zo
     assert all((zoo_bundle / name).is_file() for name in found["export"])
     assert not (zoo_bundle / "configs" / "metadata.json").is_symlink() and not (zoo_bundle / "docs" / "README.md").is_symlink()
     listed = (zoo_bundle / "large_files.yml").read_text()
-    for rel in ("models/model.pt", "models/model_autoencoder.pt"):
+    for rel in ("models/model.pt", "models/model_autoencoder.pt", "models/model.ts", "models/decoder.ts"):
         assert f'path: "{rel}"' in listed and sha256(zoo_bundle / rel) in listed
         assert f"https://example.org/v1/{rel.split('/')[-1]}" in listed
     # the packaged folder is a working bundle: it samples from its own models
@@ -82,6 +82,10 @@ def test_the_checks_fail_for_each_broken_part(zoo_bundle, tmp_path):
         f.write(b"0")
     with pytest.raises(BundleInputError, match="model_autoencoder.pt' of large_files.yml"):
         verify(tampered)
+    no_export = broken_copy("no_export")
+    (no_export / "models" / "decoder.ts").unlink()
+    with pytest.raises(BundleInputError, match="decoder.ts"):
+        verify(no_export)
     with pytest.raises(BundleInputError, match="published already"):
         verify(zoo_bundle, known_versions=[json.loads((zoo_bundle / "configs" / "metadata.json").read_text())["version"]])
     wrong_channels = broken_copy("wrong_channels")
