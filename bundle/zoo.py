@@ -22,12 +22,11 @@ import torch
 from .data import hash_file as sha256
 from .errors import BundleInputError
 from .io import atomic_write, atomic_write_json
-from .models import MODEL_FILES, load_generator, model_path, read_record
+from .models import MODEL_FILES, load_generator, model_path
 
 logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
 LOCAL_SCHEMA = Path(__file__).parent / "schemas" / "model_zoo_metadata.json"
 # what a zoo bundle folder holds from this repository (models/ is written from the work dir)
 PACKAGE_FILES = ("configs", "bundle", "docs", "scripts", "LICENSE", "requirements.txt")
@@ -62,9 +61,8 @@ def data_formats(image_size: int, latent_shape: Sequence[int], context_tokens: i
     }
 
 
-def generator_data_formats(work_dir: str | os.PathLike, bundle_root: str | os.PathLike = ROOT) -> dict[str, dict[str, Any]]:
-    """:func:`data_formats` of the generator trained in ``work_dir``."""
-    generator = load_generator(model_path(work_dir, "autoencoder"), model_path(work_dir, "diffusion"), bundle_root=bundle_root)
+def generator_data_formats(generator: Any) -> dict[str, dict[str, Any]]:
+    """:func:`data_formats` of a loaded :class:`bundle.models.Generator`."""
     return data_formats(generator.image_size, generator.latent_shape, generator.dino.num_tokens, generator.context_dim,
                         generator.record["noise_schedule"]["num_train_timesteps"], generator.modality)
 
@@ -92,11 +90,11 @@ def package(work_dir: str | os.PathLike, out_dir: str | os.PathLike, base_url: s
     missing = [p for p in files.values() if not os.path.isfile(p)]
     if missing:
         raise BundleInputError(f"The work dir '{work_dir}' lacks {missing}: train it first (run ID training).")
-    formats = generator_data_formats(work_dir, source_root)
-    dino = read_record(files[MODEL_FILES["diffusion"]], "diffusion", "train it")["record"]["dino"]["weights"]
-    if dino not in ("hub", "random"):  # a weights file: it travels beside the models, where sampling looks for it
-        moved = Path(files[MODEL_FILES["diffusion"]]).parent / "dino" / Path(dino).name
-        files[f"models/dino/{Path(dino).name}"] = dino if os.path.isfile(dino) else str(moved)
+    generator = load_generator(files[MODEL_FILES["autoencoder"]], files[MODEL_FILES["diffusion"]], bundle_root=source_root)
+    formats = generator_data_formats(generator)
+    dino = generator.dino.weights  # the file the generator found (where training had it, or beside the models)
+    if dino not in ("hub", "random"):  # it travels beside the models, where sampling looks for it
+        files[f"models/dino/{Path(dino).name}"] = dino
     tmp = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
