@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -267,6 +268,17 @@ def parameter_groups(network: nn.Module) -> list[dict[str, Any]]:
         if p.requires_grad:
             (no_decay if p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "reg_token")) else decay).append(p)
     return [{"params": decay}, {"params": no_decay, "decay": False}]
+
+
+def local_crop_size(global_size: int, model_name: str, model_kwargs: dict | None = None) -> int:
+    """Side of the local crops: about 3/7 of the global crop (at least 32 px), rounded to a whole number of the
+    ViT's patches, which its patch embedding needs (112 px global crops of a ViT-S/14 give 42 px, 224 px give 98)."""
+    patch = (model_kwargs or {}).get("patch_size")
+    if patch is None:
+        found = re.search(r"patch(\d+)", model_name)
+        patch = int(found.group(1)) if found else 16
+    size = max(32, int(global_size) * 3 // 7)
+    return max(int(patch), round(size / patch) * int(patch))
 
 
 def multi_crop(global_size: int, local_size: int, num_local: int, global_scale: Sequence[float] = (0.4, 1.0),

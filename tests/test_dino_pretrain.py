@@ -9,7 +9,7 @@ import torch
 from ignite.engine import Events
 
 from bundle.dino import DinoFeatures
-from bundle.dino_pretrain import DinoLoss, cosine, multi_crop, update_teacher
+from bundle.dino_pretrain import DinoLoss, cosine, local_crop_size, multi_crop, update_teacher
 from bundle.errors import BundleInputError
 
 from .conftest import run_bundle, workflow
@@ -30,6 +30,19 @@ def test_multi_crop_gives_two_global_and_local_crops():
     assert [tuple(crops[f"crop_{i}"].shape) for i in range(5)] == [(1, 48, 48)] * 2 + [(1, 24, 24)] * 3
     assert all(torch.isfinite(c).all() for c in crops.values())
     assert not torch.allclose(crops["crop_0"], crops["crop_1"])
+
+
+def test_local_crops_are_a_whole_number_of_patches_for_every_profile():
+    """The GPU profiles' ViT-S/14 cannot embed a crop that is not a multiple of 14 pixels (112 * 3 // 7 = 48 is not)."""
+    from timm import create_model
+
+    for size, model, kwargs, expected in ((64, "vit_tiny_patch16_224", {"patch_size": 8}, 32),
+                                          (112, "vit_small_patch14_dinov2.lvd142m", {}, 42),
+                                          (224, "vit_small_patch14_dinov2.lvd142m", {}, 98)):
+        assert local_crop_size(size, model, kwargs) == expected
+    vit = create_model("vit_small_patch14_dinov2.lvd142m", pretrained=False, num_classes=0, img_size=112,
+                       dynamic_img_size=True, depth=1)
+    assert vit(torch.rand(1, 3, 42, 42)).shape == (1, 384)
 
 
 def test_dino_steps_train_the_student_and_the_teacher_follows_the_ema_rule(tmp_path, tiny_dataset):
