@@ -22,6 +22,9 @@ from .io import atomic_path, atomic_torch_save
 
 logger = logging.getLogger(__name__)
 
+# DICOM files are always read with pydicom, whatever other readers are installed: ITK (GDCM) would invert MONOCHROME1
+# itself, and Radiograph2Dd inverts it again. Other formats fall through to MONAI's usual readers.
+DICOM_READER = "PydicomReader"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".nii", ".nii.gz")
 DATALIST_SUFFIXES = (".csv", ".json")
 
@@ -386,7 +389,7 @@ def modality_preprocessing(config_path: str | os.PathLike, **values: Any):
     parser = modality_parser(config_path, **values)
     transforms = parser.get_parsed_content("transforms")
     loader = (parser.get_parsed_content("loader") if "loader" in parser.get("", {}) else
-              LoadImaged(keys="image", image_only=True, ensure_channel_first=True))
+              LoadImaged(keys="image", image_only=True, ensure_channel_first=True, reader=DICOM_READER))
     return Compose([loader, *transforms])
 
 
@@ -397,7 +400,8 @@ def output_preprocessing(image_size: int):
 
     from .transforms import Radiograph2Dd, UnitRanged
 
-    return Compose([LoadImaged(keys="image", image_only=True, ensure_channel_first=True), UnitRanged(keys="image"),
+    return Compose([LoadImaged(keys="image", image_only=True, ensure_channel_first=True, reader=DICOM_READER),
+                    UnitRanged(keys="image"),
                     Radiograph2Dd(keys="image"),
                     Resized(keys="image", spatial_size=image_size, size_mode="longest", mode="area"),
                     SpatialPadd(keys="image", spatial_size=[image_size, image_size], mode="constant"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +30,17 @@ def write_png(image: torch.Tensor | np.ndarray, path: str | os.PathLike, bit_dep
         raise ValueError(f"PNG bit depth {bit_depth} is not supported: use 8 or 16.")
     with atomic_path(path) as tmp:
         pil.save(tmp, format="PNG")
+
+
+def save_dicom(ds: Any, path: str | os.PathLike) -> None:
+    """Write a pydicom dataset as a conformant DICOM file (preamble and file meta) with pydicom 3 or 2; pydicom 2 is
+    what MONAI Label's DICOM-SEG library needs beside this bundle."""
+    import pydicom
+
+    if int(pydicom.__version__.split(".")[0]) >= 3:
+        ds.save_as(str(path), enforce_file_format=True)
+    else:
+        ds.save_as(str(path), write_like_original=False)
 
 
 def write_nifti(image: torch.Tensor | np.ndarray, path: str | os.PathLike, affine: np.ndarray | None = None) -> None:
@@ -97,7 +109,7 @@ def write_dicom(
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
     ds.PixelData = rows.tobytes()
     with atomic_path(path) as tmp:
-        ds.save_as(tmp, enforce_file_format=True)
+        save_dicom(ds, tmp)
 
 
 FORMATS = {"png": ".png", "png16": ".png", "nifti": ".nii.gz", "dicom": ".dcm"}

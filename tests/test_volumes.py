@@ -9,6 +9,7 @@ import torch
 from bundle.data import modality_datalist, modality_preprocessing
 from bundle.errors import BundleInputError
 from bundle.volumes import LoadSliced, read_volume, slice_rows, window_range
+from bundle.writers import save_dicom
 
 from .conftest import DATA, require
 
@@ -51,7 +52,7 @@ def write_series(folder, hu: np.ndarray, affine: np.ndarray, series_uid: str = "
         ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
         ds.PixelData = (hu[:, :, k].T + 1024).astype(np.uint16).tobytes()
         path = folder / f"slice_{name:03d}.dcm"
-        ds.save_as(str(path), enforce_file_format=True)
+        save_dicom(ds, path)
         paths.append(path)
     return paths
 

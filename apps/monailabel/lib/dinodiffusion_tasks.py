@@ -1,0 +1,233 @@
+"""MONAI Label tasks that run this bundle's own configs on the image of a request.
+
+Every task builds the bundle config it wraps (``configs/heads/*.json``, ``configs/inference.json``) exactly as
+``python -m monai.bundle run`` does, pointed at a one-row datalist of the request's image and a fresh output
+folder, and turns what the config wrote into what MONAI Label returns: a label map (one integer per structure),
+points as JSON, or an image. Bad input (an image the modality refuses, a missing model, no labels to train on)
+becomes an HTTP error with the bundle's own one-line message; the server keeps running.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from fastapi import HTTPException
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+from monailabel.interfaces.tasks.train import TrainTask
+from PIL import Image
+
+from bundle.errors import BundleInputError
+from bundle.heads.segmentation import mask_folders
+from bundle.io import atomic_path
+from bundle.models import model_path
+
+logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[3]
+STRUCTURES = ["mask_left_lung", "mask_right_lung", "mask_heart", "mask_left_clavicle", "mask_right_clavicle"]
+
+
+def label_names(structures: Sequence[str]) -> dict[str, int]:
+    """MONAI Label's ``{name: value}`` of a label map: structure ``i`` (its mask column without ``mask_``) is ``i + 1``."""
+    return {name: i + 1 for i, name in enumerate(mask_folders(structures))}
+
+
+def bundle_message(err: BaseException) -> str | None:
+    """The bundle's own message when ``err`` is, or was caused by, a :class:`BundleInputError` (MONAI's config
+    parser wraps it in "Failed to evaluate ..."), else ``None``."""
+    while err is not None:
+        if isinstance(err, BundleInputError):
+            return str(err)
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def run_bundle_config(config: str, run_id: str, overrides: dict[str, Any]) -> Any:
+    """Run ``configs/<config>`` as ``python -m monai.bundle run <run_id>`` would; a bundle input error becomes
+    HTTP 422 with its message."""
+    from monai.bundle import ConfigWorkflow
+
+    try:
+        workflow = ConfigWorkflow(config_file=str(ROOT / "configs" / config), workflow_type=None, run_id=run_id,
+                                  logging_file=False, bundle_root=str(ROOT), **overrides)
+        workflow.initialize()
+        workflow.run()
+        return workflow
+    except Exception as err:
+        message = bundle_message(err)
+        if message is None:
+            raise
+        raise HTTPException(status_code=422, detail=message) from None
+
+
+def result_path(suffix: str) -> str:
+    fd, path = tempfile.mkstemp(prefix="dinodiffusion_", suffix=suffix)
+    os.close(fd)
+    return path
+
+
+def one_row_datalist(image: str, folder: Path) -> str:
+    path = folder / "input.csv"
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([["image"], [str(Path(image).resolve())]])
+    return str(path)
+
+
+def require_model(path: str, what: str, remedy: str) -> None:
+    if not os.path.isfile(path):
+        raise HTTPException(status_code=503, detail=f"The {what} '{path}' does not exist: {remedy}.")
+
+
+class BundleInfer(InferTask):
+    """One bundle inference config as a MONAI Label infer task.
+
+    ``collect(output_dir)`` turns the config's outputs into ``(result file or None, result JSON)``; a result file
+    is a new temporary file, which MONAI Label deletes once it is sent.
+    """
+
+    def __init__(self, config: str, run_id: str, work_dir: str, model: str, remedy: str, type: str, labels: Any,
+                 description: str, collect: Callable[[Path], tuple[str | None, dict]],
+                 overrides: dict[str, Any] | None = None, device: str | None = None):
+        super().__init__(type=type, labels=labels, dimension=2, description=description,
+                         config={"device": device or "auto"})
+        self.config_file, self.run_id, self.work_dir = config, run_id, work_dir
+        self.model, self.remedy, self.collect = model, remedy, collect
+        self.overrides = overrides or {}
+
+    def get_path(self, validate=True):
+        return model_path(self.work_dir, self.model)
+
+    def is_valid(self) -> bool:
+        return os.path.isfile(self.get_path())
+
+    def __call__(self, request) -> tuple[str | None, dict]:
+        image = request.get("image")
+        if not isinstance(image, str) or not os.path.isfile(image):
+            raise HTTPException(status_code=404, detail=f"Image '{image}' is not a file: give an image id of the "
+                                                        "datastore or upload a file.")
+        require_model(self.get_path(), f"model of task '{request.get('model')}'", self.remedy)
+        start = time.time()
+        scratch = Path(tempfile.mkdtemp(prefix="dinodiffusion_"))
+        try:
+            datalist = one_row_datalist(image, scratch)
+            overrides = {"work_dir": self.work_dir, "dataset_dir": datalist, "input_dir": datalist,
+                         "output_dir": str(scratch / "out"), **self.overrides}
+            if request.get("device") not in (None, "", "auto"):
+                overrides["device"] = f"$torch.device('{request['device']}')"
+            run_bundle_config(self.config_file, self.run_id, overrides)
+            result_file, result_json = self.collect(scratch / "out")
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        result_json["latencies"] = {"total": round(time.time() - start, 3)}
+        return result_file, result_json
+
+
+def label_map_from_masks(structures: Sequence[str]) -> Callable[[Path], tuple[str, dict]]:
+    """Per-structure 0/255 masks (``<out>/<structure>/<stem>.png``) to one PNG label map, structure ``i`` as
+    ``i + 1``; where structures overlap (a clavicle over a lung), the later one in ``structures`` wins."""
+    names = label_names(structures)
+
+    def collect(out: Path) -> tuple[str, dict]:
+        label = None
+        for name, value in names.items():
+            (mask_file,) = sorted((out / name).glob("*.png"))
+            mask = np.asarray(Image.open(mask_file)) > 127
+            label = np.zeros(mask.shape, np.uint8) if label is None else label
+            label[mask] = value
+        path = result_path(".png")
+        Image.fromarray(label).save(path)
+        return path, {"label_names": names, "pixels": {n: int((label == v).sum()) for n, v in names.items()}}
+
+    return collect
+
+
+def landmark_points(out: Path) -> tuple[None, dict]:
+    (points_file,) = sorted((out / "landmarks").glob("*.json"))
+    return None, {"landmarks": json.loads(points_file.read_text()), "frame": "original image pixels (x, y)"}
+
+
+def lung_mask(out: Path) -> tuple[str, dict]:
+    (mask_file,) = sorted((out / "lungs").glob("*.png"))
+    label = (np.asarray(Image.open(mask_file)) > 127).astype(np.uint8)
+    path = result_path(".png")
+    Image.fromarray(label).save(path)
+    return path, {"label_names": {"lungs": 1}, "pixels": {"lungs": int(label.sum())}}
+
+
+def generated_image(out: Path) -> tuple[str, dict]:
+    with open(out / "manifest.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    path = result_path(Path(row["image"]).suffix)
+    shutil.copyfile(out / row["image"], path)
+    return path, {k: row[k] for k in ("strategy", "seed", "sampler", "num_inference_steps", "guidance_scale")}
+
+
+class HeadTrain(TrainTask):
+    """Fine-tune the segmentation head (configs/heads/segmentation.json) on the label maps users saved.
+
+    Every image with a ``final`` label in the datastore is used; the label map's value ``i + 1`` is structure ``i``
+    (the infer task's ``label_names``). The new head replaces the old one atomically, so the infer task uses it
+    from its next request.
+    """
+
+    def __init__(self, work_dir: str, structures: Sequence[str] = STRUCTURES, iterations: int = 200):
+        super().__init__("Fine-tune the segmentation head on the saved label maps (the label-free pre-trained denoiser "
+                         "is the start)")
+        self.work_dir, self.structures, self.iterations = work_dir, list(structures), iterations
+        self._stats: dict[str, Any] = {}
+
+    def config(self):
+        return {"iterations": self.iterations, "batch_size": 8, "lr": 1e-3}
+
+    def stats(self):
+        return self._stats
+
+    def __call__(self, request, datastore: Datastore):
+        start = time.time()
+        labelled = datastore.get_labeled_images(DefaultLabelTag.FINAL.value)
+        if not labelled:
+            raise HTTPException(status_code=422, detail="No image in the datastore has a saved (final) label: save at "
+                                                        "least one label map with PUT /datastore/label, then train.")
+        require_model(model_path(self.work_dir, "denoiser"), "pre-trained denoiser",
+                      "pre-train it with configs/heads/pretrain.json (run training) into this work_dir")
+        names = label_names(self.structures)
+        scratch = Path(tempfile.mkdtemp(prefix="dinodiffusion_train_"))
+        try:
+            rows = []
+            for image_id in labelled:
+                label = np.asarray(Image.open(datastore.get_label_uri(image_id, DefaultLabelTag.FINAL.value)))
+                row = {"image": datastore.get_image_uri(image_id)}
+                for column, (name, value) in zip(self.structures, names.items()):
+                    row[column] = str(scratch / f"{image_id}_{name}.png")
+                    Image.fromarray(((label == value) * 255).astype(np.uint8)).save(row[column])
+                rows.append(row)
+            datalist = scratch / "labelled.csv"
+            with open(datalist, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=["image", *self.structures])
+                writer.writeheader()
+                writer.writerows(rows)
+            trained = scratch / "segmentation.pt"
+            workflow = run_bundle_config("heads/segmentation.json", "training", {
+                "work_dir": self.work_dir, "labelled_dir": str(datalist), "num_labelled": "all",
+                "structures": self.structures, "head_path": str(trained),
+                "head_iterations": int(request.get("iterations", self.iterations))})
+            head_path = model_path(self.work_dir, "segmentation")
+            with atomic_path(head_path) as tmp:  # the infer task never sees a half-written head
+                shutil.copyfile(trained, tmp)
+            losses = workflow.parser.get_parsed_content("head_trainer").state.output
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        self._stats = {"images": len(rows), "iterations": int(request.get("iterations", self.iterations)),
+                       "final_loss": float(losses["loss"]) if isinstance(losses, dict) else float(losses),
+                       "head": head_path, "seconds": round(time.time() - start, 1)}
+        return self._stats

@@ -1,0 +1,89 @@
+"""MONAI Label app of the DiNO-Diffusion bundle: few-shot segmentation and landmark heads, zero-shot lungs from the
+denoiser's attention, and synthetic images from a study's DINO embedding, plus a train task that fine-tunes the
+segmentation head on the label maps users save.
+
+    monailabel start_server --app apps/monailabel --studies STUDIES \\
+        --conf heads_dir runs/heads --conf generator_dir runs/corpus_cpu64
+
+Settings (``--conf key value``):
+- ``heads_dir``: work dir of configs/heads/*.json (models/heads/denoiser.pt, segmentation.pt, landmarks.pt);
+- ``generator_dir``: work dir of the generator (models/model.pt, models/model_autoencoder.pt); default heads_dir;
+- ``structures``: comma-separated mask columns of the segmentation head (default the five JSRT structures);
+- ``train_iterations``: fine-tuning steps of the train task (default 200);
+- ``sample_steps``: sampler steps of the generation task (default 20).
+A task whose model file is missing is left out of /info and answers 503 with what to train.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+for path in (ROOT, Path(__file__).resolve().parent / "lib"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from fastapi import HTTPException  # noqa: E402
+from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
+from monailabel.interfaces.exception import MONAILabelException  # noqa: E402
+from monailabel.interfaces.tasks.infer_v2 import InferType  # noqa: E402
+
+import dinodiffusion_tasks as tasks  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+PRETRAIN = "pre-train it with configs/heads/pretrain.json (run training) into this heads_dir"
+FINE_TUNE = "fine-tune it with configs/heads/{} (run training) into this heads_dir, or POST /train/segmentation"
+
+
+class DinoDiffusionApp(MONAILabelApp):
+    def __init__(self, app_dir, studies, conf):
+        self.heads_dir = str(Path(conf.get("heads_dir", ROOT / "runs" / "heads")).resolve())
+        self.generator_dir = str(Path(conf.get("generator_dir", self.heads_dir)).resolve())
+        structures = conf.get("structures")
+        self.structures = structures.split(",") if structures else tasks.STRUCTURES
+        self.train_iterations = int(conf.get("train_iterations", 200))
+        self.sample_steps = int(conf.get("sample_steps", 20))
+        super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="DiNO-Diffusion",
+                         description="Label-free diffusion for radiographs: few-shot heads, zero-shot lungs, synthesis",
+                         version="1.0")
+
+    def init_infers(self):
+        heads, labels = self.heads_dir, tasks.label_names(self.structures)
+        return {
+            "segmentation": tasks.BundleInfer(
+                "heads/segmentation.json", "inference", heads, "segmentation", FINE_TUNE.format("segmentation.json"),
+                InferType.SEGMENTATION, labels, "Few-shot segmentation head on the label-free denoiser: one label "
+                "per structure", tasks.label_map_from_masks(self.structures), {"structures": self.structures}),
+            "landmarks": tasks.BundleInfer(
+                "heads/landmarks.json", "inference", heads, "landmarks", FINE_TUNE.format("landmarks.json"),
+                InferType.DETECTION, [], "Few-shot landmark head: points per landmark group as JSON in the image's "
+                "pixel frame", tasks.landmark_points),
+            "zero_shot_lungs": tasks.BundleInfer(
+                "heads/zero_shot.json", "inference", heads, "denoiser", PRETRAIN, InferType.SEGMENTATION,
+                {"lungs": 1}, "Zero-shot lungs from the denoiser's self-attention (no labels)", tasks.lung_mask),
+            "generation": tasks.BundleInfer(
+                "inference.json", "sample", self.generator_dir, "diffusion", "train the generator (configs/train.json) "
+                "into this generator_dir", InferType.OTHERS, [], "A synthetic radiograph generated from the study's "
+                "DINO embedding (reconstruction strategy)", tasks.generated_image,
+                {"num_samples": 1, "strategy": "reconstruction", "num_inference_steps": self.sample_steps,
+                 "output_formats": ["png"]}),
+        }
+
+    def init_trainers(self):
+        return {"segmentation": tasks.HeadTrain(self.heads_dir, self.structures, self.train_iterations)}
+
+    def infer(self, request, datastore=None):
+        try:
+            return super().infer(request, datastore)
+        except MONAILabelException as err:  # unknown task or no task named: a 404 with the list, not a bare 500
+            raise HTTPException(status_code=404, detail=f"{err.msg} Tasks: {sorted(self._infers)}.") from None
+
+    def train(self, request):
+        try:
+            return super().train(request)
+        except MONAILabelException as err:
+            raise HTTPException(status_code=404, detail=f"{err.msg} Trainers: {sorted(self._trainers)}.") from None

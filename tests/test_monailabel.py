@@ -1,0 +1,172 @@
+"""The MONAI Label app (apps/monailabel) served by a real MONAI Label server on loopback, called over its REST API."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from .conftest import JSRT, ROOT, require, run_bundle, tiny_settings, write_datalist
+
+pytest.importorskip("monailabel", reason="MONAI Label is not installed: install it as the README's MONAI Label "
+                                         "section says (CI does)")
+requests = pytest.importorskip("requests")
+from PIL import Image  # noqa: E402
+
+STRUCTURES = ["mask_left_lung", "mask_heart"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """Tiny models trained on real JSRT images, a studies folder of three JSRT films, and the server running on them."""
+    from bundle.data import read_datalist
+
+    require(JSRT / "images")
+    tmp = tmp_path_factory.mktemp("monailabel")
+    subprocess.run([sys.executable, str(ROOT / "scripts/jsrt_datalist.py"), "--split", "train", "--out",
+                    str(tmp / "train.csv")], check=True, capture_output=True)
+    rows = read_datalist(tmp / "train.csv")
+    heads = {"dataset_dir": str(write_datalist(tmp / "images.csv", [r["image"] for r in rows[:6]])),
+             "work_dir": str(tmp / "heads"), "image_size": 32, "denoiser_channels": [8, 16],
+             "denoiser_attention_levels": [False, True], "denoiser_head_channels": 8, "denoiser_epochs": 1,
+             "denoiser_batch_size": 3, "labelled_dir": str(tmp / "train.csv"), "num_labelled": 3,
+             "head_iterations": 4, "head_batch_size": 2}
+    run_bundle("heads/pretrain.json", "training", heads)
+    run_bundle("heads/segmentation.json", "training", {**heads, "structures": STRUCTURES})
+    run_bundle("heads/landmarks.json", "training", {**heads, "landmark_groups": ["RL", "H"]})
+    generator = tiny_settings(tmp / "generator", write_datalist(tmp / "gen.csv", [r["image"] for r in rows[:8]]))
+    run_bundle("train.json", "training", generator)
+    studies = tmp / "studies"
+    studies.mkdir()
+    for row in rows[10:13]:
+        shutil.copy(row["image"], studies)
+    port = free_port()
+    log = open(tmp / "server.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(ROOT / "apps/monailabel"),
+         "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port), "--conf", "heads_dir", str(tmp / "heads"),
+         "--conf", "generator_dir", str(tmp / "generator"), "--conf", "structures", ",".join(STRUCTURES),
+         "--conf", "sample_steps", "4", "--conf", "train_iterations", "3"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while True:
+        try:
+            if requests.get(f"{url}/info/", timeout=5).ok:
+                break
+        except requests.ConnectionError:
+            pass
+        if process.poll() is not None or time.time() > deadline:
+            process.kill()
+            pytest.fail(f"the MONAI Label server did not start: {(tmp / 'server.log').read_text()[-3000:]}")
+        time.sleep(1)
+    yield {"url": url, "rows": rows[10:13], "tmp": tmp, "heads": tmp / "heads"}
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    log.close()
+
+
+def png(response) -> np.ndarray:
+    assert response.status_code == 200, response.text[:500]
+    return np.asarray(Image.open(io.BytesIO(response.content)))
+
+
+def test_info_lists_every_task_and_the_datastore_the_studies(server):
+    url = server["url"]
+    info = requests.get(f"{url}/info/", timeout=30).json()
+    assert sorted(info["models"]) == ["generation", "landmarks", "segmentation", "zero_shot_lungs"]
+    assert info["models"]["segmentation"]["labels"] == {"left_lung": 1, "heart": 2}
+    assert list(info["trainers"]) == ["segmentation"]
+    datastore = requests.get(f"{url}/datastore/", params={"output": "all"}, timeout=30).json()
+    assert sorted(datastore["objects"]) == sorted(Path(r["image"]).stem for r in server["rows"])
+
+
+def test_infer_tasks_return_masks_points_and_images_in_the_study_frame(server):
+    url, image_id = server["url"], Path(server["rows"][0]["image"]).stem
+    size = Image.open(server["rows"][0]["image"]).size[::-1]
+    label = png(requests.post(f"{url}/infer/segmentation", params={"image": image_id, "output": "image"}, timeout=300))
+    assert label.shape == size and set(np.unique(label)) <= {0, 1, 2}
+    summary = requests.post(f"{url}/infer/segmentation", params={"image": image_id, "output": "json"}, timeout=300).json()
+    assert summary["label_names"] == {"left_lung": 1, "heart": 2}
+    assert summary["pixels"]["heart"] == int((label == 2).sum())
+    points = requests.post(f"{url}/infer/landmarks", params={"image": image_id, "output": "json"}, timeout=300).json()
+    assert list(points["landmarks"]) == ["RL", "H"] and len(points["landmarks"]["RL"]) == 44
+    assert all(-1 <= v <= max(size) for p in points["landmarks"]["RL"] for v in p)
+    lungs = png(requests.post(f"{url}/infer/zero_shot_lungs", params={"image": image_id, "output": "image"}, timeout=300))
+    assert lungs.shape == size and set(np.unique(lungs)) <= {0, 1} and lungs.any()
+    synthetic = png(requests.post(f"{url}/infer/generation", params={"image": image_id, "output": "image"}, timeout=300))
+    assert synthetic.shape == (32, 32) and synthetic.std() > 0
+
+
+def test_bad_requests_get_a_clear_http_error_and_the_server_keeps_running(server, tmp_path):
+    url, image_id = server["url"], Path(server["rows"][0]["image"]).stem
+    unknown = requests.post(f"{url}/infer/lungs3d", params={"image": image_id, "output": "json"}, timeout=60)
+    assert unknown.status_code == 404 and "lungs3d" in unknown.text and "segmentation" in unknown.text
+    flat = tmp_path / "flat.png"
+    Image.fromarray(np.full((64, 64), 7, np.uint8)).save(flat)
+    with open(flat, "rb") as f:
+        refused = requests.post(f"{url}/infer/segmentation", params={"output": "json"}, files={"file": f}, timeout=60)
+    assert refused.status_code == 422 and "constant image" in refused.json()["detail"]
+    no_labels = requests.post(f"{url}/train/segmentation", params={"run_sync": True}, json={}, timeout=60)
+    assert no_labels.status_code == 422 and "PUT /datastore/label" in no_labels.json()["detail"]
+    assert requests.get(f"{url}/info/", timeout=30).ok
+
+
+def test_train_fine_tunes_the_head_on_a_saved_label_and_inference_uses_it(server, tmp_path):
+    url, row = server["url"], server["rows"][1]
+    masks = [np.asarray(Image.open(row[c])) > 0 for c in STRUCTURES]
+    label = np.zeros(masks[0].shape, np.uint8)
+    for value, mask in enumerate(masks, start=1):
+        label[mask] = value
+    path = tmp_path / "label.png"
+    Image.fromarray(label).save(path)
+    with open(path, "rb") as f:
+        saved = requests.put(f"{url}/datastore/label", params={"image": Path(row["image"]).stem, "tag": "final"},
+                             files={"label": ("label.png", f)}, timeout=60)
+    assert saved.status_code == 200, saved.text
+    head = server["heads"] / "models" / "heads" / "segmentation.pt"
+    before = head.stat().st_mtime_ns
+    stats = requests.post(f"{url}/train/segmentation", params={"run_sync": True}, json={"iterations": 3},
+                          timeout=600).json()
+    assert stats["images"] == 1 and stats["iterations"] == 3 and np.isfinite(stats["final_loss"])
+    assert head.stat().st_mtime_ns > before
+    assert not list(head.parent.glob(".segmentation.pt.*"))  # nothing half-written beside it
+    image_id = Path(server["rows"][2]["image"]).stem
+    after = png(requests.post(f"{url}/infer/segmentation", params={"image": image_id, "output": "image"}, timeout=300))
+    assert set(np.unique(after)) <= {0, 1, 2}
+
+
+def test_a_task_without_its_model_is_hidden_and_answers_503_naming_what_to_train(tmp_path):
+    from fastapi import HTTPException
+
+    sys.path.insert(0, str(ROOT / "apps/monailabel/lib"))
+    import dinodiffusion_tasks as tasks
+
+    task = tasks.BundleInfer("heads/zero_shot.json", "inference", str(tmp_path), "denoiser", "pre-train it first",
+                             "segmentation", {"lungs": 1}, "zero-shot lungs", tasks.lung_mask)
+    assert not task.is_valid()
+    image = tmp_path / "film.png"
+    Image.fromarray(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64).astype(np.uint8)).save(image)
+    with pytest.raises(HTTPException) as err:
+        task({"image": str(image), "model": "zero_shot_lungs"})
+    assert err.value.status_code == 503 and "pre-train it first" in err.value.detail
+    with pytest.raises(HTTPException) as err:
+        task({"image": str(tmp_path / "missing.png"), "model": "zero_shot_lungs"})
+    assert err.value.status_code == 404
