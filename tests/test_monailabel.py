@@ -50,6 +50,9 @@ def server(tmp_path_factory):
     run_bundle("heads/landmarks.json", "training", {**heads, "landmark_groups": ["RL", "H"]})
     generator = tiny_settings(tmp / "generator", write_datalist(tmp / "gen.csv", [r["image"] for r in rows[:8]]))
     run_bundle("train.json", "training", generator)
+    concept_images = str(write_datalist(tmp / "concept.csv", [r["image"] for r in rows[:6]]))
+    run_bundle("concept.json", "learn_concept", {"work_dir": str(tmp / "generator"), "concept_images": concept_images,
+                                                 "concept_name": "jsrt", "concept_steps": 4, "concept_batch_size": 3})
     studies = tmp / "studies"
     studies.mkdir()
     for row in rows[10:13]:
@@ -113,6 +116,13 @@ def test_infer_tasks_return_masks_points_and_images_in_the_study_frame(server):
     assert lungs.shape == size and set(np.unique(lungs)) <= {0, 1} and lungs.any()
     synthetic = png(requests.post(f"{url}/infer/generation", params={"image": image_id, "output": "image"}, timeout=300))
     assert synthetic.shape == (32, 32) and synthetic.std() > 0
+    # a learned concept instead of the study's embedding (the request's params choose the strategy)
+    concept = {"strategy": "concept", "strategy_params": {"concept": {"concepts": {"jsrt": 1.0}}}}
+    from_concept = png(requests.post(f"{url}/infer/generation", params={"image": image_id, "output": "image"},
+                                     data={"params": json.dumps(concept)}, timeout=300))
+    record = requests.post(f"{url}/infer/generation", params={"image": image_id, "output": "json"},
+                           data={"params": json.dumps(concept)}, timeout=300).json()
+    assert from_concept.shape == (32, 32) and record["strategy"] == "concept"
 
 
 def test_bad_requests_get_a_clear_http_error_and_the_server_keeps_running(server, tmp_path):
@@ -124,6 +134,10 @@ def test_bad_requests_get_a_clear_http_error_and_the_server_keeps_running(server
     with open(flat, "rb") as f:
         refused = requests.post(f"{url}/infer/segmentation", params={"output": "json"}, files={"file": f}, timeout=60)
     assert refused.status_code == 422 and "constant image" in refused.json()["detail"]
+    concept = {"strategy": "concept", "strategy_params": {"concept": {"concepts": {"pneumothorax": 1.0}}}}
+    missing = requests.post(f"{url}/infer/generation", params={"image": image_id, "output": "image"},
+                            data={"params": json.dumps(concept)}, timeout=60)
+    assert missing.status_code == 422 and "pneumothorax" in missing.json()["detail"]
     no_labels = requests.post(f"{url}/train/segmentation", params={"run_sync": True}, json={}, timeout=60)
     assert no_labels.status_code == 422 and "PUT /datastore/label" in no_labels.json()["detail"]
     assert requests.get(f"{url}/info/", timeout=30).ok

@@ -68,9 +68,10 @@ class DinoDiffusionApp(MONAILabelApp):
             "generation": tasks.BundleInfer(
                 "inference.json", "sample", self.generator_dir, "diffusion", "train the generator (configs/train.json) "
                 "into this generator_dir", InferType.OTHERS, [], "A synthetic radiograph generated from the study's "
-                "DINO embedding (reconstruction strategy)", tasks.generated_image,
+                "DINO embedding (reconstruction strategy; params strategy/strategy_params pick another, e.g. a concept)", tasks.generated_image,
                 {"num_samples": 1, "strategy": "reconstruction", "num_inference_steps": self.sample_steps,
-                 "output_formats": ["png"]}),
+                 "output_formats": ["png"]},
+                request_keys=["strategy", "strategy_params", "sample_seed", "guidance_scale"]),
         }
 
     def init_trainers(self):

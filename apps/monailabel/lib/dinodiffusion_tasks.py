@@ -91,18 +91,20 @@ def require_model(path: str, what: str, remedy: str) -> None:
 class BundleInfer(InferTask):
     """One bundle inference config as a MONAI Label infer task.
 
+    ``request_keys``: settings a request may give in its params (e.g. the generation task's ``strategy`` and
+    ``strategy_params``, to sample from a concept), passed to the config as they are; the config checks them.
     ``collect(output_dir)`` turns the config's outputs into ``(result file or None, result JSON)``; a result file
     is a new temporary file, which MONAI Label deletes once it is sent.
     """
 
     def __init__(self, config: str, run_id: str, work_dir: str, model: str, remedy: str, type: str, labels: Any,
                  description: str, collect: Callable[[Path], tuple[str | None, dict]],
-                 overrides: dict[str, Any] | None = None, device: str | None = None):
+                 overrides: dict[str, Any] | None = None, request_keys: Sequence[str] = (), device: str | None = None):
         super().__init__(type=type, labels=labels, dimension=2, description=description,
                          config={"device": device or "auto"})
         self.config_file, self.run_id, self.work_dir = config, run_id, work_dir
         self.model, self.remedy, self.collect = model, remedy, collect
-        self.overrides = overrides or {}
+        self.overrides, self.request_keys = overrides or {}, list(request_keys)
 
     def get_path(self, validate=True):
         return model_path(self.work_dir, self.model)
@@ -121,7 +123,8 @@ class BundleInfer(InferTask):
         try:
             datalist = one_row_datalist(image, scratch)
             overrides = {"work_dir": self.work_dir, "dataset_dir": datalist, "input_dir": datalist,
-                         "output_dir": str(scratch / "out"), **self.overrides}
+                         "output_dir": str(scratch / "out"), **self.overrides,
+                         **{k: request[k] for k in self.request_keys if k in request}}
             if request.get("device") not in (None, "", "auto"):
                 overrides["device"] = f"$torch.device('{request['device']}')"
             run_bundle_config(self.config_file, self.run_id, overrides)
