@@ -169,8 +169,9 @@ def apply_to_file(transform: Callable, row: dict[str, Any]) -> dict[str, Any]:
             cause = cause.__cause__
         if isinstance(cause, BundleInputError):
             raise cause from None
+        detail = (str(cause).strip().splitlines() or [""])[0]  # MONAI appends every reader's traceback: the first line
         raise BundleInputError(
-            f"Image '{path}' could not be read or preprocessed ({type(cause).__name__}: {cause}); "
+            f"Image '{path}' could not be read or preprocessed ({type(cause).__name__}: {detail}); "
             "replace the file or remove it from the datalist."
         ) from None
     image = item.get("image") if isinstance(item, dict) else None
