@@ -4,11 +4,12 @@ call at a time and runs the fast tests that cover it; a mutant the tests do not 
     .venv/bin/pip install mutmut==3.8.1
     python scripts/mutation_testing.py --modules io validation checkpoints --out docs/results   (long: minutes per module)
 
-Run it on an otherwise idle machine: mutmut times each mutant against the tests' time in its first run, so a
-second job on the same cores turns slow mutants into false timeouts.
+Best on an otherwise idle machine: mutmut stops a mutant's tests after 15 times their time in its first run (a
+stopped mutant counts as a timeout, apart from killed and survived), and it is hours of CPU for every module.
 
-Runs on a copy of the tracked files in <work>/src (mutmut writes its mutants/ folder there), with the real
-images of ../shared/data linked in, and writes <out>/tests.json and <out>/tests.md: killed / survived / other
+Runs on a copy of the tracked files in <work>/src (mutmut writes its mutants/ folder there, and keeps its results
+in it: run the same command again to continue an interrupted run), with the real images of ../shared/data linked
+in, and writes <out>/tests.json and <out>/tests.md: killed / survived / other
 per module and the surviving mutants, so that each can be judged (a missing test, or an equivalent mutant).
 """
 
@@ -46,7 +47,13 @@ RESULT = re.compile(r"^\s*(bundle[\w.]+__mutmut_\d+): (.+)$")
 
 def prepare(work: Path, modules: list[str], shared: Path) -> Path:
     src = work / "src"
-    shutil.rmtree(src, ignore_errors=True)
+    # a fresh copy of the tracked files, but mutants/ is kept: mutmut re-tests only the functions whose code or
+    # tests changed, so an interrupted run continues where it stopped
+    if src.exists():
+        for entry in src.iterdir():
+            if entry.name in ("mutants", "shared"):
+                continue
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     for name in files:
         target = src / name
