@@ -33,7 +33,7 @@ from bundle.io import atomic_write  # noqa: E402
 
 # module -> the fast tests that defend it
 TESTS = {
-    "io": ["tests/test_checkpoints.py", "tests/test_data.py", "tests/test_evaluation.py"],
+    "io": ["tests/test_io.py", "tests/test_checkpoints.py", "tests/test_data.py", "tests/test_evaluation.py"],
     "validation": ["tests/test_validation.py"],
     "checkpoints": ["tests/test_checkpoints.py"],
     "data": ["tests/test_data.py"],
