@@ -37,6 +37,59 @@ def test_mre_and_sdr_match_hand_computed_values():
     np.testing.assert_allclose(resize_points(np.array([[511.0, 0.0]]), (512, 512), (64, 64)), [[63.4375, -0.4375]])
 
 
+def test_landmark_files_round_trip_through_the_layout_and_bad_files_are_named(tmp_path):
+    import json
+
+    from bundle.heads.landmarks import group_points
+
+    path = tmp_path / "lm.json"
+    path.write_text(json.dumps({"H": [[1, 2], [3, 4], [5, 6]], "RL": [[7.123, 8.456]]}))
+    assert load_landmarks(path).tolist() == [[1, 2], [3, 4], [5, 6], [7.123, 8.456]]  # the file's order
+    assert load_landmarks(path, ["RL", "H"]).tolist() == [[7.123, 8.456], [1, 2], [3, 4], [5, 6]]
+    layout = landmark_layout(path, ["RL", "H"])
+    assert layout == [["RL", 1], ["H", 3]]
+    assert group_points(load_landmarks(path, ["RL", "H"]), layout) == {"RL": [[7.12, 8.46]],
+                                                                        "H": [[1, 2], [3, 4], [5, 6]]}
+    with pytest.raises(BundleInputError) as err:
+        load_landmarks(path, ["H", "LL"])
+    assert str(err.value) == f"Landmark file '{path}' has no group(s) ['LL'] (it has ['H', 'RL'])."
+    (tmp_path / "bad.json").write_text("{not json")
+    for bad, kind in ((tmp_path / "bad.json", "JSONDecodeError"), (tmp_path / "none.json", "FileNotFoundError")):
+        with pytest.raises(BundleInputError) as err:
+            load_landmarks(bad)
+        assert str(err.value) == (f"Landmark file '{bad}' could not be read ({kind}): give a JSON file of "
+                                  '{"group": [[x, y], ...]} pixel coordinates.')
+
+
+def test_frame_maps_points_and_maps_between_a_non_square_image_and_its_padded_square():
+    from bundle.heads.frame import Frame
+
+    frame = Frame((200, 100), 64)  # 200 x 100 -> 64 x 32, padded by 16 on each side of the short axis
+    assert frame.scale == pytest.approx(0.32) and frame.pad.tolist() == [0, 16]
+    corners = np.array([[-0.5, -0.5], [199.5, 99.5], [100.0, 50.0]])  # pixel edges and a centre
+    np.testing.assert_allclose(frame.to_image(corners), [[-0.5, 15.5], [63.5, 47.5], [31.66, 31.66]])
+    np.testing.assert_allclose(frame.to_original(frame.to_image(corners)), corners)
+    maps = torch.zeros(1, 64, 64)
+    maps[0, :, 16:48] = 1.0  # the image's own region; the padding stays 0
+    back = frame.maps_to_original(maps)
+    assert back.shape == (1, 200, 100) and torch.all(back == 1.0)  # padding cut before resizing
+    maps[0, 10, 20] = 5.0
+    peak = np.unravel_index(int(frame.maps_to_original(maps)[0].argmax()), (200, 100))
+    assert np.allclose(peak, frame.to_original(np.array([[10, 20]]))[0], atol=2)
+
+
+def test_heatmaps_stop_at_the_image_edge_and_the_loss_matches_a_hand_value():
+    inside = gaussian_heatmaps(torch.tensor([[7.0, 0.0], [0.0, 7.0]]), (8, 8), 1.0)  # on the last row/column
+    assert inside[0, 7, 0] == 1 and inside[1, 0, 7] == 1
+    outside = gaussian_heatmaps(torch.tensor([[8.0, 3.0], [3.0, 8.0], [3.0, -0.1]]), (8, 8), 1.0)
+    assert not outside.any()
+    wide = gaussian_heatmaps(torch.tensor([[2.0, 2.0]]), (5, 5), 2.0)
+    assert wide[0, 2, 4] == pytest.approx(np.exp(-4 / 8))  # exp(-d^2 / (2 sigma^2))
+    logits = torch.zeros(1, 1, 2, 2)  # uniform prediction over 4 pixels, target on one pixel
+    target = torch.tensor([[[[0.0, 2.0], [0.0, 0.0]]]])  # any scale: the target is normalised
+    assert HeatmapCrossEntropy()(logits, target).item() == pytest.approx(np.log(4))
+
+
 def test_dice_matches_a_hand_computed_case():
     pred = torch.zeros(1, 2, 8, 8)
     true = torch.zeros(1, 2, 8, 8)
