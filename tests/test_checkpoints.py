@@ -184,3 +184,102 @@ def test_a_temporary_file_left_by_a_killed_write_is_removed_by_the_next_write(tm
     other.write_bytes(b"another file's write")
     atomic_write(target, lambda tmp: Path(tmp).write_bytes(b"done"))
     assert target.read_bytes() == b"done" and not leftover.exists() and other.exists()
+
+
+def test_checkpoint_files_are_ordered_by_epoch_number_and_filtered_by_stage(tmp_path):
+    assert checkpoint_files(tmp_path / "absent") == []
+    for name in ("stage_checkpoint_epoch=10.pt", "stage_checkpoint_epoch=9.pt", "stage_checkpoint_epoch=2.pt.tmp",
+                 "other_checkpoint_epoch=5.pt", "stage_notes.txt", "stagex_checkpoint_epoch=1.pt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [p.name for p in checkpoint_files(tmp_path, "stage")] == ["stage_checkpoint_epoch=9.pt",
+                                                                     "stage_checkpoint_epoch=10.pt"]
+    assert [p.name for p in checkpoint_files(tmp_path)] == [
+        "stagex_checkpoint_epoch=1.pt", "other_checkpoint_epoch=5.pt", "stage_checkpoint_epoch=9.pt",
+        "stage_checkpoint_epoch=10.pt"]
+
+
+@pytest.mark.parametrize("n_saved, kept", [(2, [3, 4]), (0, [4]), (1, [4])])
+def test_the_saver_keeps_the_newest_epochs_of_its_own_stage_only(tmp_path, n_saved, kept):
+    (tmp_path / "other_checkpoint_epoch=1.pt").write_bytes(b"another stage")
+    model = torch.nn.Linear(2, 2)
+    engine = _engine(model, [])
+    AtomicCheckpointSaver(tmp_path, {"model": model, "trainer": engine}, "stage", n_saved=n_saved).attach(engine)
+    engine.run(range(1), max_epochs=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["other_checkpoint_epoch=1.pt"] + [f"stage_checkpoint_epoch={e}.pt" for e in kept])
+    saved = torch.load(tmp_path / "stage_checkpoint_epoch=4.pt", weights_only=True)
+    assert torch.equal(saved["model"]["weight"], model.weight) and saved["trainer"]["iteration"] == 4
+
+
+def test_non_finite_weights_are_named_whole(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    engine = _engine(model, [])
+    engine.state.epoch = 7
+    model.weight.data[0, 0] = float("inf")
+    with pytest.raises(BundleInputError) as err:
+        AtomicCheckpointSaver(tmp_path, {"net": model}, "unet")(engine)
+    assert str(err.value) == (
+        "unet: the weights became non-finite by epoch 7 (net.weight); nothing was saved for this epoch: check the "
+        "images for NaN values and lower the learning rate, then run the same command to resume from the last good "
+        "epoch.")
+    model.bias.data[1] = float("nan")
+    with pytest.raises(BundleInputError, match=r"by epoch 7 \(net\.weight and more\); nothing"):
+        AtomicCheckpointSaver(tmp_path, {"net": model}, "unet")(engine)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_keeps_the_asked_epochs_and_refuses_a_checkpoint_beyond_them(tmp_path, caplog):
+    model = torch.nn.Linear(2, 2)
+    engine = _engine(model, [])
+    AtomicCheckpointSaver(tmp_path, {"model": model, "trainer": engine}, "stage", n_saved=1).attach(engine)
+    engine.run(range(1), max_epochs=3)
+
+    seen: list[int] = []
+    model2 = torch.nn.Linear(2, 2)
+    engine2 = _engine(model2, seen)
+    resume = ResumeFromCheckpoint(tmp_path, {"model": model2, "trainer": engine2}, "stage")
+    resume.attach(engine2)
+    engine2.run(range(1), max_epochs=5)  # the checkpoint says 3 epochs; 5 are asked for
+    assert seen == [4, 5] and resume.loaded == tmp_path / "stage_checkpoint_epoch=3.pt"
+
+    engine3 = _engine(torch.nn.Linear(2, 2), [])
+    ResumeFromCheckpoint(tmp_path, {"model": torch.nn.Linear(2, 2), "trainer": engine3}, "stage").attach(engine3)
+    with pytest.raises(BundleInputError) as err:
+        engine3.run(range(1), max_epochs=2)
+    assert str(err.value) == (f"Checkpoint '{tmp_path / 'stage_checkpoint_epoch=3.pt'}' is at epoch 3, beyond the 2 "
+                              "epochs asked for: give more epochs, or delete the checkpoints to train anew.")
+
+    (tmp_path / "stage_checkpoint_epoch=3.pt").write_bytes(b"")
+    seen4: list[int] = []
+    engine4 = _engine(torch.nn.Linear(2, 2), seen4)
+    resume4 = ResumeFromCheckpoint(tmp_path, {"model": torch.nn.Linear(2, 2), "trainer": engine4}, "stage")
+    resume4.attach(engine4)
+    with caplog.at_level(logging.WARNING):
+        engine4.run(range(1), max_epochs=2)
+    assert seen4 == [1, 2] and resume4.loaded is None
+    assert f"No readable checkpoint in {tmp_path}: the stage starts from its first epoch." in caplog.text
+
+
+@pytest.mark.parametrize("output, sources, tail", [
+    ({"loss": torch.tensor(float("inf"))}, None, ""),
+    (torch.tensor(float("nan")), ["a", "b", "c", "d", "e"], " (batch files: a, b, c, d, ...)"),
+])
+def test_the_loss_guard_names_the_stage_iteration_and_files(output, sources, tail):
+    engine = Engine(lambda e, b: output)
+    NonFiniteLossGuard("dino").attach(engine)
+    data = [{"source": sources}] if sources else [{"image": 0}]
+    with pytest.raises(BundleInputError) as err:
+        engine.run(data, max_epochs=1)
+    value = float(output["loss"] if isinstance(output, dict) else output)
+    assert str(err.value) == (
+        f"dino: the loss is {value} at iteration 1, epoch 1{tail}; nothing of this epoch was saved: check those "
+        "images for NaN or constant values and lower the learning rate, then run the same command to resume from "
+        "the last good epoch.")
+
+
+def test_the_loss_guard_lets_finite_and_non_numeric_outputs_pass():
+    for output in ({"loss": torch.tensor(0.5)}, {"images": [1, 2]}, "text", None):
+        engine = Engine(lambda e, b, out=output: out)
+        NonFiniteLossGuard("stage").attach(engine)
+        engine.run([0, 1], max_epochs=2)
+        assert engine.state.iteration == 4
