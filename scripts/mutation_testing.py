@@ -79,13 +79,15 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "mutation")
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared", help="the folder holding data/")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    parser.add_argument("--max_children", type=int, help="mutants tested at once (mutmut's default: one per core)")
     args = parser.parse_args()
     mutmut = shutil.which("mutmut", path=str(Path(sys.executable).parent)) or shutil.which("mutmut")
     if not mutmut:
         raise SystemExit("error: mutmut is not installed: pip install mutmut==3.8.1")
     src = prepare(args.work, args.modules, args.shared)
     env = {**os.environ, "PYTHONPATH": ""}
-    subprocess.run([mutmut, "run"], cwd=src, env=env)
+    run = [mutmut, "run"] + ([f"--max-children={args.max_children}"] if args.max_children else [])
+    subprocess.run(run, cwd=src, env=env)
     listing = subprocess.run([mutmut, "results", "--all", "true"], cwd=src, env=env, capture_output=True,
                              text=True).stdout
     per_module: dict[str, Counter] = defaultdict(Counter)

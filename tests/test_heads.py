@@ -34,6 +34,13 @@ def test_mre_and_sdr_match_hand_computed_values():
     assert (m["sdr_2px"], m["sdr_2.5px"], m["sdr_4px"], m["sdr_6px"], m["sdr_9px"], m["sdr_10px"]) == (0.5, 0.5, 0.5, 0.75, 0.75, 1.0)
     with pytest.raises(BundleInputError, match="do not match"):
         landmark_metrics(predicted[:2], true)
+    assert m["mre_px_std"] == pytest.approx(np.std([5, 2, 10, 0]))
+    # a batch of images (B, L, 2), integer pixels of any width: errors along the last axis only
+    batch = landmark_metrics(np.array([[[0, 0], [9, 9]], [[250, 3], [4, 4]]], dtype=np.uint8),
+                             np.array([[[3, 4], [9, 9]], [[253, 7], [4, 4]]], dtype=np.uint8))
+    assert batch["mre_px"] == pytest.approx(2.5) and batch["sdr_4px"] == 0.5
+    with pytest.raises(BundleInputError, match=r"shapes \(1, 2, 3\) and \(1, 2, 3\) do not match"):
+        landmark_metrics(np.zeros((1, 2, 3)), np.zeros((1, 2, 3)))
     np.testing.assert_allclose(resize_points(np.array([[511.0, 0.0]]), (512, 512), (64, 64)), [[63.4375, -0.4375]])
 
 
@@ -43,16 +50,16 @@ def test_landmark_files_round_trip_through_the_layout_and_bad_files_are_named(tm
     from bundle.heads.landmarks import group_points
 
     path = tmp_path / "lm.json"
-    path.write_text(json.dumps({"H": [[1, 2], [3, 4], [5, 6]], "RL": [[7.123, 8.456]]}))
-    assert load_landmarks(path).tolist() == [[1, 2], [3, 4], [5, 6], [7.123, 8.456]]  # the file's order
+    path.write_text(json.dumps({"H": [[1, 2], [3, 4], [5, 6]], "RL": [[7.123, 8.456]], "LL": [[9, 9], [8, 8]]}))
+    assert load_landmarks(path).tolist() == [[1, 2], [3, 4], [5, 6], [7.123, 8.456], [9, 9], [8, 8]]  # file order
     assert load_landmarks(path, ["RL", "H"]).tolist() == [[7.123, 8.456], [1, 2], [3, 4], [5, 6]]
-    layout = landmark_layout(path, ["RL", "H"])
-    assert layout == [["RL", 1], ["H", 3]]
-    assert group_points(load_landmarks(path, ["RL", "H"]), layout) == {"RL": [[7.12, 8.46]],
-                                                                        "H": [[1, 2], [3, 4], [5, 6]]}
+    layout = landmark_layout(path, ["RL", "H", "LL"])
+    assert layout == [["RL", 1], ["H", 3], ["LL", 2]]
+    assert group_points(load_landmarks(path, ["RL", "H", "LL"]), layout) == {
+        "RL": [[7.12, 8.46]], "H": [[1, 2], [3, 4], [5, 6]], "LL": [[9, 9], [8, 8]]}
     with pytest.raises(BundleInputError) as err:
-        load_landmarks(path, ["H", "LL"])
-    assert str(err.value) == f"Landmark file '{path}' has no group(s) ['LL'] (it has ['H', 'RL'])."
+        load_landmarks(path, ["H", "XX"])
+    assert str(err.value) == f"Landmark file '{path}' has no group(s) ['XX'] (it has ['H', 'LL', 'RL'])."
     (tmp_path / "bad.json").write_text("{not json")
     for bad, kind in ((tmp_path / "bad.json", "JSONDecodeError"), (tmp_path / "none.json", "FileNotFoundError")):
         with pytest.raises(BundleInputError) as err:
@@ -88,6 +95,14 @@ def test_heatmaps_stop_at_the_image_edge_and_the_loss_matches_a_hand_value():
     logits = torch.zeros(1, 1, 2, 2)  # uniform prediction over 4 pixels, target on one pixel
     target = torch.tensor([[[[0.0, 2.0], [0.0, 0.0]]]])  # any scale: the target is normalised
     assert HeatmapCrossEntropy()(logits, target).item() == pytest.approx(np.log(4))
+    # two images x two landmarks: each map is its own distribution, the loss their mean
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [2.0, 0.0, 0.0, 0.0]],
+                           [[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 3.0]]]).view(2, 2, 2, 2)
+    target = torch.tensor([[[0.5, 0.0, 0.0, 0.0], [0.0, 0.1, 0.1, 0.0]],
+                           [[0.0, 0.2, 0.0, 0.0], [0.0, 0.0, 0.0, 0.4]]]).view(2, 2, 2, 2)
+    log_p = torch.log_softmax(logits.flatten(2), -1)
+    by_hand = [-log_p[0, 0, 0], -(log_p[0, 1, 1] + log_p[0, 1, 2]) / 2, -log_p[1, 0, 1], -log_p[1, 1, 3]]
+    assert HeatmapCrossEntropy()(logits, target).item() == pytest.approx(float(sum(by_hand) / 4))
 
 
 def test_dice_matches_a_hand_computed_case():

@@ -66,6 +66,7 @@ def test_image_size_must_survive_every_halving():
     ((50, float("nan"), 1, 1000), "--guidance_scale nan is not finite: give e.g. 0 (unconditional), 1 (conditional, "
                                   "no guidance) or 3."),
     ((50, 3, 0, 1000), "--sample_batch_size 0 must be at least 1: give e.g. 8."),
+    ((50, 3, 2.5, 1000), "--sample_batch_size 2.5 is not a whole number: give e.g. 8."),
     ((50, 3, "two", None), "--sample_batch_size 'two' is not a number: give e.g. 8."),
 ])
 def test_bad_sampling_values_are_named(args, message):
