@@ -9,8 +9,9 @@ stopped mutant counts as a timeout, apart from killed and survived), and it is h
 
 Runs on a copy of the tracked files in <work>/src (mutmut writes its mutants/ folder there, and keeps its results
 in it: run the same command again to continue an interrupted run), with the real images of ../shared/data linked
-in, and writes <out>/tests.json and <out>/tests.md: killed / survived / other
-per module and the surviving mutants, so that each can be judged (a missing test, or an equivalent mutant).
+in, and writes <out>/mutation.json (killed / survived / other per module, and each surviving mutant's changed line,
+so that each can be judged: a missing test, or an equivalent mutant) and <out>/mutation_table.md. Modules measured
+by an earlier run are kept there, this run's replace theirs. docs/results/tests.md reads them.
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "mutation")
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared", help="the folder holding data/")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    parser.add_argument("--retest_survivors", action="store_true",
+                        help="test the mutants that survived the last run again (after tests were added for them)")
     parser.add_argument("--max_children", type=int, help="mutants tested at once (mutmut's default: one per core)")
     args = parser.parse_args()
     mutmut = shutil.which("mutmut", path=str(Path(sys.executable).parent)) or shutil.which("mutmut")
@@ -87,12 +90,21 @@ def main() -> None:
     src = prepare(args.work, args.modules, args.shared)
     env = {**os.environ, "PYTHONPATH": ""}
     run = [mutmut, "run"] + ([f"--max-children={args.max_children}"] if args.max_children else [])
+
+    def listing() -> str:
+        return subprocess.run([mutmut, "results", "--all", "true"], cwd=src, env=env, capture_output=True,
+                              text=True).stdout
+
+    if args.retest_survivors:  # mutmut keeps a verdict until the function changes, not when a test is added
+        survived = [m.group(1) for line in listing().splitlines() if (m := RESULT.match(line))
+                    and m.group(2).strip() == "survived"]
+        if survived:
+            subprocess.run(run + survived, cwd=src, env=env)
     subprocess.run(run, cwd=src, env=env)
-    listing = subprocess.run([mutmut, "results", "--all", "true"], cwd=src, env=env, capture_output=True,
-                             text=True).stdout
+    results = listing()
     per_module: dict[str, Counter] = defaultdict(Counter)
     survivors: dict[str, list[str]] = defaultdict(list)
-    for line in listing.splitlines():
+    for line in results.splitlines():
         m = RESULT.match(line)
         if not m:
             continue
@@ -106,20 +118,36 @@ def main() -> None:
         c = per_module[module]
         decided = c["killed"] + c["survived"]
         table[module] = {**c, "score": round(c["killed"] / decided, 3) if decided else None}
-    result = {"command": "python scripts/mutation_testing.py " + " ".join(sys.argv[1:]), "mutmut": "3.8.1",
-              "tests": {m: TESTS[m] for m in args.modules}, "modules": table, "survivors": survivors}
-    report_json(result, args.out / "tests.json")
-    lines = ["# Mutation testing", "", f"`{result['command']}` (mutmut 3.8.1; each mutant runs the module's fast tests).",
-             "", "| module | killed | survived | other | score |", "|---|---|---|---|---|"]
-    for module, row in table.items():
-        other = sum(v for k, v in row.items() if k not in ("killed", "survived", "score"))
+    # modules of earlier runs (another --work) are kept, this run's replace theirs
+    path = args.out / "mutation.json"
+    result = json.loads(path.read_text()) if path.exists() else {"mutmut": "3.8.1", "runs": {}, "modules": {},
+                                                                   "survivors": {}}
+    command = "python scripts/mutation_testing.py " + " ".join(sys.argv[1:])
+    for module in args.modules:
+        result["runs"][module] = command
+        result["modules"][module] = {**table[module], "tests": TESTS[module]}
+        result["survivors"][module] = {name: diff(mutmut, src, env, name) for name in survivors[module]}
+    report_json(result, path)
+    lines = ["| module | tests run for its mutants | killed | survived | other | score |", "|---|---|---|---|---|---|"]
+    for module, row in result["modules"].items():
+        other = sum(v for k, v in row.items() if k not in ("killed", "survived", "score", "tests"))
         score = "-" if row["score"] is None else f"{100 * row['score']:.0f}%"
-        lines.append(f"| bundle/{module}.py | {row.get('killed', 0)} | {row.get('survived', 0)} | {other} | {score} |")
-    lines += ["", "Surviving mutants (inspect with `mutmut show NAME` in runs/mutation/src):", ""]
-    lines += [f"- {name}" for module in args.modules for name in survivors[module]]
+        tests = ", ".join(Path(t).name for t in row["tests"])
+        lines.append(f"| bundle/{module}.py | {tests} | {row.get('killed', 0)} | {row.get('survived', 0)} | {other} "
+                     f"| {score} |")
     text = "\n".join(lines) + "\n"
-    atomic_write(args.out / "tests.md", lambda tmp: Path(tmp).write_text(text))
+    atomic_write(args.out / "mutation_table.md", lambda tmp: Path(tmp).write_text(text))
     print(text)
+    for module in args.modules:
+        for name, change in result["survivors"][module].items():
+            print(f"{name}: {change}")
+
+
+def diff(mutmut: str, src: Path, env: dict, name: str) -> str:
+    """The changed line of a mutant, as ``- old | + new``."""
+    shown = subprocess.run([mutmut, "show", name], cwd=src, env=env, capture_output=True, text=True).stdout
+    changed = [line[1:].strip() for line in shown.splitlines() if line[:1] in "-+" and line[:3] not in ("---", "+++")]
+    return " | ".join(changed[:2])
 
 
 if __name__ == "__main__":

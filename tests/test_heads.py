@@ -52,6 +52,7 @@ def test_landmark_files_round_trip_through_the_layout_and_bad_files_are_named(tm
     path = tmp_path / "lm.json"
     path.write_text(json.dumps({"H": [[1, 2], [3, 4], [5, 6]], "RL": [[7.123, 8.456]], "LL": [[9, 9], [8, 8]]}))
     assert load_landmarks(path).tolist() == [[1, 2], [3, 4], [5, 6], [7.123, 8.456], [9, 9], [8, 8]]  # file order
+    assert load_landmarks(path, ["H"]).dtype == np.float64  # whole-number files too
     assert load_landmarks(path, ["RL", "H"]).tolist() == [[7.123, 8.456], [1, 2], [3, 4], [5, 6]]
     layout = landmark_layout(path, ["RL", "H", "LL"])
     assert layout == [["RL", 1], ["H", 3], ["LL", 2]]
@@ -83,6 +84,14 @@ def test_frame_maps_points_and_maps_between_a_non_square_image_and_its_padded_sq
     maps[0, 10, 20] = 5.0
     peak = np.unravel_index(int(frame.maps_to_original(maps)[0].argmax()), (200, 100))
     assert np.allclose(peak, frame.to_original(np.array([[10, 20]]))[0], atol=2)
+    # maps and points agree on where a pixel is: a map holding each square pixel's own coordinates, brought back
+    # to the original, holds there each original pixel's square coordinates (inside, away from the edges)
+    grid = torch.stack(torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij"))
+    back = frame.maps_to_original(grid)
+    inner = np.array([[x, y] for x in range(10, 190, 7) for y in range(10, 90, 7)])
+    expected = frame.to_image(inner)
+    np.testing.assert_allclose(back[:, inner[:, 0], inner[:, 1]].T.numpy(), expected, atol=1e-4)
+    assert Frame((200, 100, 3), 64).pad.tolist() == [0, 16]  # a channel axis in the size is ignored
 
 
 def test_heatmaps_stop_at_the_image_edge_and_the_loss_matches_a_hand_value():
@@ -90,8 +99,10 @@ def test_heatmaps_stop_at_the_image_edge_and_the_loss_matches_a_hand_value():
     assert inside[0, 7, 0] == 1 and inside[1, 0, 7] == 1
     outside = gaussian_heatmaps(torch.tensor([[8.0, 3.0], [3.0, 8.0], [3.0, -0.1]]), (8, 8), 1.0)
     assert not outside.any()
-    wide = gaussian_heatmaps(torch.tensor([[2.0, 2.0]]), (5, 5), 2.0)
-    assert wide[0, 2, 4] == pytest.approx(np.exp(-4 / 8))  # exp(-d^2 / (2 sigma^2))
+    wide = gaussian_heatmaps(torch.tensor([[2.0, 2.0]]), (5, 6), 1.5)
+    assert wide.shape == (1, 5, 6) and wide.dtype == torch.float32
+    assert wide[0, 2, 4] == pytest.approx(np.exp(-4 / 4.5))  # exp(-d^2 / (2 sigma^2))
+    assert wide[0, 4, 5] == pytest.approx(np.exp(-13 / 4.5))
     logits = torch.zeros(1, 1, 2, 2)  # uniform prediction over 4 pixels, target on one pixel
     target = torch.tensor([[[[0.0, 2.0], [0.0, 0.0]]]])  # any scale: the target is normalised
     assert HeatmapCrossEntropy()(logits, target).item() == pytest.approx(np.log(4))
