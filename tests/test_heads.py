@@ -92,6 +92,7 @@ def test_frame_maps_points_and_maps_between_a_non_square_image_and_its_padded_sq
     expected = frame.to_image(inner)
     np.testing.assert_allclose(back[:, inner[:, 0], inner[:, 1]].T.numpy(), expected, atol=1e-4)
     assert Frame((200, 100, 3), 64).pad.tolist() == [0, 16]  # a channel axis in the size is ignored
+    assert Frame((200, 103), 64).pad.tolist() == [0, 15]  # 33 px wide: whole pixels, the odd one after the image
 
 
 def test_heatmaps_stop_at_the_image_edge_and_the_loss_matches_a_hand_value():
