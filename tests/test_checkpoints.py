@@ -283,3 +283,106 @@ def test_the_loss_guard_lets_finite_and_non_numeric_outputs_pass():
         NonFiniteLossGuard("stage").attach(engine)
         engine.run([0, 1], max_epochs=2)
         assert engine.state.iteration == 4
+
+
+class _Pickled:  # an object a weights-only load refuses
+    pass
+
+
+def _resume(folder, prefix="stage", max_epochs=4):
+    """Resume a fresh Linear(2, 2) from ``folder``; returns (resume handler, epochs run, model)."""
+    seen: list[int] = []
+    model = torch.nn.Linear(2, 2)
+    engine = _engine(model, seen)
+    resume = ResumeFromCheckpoint(folder, {"model": model, "trainer": engine}, prefix)
+    resume.attach(engine)
+    engine.run(range(1), max_epochs=max_epochs)
+    return resume, seen, model
+
+
+def _good_checkpoint(folder, epoch=2, name="stage"):
+    model = torch.nn.Linear(2, 2)
+    engine = _engine(model, [])
+    AtomicCheckpointSaver(folder, {"model": model, "trainer": engine}, name).attach(engine)
+    engine.run(range(1), max_epochs=epoch)
+    return model
+
+
+@pytest.mark.parametrize("content, reason", [
+    ([1, 2], "ValueError: holds <class 'list'>, not ['model', 'trainer']"),
+    ({"model": {}}, "ValueError: holds ['model'], not ['model', 'trainer']"),
+    ({"model": {}, "trainer": {}, "extra": _Pickled()}, "UnpicklingError: "),
+    (b"", "EOFError: "),
+])
+def test_each_unreadable_checkpoint_is_skipped_with_one_warning_naming_why(tmp_path, caplog, content, reason):
+    good = _good_checkpoint(tmp_path, epoch=2)
+    bad = tmp_path / "stage_checkpoint_epoch=3.pt"
+    bad.write_bytes(content) if isinstance(content, bytes) else torch.save(content, bad)
+    with caplog.at_level(logging.WARNING, logger="bundle.checkpoints"):
+        resume, seen, model = _resume(tmp_path)
+    assert resume.loaded == tmp_path / "stage_checkpoint_epoch=2.pt" and seen == [3, 4]
+    assert torch.equal(model.weight, good.weight + 2.0)  # epoch 2's weights, then two more epochs of +1
+    (message,) = [r.getMessage() for r in caplog.records if r.name == "bundle.checkpoints"]
+    assert message.startswith(f"Skipping checkpoint {bad}: it cannot be read ({reason}")
+    assert message.endswith("); trying the one before it.")
+    if reason == "EOFError: ":
+        assert message == f"Skipping checkpoint {bad}: it cannot be read (EOFError: empty); trying the one before it."
+
+
+def test_resume_ignores_other_stages_and_a_finished_stage_runs_no_more_epochs(tmp_path, caplog):
+    _good_checkpoint(tmp_path, epoch=9, name="other")
+    resume, seen, _ = _resume(tmp_path)  # only another stage's file: this stage starts from its first epoch
+    assert resume.loaded is None and seen == [1, 2, 3, 4]
+    for f in tmp_path.glob("stage_*"):
+        f.unlink()
+    _good_checkpoint(tmp_path, epoch=3)
+    resume, seen, _ = _resume(tmp_path, max_epochs=3)  # at the asked epochs already: nothing to do, no error
+    assert resume.loaded is not None and seen == []
+    (tmp_path / "stage_checkpoint_epoch=3.pt").write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="bundle.checkpoints"):
+        _resume(tmp_path)
+    assert [r.getMessage() for r in caplog.records][-1] == (
+        f"No readable checkpoint in {tmp_path}: the stage starts from its first epoch.")
+
+
+def test_a_foreign_checkpoint_names_the_unexpected_key_whole(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    engine = _engine(model[0], [])
+    AtomicCheckpointSaver(tmp_path, {"model": model, "trainer": engine}, "stage").attach(engine)
+    engine.run(range(1), max_epochs=1)
+    for missing in (False, True):  # a network without the saved bias, and one with a layer more
+        target = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)) if missing \
+            else torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False))
+        engine2 = _engine(torch.nn.Linear(2, 2), [])
+        ResumeFromCheckpoint(tmp_path, {"model": target, "trainer": engine2}, "stage").attach(engine2)
+        with pytest.raises(BundleInputError) as err:
+            engine2.run(range(1), max_epochs=2)
+        detail = ('Missing key(s) in state_dict: "1.weight", "1.bias".' if missing
+                  else 'Unexpected key(s) in state_dict: "0.bias".')
+        assert str(err.value) == (
+            f"Checkpoint '{tmp_path / 'stage_checkpoint_epoch=1.pt'}' does not fit this stage's networks ({detail}): it "
+            f"was written with other settings; delete {tmp_path} to start the stage over, or run with the settings it "
+            "was written with.")
+
+
+def test_non_finite_weights_are_found_in_any_network_of_the_state_and_one_checkpoint_is_the_default(tmp_path):
+    bad, good = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    bad.weight.data[0, 0] = float("nan")
+    engine = _engine(good, [])
+    with pytest.raises(BundleInputError, match=r"\(student\.weight\)"):
+        AtomicCheckpointSaver(tmp_path, {"student": bad, "teacher": good}, "dino")(engine)
+    AtomicCheckpointSaver(tmp_path, {"model": good, "trainer": engine}, "stage").attach(engine)
+    engine.run(range(1), max_epochs=3)
+    assert [p.name for p in tmp_path.iterdir()] == ["stage_checkpoint_epoch=3.pt"]
+
+
+@pytest.mark.parametrize("batch, tail", [
+    (torch.zeros(2), ""),  # a batch that is not a dict: no file names
+    ({"source": ["a", "b", "c", "d"]}, " (batch files: a, b, c, d)"),  # four files: all of them, no '...'
+])
+def test_the_loss_guard_names_files_only_where_the_batch_has_them(batch, tail):
+    engine = Engine(lambda e, b: {"loss": torch.tensor(float("nan"))})
+    NonFiniteLossGuard("stage").attach(engine)
+    with pytest.raises(BundleInputError) as err:
+        engine.run([batch], max_epochs=1)
+    assert str(err.value).startswith(f"stage: the loss is nan at iteration 1, epoch 1{tail}; nothing")
