@@ -331,8 +331,9 @@ def test_each_unreadable_checkpoint_is_skipped_with_one_warning_naming_why(tmp_p
 
 def test_resume_ignores_other_stages_and_a_finished_stage_runs_no_more_epochs(tmp_path, caplog):
     _good_checkpoint(tmp_path, epoch=9, name="other")
-    resume, seen, _ = _resume(tmp_path)  # only another stage's file: this stage starts from its first epoch
-    assert resume.loaded is None and seen == [1, 2, 3, 4]
+    with caplog.at_level(logging.WARNING, logger="bundle.checkpoints"):
+        resume, seen, _ = _resume(tmp_path)  # only another stage's file: this stage starts from its first epoch
+    assert resume.loaded is None and seen == [1, 2, 3, 4] and not caplog.records  # and nothing to warn about
     for f in tmp_path.glob("stage_*"):
         f.unlink()
     _good_checkpoint(tmp_path, epoch=3)
@@ -386,3 +387,19 @@ def test_the_loss_guard_names_files_only_where_the_batch_has_them(batch, tail):
     with pytest.raises(BundleInputError) as err:
         engine.run([batch], max_epochs=1)
     assert str(err.value).startswith(f"stage: the loss is nan at iteration 1, epoch 1{tail}; nothing")
+
+
+def test_a_checkpoint_whose_optimizer_differs_is_named_with_torchs_first_line(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    engine = _engine(model, [])
+    state = {"optimizer": torch.optim.SGD(model.parameters(), lr=0.1), "trainer": engine}
+    AtomicCheckpointSaver(tmp_path, state, "stage").attach(engine)
+    engine.run(range(1), max_epochs=1)
+    other = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    engine2 = _engine(other[0], [])
+    optimizer = torch.optim.SGD([{"params": other[0].parameters()}, {"params": other[1].parameters()}], lr=0.1)
+    ResumeFromCheckpoint(tmp_path, {"optimizer": optimizer, "trainer": engine2}, "stage").attach(engine2)
+    with pytest.raises(BundleInputError) as err:
+        engine2.run(range(1), max_epochs=2)
+    assert str(err.value).startswith(f"Checkpoint '{tmp_path / 'stage_checkpoint_epoch=1.pt'}' does not fit this "
+                                     "stage's networks (loaded state dict has a different number of parameter groups): ")
