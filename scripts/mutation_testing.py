@@ -5,7 +5,8 @@ call at a time and runs the fast tests that cover it; a mutant the tests do not 
     python scripts/mutation_testing.py --modules io validation checkpoints --out docs/results   (long: minutes per module)
 
 Best on an otherwise idle machine: mutmut stops a mutant's tests after 15 times their time in its first run (a
-stopped mutant counts as a timeout, apart from killed and survived), and it is hours of CPU for every module.
+stopped mutant counts as a timeout, apart from killed and survived). Minutes to an hour per module on two cores
+(docs/results/tests.md); longer where the covering tests train and sample networks.
 
 Runs on a copy of the tracked files in <work>/src (mutmut writes its mutants/ folder there, and keeps its results
 in it: run the same command again to continue an interrupted run), with the real images of ../shared/data linked
@@ -48,8 +49,8 @@ RESULT = re.compile(r"^\s*(bundle[\w.]+__mutmut_\d+): (.+)$")
 
 def prepare(work: Path, modules: list[str], shared: Path) -> Path:
     src = work / "src"
-    # a fresh copy of the tracked files, but mutants/ is kept: mutmut re-tests only the functions whose code or
-    # tests changed, so an interrupted run continues where it stopped
+    # a fresh copy of the tracked files, but mutants/ is kept: mutmut keeps each verdict until the mutated function
+    # changes, so an interrupted run continues where it stopped (--retest_survivors after adding tests)
     if src.exists():
         for entry in src.iterdir():
             if entry.name in ("mutants", "shared"):
@@ -91,24 +92,20 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": ""}
     run = [mutmut, "run"] + ([f"--max-children={args.max_children}"] if args.max_children else [])
 
-    def listing() -> str:
-        return subprocess.run([mutmut, "results", "--all", "true"], cwd=src, env=env, capture_output=True,
-                              text=True).stdout
+    def statuses() -> list[tuple[str, str]]:
+        """(mutant, status) of every mutant mutmut knows."""
+        listing = subprocess.run([mutmut, "results", "--all", "true"], cwd=src, env=env, capture_output=True,
+                                 text=True).stdout
+        return [(m.group(1), m.group(2).strip()) for line in listing.splitlines() if (m := RESULT.match(line))]
 
     if args.retest_survivors:  # mutmut keeps a verdict until the function changes, not when a test is added
-        survived = [m.group(1) for line in listing().splitlines() if (m := RESULT.match(line))
-                    and m.group(2).strip() == "survived"]
+        survived = [name for name, status in statuses() if status == "survived"]
         if survived:
             subprocess.run(run + survived, cwd=src, env=env)
     subprocess.run(run, cwd=src, env=env)
-    results = listing()
     per_module: dict[str, Counter] = defaultdict(Counter)
     survivors: dict[str, list[str]] = defaultdict(list)
-    for line in results.splitlines():
-        m = RESULT.match(line)
-        if not m:
-            continue
-        name, status = m.group(1), m.group(2).strip()
+    for name, status in statuses():
         module = next((mod for mod in args.modules if name.startswith("bundle." + mod.replace("/", ".") + ".")), "other")
         per_module[module][status] += 1
         if status == "survived":
@@ -118,7 +115,9 @@ def main() -> None:
         c = per_module[module]
         decided = c["killed"] + c["survived"]
         table[module] = {**c, "score": round(c["killed"] / decided, 3) if decided else None}
-    # modules of earlier runs (another --work) are kept, this run's replace theirs
+    changes = {module: {name: diff(mutmut, src, env, name) for name in survivors[module]} for module in args.modules}
+    # modules of earlier runs (another --work) are kept, this run's replace theirs; read just before writing, so
+    # that a run finishing meanwhile is not overwritten
     path = args.out / "mutation.json"
     result = json.loads(path.read_text()) if path.exists() else {"mutmut": "3.8.1", "runs": {}, "modules": {},
                                                                    "survivors": {}}
@@ -126,7 +125,7 @@ def main() -> None:
     for module in args.modules:
         result["runs"][module] = command
         result["modules"][module] = {**table[module], "tests": TESTS[module]}
-        result["survivors"][module] = {name: diff(mutmut, src, env, name) for name in survivors[module]}
+        result["survivors"][module] = changes[module]
     report_json(result, path)
     lines = ["| module | tests run for its mutants | killed | survived | other | score |", "|---|---|---|---|---|---|"]
     for module, row in result["modules"].items():
@@ -144,7 +143,7 @@ def main() -> None:
 
 
 def diff(mutmut: str, src: Path, env: dict, name: str) -> str:
-    """The changed line of a mutant, as ``- old | + new``."""
+    """The changed line of a mutant, as ``old | new``."""
     shown = subprocess.run([mutmut, "show", name], cwd=src, env=env, capture_output=True, text=True).stdout
     changed = [line[1:].strip() for line in shown.splitlines() if line[:1] in "-+" and line[:3] not in ("---", "+++")]
     return " | ".join(changed[:2])

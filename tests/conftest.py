@@ -36,6 +36,20 @@ def _run_from_repo_root(monkeypatch):
     monkeypatch.chdir(ROOT)
 
 
+def jsrt_datalist(folder: Path, split: str = "train") -> tuple[Path, list[dict]]:
+    """The JSRT datalist of one split written by scripts/jsrt_datalist.py into ``folder``, and its rows."""
+    import subprocess
+    import sys
+
+    from bundle.data import read_datalist
+
+    require(JSRT / "images")
+    path = folder / f"{split}.csv"
+    subprocess.run([sys.executable, str(ROOT / "scripts/jsrt_datalist.py"), "--split", split, "--out", str(path)],
+                   check=True, capture_output=True)
+    return path, read_datalist(path)
+
+
 def write_datalist(path: Path, images: list[Path]) -> Path:
     path.write_text("image,index\n" + "".join(f"{img},{i}\n" for i, img in enumerate(images)))
     return path

@@ -228,63 +228,6 @@ def test_non_finite_weights_are_named_whole(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_resume_keeps_the_asked_epochs_and_refuses_a_checkpoint_beyond_them(tmp_path, caplog):
-    model = torch.nn.Linear(2, 2)
-    engine = _engine(model, [])
-    AtomicCheckpointSaver(tmp_path, {"model": model, "trainer": engine}, "stage", n_saved=1).attach(engine)
-    engine.run(range(1), max_epochs=3)
-
-    seen: list[int] = []
-    model2 = torch.nn.Linear(2, 2)
-    engine2 = _engine(model2, seen)
-    resume = ResumeFromCheckpoint(tmp_path, {"model": model2, "trainer": engine2}, "stage")
-    resume.attach(engine2)
-    engine2.run(range(1), max_epochs=5)  # the checkpoint says 3 epochs; 5 are asked for
-    assert seen == [4, 5] and resume.loaded == tmp_path / "stage_checkpoint_epoch=3.pt"
-
-    engine3 = _engine(torch.nn.Linear(2, 2), [])
-    ResumeFromCheckpoint(tmp_path, {"model": torch.nn.Linear(2, 2), "trainer": engine3}, "stage").attach(engine3)
-    with pytest.raises(BundleInputError) as err:
-        engine3.run(range(1), max_epochs=2)
-    assert str(err.value) == (f"Checkpoint '{tmp_path / 'stage_checkpoint_epoch=3.pt'}' is at epoch 3, beyond the 2 "
-                              "epochs asked for: give more epochs, or delete the checkpoints to train anew.")
-
-    (tmp_path / "stage_checkpoint_epoch=3.pt").write_bytes(b"")
-    seen4: list[int] = []
-    engine4 = _engine(torch.nn.Linear(2, 2), seen4)
-    resume4 = ResumeFromCheckpoint(tmp_path, {"model": torch.nn.Linear(2, 2), "trainer": engine4}, "stage")
-    resume4.attach(engine4)
-    with caplog.at_level(logging.WARNING):
-        engine4.run(range(1), max_epochs=2)
-    assert seen4 == [1, 2] and resume4.loaded is None
-    assert f"No readable checkpoint in {tmp_path}: the stage starts from its first epoch." in caplog.text
-
-
-@pytest.mark.parametrize("output, sources, tail", [
-    ({"loss": torch.tensor(float("inf"))}, None, ""),
-    (torch.tensor(float("nan")), ["a", "b", "c", "d", "e"], " (batch files: a, b, c, d, ...)"),
-])
-def test_the_loss_guard_names_the_stage_iteration_and_files(output, sources, tail):
-    engine = Engine(lambda e, b: output)
-    NonFiniteLossGuard("dino").attach(engine)
-    data = [{"source": sources}] if sources else [{"image": 0}]
-    with pytest.raises(BundleInputError) as err:
-        engine.run(data, max_epochs=1)
-    value = float(output["loss"] if isinstance(output, dict) else output)
-    assert str(err.value) == (
-        f"dino: the loss is {value} at iteration 1, epoch 1{tail}; nothing of this epoch was saved: check those "
-        "images for NaN or constant values and lower the learning rate, then run the same command to resume from "
-        "the last good epoch.")
-
-
-def test_the_loss_guard_lets_finite_and_non_numeric_outputs_pass():
-    for output in ({"loss": torch.tensor(0.5)}, {"images": [1, 2]}, "text", None):
-        engine = Engine(lambda e, b, out=output: out)
-        NonFiniteLossGuard("stage").attach(engine)
-        engine.run([0, 1], max_epochs=2)
-        assert engine.state.iteration == 4
-
-
 class _Pickled:  # an object a weights-only load refuses
     pass
 
@@ -306,6 +249,42 @@ def _good_checkpoint(folder, epoch=2, name="stage"):
     AtomicCheckpointSaver(folder, {"model": model, "trainer": engine}, name).attach(engine)
     engine.run(range(1), max_epochs=epoch)
     return model
+
+
+def test_resume_keeps_the_asked_epochs_and_refuses_a_checkpoint_beyond_them(tmp_path):
+    _good_checkpoint(tmp_path, epoch=3)
+    resume, seen, _ = _resume(tmp_path, max_epochs=5)  # the checkpoint says 3 epochs; 5 are asked for
+    assert seen == [4, 5] and resume.loaded == tmp_path / "stage_checkpoint_epoch=3.pt"
+    with pytest.raises(BundleInputError) as err:
+        _resume(tmp_path, max_epochs=2)
+    assert str(err.value) == (f"Checkpoint '{tmp_path / 'stage_checkpoint_epoch=3.pt'}' is at epoch 3, beyond the 2 "
+                              "epochs asked for: give more epochs, or delete the checkpoints to train anew.")
+
+
+@pytest.mark.parametrize("output, batch, tail", [
+    ({"loss": torch.tensor(float("inf"))}, {"image": 0}, ""),
+    ({"loss": torch.tensor(float("nan"))}, torch.zeros(2), ""),  # a batch that is not a dict: no file names
+    ({"loss": torch.tensor(float("nan"))}, {"source": ["a", "b", "c", "d"]}, " (batch files: a, b, c, d)"),
+    (torch.tensor(float("nan")), {"source": ["a", "b", "c", "d", "e"]}, " (batch files: a, b, c, d, ...)"),
+])
+def test_the_loss_guard_names_the_stage_iteration_and_files(output, batch, tail):
+    engine = Engine(lambda e, b: output)
+    NonFiniteLossGuard("dino").attach(engine)
+    with pytest.raises(BundleInputError) as err:
+        engine.run([batch], max_epochs=1)
+    value = float(output["loss"] if isinstance(output, dict) else output)
+    assert str(err.value) == (
+        f"dino: the loss is {value} at iteration 1, epoch 1{tail}; nothing of this epoch was saved: check those "
+        "images for NaN or constant values and lower the learning rate, then run the same command to resume from "
+        "the last good epoch.")
+
+
+def test_the_loss_guard_lets_finite_and_non_numeric_outputs_pass():
+    for output in ({"loss": torch.tensor(0.5)}, {"images": [1, 2]}, "text", None):
+        engine = Engine(lambda e, b, out=output: out)
+        NonFiniteLossGuard("stage").attach(engine)
+        engine.run([0, 1], max_epochs=2)
+        assert engine.state.iteration == 4
 
 
 @pytest.mark.parametrize("content, reason", [
@@ -375,18 +354,6 @@ def test_non_finite_weights_are_found_in_any_network_of_the_state_and_one_checkp
     AtomicCheckpointSaver(tmp_path, {"model": good, "trainer": engine}, "stage").attach(engine)
     engine.run(range(1), max_epochs=3)
     assert [p.name for p in tmp_path.iterdir()] == ["stage_checkpoint_epoch=3.pt"]
-
-
-@pytest.mark.parametrize("batch, tail", [
-    (torch.zeros(2), ""),  # a batch that is not a dict: no file names
-    ({"source": ["a", "b", "c", "d"]}, " (batch files: a, b, c, d)"),  # four files: all of them, no '...'
-])
-def test_the_loss_guard_names_files_only_where_the_batch_has_them(batch, tail):
-    engine = Engine(lambda e, b: {"loss": torch.tensor(float("nan"))})
-    NonFiniteLossGuard("stage").attach(engine)
-    with pytest.raises(BundleInputError) as err:
-        engine.run([batch], max_epochs=1)
-    assert str(err.value).startswith(f"stage: the loss is nan at iteration 1, epoch 1{tail}; nothing")
 
 
 def test_a_checkpoint_whose_optimizer_differs_is_named_with_torchs_first_line(tmp_path):

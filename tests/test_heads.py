@@ -193,18 +193,11 @@ def test_written_landmarks_are_in_the_original_frame_close_to_the_truth(tmp_path
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """A tiny denoiser pre-trained without labels on 6 real JSRT training images, and their datalist rows."""
-    import subprocess
-    import sys
+    from .conftest import jsrt_datalist, run_bundle, write_datalist
 
-    from bundle.data import read_datalist
-
-    from .conftest import ROOT, run_bundle, write_datalist
-
-    require(JSRT / "images")
     tmp_path = tmp_path_factory.mktemp("heads")
-    subprocess.run([sys.executable, str(ROOT / "scripts/jsrt_datalist.py"), "--split", "train", "--out",
-                    str(tmp_path / "train.csv")], check=True, capture_output=True)
-    rows = read_datalist(tmp_path / "train.csv")[:6]
+    datalist, rows = jsrt_datalist(tmp_path)
+    rows = rows[:6]
     settings = {"dataset_dir": str(write_datalist(tmp_path / "images.csv", [rows[i]["image"] for i in range(6)])),
                 "work_dir": str(tmp_path / "work"), "image_size": 32, "denoiser_channels": [8, 16],
                 "denoiser_attention_levels": [False, True], "denoiser_head_channels": 8, "denoiser_epochs": 2,
@@ -212,7 +205,7 @@ def pretrained(tmp_path_factory):
     run_bundle("heads/pretrain.json", "training", settings)
     denoiser = tmp_path / "work" / "models" / "heads" / "denoiser.pt"
     assert denoiser.exists()
-    return {"rows": rows, "settings": settings, "denoiser": denoiser, "datalist": tmp_path / "train.csv", "tmp": tmp_path}
+    return {"rows": rows, "settings": settings, "denoiser": denoiser, "datalist": datalist, "tmp": tmp_path}
 
 
 def test_pretrain_then_fine_tune_heads_on_real_images_loss_falls(pretrained):

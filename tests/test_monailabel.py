@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .conftest import JSRT, ROOT, require, run_bundle, tiny_settings, write_datalist
+from .conftest import ROOT, jsrt_datalist, run_bundle, tiny_settings, write_datalist
 
 pytest.importorskip("monailabel", reason="MONAI Label is not installed: install it as the README's MONAI Label "
                                          "section says (CI does)")
@@ -33,17 +33,12 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """Tiny models trained on real JSRT images, a studies folder of three JSRT films, and the server running on them."""
-    from bundle.data import read_datalist
-
-    require(JSRT / "images")
     tmp = tmp_path_factory.mktemp("monailabel")
-    subprocess.run([sys.executable, str(ROOT / "scripts/jsrt_datalist.py"), "--split", "train", "--out",
-                    str(tmp / "train.csv")], check=True, capture_output=True)
-    rows = read_datalist(tmp / "train.csv")
+    train, rows = jsrt_datalist(tmp)
     heads = {"dataset_dir": str(write_datalist(tmp / "images.csv", [r["image"] for r in rows[:6]])),
              "work_dir": str(tmp / "heads"), "image_size": 32, "denoiser_channels": [8, 16],
              "denoiser_attention_levels": [False, True], "denoiser_head_channels": 8, "denoiser_epochs": 1,
-             "denoiser_batch_size": 3, "labelled_dir": str(tmp / "train.csv"), "num_labelled": 3,
+             "denoiser_batch_size": 3, "labelled_dir": str(train), "num_labelled": 3,
              "head_iterations": 4, "head_batch_size": 2}
     run_bundle("heads/pretrain.json", "training", heads)
     run_bundle("heads/segmentation.json", "training", {**heads, "structures": STRUCTURES})
