@@ -92,8 +92,8 @@ class DPMSolverMultistepScheduler(Scheduler):
         self._previous: tuple[int, torch.Tensor, float] | None = None
 
     def _alpha_sigma(self, timestep: int) -> tuple[float, float]:
-        """sqrt(alpha_bar), sqrt(1 - alpha_bar) at ``timestep``; -1 is the clean end of the chain."""
-        alpha_bar = 1.0 if timestep < 0 else float(self.alphas_cumprod[timestep].double())
+        """sqrt(alpha_bar), sqrt(1 - alpha_bar) at ``timestep`` (the clean end, -1, is handled by :meth:`step`)."""
+        alpha_bar = float(self.alphas_cumprod[timestep].double())
         return alpha_bar**0.5, (1.0 - alpha_bar) ** 0.5
 
     def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,

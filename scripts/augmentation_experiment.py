@@ -275,13 +275,15 @@ def arm_name(row: Mapping[str, Any]) -> str:
 def markdown(summary: Sequence[Mapping[str, Any]], label: str) -> str:
     arms = list(dict.fromkeys(arm_name(r) for r in summary))
     sizes = sorted({r["size"] for r in summary})
-    lines = [f"Test AUC for `{label}` (mean ± std over folds)", "", "| arm | " + " | ".join(f"N={s}" for s in sizes) + " |",
+    most = max(r["folds"] for r in summary)
+    lines = [f"Test AUC for `{label}` (mean ± std over {most} folds unless a cell says otherwise)", "", "| arm | " + " | ".join(f"N={s}" for s in sizes) + " |",
              "|---|" + "---|" * len(sizes)]
     for arm in arms:
         cells = []
         for s in sizes:
             hit = [r for r in summary if r["size"] == s and arm_name(r) == arm]
-            cells.append(f"{hit[0]['auc_mean']:.3f} ± {hit[0]['auc_std']:.3f}" if hit else "")
+            folds = f" ({hit[0]['folds']} fold{'s' if hit[0]['folds'] > 1 else ''})" if hit and hit[0]["folds"] != most else ""
+            cells.append(f"{hit[0]['auc_mean']:.3f} ± {hit[0]['auc_std']:.3f}{folds}" if hit else "")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -325,10 +327,21 @@ def main() -> None:
     parser.add_argument("--concept_init", default="mean", choices=["mean", "random"])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--copy_to", type=Path, help="also copy results.md/png there (e.g. docs/results)")
+    parser.add_argument("--report_only", action="store_true", help="train nothing: write results.md and the plot "
+                        "from every arm in <out>/results.jsonl (e.g. while a run is still adding arms)")
     parser.add_argument("overrides", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     overrides = parse_overrides(args.overrides)
     os.chdir(ROOT)
+    if args.report_only:
+        records = list(_done(args.out / "results.jsonl").values())
+        if not records:
+            raise SystemExit(f"error: no results in {args.out / 'results.jsonl'}: run the experiment first.")
+        summary = summarise(records)
+        atomic_write(args.out / "results.md", lambda tmp: Path(tmp).write_text(markdown(summary, args.label)))
+        plot(summary, args.out / "augmentation_auc.png", args.label)
+        print((args.out / "results.md").read_text())
+        return
     wf = config_workflow("configs/inference.json", "sample", **overrides)
     strategy = ast.literal_eval(args.strategy) if args.strategy.strip().startswith("{") else args.strategy
     get = wf.parser.get_parsed_content

@@ -38,12 +38,17 @@ TESTS = {
     "io": ["tests/test_io.py", "tests/test_checkpoints.py", "tests/test_data.py", "tests/test_evaluation.py"],
     "validation": ["tests/test_validation.py"],
     "checkpoints": ["tests/test_checkpoints.py"],
-    "data": ["tests/test_data.py"],
+    "data": ["tests/test_data.py", "tests/test_data_cache.py", "tests/test_volumes.py"],
+    "cache": ["tests/test_data_cache.py"],
     "strategies": ["tests/test_strategies.py"],
     "heads/landmarks": ["tests/test_heads.py"],
     "heads/frame": ["tests/test_heads.py"],
-    "diffusion": ["tests/test_training.py", "tests/test_sampling.py"],
+    "diffusion": ["tests/test_diffusion.py", "tests/test_training.py", "tests/test_sampling.py",
+                  "tests/test_strategies.py", "tests/test_performance.py"],
 }
+# modules whose covering files also hold tests that train a tiny pipeline through the configs (tens of seconds per
+# mutant): their mutants are run against the fast tests only (pytest -m "not pipeline", tests/conftest.py)
+FAST_ONLY = {"strategies", "diffusion"}
 RESULT = re.compile(r"^\s*(bundle[\w.]+__mutmut_\d+): (.+)$")
 
 
@@ -66,6 +71,8 @@ def prepare(work: Path, modules: list[str], shared: Path) -> Path:
         if not link.exists():
             link.symlink_to(shared.resolve())
     tests = sorted({t for m in modules for t in TESTS[m]})
+    if FAST_ONLY & set(modules):
+        tests += ["-m", "not pipeline"]
     config = ["[mutmut]", "source_paths=bundle",
               "only_mutate=" + "\n    ".join(f"bundle/{m}.py" for m in modules),
               "pytest_add_cli_args_test_selection=" + "\n    ".join(tests),
@@ -124,14 +131,14 @@ def main() -> None:
     command = "python scripts/mutation_testing.py " + " ".join(sys.argv[1:])
     for module in args.modules:
         result["runs"][module] = command
-        result["modules"][module] = {**table[module], "tests": TESTS[module]}
+        result["modules"][module] = {**table[module], "tests": TESTS[module], "fast_only": module in FAST_ONLY}
         result["survivors"][module] = changes[module]
     report_json(result, path)
     lines = ["| module | tests run for its mutants | killed | survived | other | score |", "|---|---|---|---|---|---|"]
     for module, row in result["modules"].items():
         other = sum(v for k, v in row.items() if k not in ("killed", "survived", "score", "tests"))
         score = "-" if row["score"] is None else f"{100 * row['score']:.0f}%"
-        tests = ", ".join(Path(t).name for t in row["tests"])
+        tests = ", ".join(Path(t).name for t in row["tests"]) + (" (not pipeline)" if row.get("fast_only") else "")
         lines.append(f"| bundle/{module}.py | {tests} | {row.get('killed', 0)} | {row.get('survived', 0)} | {other} "
                      f"| {score} |")
     text = "\n".join(lines) + "\n"

@@ -113,3 +113,14 @@ def trained_tiny(tmp_path_factory):
     os.chdir(ROOT)
     run_bundle("train.json", "training", settings)
     return settings
+
+
+PIPELINE_FIXTURES = {"trained_tiny", "tiny_dataset"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that train a tiny pipeline through the configs are marked ``pipeline`` (pytest.ini), so that
+    ``-m "not pipeline"`` runs the fast tests alone (scripts/mutation_testing.py does, for its slower modules)."""
+    for item in items:
+        if PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.pipeline)

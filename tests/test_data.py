@@ -206,3 +206,279 @@ def test_default_data_ships_with_the_bundle_and_preprocesses(tmp_path):
     image = np.asarray(item["image"])
     assert image.shape == (1, 64, 64) and 0.0 <= image.min() < 0.1 and 0.9 < image.max() <= 1.0
     assert not list(tmp_path.iterdir()), "the default data must not download anything"
+
+
+# ---- discovery, datalists and their refusals, whole -------------------------------------------------------
+
+
+def test_hidden_files_are_not_images_and_an_empty_folder_says_what_to_do(tmp_path, jsrt_images):
+    shutil.copy(jsrt_images[0], tmp_path / "x.png")
+    shutil.copy(jsrt_images[1], tmp_path / ".x.png")  # editor or OS side files
+    assert [Path(r["image"]).name for r in find_images(tmp_path)] == ["x.png"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BundleInputError) as err:
+        find_images(tmp_path / "empty")
+    assert str(err.value) == (
+        f"No images were found in '{tmp_path / 'empty'}' (searched recursively for .png, .jpg, .jpeg, .dcm, .dicom, "
+        ".nii, .nii.gz): point dataset_dir at a folder of 2D images or at a CSV/JSON datalist.")
+
+
+def test_datalist_refusals_are_whole_messages_and_csv_fields_keep_their_line_breaks(tmp_path):
+    def message(text: str, name: str) -> str:
+        (tmp_path / name).write_text(text, newline="")
+        with pytest.raises(BundleInputError) as err:
+            read_datalist(tmp_path / name)
+        return str(err.value)
+
+    path = tmp_path / "a.json"
+    assert message("[]", "a.json") == f"Datalist '{path}' has no rows: add at least one image."
+    assert message('{"validation": [{"image": "x.png"}]}', "a.json") == f"Datalist '{path}' has no rows: add at least one image."
+    assert message("[1, 2]", "a.json") == (
+        f"Datalist '{path}' is not a list of records: give a JSON list of {{\"image\": path, ...}} objects or a dict "
+        "with such a list under 'training'.")
+    assert message('{"training": {"image": "x.png"}}', "a.json").endswith("with such a list under 'training'.")
+    assert message('[{"path": "x.png"}]', "a.json") == (
+        f"Datalist '{path}' has no 'image' column (it has ['path']): rename the column that holds the image paths to "
+        "'image'.")
+    assert message("[{", "a.json").endswith("fix the file, or give a CSV with an 'image' column.")
+    assert read_datalist(_write(tmp_path / "l.json", '[{"image": "/abs/x.png"}]')) == [{"image": "/abs/x.png"}]
+    rows = read_datalist(_write(tmp_path / "l.csv", 'image,note\nx.png,"two\r\nlines"\r\ny.png,plain\r\n'))
+    assert [r["note"] for r in rows] == ["two\r\nlines", "plain"] and rows[1]["image"] == str(tmp_path / "y.png")
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text, newline="")
+    return path
+
+
+def test_no_dataset_dir_in_any_spelling_means_the_shipped_images(tmp_path, monkeypatch):
+    import bundle.data
+
+    assert default_data() == default_data("train") == ROOT / "bundle/default_data/nih_cxr/train"
+    shipped = build_datalist(None, tmp_path)
+    assert build_datalist("", tmp_path) == shipped and build_datalist("None", tmp_path) == shipped
+    monkeypatch.setattr(bundle.data, "DEFAULT_DATA_DIR", "bundle/default_data/gone")
+    with pytest.raises(BundleInputError) as err:
+        default_data("val")
+    assert str(err.value) == (
+        f"The bundle's default images '{ROOT / 'bundle/default_data/gone/val'}' are missing (an incomplete copy of "
+        "the bundle?): restore them from the repository, or pass --dataset_dir with your images.")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(BundleInputError) as err:
+        build_datalist(tmp_path / "notes.txt", tmp_path)
+    assert str(err.value) == (f"dataset_dir '{tmp_path / 'notes.txt'}' is neither a folder nor a .csv/.json datalist: "
+                              "pass one of those.")
+
+
+def test_mednist_keeps_the_chest_class_of_the_whole_training_section(tmp_path, monkeypatch):
+    """MONAI's MedNIST loader is replaced by one that records what it was asked for (no network here)."""
+    import monai.apps
+
+    asked = {}
+
+    class FakeMedNIST:
+        def __init__(self, **kwargs):
+            asked.update(kwargs)
+            self.data = [{"image": "a.jpeg", "class_name": "CXR", "label": 3},
+                         {"image": "b.jpeg", "class_name": "Hand", "label": 4},
+                         {"image": "c.jpeg", "class_name": "CXR", "label": 3}]
+
+    monkeypatch.setattr(monai.apps, "MedNISTDataset", FakeMedNIST)
+    root = tmp_path / "deep" / "downloads"
+    assert build_datalist("MedNIST", root) == [{"image": "a.jpeg"}, {"image": "c.jpeg"}]
+    assert root.is_dir()
+    assert asked == {"root_dir": str(root), "section": "training", "download": True, "progress": False,
+                     "val_frac": 0.0, "test_frac": 0.0, "transform": None, "cache_num": 0}
+    from bundle.data import mednist_cxr_datalist
+
+    assert mednist_cxr_datalist(root, class_name="Hand") == [{"image": "b.jpeg"}]
+
+
+def test_mednist_download_failure_is_one_line(tmp_path, monkeypatch):
+    import monai.apps
+
+    class Offline:
+        def __init__(self, **kwargs):
+            raise OSError("Name or service not known\nTraceback (most recent call last): ...")
+
+    monkeypatch.setattr(monai.apps, "MedNISTDataset", Offline)
+    with pytest.raises(BundleInputError) as err:
+        build_datalist("mednist", tmp_path)
+    assert str(err.value) == (
+        f"The default data set (MedNIST) could not be downloaded into '{tmp_path}' (OSError: Name or service not "
+        "known); offline, leave --dataset_dir out to use the images that ship with the bundle, or pass your own.")
+
+
+def test_a_failing_transform_is_reported_with_the_first_line_of_its_cause(tmp_path, jsrt_images):
+    from bundle.data import preprocess, preprocessed_stack
+
+    path = str(jsrt_images[0])
+
+    def fails(error):
+        def transform(row):
+            raise error
+        return transform
+
+    def message(error) -> str:
+        with pytest.raises(BundleInputError) as err:
+            apply_to_file(fails(error), {"image": path})
+        return str(err.value)
+
+    assert message(ValueError("first line\nsecond line")) == (
+        f"Image '{path}' could not be read or preprocessed (ValueError: first line); replace the file or remove it "
+        "from the datalist.")
+    assert message(ValueError()) == (f"Image '{path}' could not be read or preprocessed (ValueError: ); replace the "
+                                     "file or remove it from the datalist.")
+    wrapped = RuntimeError("applying transform")
+    wrapped.__cause__ = BundleInputError("the real reason")
+    assert message(wrapped) == "the real reason"
+    assert apply_to_file(lambda row: [row, row], {"image": path}) == [{"image": path}] * 2  # list outputs pass through
+    with pytest.raises(BundleInputError) as err:
+        apply_to_file(lambda row: {"image": torch.tensor([1.0, float("inf")])}, {"image": path})
+    assert str(err.value) == (f"Image '{path}' has NaN or infinite pixel values: repair the file or remove it from the "
+                              "datalist.")
+
+    preprocessing = modality_preprocessing(ROOT / "configs/modality/cxr.json", image_size=32)
+    rows = [{"image": str(p)} for p in jsrt_images[:2]]
+    stack = preprocessed_stack(rows, preprocessing)
+    assert stack.shape == (2, 1, 32, 32) and stack.dtype == torch.float32
+    assert torch.equal(stack[1], torch.as_tensor(apply_to_file(preprocessing, rows[1])["image"]))
+    with pytest.raises(BundleInputError, match="nowhere.png' does not exist"):
+        preprocess(rows + [{"image": str(tmp_path / "nowhere.png")}], preprocessing)
+
+
+def test_pixel_writer_refuses_empty_lists_and_mixed_sizes_and_leaves_nothing(tmp_path, jsrt_images):
+    from bundle.data import write_pixels
+
+    target = tmp_path / "pixels.f16"
+    with pytest.raises(BundleInputError) as err:
+        write_pixels([], lambda row: row, target)
+    assert str(err.value) == "The datalist is empty: give at least one image."
+    rows = [{"image": str(p)} for p in jsrt_images[:3]]
+    sizes = {rows[0]["image"]: 8, rows[1]["image"]: 8, rows[2]["image"]: 4}
+    with pytest.raises(BundleInputError) as err:
+        write_pixels(rows, lambda row: {"image": np.zeros((1, sizes[row["image"]], 8))}, target)
+    assert str(err.value) == (
+        f"Preprocessing gave '{rows[2]['image']}' the shape (1, 4, 8), other images (1, 8, 8): the modality transforms "
+        "must end in a fixed size (resize and pad to image_size).")
+    assert list(tmp_path.iterdir()) == [], "no pixel file, complete or partial, after a refusal"
+    assert write_pixels(rows[:2], lambda row: {"image": np.full((1, 8, 8), 0.5)}, target) == [1, 8, 8]
+    assert np.array_equal(np.fromfile(target, np.float16), np.full(128, 0.5, np.float16))
+
+
+def test_modality_settings_merge_into_the_slices_and_a_config_may_name_its_loader(tmp_path, jsrt_images):
+    from monai.transforms import LoadImaged
+
+    from bundle.data import modality_datalist, modality_parser
+
+    parser = modality_parser(ROOT / "configs/modality/ct.json", image_size=32, slices={"stride": 4}, window="lung")
+    assert parser.get_parsed_content("slices") == {"axis": "axial", "stride": 4, "span": [0.0, 1.0],
+                                                   "foreground_threshold": -500, "min_foreground": 0.1}
+    assert parser.get_parsed_content("transforms")[0].scaler.a_min == -1350.0  # "$bundle.volumes..." resolved
+    assert parser["window"] == "lung" and parser["image_size"] == 32
+    assert modality_parser(ROOT / "configs/modality/cxr.json", slices={"stride": 2})["slices"] == {"stride": 2}
+    assert modality_parser(ROOT / "configs/modality/ct.json", extra={"stride": 2})["extra"] == {"stride": 2}
+    rows = [{"image": str(p)} for p in jsrt_images[:2]]
+    assert modality_datalist(rows, ROOT / "configs/modality/cxr.json") == rows  # 2D modalities keep their rows
+
+    config = {"loader": {"_target_": "LoadImaged", "keys": "image", "image_only": True, "ensure_channel_first": True,
+                         "reader": "PILReader"},
+              "transforms": [{"_target_": "Lambdad", "keys": "image",
+                              "func": "$lambda x: x * 0 + len(bundle.data.DATALIST_SUFFIXES)"}]}
+    import json
+
+    (tmp_path / "pil.json").write_text(json.dumps(config))
+    custom = modality_preprocessing(tmp_path / "pil.json")
+    assert isinstance(custom.transforms[0], LoadImaged) and type(custom.transforms[0]._loader.readers[-1]).__name__ == \
+        "PILReader"
+    assert float(custom({"image": rows[0]["image"]})["image"].max()) == 2.0
+    standard = modality_preprocessing(ROOT / "configs/modality/cxr.json", image_size=32)
+    assert set(standard({"image": rows[0]["image"], "sex": "F"})) == {"image", "sex"}, "no meta-data keys added"
+    with pytest.raises(BundleInputError) as err:
+        modality_parser(tmp_path / "none" / "x.json")
+    assert str(err.value) == (f"Modality config '{tmp_path / 'none' / 'x.json'}' does not exist: choose --modality "
+                              "from [] or add that file.")
+
+
+def test_masks_are_read_aligned_with_their_images(tmp_path):
+    from bundle.data import read_mask
+
+    drawing = np.zeros((40, 80), np.uint8)  # rows x columns: wider than tall, so the padding shows
+    drawing[10:20, 50:70] = 255
+    Image.fromarray(drawing).save(tmp_path / "mask.png")
+    mask = read_mask(str(tmp_path / "mask.png"), (32, 32))
+    assert mask.shape == (1, 32, 32) and set(mask.unique().tolist()) == {0.0, 1.0}
+    preprocessing = modality_preprocessing(ROOT / "configs/modality/cxr.json", image_size=32)
+    image = torch.as_tensor(apply_to_file(preprocessing, {"image": str(tmp_path / "mask.png")})["image"])
+    assert torch.equal(mask, (image > 0.5).float()), "the mask lands on the pixels its image lands on"
+    assert mask[0, 20:28, 12:16].all() and mask.sum() == 8 * 4
+
+    def refusal(path, size=(32, 32)) -> str:
+        with pytest.raises(BundleInputError) as err:
+            read_mask(str(path), size)
+        return str(err.value)
+
+    assert refusal(tmp_path / "none.png") == f"Mask '{tmp_path / 'none.png'}' does not exist: fix the mask column of " \
+                                             "the datalist."
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    assert refusal(tmp_path / "bad.png") == f"Mask '{tmp_path / 'bad.png'}' could not be read (UnidentifiedImageError): " \
+                                            "replace it."
+    dot = np.zeros((400, 400), np.uint8)
+    dot[200, 200] = 255
+    Image.fromarray(dot).save(tmp_path / "dot.png")
+    assert refusal(tmp_path / "dot.png") == (f"Mask '{tmp_path / 'dot.png'}' is empty at the image size: check the file "
+                                             "or use a larger image_size.")
+    assert read_mask(str(tmp_path / "dot.png"), (400, 400)).sum() == 1
+    labels = (drawing > 0).astype(np.uint8)  # a 0/1 label map, as segmentation tools save them
+    Image.fromarray(labels).save(tmp_path / "labels.png")
+    Image.fromarray(np.stack([drawing, np.zeros_like(drawing), 255 - drawing], -1)).save(tmp_path / "rgb.png")
+    for name in ("labels.png", "rgb.png"):  # an RGB mask counts by its first channel
+        assert torch.equal(read_mask(str(tmp_path / name), (32, 32)), mask), name
+    half = np.zeros((8, 8), np.uint8)
+    half[:, :2] = 1  # columns 0-1: a whole 2 x 2 block when brought to 4 x 4
+    half[:, 3] = 1  # column 3: half of the next block, which is not enough
+    Image.fromarray(half).save(tmp_path / "half.png")
+    assert read_mask(str(tmp_path / "half.png"), (4, 4))[0].sum(1).tolist() == [4.0, 0.0, 0.0, 0.0]
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.float32), np.eye(4)), str(tmp_path / "cube.nii.gz"))
+    assert refusal(tmp_path / "cube.nii.gz") == f"Mask '{tmp_path / 'cube.nii.gz'}' is not a 2D image (shape (1, 8, 8, 8))."
+
+
+def test_output_names_are_the_sources_made_unique_and_name_their_slice():
+    from bundle.data import output_stems, slice_suffix
+
+    rows = [{"image": "a/x.png"}, {"image": "b/x.png"}, {"image": "c/y.nii.gz"}, {"image": "d/z.dcm", "slice_index": ""}]
+    assert output_stems(rows) == ["00000_x", "00001_x", "y", "z"]
+    assert slice_suffix({"image": "ct.nii.gz", "slice_index": 60, "slice_axis": 2}) == "_axial060"
+    assert slice_suffix({"image": "ct.nii.gz", "slice_index": "7", "slice_axis": "0"}) == "_sagittal007"
+    assert slice_suffix({"image": "ct.nii.gz", "slice_index": 7, "slice_axis": 1}) == "_coronal007"
+    assert slice_suffix({"image": "ct.nii.gz", "slice_index": 7}) == "_axial007"
+    assert slice_suffix({"image": "ct.nii.gz", "slice_index": 1234, "slice_axis": 5}) == "_axis1234"
+    assert slice_suffix({"image": "ct.nii.gz", "slice_index": None}) == ""
+    slices = [{"image": "/v/ct.nii.gz", "slice_index": i, "slice_axis": 2} for i in (3, 4)]
+    assert output_stems(slices) == ["ct_axial003", "ct_axial004"]
+
+
+def test_generated_images_read_back_in_their_storage_range(tmp_path):
+    from bundle.data import output_preprocessing
+    from bundle.writers import write_dicom, write_nifti, write_png
+
+    values = torch.linspace(0, 1, 32 * 32).reshape(1, 32, 32)
+    write_png(values, tmp_path / "a8.png", bit_depth=8)
+    write_png(values, tmp_path / "a16.png", bit_depth=16)
+    write_nifti(values, tmp_path / "a.nii.gz")
+    write_dicom(values, tmp_path / "a.dcm")
+    read = output_preprocessing(32)
+    for name, tolerance in (("a8.png", 0.5 / 255 + 1e-6), ("a16.png", 0.5 / 65535 + 1e-6), ("a.nii.gz", 1e-6),
+                            ("a.dcm", 0.5 / 65535 + 1e-6)):
+        image = read({"image": str(tmp_path / name)})["image"]
+        assert image.shape == (1, 32, 32) and image.dtype == torch.float32, name
+        assert float((image - values).abs().max()) <= tolerance, name
+    assert read({"image": str(tmp_path / "a16.png")})["image"].shape == output_preprocessing(32)(
+        {"image": str(tmp_path / "a8.png")})["image"].shape
+    half = output_preprocessing(16)({"image": str(tmp_path / "a.nii.gz")})["image"]
+    assert half.shape == (1, 16, 16) and abs(float(half.mean()) - float(values.mean())) < 1e-3
+    assert type(half) is torch.Tensor, "plain tensors: no metadata tracking downstream"
+    write_png(torch.linspace(0.5, 1, 32 * 16).reshape(1, 32, 16), tmp_path / "tall.png")  # 32 wide (x), 16 high (y)
+    tall = read({"image": str(tmp_path / "tall.png")})["image"]
+    assert tall.shape == (1, 32, 32) and tall[0, :, 8:24].min() >= 0.49, "padded above and below with zeros"
+    assert tall[0, :, :8].max() == 0.0 and tall[0, :, 24:].max() == 0.0

@@ -21,7 +21,10 @@ from .conftest import tiny_settings, workflow
 SCHEDULE = dict(num_train_timesteps=1000, schedule="scaled_linear_beta", beta_start=0.0015, beta_end=0.0195)
 
 
-def test_amp_settings_name_their_dtype_and_stay_off_on_a_cpu(caplog):
+def test_amp_settings_name_their_dtype_and_stay_off_on_a_cpu(caplog, monkeypatch):
+    import bundle.performance
+
+    monkeypatch.setattr(bundle.performance, "_WARNED", set())  # the warning is said once per process
     assert amp_dtype("none") is None and amp_dtype("BF16") is torch.bfloat16 and amp_dtype("fp16") is torch.float16
     assert amp_kwargs("bf16") == {"dtype": torch.bfloat16} and amp_kwargs("none") == {}
     with pytest.raises(BundleInputError, match="amp 'fp8' is not known: choose none, bf16 or fp16"):
@@ -29,6 +32,10 @@ def test_amp_settings_name_their_dtype_and_stay_off_on_a_cpu(caplog):
     with caplog.at_level(logging.WARNING):
         assert autocast_dtype("fp16", "cpu") is None
     assert "amp 'fp16' cannot run on cpu" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert autocast_dtype("fp16", "cpu") is None
+    assert not caplog.records, "once per process is enough"
     assert amp_enabled("bf16", "cpu") is False, "MONAI's trainers autocast CUDA only: the bundle does it on a CPU"
     assert autocast_dtype("bf16", "cpu") is (torch.bfloat16 if cpu_has_bf16() else None)
     assert autocast_dtype("fp16", "cuda") is torch.float16 and amp_enabled("bf16", "cuda")

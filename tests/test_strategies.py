@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -107,6 +108,237 @@ def test_a_registered_strategy_is_planned_with_its_defaults_and_validated(monkey
     assert set(STRATEGY_PARAMS) == set(STRATEGIES)
     with pytest.raises(BundleInputError, match="Manifold model 'kde'"):
         plan_jobs(pool, e, "manifold", num_samples=1, params={"manifold": {"model": "kde"}})
+
+
+# ---- each strategy's embedding and batch rendering, without networks ---------------------------------------
+
+
+def test_each_strategy_conditions_on_the_embedding_it_planned():
+    from bundle.manifold import combine, gaussian_sample, perturb, slerp
+    from bundle.strategies import _stream
+
+    pool, e = rows(6, ["F", "M"]), embeddings(6)
+    original = e.clone()
+    job = plan_jobs(pool, e, "reconstruction", num_samples=1)[2]
+    context = STRATEGIES["reconstruction"].context(job, e)
+    assert torch.equal(context, e[2])
+    context += 1  # a job's context is its own: changing it leaves the pool's embeddings alone
+    assert torch.equal(e, original)
+    assert STRATEGIES["reconstruction"].context({**job, "concept": "tokens"}, e) == "tokens"
+
+    for job in plan_jobs(pool, e, "interpolation", num_samples=2, label_columns=["sex"], seed=3):
+        a, b = job["sources"]
+        assert torch.equal(STRATEGIES["interpolation"].context(job, e), slerp(e[a], e[b], job["params"]["t"]))
+
+    jobs = plan_jobs(pool, e, "perturbation", num_samples=2, params={"perturbation": {"scale": 0.5}})
+    contexts = [STRATEGIES["perturbation"].context(j, e) for j in jobs]
+    assert torch.equal(contexts[0], perturb(e[0], 0.5, _stream(jobs[0]["seed"], 1)))
+    assert torch.equal(contexts[0], STRATEGIES["perturbation"].context(jobs[0], e)), "the same seed, the same context"
+    assert not torch.equal(contexts[0], contexts[1]) and not torch.equal(contexts[0], e[0])
+    torch.testing.assert_close(contexts[0].norm(dim=-1), e[0].norm(dim=-1))  # token lengths kept
+    still = plan_jobs(pool, e, "perturbation", num_samples=1, params={"perturbation": {"scale": 0.0}})[0]
+    torch.testing.assert_close(STRATEGIES["perturbation"].context(still, e), e[0])
+
+    gaussian = plan_jobs(pool, e, "manifold", num_samples=1, label_columns=["sex"],
+                         params={"manifold": {"temperature": 0.5}})[1]
+    assert gaussian["sources"] == [1, 3, 5] and gaussian["params"] == {"model": "gaussian", "temperature": 0.5}
+    assert torch.equal(STRATEGIES["manifold"].context(gaussian, e),
+                       gaussian_sample(e[[1, 3, 5]], _stream(gaussian["seed"], 1), 0.5))
+    neighbours = plan_jobs(pool, e, "manifold", num_samples=1, label_columns=["sex"],
+                           params={"manifold": {"model": "neighbours", "neighbours": 1, "concentration": 2.0}})[4]
+    assert neighbours["sources"][0] == 4 and len(neighbours["sources"]) == 2 and neighbours["params"]["model"] == "neighbours"
+    assert pool[neighbours["sources"][1]]["sex"] == "F"
+    torch.testing.assert_close(STRATEGIES["manifold"].context(neighbours, e),
+                               combine(e[neighbours["sources"]], torch.tensor(neighbours["params"]["weights"])))
+
+
+def test_interpolation_picks_its_weight_and_partner_within_the_settings(caplog):
+    pool, e = rows(5, ["F", "M", "F", "F", "M"]), embeddings(5)
+    jobs = plan_jobs(pool, e, "interpolation", num_samples=20, label_columns=["sex"],
+                     params={"interpolation": {"t_min": 0.6, "t_max": 0.9}})
+    ts = [j["params"]["t"] for j in jobs]
+    assert all(0.6 <= t <= 0.9 for t in ts) and max(ts) - min(ts) > 0.2 and all(round(t, 6) == t for t in ts)
+    assert {j["params"]["across_labels"] for j in jobs} == {False}
+    assert all(j["labels"]["sex"] == pool[j["sources"][1]]["sex"] for j in jobs), "t > 0.5: the partner's labels"
+    middle = plan_jobs(pool, e, "interpolation", total_samples=1, params={"interpolation": {
+        "t_min": 0.5, "t_max": 0.5, "across_labels": True}}, label_columns=["sex"])[0]
+    assert middle["params"]["t"] == 0.5 and middle["labels"]["sex"] == pool[middle["anchor"]]["sex"], \
+        "halfway: the anchor's labels"
+    partners = {j["sources"][1] for j in jobs if j["anchor"] == 0}
+    assert partners == {2, 3}, "every other image of the group is a partner, the anchor never"
+    caplog.set_level(logging.WARNING, logger="bundle.strategies")
+    lonely = plan_jobs(rows(3, ["F", "M", "X"]), e[:3], "interpolation", num_samples=1, label_columns=["sex"])
+    assert all(j["sources"] == [j["anchor"]] * 2 for j in lonely)
+    assert [r.getMessage() for r in caplog.records] == [
+        "Label group(s) [('F',), ('M',), ('X',)] have a single image: their interpolations are reconstructions."]
+    caplog.clear()
+    plan_jobs(pool, e, "interpolation", num_samples=1, label_columns=["sex"])
+    assert not caplog.records
+
+
+def test_jobs_are_batched_by_what_their_sampling_shares():
+    pool, e = rows(2, ["F"]), embeddings(2)
+    key = {name: STRATEGIES[name].batch_key(plan_jobs(pool, e, name, num_samples=1)[0])
+           for name in ("reconstruction", "interpolation", "perturbation", "manifold", "img2img", "inpainting")}
+    assert key["reconstruction"] == key["interpolation"] == key["perturbation"] == key["manifold"] == ("noise",)
+    assert key["img2img"] == ("img2img", 0.6) and key["inpainting"] == ("inpainting",)
+    strong = plan_jobs(pool, e, "img2img", num_samples=1, params={"img2img": {"strength": 0.9}})[0]
+    assert STRATEGIES["img2img"].batch_key(strong) == ("img2img", 0.9)
+    from bundle.strategies import concept_key
+
+    job = {"params": {"concepts": {"b": 0.5, "a": 0.5}, "composition": "guidance"}}
+    assert concept_key(job) == ('{"a": 0.5, "b": 0.5}', "guidance")
+    assert concept_key({"params": {"concepts": {}}}) == () and concept_key({"params": {}}) == ()
+    assert STRATEGIES["img2img"].batch_key({"params": {"strength": 0.6, **job["params"]}}) == \
+        ("img2img", 0.6, '{"a": 0.5, "b": 0.5}', "guidance")
+
+
+def test_img2img_and_inpainting_hand_the_sampler_real_latents_and_keep_the_outside():
+    pool, e = rows(3, ["F"]), embeddings(3)
+    latents = torch.arange(3 * 2 * 4 * 4, dtype=torch.float32).reshape(3, 2, 4, 4)
+    images = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    asked = {}
+
+    def sample(**kwargs):
+        asked.update(kwargs)
+        return torch.full((len(kwargs["init"]), 1, 8, 8), -1.0)
+
+    jobs = plan_jobs(pool, e, "img2img", num_samples=1, params={"img2img": {"strength": 0.3}})[1:]
+    assert torch.equal(STRATEGIES["img2img"].render(jobs, sample, latents.half(), images), torch.full((2, 1, 8, 8), -1.0))
+    assert torch.equal(asked["init"], latents[1:]) and asked["init"].dtype == torch.float32 and asked["strength"] == 0.3
+    STRATEGIES["img2img"].render(jobs[:1], sample, latents, images)  # a batch of one job
+    assert asked["strength"] == 0.3 and torch.equal(asked["init"], latents[1:2])
+
+    box = [0.5, 0.0, 1.0, 0.5]  # right half (x), top half (y)
+    jobs = plan_jobs(pool, e, "inpainting", num_samples=1, params={"inpainting": {"box": box}})
+    assert jobs[0]["params"] == {"box": box, "paste": True}
+    out = STRATEGIES["inpainting"].render(jobs, sample, latents, images)
+    inside = box_mask(box, (8, 8)).bool().expand(3, 1, 8, 8)
+    assert torch.equal(out[inside], torch.full((int(inside.sum()),), -1.0)), "the inside is generated"
+    assert torch.equal(out[~inside], images[~inside]), "the outside is the real image's own pixels"
+    assert torch.equal(asked["init"], latents) and asked["mask"].shape == (3, 1, 4, 4)
+    assert torch.equal(asked["mask"][0, 0], box_mask(box, (4, 4))[0])
+
+    wide = torch.rand(3, 1, 8, 4)  # 8 wide (x), 4 high (y); latents 4 x 2
+    out = STRATEGIES["inpainting"].render(jobs, lambda **kw: asked.update(kw) or torch.full((3, 1, 8, 4), -1.0),
+                                          latents[..., :2], wide)
+    assert torch.equal(asked["mask"][0, 0], box_mask(box, (4, 2))[0]) and torch.equal(out[0, 0, :4], wide[0, 0, :4])
+
+    kept = plan_jobs(pool, e, "inpainting", num_samples=1, params={"inpainting": {"box": box, "paste": False}})
+    assert torch.equal(STRATEGIES["inpainting"].render(kept, sample, latents, images), torch.full((3, 1, 8, 8), -1.0))
+
+
+def test_inpainting_takes_each_rows_mask_file_before_the_box(tmp_path):
+    from PIL import Image
+
+    drawing = np.zeros((8, 8), np.uint8)
+    drawing[:, :4] = 255  # the left half (x < 4), all rows
+    Image.fromarray(drawing).save(tmp_path / "left.png")
+    pool = [{"image": "/data/a.png", "mask": str(tmp_path / "left.png")}, {"image": "/data/b.png", "mask": ""}]
+    jobs = plan_jobs(pool, embeddings(2), "inpainting", num_samples=1)
+    assert jobs[0]["params"] == {"mask": str(tmp_path / "left.png"), "paste": True}
+    assert jobs[1]["params"] == {"box": STRATEGY_PARAMS["inpainting"]["box"], "paste": True}
+    left = STRATEGIES["inpainting"].pixel_mask(jobs[0], (8, 8))
+    assert left[0, :4].all() and not left[0, 4:].any()
+    other = plan_jobs([{**pool[0], "roi": pool[0]["mask"]}], embeddings(1), "inpainting", num_samples=1,
+                      params={"inpainting": {"mask_column": "roi"}})
+    assert other[0]["params"]["mask"] == str(tmp_path / "left.png")
+
+
+def test_strategy_settings_are_refused_whole_and_defaults_stay_put():
+    params = strategy_params({"perturbation": {"scale": 0.9}})
+    assert params["perturbation"] == {"scale": 0.9} and STRATEGY_PARAMS["perturbation"] == {"scale": 0.3}
+    params["inpainting"]["box"][0] = 0.0
+    assert STRATEGY_PARAMS["inpainting"]["box"][0] == 0.55
+    with pytest.raises(BundleInputError) as err:
+        strategy_params({"dream": {}})
+    assert str(err.value) == f"strategy_params names 'dream', which is not a strategy: use {list(STRATEGIES)}."
+    with pytest.raises(BundleInputError) as err:
+        strategy_params({"manifold": {"temprature": 1, "k": 2}})
+    assert str(err.value) == ("strategy_params for 'manifold' has unknown keys ['k', 'temprature']: it takes "
+                              "['concentration', 'model', 'neighbours', 'temperature'].")
+    pool, e = rows(2, ["F", "M"]), embeddings(2)
+    with pytest.raises(BundleInputError) as err:
+        plan_jobs(pool, e, "manifold", num_samples=1, label_columns=["sex"])
+    assert str(err.value) == ("Manifold sampling fits a Gaussian per label group, but group ('F',) has one image: add "
+                              "images, drop --label_columns or use model 'neighbours'.")
+    with pytest.raises(BundleInputError) as err:
+        plan_jobs(pool, e, "manifold", num_samples=1, params={"manifold": {"model": "kde"}})
+    assert str(err.value) == "Manifold model 'kde' is not known: use 'gaussian' or 'neighbours'."
+    with pytest.raises(BundleInputError) as err:
+        plan_jobs(pool, e, "concept", num_samples=1)
+    assert str(err.value) == ("The concept strategy needs concepts: e.g. --strategy_params \"{'concept': {'concepts': "
+                              "{'pneumonia': 1.0}}}\" (learn them with configs/concept.json).")
+    with pytest.raises(BundleInputError) as err:
+        plan_jobs(pool, e, "img2img", num_samples=1, params={"img2img": {"concepts": {"pneumonia": 1.0}}})
+    assert str(err.value) == "Concepts were asked for, but no concept folder is set: pass --concept_dir."
+
+
+def test_concept_jobs_carry_their_concepts_weights_and_files(tmp_path):
+    """A real concept folder (tokens checked against the generator's two model files), no networks needed."""
+    from bundle.concepts import Composition, ConceptBank, generator_fingerprint, save_concept
+
+    (tmp_path / "ae.pt").write_bytes(b"autoencoder")
+    (tmp_path / "unet.pt").write_bytes(b"diffusion")
+    fingerprint = generator_fingerprint(tmp_path / "ae.pt", tmp_path / "unet.pt")
+    tokens = {"pneumonia": torch.full((2, 16), 1.0), "normal": torch.full((2, 16), -1.0)}
+    for name, t in tokens.items():
+        save_concept(tmp_path / "concepts" / f"{name}.safetensors", t, {"generator": fingerprint})
+    bank = ConceptBank(tmp_path / "concepts", tmp_path / "ae.pt", tmp_path / "unet.pt", 16)
+    pool, e = rows(3, ["F"]), embeddings(3)
+    files = {n: str(tmp_path / "concepts" / f"{n}.safetensors") for n in tokens}
+
+    jobs = plan_jobs(rows(3, ["F", "M"]), e, "concept", num_samples=1, concepts=bank, label_columns=["sex"],
+                     params={"concept": {"concepts": {"pneumonia": 3, "normal": 1}}})
+    assert [j["sources"] for j in jobs] == [[0], [1], [2]] and [j["anchor"] for j in jobs] == [0, 1, 2]
+    assert [j["labels"]["sex"] for j in jobs] == ["F", "M", "F"], "the pool image lends its labels"
+    assert jobs[0]["params"] == {"concepts": {"pneumonia": 3.0, "normal": 1.0}, "composition": "mix",
+                                 "concept_files": files}
+    torch.testing.assert_close(STRATEGIES["concept"].context(jobs[1], e), torch.full((2, 16), 0.5))
+    assert STRATEGIES["concept"].batch_key(jobs[0]) == ("noise", '{"normal": 1.0, "pneumonia": 3.0}', "mix")
+
+    guided = plan_jobs(pool, e, "concept", num_samples=1, concepts=bank,
+                       params={"concept": {"concepts": {"pneumonia": 1.0, "normal": -0.5}, "composition": "guidance"}})
+    composition = STRATEGIES["concept"].context(guided[0], e)
+    assert isinstance(composition, Composition) and composition.names == ("pneumonia", "normal")
+    assert composition.weights == (1.0, -0.5) and torch.equal(composition.tokens[1], tokens["normal"])
+    assert guided[0]["params"]["composition"] == "guidance"
+
+    labelled = plan_jobs(rows(2, ["F", "M"]), e[:2], "img2img", num_samples=1, label_columns=["sex"], concepts=bank,
+                         params={"img2img": {"strength": 0.4, "concepts": {"normal": 1.0}}})
+    assert labelled[1]["sources"] == [1] and labelled[1]["labels"] == {"sex": "M"}
+    assert labelled[1]["params"] == {"strength": 0.4, "concepts": {"normal": 1.0}, "composition": "mix",
+                                     "concept_files": {"normal": files["normal"]}}
+    torch.testing.assert_close(STRATEGIES["img2img"].context(labelled[1], e), tokens["normal"])
+    inpainted = plan_jobs(rows(2, ["F", "M"]), e[:2], "inpainting", num_samples=1, label_columns=["sex"], concepts=bank,
+                          params={"inpainting": {"concepts": {"pneumonia": 1.0}}})
+    assert inpainted[1]["sources"] == [1] and inpainted[1]["labels"] == {"sex": "M"}
+    assert inpainted[1]["params"]["concept_files"] == {"pneumonia": files["pneumonia"]}
+    torch.testing.assert_close(STRATEGIES["inpainting"].context(inpainted[1], e), tokens["pneumonia"])
+    with pytest.raises(BundleInputError, match="Concept composition 'sum' is not known"):
+        plan_jobs(pool, e, "concept", num_samples=1, concepts=bank,
+                  params={"concept": {"concepts": {"normal": 1.0}, "composition": "sum"}})
+
+
+@pytest.mark.parametrize("box", [[0.0, 0.0, 1.0], [0.5, 0.0, 0.5, 1.0], [0.0, 0.5, 1.0, 0.4], [0.0, 0.5, 1.0, 0.5],
+                                 [-0.1, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.1]])
+def test_impossible_boxes_are_refused_whole(box):
+    with pytest.raises(BundleInputError) as err:
+        plan_jobs(rows(1, ["F"]), embeddings(1), "inpainting", num_samples=1, params={"inpainting": {"box": box}})
+    assert str(err.value) == (f"Inpainting box {box} is not [x0, y0, x1, y1] with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 "
+                              "<= 1 (fractions of the image's width and height).")
+
+
+def test_box_masks_cover_the_whole_image_and_at_least_one_pixel():
+    assert box_mask([0.0, 0.0, 1.0, 1.0], (6, 4)).sum() == 24
+    thin = box_mask([0.5, 0.5, 0.51, 0.52], (8, 8))
+    assert thin.sum() == 1 and thin[0, 4, 4] == 1
+    narrow = box_mask([0.75, 0.0, 0.76, 1.0], (8, 4))  # a box narrower than a pixel, on a non-square image
+    assert narrow[0, 6].all() and narrow.sum() == 4
+    assert box_mask([0.25, 0.5, 0.75, 1.0], (8, 4))[0, 2:6, 2:4].all() and box_mask([0.25, 0.5, 0.75, 1.0], (8, 4)).sum() == 8
+    spread = torch.zeros(1, 8, 8)
+    spread[0, 0, 0] = spread[0, 7, 7] = 1
+    assert latent_mask(spread, (2, 2))[0].tolist() == [[1.0, 0.0], [0.0, 1.0]]
 
 
 def sample(settings: dict, out, run_id: str = "sample", **extra):

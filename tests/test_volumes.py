@@ -77,6 +77,26 @@ def test_dicom_series_is_ordered_by_position_and_read_in_hounsfield_units(head_c
     assert data.min() == -1024 and data.max() > 1000  # air and bone: RescaleIntercept was applied
 
 
+def test_each_nifti_file_and_each_series_folder_is_one_volume(head_ct, tmp_path):
+    import nibabel as nib
+
+    hu, affine = small_ct(head_ct)
+    first = write_series(tmp_path / "first", hu, affine, series_uid="1.1")
+    second = [path.rename(path.with_suffix(".DICOM")) for path in write_series(tmp_path / "second", hu[:, :, :6], affine,
+                                                                              series_uid="2.2")]
+    nib.save(nib.Nifti1Image(hu.astype(np.float32), affine), str(tmp_path / "ct.nii.gz"))
+    rows = [{"image": str(p), "patient": "a"} for p in first] + [{"image": str(p), "patient": "b"} for p in second]
+    rows.append({"image": str(tmp_path / "ct.nii.gz"), "patient": "c"})
+    slices = modality_datalist(rows, "configs/modality/ct.json", slices={"min_foreground": 0.0})
+    per_volume = {}
+    for row in slices:
+        per_volume.setdefault(row["volume"], []).append(row["slice_index"])
+        assert row["image"] == row["volume"]
+    assert per_volume == {str(tmp_path / "first"): list(range(12)), str(tmp_path / "second"): list(range(6)),
+                          str(tmp_path / "ct.nii.gz"): list(range(12))}
+    assert [r["patient"] for r in slices if r["volume"].endswith("second")] == ["b"] * 6
+
+
 def test_bad_series_stop_with_one_message_naming_the_folder(head_ct, tmp_path):
     hu, affine = small_ct(head_ct)
     paths = write_series(tmp_path / "gap", hu, affine)
