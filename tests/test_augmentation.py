@@ -34,6 +34,53 @@ def test_labels_and_stratified_pools():
     assert stratified_pool(labels, 500, seed=0) == list(range(100))
 
 
+def test_auc_of_known_scores_in_batches_of_64():
+    import torch
+
+    from scripts.augmentation_experiment import auc
+
+    class Score(torch.nn.Module):
+        def forward(self, x):
+            return x.flatten(1)[:, :1]  # the image's first pixel is its score
+
+    scores = torch.arange(100, dtype=torch.float32).view(100, 1, 1, 1)  # more than one batch of 64
+    labels = (torch.arange(100) >= 60).long()
+    assert auc(Score(), scores, labels) == pytest.approx(1.0)
+    assert auc(Score(), -scores, labels) == pytest.approx(0.0)
+    # positives at 1 and 3, negatives at 0 and 2: of 4 positive-negative pairs 3 are ranked right
+    assert auc(Score(), torch.tensor([0.0, 1.0, 2.0, 3.0]).view(4, 1, 1, 1), torch.tensor([0, 1, 0, 1])) == \
+        pytest.approx(0.75)
+
+
+def test_report_only_tables_every_arm_on_record(tmp_path):
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    records = [{"size": n, "ratio": r, "fold": f, "arm": arm, "test_auc": auc}
+               for n, r, f, arm, auc in [(10, 0, 0, "real", 0.8), (10, 0, 1, "real", 0.9), (10, 5, 0, "real+synthetic", 0.7),
+                                         (10, 5, 1, "real+synthetic", 0.9), (25, 0, 0, "real", 0.95),
+                                         (10, 5, 0, "synthetic", 0.6)]]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    run = subprocess.run([sys.executable, str(ROOT / "scripts/augmentation_experiment.py"), "--train", "unused",
+                          "--test", "unused", "--label", "nodule", "--out", str(tmp_path), "--report_only"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    table = (tmp_path / "results.md").read_text()
+    assert "(mean ± std over 2 folds unless a cell says otherwise)" in table
+    assert "| real only | 0.850 ± 0.050 | 0.950 ± 0.000 (1 fold) |" in table
+    assert "| real + synthetic 1:5 | 0.800 ± 0.100 |  |" in table
+    assert "| synthetic only (1:5 of N) | 0.600 ± 0.000 (1 fold) |  |" in table
+    assert (tmp_path / "augmentation_auc.png").stat().st_size > 0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run = subprocess.run([sys.executable, str(ROOT / "scripts/augmentation_experiment.py"), "--train", "unused",
+                          "--test", "unused", "--label", "nodule", "--out", str(empty), "--report_only"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 1 and run.stderr.strip() == (f"error: no results in {empty / 'results.jsonl'}: run the "
+                                                          "experiment first.")
+
 def test_experiment_runs_end_to_end_writes_table_and_plot_and_resumes(trained_tiny, tmp_path):
     images = sorted(p.stem for p in (JSRT / "images").glob("*.png"))
     if len(images) < 20:
