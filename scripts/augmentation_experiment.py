@@ -291,11 +291,14 @@ def markdown(summary: Sequence[Mapping[str, Any]], label: str) -> str:
 def plot(summary: Sequence[Mapping[str, Any]], path: Path, label: str) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for arm in dict.fromkeys(arm_name(r) for r in summary):
+    colours = plt.get_cmap("tab20").colors  # more arms than the default cycle has colours
+    for k, arm in enumerate(dict.fromkeys(arm_name(r) for r in summary)):
         rows = sorted((r for r in summary if arm_name(r) == arm), key=lambda r: r["size"])
         sizes = [r["size"] for r in rows]
+        alone = arm.endswith("of N)")  # synthetic images without the real ones
         ax.errorbar(sizes, [r["auc_mean"] for r in rows], yerr=[r["auc_std"] for r in rows], marker="o", capsize=3,
-                    label=arm, linestyle="--" if "synthetic only" in arm else "-")
+                    label=arm, color="black" if arm == "real only" else colours[k % len(colours)],
+                    linestyle="--" if alone else "-", linewidth=2.0 if arm == "real only" else 1.2)
     ax.axhline(0.5, color="grey", linewidth=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("N, the real pool size (log scale)")
