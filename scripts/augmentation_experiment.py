@@ -242,10 +242,15 @@ def run_experiment(
                 bar.update(1)
     bar.close()
     records = [done[a] for a in arms]
+    write_report(records, output_dir, label)
+    return records
+
+
+def write_report(records: Sequence[Mapping[str, Any]], output_dir: Path, label: str) -> None:
+    """``results.md`` and ``augmentation_auc.png`` in ``output_dir`` from the arms' records."""
     summary = summarise(records)
     atomic_write(output_dir / "results.md", lambda tmp: Path(tmp).write_text(markdown(summary, label)))
     plot(summary, output_dir / "augmentation_auc.png", label)
-    return records
 
 
 ARM_ORDER = ("real", "real+synthetic", "real+concept", "synthetic", "concept")
@@ -276,14 +281,18 @@ def markdown(summary: Sequence[Mapping[str, Any]], label: str) -> str:
     arms = list(dict.fromkeys(arm_name(r) for r in summary))
     sizes = sorted({r["size"] for r in summary})
     most = max(r["folds"] for r in summary)
-    lines = [f"Test AUC for `{label}` (mean ± std over {most} folds unless a cell says otherwise)", "", "| arm | " + " | ".join(f"N={s}" for s in sizes) + " |",
-             "|---|" + "---|" * len(sizes)]
+    lines = [f"Test AUC for `{label}` (mean ± std over {most} folds unless a cell says otherwise)", "",
+             "| arm | " + " | ".join(f"N={s}" for s in sizes) + " |", "|---|" + "---|" * len(sizes)]
     for arm in arms:
         cells = []
         for s in sizes:
             hit = [r for r in summary if r["size"] == s and arm_name(r) == arm]
-            folds = f" ({hit[0]['folds']} fold{'s' if hit[0]['folds'] > 1 else ''})" if hit and hit[0]["folds"] != most else ""
-            cells.append(f"{hit[0]['auc_mean']:.3f} ± {hit[0]['auc_std']:.3f}{folds}" if hit else "")
+            if not hit:
+                cells.append("")
+                continue
+            n = hit[0]["folds"]
+            folds = f" ({n} fold{'s' if n > 1 else ''})" if n != most else ""
+            cells.append(f"{hit[0]['auc_mean']:.3f} ± {hit[0]['auc_std']:.3f}{folds}")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -340,9 +349,7 @@ def main() -> None:
         records = list(_done(args.out / "results.jsonl").values())
         if not records:
             raise SystemExit(f"error: no results in {args.out / 'results.jsonl'}: run the experiment first.")
-        summary = summarise(records)
-        atomic_write(args.out / "results.md", lambda tmp: Path(tmp).write_text(markdown(summary, args.label)))
-        plot(summary, args.out / "augmentation_auc.png", args.label)
+        write_report(records, args.out, args.label)
         print((args.out / "results.md").read_text())
         return
     wf = config_workflow("configs/inference.json", "sample", **overrides)

@@ -136,7 +136,7 @@ def main() -> None:
     report_json(result, path)
     lines = ["| module | tests run for its mutants | killed | survived | other | score |", "|---|---|---|---|---|---|"]
     for module, row in result["modules"].items():
-        other = sum(v for k, v in row.items() if k not in ("killed", "survived", "score", "tests"))
+        other = sum(v for k, v in row.items() if k not in ("killed", "survived", "score", "tests", "fast_only"))
         score = "-" if row["score"] is None else f"{100 * row['score']:.0f}%"
         tests = ", ".join(Path(t).name for t in row["tests"]) + (" (not pipeline)" if row.get("fast_only") else "")
         lines.append(f"| bundle/{module}.py | {tests} | {row.get('killed', 0)} | {row.get('survived', 0)} | {other} "

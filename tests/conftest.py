@@ -13,6 +13,9 @@ JSRT = DATA / "jsrt"
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
+# a noise schedule unlike MONAI's default, so that a sampler built on the default would be noticed
+SCHEDULE = dict(num_train_timesteps=1000, schedule="scaled_linear_beta", beta_start=0.0015, beta_end=0.0195)
+
 
 def require(path: Path) -> Path:
     if not path.exists():

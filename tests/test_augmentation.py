@@ -52,20 +52,24 @@ def test_auc_of_known_scores_in_batches_of_64():
         pytest.approx(0.75)
 
 
-def test_report_only_tables_every_arm_on_record(tmp_path):
+def report_only(out):
     import subprocess
     import sys
 
     from .conftest import ROOT
 
+    return subprocess.run([sys.executable, str(ROOT / "scripts/augmentation_experiment.py"), "--train", "unused",
+                           "--test", "unused", "--label", "nodule", "--out", str(out), "--report_only"],
+                          capture_output=True, text=True, cwd=ROOT)
+
+
+def test_report_only_tables_every_arm_on_record(tmp_path):
     records = [{"size": n, "ratio": r, "fold": f, "arm": arm, "test_auc": auc}
                for n, r, f, arm, auc in [(10, 0, 0, "real", 0.8), (10, 0, 1, "real", 0.9), (10, 5, 0, "real+synthetic", 0.7),
                                          (10, 5, 1, "real+synthetic", 0.9), (25, 0, 0, "real", 0.95),
                                          (10, 5, 0, "synthetic", 0.6)]]
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    run = subprocess.run([sys.executable, str(ROOT / "scripts/augmentation_experiment.py"), "--train", "unused",
-                          "--test", "unused", "--label", "nodule", "--out", str(tmp_path), "--report_only"],
-                         capture_output=True, text=True, cwd=ROOT)
+    run = report_only(tmp_path)
     assert run.returncode == 0, run.stderr
     table = (tmp_path / "results.md").read_text()
     assert "(mean ± std over 2 folds unless a cell says otherwise)" in table
@@ -75,11 +79,10 @@ def test_report_only_tables_every_arm_on_record(tmp_path):
     assert (tmp_path / "augmentation_auc.png").stat().st_size > 0
     empty = tmp_path / "empty"
     empty.mkdir()
-    run = subprocess.run([sys.executable, str(ROOT / "scripts/augmentation_experiment.py"), "--train", "unused",
-                          "--test", "unused", "--label", "nodule", "--out", str(empty), "--report_only"],
-                         capture_output=True, text=True, cwd=ROOT)
+    run = report_only(empty)
     assert run.returncode == 1 and run.stderr.strip() == (f"error: no results in {empty / 'results.jsonl'}: run the "
                                                           "experiment first.")
+
 
 def test_experiment_runs_end_to_end_writes_table_and_plot_and_resumes(trained_tiny, tmp_path):
     images = sorted(p.stem for p in (JSRT / "images").glob("*.png"))

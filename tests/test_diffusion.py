@@ -13,7 +13,7 @@ from bundle.diffusion import (DPMSolverMultistepScheduler, LatentDiffusionPrepar
                               export_diffusion, make_sampler, sample_latents, seeded_noise)
 from bundle.errors import BundleInputError
 
-SCHEDULE = dict(num_train_timesteps=1000, schedule="scaled_linear_beta", beta_start=0.0015, beta_end=0.0195)
+from .conftest import SCHEDULE
 
 
 class Recorder(torch.nn.Module):
@@ -73,6 +73,23 @@ def test_inpainting_gives_the_network_the_real_latents_outside_the_mask_at_each_
         assert torch.equal(net.calls[i][0][..., 2:, :], known[..., 2:, :]), i
         assert not torch.equal(net.calls[i][0][..., :2, :], known[..., :2, :])
     assert torch.equal(out[..., 2:, :], init[..., 2:, :]) and not torch.equal(out[..., :2, :], init[..., :2, :])
+    guided = sample_latents(Recorder(), scheduler(), torch.ones(1, 1, 3), noise, 4, 2.0, init=init, mask=mask)
+    assert torch.equal(guided[..., 2:, :], init[..., 2:, :]) and not torch.equal(guided, out)
+
+
+def test_classifier_free_guidance_uses_the_zero_null_embedding():
+    context, noise = torch.full((2, 1, 4), 0.5), torch.randn(2, 1, 4, 4)
+    results = {}
+    for scale in (1.0, 3.0):
+        net = Recorder()
+        results[scale] = sample_latents(net, scheduler(), context, noise, 3, scale)
+        assert len(net.calls) == 3
+        if scale == 1.0:
+            assert all(torch.equal(c, context) for _, _, c in net.calls)
+        else:  # conditional and unconditional halves in one batch; the unconditional one is all zeros
+            assert all(torch.equal(c[:2], context) and not c[2:].any() for _, _, c in net.calls)
+    # the unconditional prediction (0.1 x) plus 3 times the context's part is the prediction of a context 3 times larger
+    torch.testing.assert_close(results[3.0], sample_latents(Recorder(), scheduler(), context * 3, noise, 3, 1.0))
 
 
 def test_composed_guidance_sums_weighted_directions_and_one_weight_is_the_single_concept():

@@ -414,27 +414,6 @@ def test_inpainting_keeps_the_outside_and_changes_the_inside(trained_tiny, tmp_p
         assert (out[inside] - real[0][inside]).abs().mean() > 0.02
 
 
-def test_inpainting_latents_outside_the_mask_are_the_real_image_latents():
-    from monai.networks.schedulers import DDIMScheduler
-
-    from bundle.diffusion import sample_latents
-
-    class Noisy(torch.nn.Module):
-        def forward(self, x, timesteps, context):
-            return torch.randn_like(x)
-
-    init, noise = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
-    mask = torch.zeros(2, 1, 8, 8)
-    mask[..., 2:5, 3:7] = 1
-    out = sample_latents(Noisy(), DDIMScheduler(1000, clip_sample=False), torch.zeros(2, 1, 4), noise, 5, 2.0,
-                         init=init, mask=mask)
-    assert torch.equal(out * (1 - mask), init * (1 - mask)) and not torch.allclose(out * mask, init * mask)
-    with pytest.raises(BundleInputError, match="need the latents"):
-        sample_latents(Noisy(), DDIMScheduler(1000), torch.zeros(2, 1, 4), noise, 5, mask=mask)
-    with pytest.raises(BundleInputError, match="strength"):
-        sample_latents(Noisy(), DDIMScheduler(1000), torch.zeros(2, 1, 4), noise, 5, init=init, strength=0)
-
-
 def test_mask_files_from_the_datalist_drive_inpainting(trained_tiny, tmp_path):
     images = sorted((JSRT / "images").glob("*.png"))[:2]
     pool = tmp_path / "pool.csv"
