@@ -23,11 +23,14 @@ _WARNED: set = set()
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def amp_dtype(amp: str | None) -> torch.dtype | None:
-    """The autocast dtype of an ``amp`` setting: ``none`` (float32), ``bf16`` or ``fp16``."""
+def amp_dtype(amp: str | None, device: Any = "cpu") -> torch.dtype | None:
+    """The autocast dtype of an ``amp`` setting: ``none`` (float32), ``bf16``, ``fp16``, or ``auto`` (bf16 where
+    ``device`` has bf16 arithmetic, a GPU that supports it or a CPU with bf16 instructions; float32 elsewhere)."""
     key = "none" if amp in (None, False) else str(amp).strip().lower()
+    if key == "auto":
+        return torch.bfloat16 if device_has_bf16(device) else None
     if key not in AMP_DTYPES:
-        raise BundleInputError(f"amp '{amp}' is not known: choose none, bf16 or fp16.")
+        raise BundleInputError(f"amp '{amp}' is not known: choose auto, none, bf16 or fp16.")
     return AMP_DTYPES[key]
 
 
@@ -40,10 +43,18 @@ def cpu_has_bf16() -> bool:
         return False
 
 
+def device_has_bf16(device: Any) -> bool:
+    """Whether ``device`` computes in bf16 natively (a CUDA GPU that supports it, or a CPU with bf16 instructions)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return torch.device(device).type == "cpu" and cpu_has_bf16()
+
+
 def autocast_dtype(amp: str | None, device: Any) -> torch.dtype | None:
     """The dtype training autocasts to on ``device``, or None (float32): any amp setting on a GPU; bf16 on a CPU
-    with bf16 instructions; otherwise the setting is said once in the log and ignored."""
-    dtype = amp_dtype(amp)
+    with bf16 instructions; ``auto`` as :func:`amp_dtype` says; otherwise the setting is said once in the log and
+    ignored."""
+    dtype = amp_dtype(amp, device)
     kind = torch.device(device).type
     if dtype is None or kind == "cuda" or (kind == "cpu" and dtype is torch.bfloat16 and cpu_has_bf16()):
         return dtype
@@ -60,9 +71,9 @@ def amp_enabled(amp: str | None, device: Any) -> bool:
     return torch.device(device).type == "cuda" and autocast_dtype(amp, device) is not None
 
 
-def amp_kwargs(amp: str | None) -> dict[str, Any]:
+def amp_kwargs(amp: str | None, device: Any = "cpu") -> dict[str, Any]:
     """The ``amp_kwargs`` of MONAI's trainers (passed to ``torch.autocast``)."""
-    dtype = amp_dtype(amp)
+    dtype = amp_dtype(amp, device)
     return {} if dtype is None else {"dtype": dtype}
 
 

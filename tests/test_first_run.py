@@ -77,10 +77,11 @@ def test_dino_weights_auto_prefers_what_can_be_had(tmp_path, monkeypatch):
 def test_profiles_follow_the_device_and_name_what_is_missing(tmp_path):
     assert load_profile(ROOT, "auto", "cpu")["image_size"] == 64
     assert load_profile(ROOT, "auto", torch.device("cuda", 0))["image_size"] == 128
-    cpu, *gpus = (json.loads((ROOT / f"configs/profiles/{n}.json").read_text()) for n in ("cpu64", "gpu128", "gpu256"))
-    for gpu in gpus:
-        assert set(cpu) == set(gpu) - {"sample_batch_size"}, "every profile sets the same keys"
-    with pytest.raises(BundleInputError, match=r"profile 'gpu512' is not one of \['cpu64', 'gpu128', 'gpu256', 'auto'\]"):
+    cpu, *others = (json.loads((ROOT / f"configs/profiles/{n}.json").read_text())
+                    for n in ("cpu64", "cpu128", "gpu128", "gpu256"))
+    for other in others:
+        assert set(cpu) == set(other) - {"sample_batch_size"}, "every profile sets the same keys"
+    with pytest.raises(BundleInputError, match=r"profile 'gpu512' is not one of \['cpu128', 'cpu64', 'gpu128', 'gpu256', 'auto'\]"):
         load_profile(ROOT, "gpu512")
     (tmp_path / "configs/profiles").mkdir(parents=True)
     (tmp_path / "configs/profiles/mine.json").write_text('{"image_size": 96}')

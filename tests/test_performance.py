@@ -16,7 +16,10 @@ from bundle.errors import BundleInputError
 from bundle.performance import (Autocast, amp_dtype, amp_enabled, amp_kwargs, autocast_dtype, compiled, cpu_has_bf16,
                                 grad_scaler, step, training_network)
 
-from .conftest import SCHEDULE, tiny_settings, workflow
+from bundle.workflow import load_profile
+from bundle.zero_shot import SelfAttentionRecorder
+
+from .conftest import ROOT, SCHEDULE, tiny_settings, workflow
 
 
 def test_amp_settings_name_their_dtype_and_stay_off_on_a_cpu(caplog, monkeypatch):
@@ -25,7 +28,7 @@ def test_amp_settings_name_their_dtype_and_stay_off_on_a_cpu(caplog, monkeypatch
     monkeypatch.setattr(bundle.performance, "_WARNED", set())  # the warning is said once per process
     assert amp_dtype("none") is None and amp_dtype("BF16") is torch.bfloat16 and amp_dtype("fp16") is torch.float16
     assert amp_kwargs("bf16") == {"dtype": torch.bfloat16} and amp_kwargs("none") == {}
-    with pytest.raises(BundleInputError, match="amp 'fp8' is not known: choose none, bf16 or fp16"):
+    with pytest.raises(BundleInputError, match="amp 'fp8' is not known: choose auto, none, bf16 or fp16"):
         amp_dtype("fp8")
     with caplog.at_level(logging.WARNING):
         assert autocast_dtype("fp16", "cpu") is None
@@ -39,6 +42,27 @@ def test_amp_settings_name_their_dtype_and_stay_off_on_a_cpu(caplog, monkeypatch
     assert autocast_dtype("fp16", "cuda") is torch.float16 and amp_enabled("bf16", "cuda")
     network = torch.nn.Linear(4, 4)
     assert training_network(network, "none", "cpu") is network
+
+
+def test_amp_auto_is_bf16_where_the_device_has_bf16_arithmetic_and_float32_elsewhere(caplog, monkeypatch):
+    import bundle.performance
+
+    monkeypatch.setattr(bundle.performance, "_WARNED", set())
+    assert amp_dtype("auto", "cpu") is (torch.bfloat16 if cpu_has_bf16() else None)
+    assert amp_kwargs("auto", "cpu") == ({"dtype": torch.bfloat16} if cpu_has_bf16() else {})
+    monkeypatch.setattr(bundle.performance, "cpu_has_bf16", lambda: True)
+    assert autocast_dtype("AUTO", "cpu") is torch.bfloat16 and amp_enabled("auto", "cpu") is False
+    monkeypatch.setattr(bundle.performance, "cpu_has_bf16", lambda: False)
+    with caplog.at_level(logging.WARNING):
+        assert autocast_dtype("auto", "cpu") is None and amp_kwargs("auto", "cpu") == {}
+    assert not caplog.records, "auto without bf16 instructions is float32 by design, not a setting ignored"
+    network = torch.nn.Linear(4, 4)
+    assert training_network(network, "auto", "cpu") is network
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for supported in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: supported)
+        assert autocast_dtype("auto", "cuda") is (torch.bfloat16 if supported else None)
+        assert amp_enabled("auto", "cuda") is supported
 
 
 def test_autocast_wrapper_runs_bf16_inside_and_returns_float32():
@@ -64,15 +88,16 @@ def test_fp16_gradient_scaler_steps_and_skips_non_finite_gradients():
     torch.testing.assert_close(weight.detach(), torch.full((3,), 0.8)), "an overflowing step is skipped"
 
 
-def gpu256_settings(tmp_path, tiny_dataset, **extra) -> dict:
-    """The gpu256 profile (bf16, channels-last, fused attention, data workers) with its networks shrunk to run
-    on the CPU: the same code path, tiny sizes; DINO is the tiny ViT of the other tests."""
+def profile_settings(profile, tmp_path, tiny_dataset, **extra) -> dict:
+    """A profile's code path with its networks shrunk to run on the CPU in seconds: its speed settings and attention
+    levels as they are, tiny widths and sizes; DINO is the tiny ViT of the other tests."""
     tiny = tiny_settings(tmp_path, tiny_dataset)
     keep = ("dataset_dir", "work_dir", "dino_model", "dino_weights", "dino_kwargs", "num_inference_steps")
-    return {**{k: tiny[k] for k in keep}, "profile": "gpu256", "image_size": 32, "dino_input_size": 32,
-            "autoencoder_channels": [8, 8, 8, 8], "latent_channels": 4, "unet_channels": [8, 16, 16],
+    levels = len(load_profile(ROOT, profile)["autoencoder_channels"])  # the profile's latent downsampling
+    return {**{k: tiny[k] for k in keep}, "profile": profile, "image_size": 32, "dino_input_size": 32,
+            "autoencoder_channels": [8] * levels, "latent_channels": 4, "unet_channels": [8, 16, 16],
             "unet_head_channels": 8, "unet_res_blocks": 1, "ae_batch_size": 4, "diffusion_batch_size": 4,
-            "dino_batch_size": 4, "num_workers": 1, "compile": False, "preview_interval": 0, **extra}
+            "dino_batch_size": 4, "compile": False, "preview_interval": 0, **extra}
 
 
 def one_iteration(trainer) -> dict:
@@ -81,16 +106,27 @@ def one_iteration(trainer) -> dict:
     return trainer.state.output
 
 
-def test_gpu_profile_code_path_runs_a_step_of_every_stage_on_cpu(tmp_path, tiny_dataset):
-    settings = gpu256_settings(tmp_path, tiny_dataset, adv_warmup_epochs=0)
+# what each profile's code path must show besides training, at 32 px: (amp, channels-last, data workers, the grids
+# of its self-attention maps: gpu256 has 4x4 latents and attention below the first level, cpu128 8x8 and everywhere)
+PROFILE_PATHS = {"gpu256": ("bf16", True, 1, [2, 1]), "cpu128": ("auto", False, 0, [8, 4, 2])}
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILE_PATHS))
+def test_profile_code_path_runs_a_step_of_every_stage_on_cpu(tmp_path, tiny_dataset, profile):
+    amp, layout, workers, grids = PROFILE_PATHS[profile]
+    settings = profile_settings(profile, tmp_path, tiny_dataset, adv_warmup_epochs=0,
+                                **({"num_workers": workers} if workers else {}))
     wf = workflow("train.json", "cache", settings)
     get = wf.parser.get_parsed_content
-    assert get("amp") == "bf16" and get("amp_on") is False  # MONAI's trainer autocasts CUDA only
+    assert get("amp") == amp and get("amp_on") is False  # MONAI's trainer autocasts CUDA only
     unet, autoencoder = get("unet"), get("autoencoder")
     assert any(m.use_flash_attention for m in unet.modules() if hasattr(m, "use_flash_attention"))
+    with SelfAttentionRecorder(unet) as recorder:
+        unet(torch.randn(1, *get("latent_shape")), torch.tensor([300]), context=torch.zeros(1, 1, 192))
+    assert sorted({round(m.shape[-1] ** 0.5) for m in recorder.maps}, reverse=True) == grids, "self-attention grids"
     conv = next(m for m in unet.modules() if isinstance(m, torch.nn.Conv2d))
-    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
-    assert get("ae_loader").num_workers == 1 and get("ae_loader").persistent_workers
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) == layout
+    assert get("ae_loader").num_workers == workers and get("ae_loader").persistent_workers == bool(workers)
 
     before = {k: v.clone() for k, v in autoencoder.state_dict().items()}
     out = one_iteration(get("ae_trainer"))
@@ -113,7 +149,7 @@ def test_gpu_profile_code_path_runs_a_step_of_every_stage_on_cpu(tmp_path, tiny_
 def test_compiled_and_eager_training_steps_agree(tmp_path, tiny_dataset):
     """torch.compile (inductor, this machine's C++ compiler) against eager on the configured UNet: the same
     loss and the same updated weights from the same start and batch."""
-    wf = workflow("train.json", "cache", gpu256_settings(tmp_path, tiny_dataset))
+    wf = workflow("train.json", "cache", profile_settings("gpu256", tmp_path, tiny_dataset))
     get = wf.parser.get_parsed_content
     unet = get("unet")
     twin = copy.deepcopy(unet)
