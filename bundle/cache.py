@@ -16,7 +16,8 @@ from .data import hash_file, load_or_build
 def encode_images(images: torch.Tensor, codec: nn.Module, dino: nn.Module, device, batch_size: int = 16):
     """``(N, 1, H, W)`` images -> (scaled latents, DINO tokens), batch by batch on ``device``."""
     latents, tokens = [], []
-    for start in tqdm(range(0, len(images), batch_size), desc="encode latents + DINO", leave=False, dynamic_ncols=True):
+    for start in tqdm(range(0, len(images), batch_size), desc="encode latents + DINO", leave=False, dynamic_ncols=True,
+                      disable=None):
         batch = images[start : start + batch_size].float().to(device)
         latents.append(codec.encode(batch).cpu())
         tokens.append(dino(batch).cpu())

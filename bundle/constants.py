@@ -17,3 +17,7 @@ LUNG_MASK_COLUMNS = JSRT_MASK_COLUMNS[:2]
 # the chest radiographs that ship with the bundle (NIH ChestX-ray14, 128 px), relative to the repository root:
 # train/ is the default training set, val/ the held-out images the first run's report compares against
 DEFAULT_DATA_DIR = "bundle/default_data/nih_cxr"
+
+# image files MONAI picks a reader for by their suffix (PIL, NIfTI, ...); any other file may be DICOM (whose files
+# often have no suffix) and is read with pydicom first
+NON_DICOM_SUFFIXES = (".png", ".jpg", ".jpeg", ".nii", ".nii.gz", ".tif", ".tiff", ".bmp", ".npy", ".nrrd", ".mha")

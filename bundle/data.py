@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .constants import DEFAULT_DATA_DIR
+from .constants import DEFAULT_DATA_DIR, NON_DICOM_SUFFIXES
 from .errors import BundleInputError
 from .io import atomic_path, atomic_torch_save
 
@@ -130,7 +130,7 @@ def build_datalist(dataset_dir: str | os.PathLike | None, download_dir: str | os
 def preprocess(datalist: Sequence[dict[str, Any]], transform: Callable, desc: str = "preprocess") -> list[dict]:
     """Run the deterministic preprocessing on every item, stopping at the first bad file with its name."""
     items = []
-    for row in tqdm(datalist, desc=desc, leave=False, dynamic_ncols=True):
+    for row in tqdm(datalist, desc=desc, leave=False, dynamic_ncols=True, disable=None):
         items.append(apply_to_file(transform, row))
     return items
 
@@ -311,7 +311,7 @@ def write_pixels(datalist: Sequence[dict[str, Any]], transform: Callable, path: 
         raise BundleInputError("The datalist is empty: give at least one image.")
     shape = None
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        for row in tqdm(datalist, desc="load images", leave=False, dynamic_ncols=True):
+        for row in tqdm(datalist, desc="load images", leave=False, dynamic_ncols=True, disable=None):
             image = np.asarray(apply_to_file(transform, row)["image"], dtype=np.float16)
             if shape is None:
                 shape = image.shape
@@ -385,23 +385,40 @@ def modality_preprocessing(config_path: str | os.PathLike, **values: Any):
     ``values`` (such as ``image_size``, or a CT ``window``) fill the ``@`` references of the modality file, so one
     file serves every image size.
     """
-    from monai.transforms import Compose, LoadImaged
+    from monai.transforms import Compose
 
     parser = modality_parser(config_path, **values)
     transforms = parser.get_parsed_content("transforms")
-    loader = (parser.get_parsed_content("loader") if "loader" in parser.get("", {}) else
-              LoadImaged(keys="image", image_only=True, ensure_channel_first=True, reader=DICOM_READER))
+    loader = parser.get_parsed_content("loader") if "loader" in parser.get("", {}) else LoadImageByTyped("image")
     return Compose([loader, *transforms])
+
+
+class LoadImageByTyped:
+    """MONAI's ``LoadImaged`` (channel first, image only) with the reader chosen from the file's name: MONAI's own
+    choice by suffix for PNG, JPEG, NIfTI and the like, pydicom for DICOM and for files without a known suffix.
+    A reader list makes MONAI try and log every reader in turn (two failures for each good PNG); choosing first
+    keeps the log to real failures."""
+
+    def __init__(self, key: str = "image") -> None:
+        from monai.transforms import LoadImaged
+
+        self.key = key
+        self.by_suffix = LoadImaged(keys=key, image_only=True, ensure_channel_first=True)
+        self.dicom = LoadImaged(keys=key, image_only=True, ensure_channel_first=True, reader=DICOM_READER)
+
+    def __call__(self, data: dict) -> dict:
+        name = str(data[self.key]).lower()
+        return (self.by_suffix if name.endswith(NON_DICOM_SUFFIXES) else self.dicom)(data)
 
 
 def output_preprocessing(image_size: int):
     """Reading generated images back (bundle.writers outputs): one grey 2D image, values divided by their storage
     range (8-bit, 16-bit, or float in [0, 1] as written), resized and padded to ``image_size``."""
-    from monai.transforms import Compose, EnsureTyped, LoadImaged, Resized, SpatialPadd
+    from monai.transforms import Compose, EnsureTyped, Resized, SpatialPadd
 
     from .transforms import Radiograph2Dd, UnitRanged
 
-    return Compose([LoadImaged(keys="image", image_only=True, ensure_channel_first=True, reader=DICOM_READER),
+    return Compose([LoadImageByTyped("image"),
                     UnitRanged(keys="image"),
                     Radiograph2Dd(keys="image"),
                     Resized(keys="image", spatial_size=image_size, size_mode="longest", mode="area"),

@@ -205,7 +205,7 @@ def sample_latents(
         raise BundleInputError("Composed sampling needs one weight per context.")
     null = null_context(context[0][:, :1] if composed else context)
     guided = guidance_scale != 1.0
-    steps = tqdm(timesteps, desc="sampling", leave=False, disable=not progress, dynamic_ncols=True)
+    steps = tqdm(timesteps, desc="sampling", leave=False, disable=None if progress else True, dynamic_ncols=True)
     for i, t in enumerate(steps):
         t_batch = torch.full((batch,), int(t), device=latents.device, dtype=torch.long)
         if composed:

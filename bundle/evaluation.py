@@ -137,7 +137,7 @@ def feature_space(name: str, dino: nn.Module | None = None, inception_weights: s
 def extract(extractor: nn.Module, images: torch.Tensor, batch_size: int = 32, device: torch.device | str = "cpu"):
     extractor = extractor.to(device)
     chunks = [extractor(images[i : i + batch_size].to(device)).float().cpu() for i in
-              tqdm(range(0, len(images), batch_size), desc=f"features {getattr(extractor, 'name', '')}", leave=False)]
+              tqdm(range(0, len(images), batch_size), desc=f"features {getattr(extractor, 'name', '')}", leave=False, disable=None)]
     return torch.cat(chunks)
 
 

@@ -237,7 +237,7 @@ def generate(
         groups.setdefault(batch_key(item[1]), []).append(item)
     batches = [g[s : s + batch_size] for _, g in sorted(groups.items()) for s in range(0, len(g), batch_size)]
     done = {j for j in range(len(rows))} - {j for j, _, _ in pending}
-    with tqdm(total=len(pending), desc="generate", dynamic_ncols=True, disable=not pending) as bar:
+    with tqdm(total=len(pending), desc="generate", dynamic_ncols=True, disable=None if pending else True) as bar:
         for batch in batches:
             batch_jobs = [job for _, job, _ in batch]
             contexts = [STRATEGIES[job["strategy"]].context(job, embeddings) for job in batch_jobs]

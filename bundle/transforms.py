@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import Hashable, Mapping
 
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
+from .constants import NON_DICOM_SUFFIXES
 from .errors import BundleInputError
 
 _RGB_WEIGHTS = (0.299, 0.587, 0.114)
@@ -19,8 +21,9 @@ def _source(img) -> str:
 
 
 def is_monochrome1(path: str) -> bool:
-    """True for a DICOM file whose PhotometricInterpretation is MONOCHROME1 (low values display bright)."""
-    if not path.lower().endswith((".dcm", ".dicom")):
+    """True for a DICOM file (any name but a known other image type's) whose PhotometricInterpretation is
+    MONOCHROME1 (low values display bright)."""
+    if path.lower().endswith(NON_DICOM_SUFFIXES) or not os.path.isfile(path):
         return False
     import pydicom
 

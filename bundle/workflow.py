@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -46,6 +47,38 @@ def optional_path(value: Any) -> str | None:
 def loss_terms(output: dict[str, Any]) -> dict[str, float]:
     """The scalar losses of an iteration output, for logs, TensorBoard and the progress bar."""
     return {k: (v.detach().item() if hasattr(v, "detach") else float(v)) for k, v in output.items() if k.endswith("loss")}
+
+
+def interactive() -> bool:
+    """Whether progress goes to a terminal: bars there; in a log file one line per epoch instead of thousands of
+    carriage-return updates (tqdm's ``disable=None`` follows the same rule)."""
+    return sys.stderr.isatty()
+
+
+class EpochLossLog:
+    """One log line per epoch with the mean of each loss term over its iterations (what a progress bar shows, for
+    logs that are files)."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.sums, self.count = name, {}, 0
+
+    def attach(self, engine: Any) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.add)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.log)
+
+    def reset(self, engine: Any) -> None:
+        self.sums, self.count = {}, 0
+
+    def add(self, engine: Any) -> None:
+        for key, value in loss_terms(engine.state.output).items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.count += 1
+
+    def log(self, engine: Any) -> None:
+        means = ", ".join(f"{k} {v / max(self.count, 1):.4g}" for k, v in self.sums.items())
+        logger.info("%s epoch %d/%d: %d iterations, mean %s.", self.name, engine.state.epoch, engine.state.max_epochs,
+                    self.count, means or "no loss")
 
 
 class TimeBudget:
@@ -271,7 +304,10 @@ def train_stage(
     trainer.add_event_handler(Events.STARTED, lambda engine: engine.state.epoch and logger.info(
         "%s: resumed from the checkpoint of epoch %d (iteration %d).", name, engine.state.epoch, engine.state.iteration))
     if distributed.is_main():
-        ProgressBar(persist=True, desc=name).attach(trainer, output_transform=loss_terms)
+        if interactive():
+            ProgressBar(persist=True, desc=name).attach(trainer, output_transform=loss_terms)
+        else:
+            EpochLossLog(name).attach(trainer)
     trainer.run()
     if distributed.is_main():  # one process writes the model; the others wait for it before the next stage reads it
         export()

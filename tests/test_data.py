@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -59,6 +60,19 @@ def test_dicom_monochrome1_is_inverted_so_bone_is_bright(cxr_samples, preprocess
     # same stored pixels, opposite photometric interpretation: one must be the negative of the other
     assert float((mono1 - (1 - mono2)).abs().max()) < 1e-3
     assert float((mono1 - mono2).abs().mean()) > 0.2
+
+
+def test_each_file_goes_to_its_own_reader_and_good_files_log_no_reader_failure(tmp_path, cxr_samples, jsrt_images,
+                                                                               preprocessing, caplog):
+    """A reader list made MONAI try pydicom and nibabel on every PNG first, logging two failures per good film."""
+    shutil.copy(cxr_samples / "nih_cxr_monochrome1.dcm", tmp_path / "film")  # DICOM files often have no suffix
+    shutil.copy(jsrt_images[0], tmp_path / "upper.PNG")
+    with caplog.at_level(logging.DEBUG, logger="LoadImage"):
+        images = [load(preprocessing, path) for path in (jsrt_images[0], tmp_path / "upper.PNG",
+                                                         cxr_samples / "nih_cxr_monochrome1.dcm", tmp_path / "film")]
+    assert "unable to load" not in caplog.text
+    torch.testing.assert_close(images[0], images[1])
+    torch.testing.assert_close(images[2], images[3]), "a DICOM file without a suffix is read (and inverted) by pydicom"
 
 
 def test_folder_search_is_recursive_and_skips_other_files(tmp_path, jsrt_images):

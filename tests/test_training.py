@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 
 import pytest
@@ -22,12 +24,19 @@ def record_losses(trainer) -> list[float]:
     return losses
 
 
-def test_stage1_loss_falls_and_exports_a_scale_factor(tmp_path, tiny_dataset):
+def test_stage1_loss_falls_and_exports_a_scale_factor(tmp_path, tiny_dataset, caplog):
     settings = {**tiny_settings(tmp_path, tiny_dataset), "ae_epochs": 8, "ae_lr": 3e-3, "adv_warmup_epochs": 6}
     wf = workflow("train.json", "train_autoencoder", settings)
     losses = record_losses(wf.parser.get_parsed_content("ae_trainer"))
-    wf.run()
+    with caplog.at_level(logging.INFO, logger="bundle.workflow"):
+        wf.run()
     assert len(losses) == 16
+    # a log that is a file (not a terminal) gets one line per epoch with the epoch's mean losses, not a progress bar
+    lines = [m for m in caplog.messages if " epoch " in m and "iterations, mean" in m]
+    assert len(lines) == 8 and lines[0].startswith("autoencoder epoch 1/8: 2 iterations, mean "), lines
+    for epoch, line in enumerate(lines):
+        mean = float(re.search(r"(?:^|, )loss ([0-9.e+-]+)", line.split("mean ", 1)[1]).group(1).rstrip("."))
+        assert mean == pytest.approx(sum(losses[2 * epoch : 2 * epoch + 2]) / 2, rel=1e-3), line
     assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
     saved = torch.load(tmp_path / "models/model_autoencoder.pt", weights_only=True)
     assert 0 < saved["scale_factor"] < 1e3 and saved["scale_factor"] != 1.0
