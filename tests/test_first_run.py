@@ -116,3 +116,20 @@ def test_preflight_refuses_a_work_dir_without_room(tmp_path, monkeypatch):
         preflight([{"image": "x.png"}], plan, "m", work_dir=tmp_path, networks=[net])
     monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**12, 0, 10**12))
     preflight([{"image": "x.png"}], plan, "m", work_dir=tmp_path, networks=[net], image_sizes=[64])
+
+
+def test_every_default_output_folder_is_ignored_by_git():
+    """Run IDs write under work_dir, which is the repository itself by default: none of it may show as a change."""
+    import re
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    texts = [p.read_text() for p in (ROOT / "configs").rglob("*.json")]
+    texts += [p.read_text() for p in (ROOT / "apps").rglob("*.json")]
+    folders = sorted({m for text in texts for m in re.findall(r"@work_dir \+ '/([A-Za-z_]+)", text)})
+    assert {"samples", "interpolation", "concepts", "models"} <= set(folders), folders
+    shown = subprocess.run(["git", "check-ignore", "--no-index", *(f"{f}/x" for f in folders)], cwd=ROOT,
+                           capture_output=True, text=True).stdout.split()
+    assert sorted(s[:-2] for s in shown) == folders, "default output folders not ignored by git"
