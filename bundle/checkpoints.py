@@ -129,10 +129,12 @@ class ResumeFromCheckpoint:
 
 class NonFiniteLossGuard:
     """Stop a stage at the first iteration whose loss is NaN or infinite, naming the stage, the iteration and
-    the batch's source files (where the batch carries them), before anything of it is saved."""
+    the batch's source files (where the batch carries them), before anything of it is saved. ``resumable``: the
+    stage keeps epoch checkpoints (the generator's stages), so the same command goes on from the last good one;
+    otherwise (a head's single run) it starts again."""
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    def __init__(self, name: str, resumable: bool = True) -> None:
+        self.name, self.resumable = name, bool(resumable)
 
     def attach(self, engine: Any) -> None:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
@@ -152,5 +154,5 @@ class NonFiniteLossGuard:
         raise BundleInputError(
             f"{self.name}: the loss is {value} at iteration {engine.state.iteration}, epoch {engine.state.epoch}{files}; "
             "nothing of this epoch was saved: check those images for NaN or constant values and lower the learning "
-            "rate, then run the same command to resume from the last good epoch."
+            "rate, then run the same command " + ("to resume from the last good epoch." if self.resumable else "again.")
         )

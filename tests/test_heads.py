@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -63,6 +66,12 @@ def test_landmark_files_round_trip_through_the_layout_and_bad_files_are_named(tm
     with pytest.raises(BundleInputError) as err:
         load_landmarks(path, ["H", "XX"])
     assert str(err.value) == f"Landmark file '{path}' has no group(s) ['XX'] (it has ['H', 'LL', 'RL'])."
+    for point, shown in (([float("nan"), 4], "[nan, 4]"), ([1, 2, 3], "[1, 2, 3]"), (["a", 2], "['a', 2]")):
+        (tmp_path / "odd.json").write_text(json.dumps({"H": [[1, 2], point]}))  # json writes NaN as Python reads it
+        with pytest.raises(BundleInputError) as err:
+            load_landmarks(tmp_path / "odd.json")
+        assert str(err.value) == (f"Landmark file '{tmp_path / 'odd.json'}': point 1 of group 'H' is {shown}, not two "
+                                  "finite pixel coordinates [x, y]: correct it or leave the image out.")
     (tmp_path / "bad.json").write_text("{not json")
     for bad, kind in ((tmp_path / "bad.json", "JSONDecodeError"), (tmp_path / "none.json", "FileNotFoundError")):
         with pytest.raises(BundleInputError) as err:
@@ -324,3 +333,49 @@ def test_latent_head_maps_at_image_size_and_keeps_the_autoencoder_frozen():
     out.mean().backward()
     assert all(p.grad is None for p in codec.parameters())
     assert head.unet.out[-1].weight.grad is not None and unet.conv_in.conv.weight.grad is not None
+
+
+def test_heads_refuse_a_nan_landmark_a_non_finite_loss_and_more_labels_than_there_are(pretrained, tmp_path, monkeypatch):
+    """A NaN in a landmark file trained a head of NaN weights, saved with exit 0; asking for more labelled images
+    than the datalist has trained on fewer and recorded that as N."""
+    import csv
+    import json
+
+    import bundle.heads.training
+
+    from .conftest import run_bundle
+
+    rows = [dict(r) for r in pretrained["rows"][:3]]
+    marks = json.loads(Path(rows[1]["landmark_file"]).read_text())
+    marks["RL"][5][0] = float("nan")
+    (tmp_path / "nan.json").write_text(json.dumps(marks))
+    rows[1]["landmark_file"] = str(tmp_path / "nan.json")
+    datalist = tmp_path / "labelled.csv"
+    with open(datalist, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    work = tmp_path / "work"
+    shutil.copytree(pretrained["tmp"] / "work" / "models" / "heads", work / "models" / "heads",
+                    ignore=shutil.ignore_patterns("landmarks.pt", "segmentation.pt"))
+    settings = {**pretrained["settings"], "work_dir": str(work), "labelled_dir": str(datalist), "head_iterations": 4,
+                "head_batch_size": 2, "landmark_groups": ["RL", "H"]}
+    head_file = work / "models" / "heads" / "landmarks.pt"
+
+    def refused(overrides: dict) -> str:
+        with pytest.raises(Exception) as err:
+            run_bundle("heads/landmarks.json", "training", {**settings, **overrides})
+        assert not head_file.exists(), "nothing saved"
+        return str(err.value.__cause__ or err.value)
+
+    assert refused({"num_labelled": 3}) == (f"Landmark file '{tmp_path / 'nan.json'}': point 5 of group 'RL' is "
+                                            f"{marks['RL'][5]!r}, not two finite pixel coordinates [x, y]: correct it "
+                                            "or leave the image out.")
+    assert refused({"num_labelled": 4}) == (f"num_labelled is 4 but datalist '{datalist}' has 3 labelled rows: give "
+                                            "at most 3, or 'all'.")
+    # a loss that turns non-finite anyway (here: targets made NaN) stops training before the head is saved
+    monkeypatch.setattr(bundle.heads.training, "gaussian_heatmaps", lambda points, size, sigma: torch.full(
+        (len(points), *size), float("nan")))
+    message = refused({"num_labelled": 1})
+    assert message.startswith("landmarks: the loss is nan at iteration 1, epoch 1 (batch files: ") and rows[0]["image"] in message
+    assert message.endswith("lower the learning rate, then run the same command again.")

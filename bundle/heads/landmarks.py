@@ -28,6 +28,15 @@ def _landmark_groups(path: str | os.PathLike, groups: Sequence[str] | None = Non
     missing = [g for g in groups if g not in data]
     if missing:
         raise BundleInputError(f"Landmark file '{path}' has no group(s) {missing} (it has {sorted(data)}).")
+    for group in groups:
+        for i, point in enumerate(data[group]):
+            try:
+                finite = len(point) == 2 and all(np.isfinite(float(v)) for v in point)
+            except (TypeError, ValueError):
+                finite = False
+            if not finite:
+                raise BundleInputError(f"Landmark file '{path}': point {i} of group '{group}' is {point!r}, not two "
+                                       "finite pixel coordinates [x, y]: correct it or leave the image out.")
     return {g: data[g] for g in groups}
 
 

@@ -34,6 +34,9 @@ def labelled_rows(datalist: str | os.PathLike | None, num_labelled: int | str | 
     if num_labelled not in (None, "all"):
         if int(num_labelled) < 1:
             raise BundleInputError(f"num_labelled is {num_labelled}: fine-tuning needs at least one labelled image.")
+        if int(num_labelled) > len(rows):
+            raise BundleInputError(f"num_labelled is {num_labelled} but datalist '{datalist}' has {len(rows)} labelled "
+                                   f"rows: give at most {len(rows)}, or 'all'.")
         rows = rows[: int(num_labelled)]
     return rows
 
@@ -74,7 +77,7 @@ def fixed_iteration_loader(items: Sequence[dict], iterations: int, batch_size: i
     with replacement (seeded): one "epoch" is the whole fine-tuning budget, whatever N is."""
     if not items:
         raise BundleInputError("No labelled images to fine-tune on: give at least one (num_labelled >= 1).")
-    data = [{"image": it["image"], "label": it["label"]} for it in items]
+    data = [{"image": it["image"], "label": it["label"], "source": it.get("source", "")} for it in items]
     batch = min(int(batch_size), len(data))
     sampler = RandomSampler(data, replacement=True, num_samples=int(iterations) * batch,
                             generator=torch.Generator().manual_seed(int(seed)))
