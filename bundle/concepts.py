@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -90,10 +91,17 @@ class ConceptConditioned(nn.Module):
         return self.unet(x=x, timesteps=timesteps, context=tokens.expand(x.shape[0], -1, -1), **kwargs)
 
 
-def concept_path(folder: str | os.PathLike, name: str) -> Path:
-    if not name or any(c in name for c in "/\\") or name.startswith("."):
+def checked_name(name: Any) -> str:
+    """A concept name that is safe as a file name inside the concept folder (letters, digits, '-', '_'), or one
+    sentence; every path built from a name goes through here before anything is read or written."""
+    text = str(name)
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,100}", text):
         raise BundleInputError(f"concept_name '{name}' is not a usable file name: use letters, digits, '-' or '_'.")
-    return Path(folder) / f"{name}{SUFFIX}"
+    return text
+
+
+def concept_path(folder: str | os.PathLike, name: str) -> Path:
+    return Path(folder) / f"{checked_name(name)}{SUFFIX}"
 
 
 def save_concept(path: str | os.PathLike, tokens: torch.Tensor, info: Mapping[str, Any]) -> None:

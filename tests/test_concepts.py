@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
-
 import pytest
 import torch
 
@@ -146,6 +146,21 @@ def test_too_few_concept_images_stop_with_one_message(trained_tiny, jsrt_images,
                                                    "concept_dir": str(tmp_path / "c")}).run()
     assert "has 3 images, fewer than min_concept_images = 5" in str(err.value.__cause__ or err.value)
     assert not (tmp_path / "c" / "concept.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "/tmp/abs", ".hidden", "a b", ""])
+def test_a_concept_name_that_is_not_a_plain_file_name_is_refused_before_anything_is_written(trained_tiny, jsrt_images,
+                                                                                           tmp_path, name):
+    (tmp_path / "in").mkdir()
+    concept_images = write_datalist(tmp_path / "in" / "concept.csv", jsrt_images[:6])
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(Exception) as err:
+        workflow("concept.json", "learn_concept", {"work_dir": trained_tiny["work_dir"], "concept_name": name,
+                                                   "concept_images": str(concept_images),
+                                                   "concept_dir": str(tmp_path / "c" / "d")}).run()
+    assert str(err.value.__cause__ or err.value) == (f"concept_name '{name}' is not a usable file name: use letters, "
+                                                     "digits, '-' or '_'.")
+    assert sorted(tmp_path.rglob("*")) == before and not Path("/tmp/abs").exists(), "nothing written anywhere"
 
 
 @pytest.fixture(scope="module")
