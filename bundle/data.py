@@ -54,8 +54,12 @@ def read_datalist(path: str | os.PathLike) -> list[dict[str, Any]]:
     """
     path = Path(path)
     if path.suffix.lower() == ".csv":
-        with open(path, newline="") as f:
-            rows: list[dict[str, Any]] = list(csv.DictReader(f))
+        try:
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                rows: list[dict[str, Any]] = list(csv.DictReader(f))
+        except UnicodeDecodeError as err:
+            raise BundleInputError(f"Datalist '{path}' is not UTF-8 text (byte {err.start}): save it as UTF-8 CSV "
+                                   "(most spreadsheet programs offer 'CSV UTF-8').") from None
     else:
         try:
             with open(path) as f:

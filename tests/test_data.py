@@ -258,6 +258,14 @@ def test_datalist_refusals_are_whole_messages_and_csv_fields_keep_their_line_bre
     assert read_datalist(_write(tmp_path / "l.json", '[{"image": "/abs/x.png"}]')) == [{"image": "/abs/x.png"}]
     rows = read_datalist(_write(tmp_path / "l.csv", 'image,note\nx.png,"two\r\nlines"\r\ny.png,plain\r\n'))
     assert [r["note"] for r in rows] == ["two\r\nlines", "plain"] and rows[1]["image"] == str(tmp_path / "y.png")
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("image,site\nx.png,Universit\u00e4t\n".encode("latin-1"))  # a spreadsheet's non-UTF-8 export
+    with pytest.raises(BundleInputError) as err:
+        read_datalist(latin)
+    assert str(err.value) == (f"Datalist '{latin}' is not UTF-8 text (byte 26): save it as UTF-8 CSV (most spreadsheet "
+                              "programs offer 'CSV UTF-8').")
+    bom = _write(tmp_path / "bom.csv", "\ufeffimage,site\nx.png,Universit\u00e4t\n")  # 'CSV UTF-8' starts with a BOM
+    assert read_datalist(bom) == [{"image": str(tmp_path / "x.png"), "site": "Universit\u00e4t"}]
 
 
 def _write(path: Path, text: str) -> Path:
