@@ -74,7 +74,7 @@ def read_record(path: str | os.PathLike, what: str, remedy: str) -> dict[str, An
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise BundleInputError(f"The {what} model '{path}' is not a readable model file ({type(err).__name__}): "
+        raise BundleInputError(f"The {what} model '{path}' is damaged or not a model file ({type(err).__name__}): "
                                f"delete it and {remedy}.") from None
     if not isinstance(saved, dict) or "state_dict" not in saved:
         raise BundleInputError(f"The {what} model '{path}' holds no state_dict: it was not written by this bundle.")
@@ -270,12 +270,12 @@ def load_generator(autoencoder_path: str | os.PathLike, diffusion_path: str | os
                      "prediction_type": schedule["prediction_type"], "noise_schedule": schedule["schedule"],
                      "num_train_timesteps": schedule["num_train_timesteps"]},
                     {k: v for k, v in requested.items() if not k.startswith("dino_")}, diffusion_path, "diffusion")
-    if os.path.isfile(autoencoder_path) and hash_file(autoencoder_path) != record["autoencoder_sha256"]:
+    codec = load_codec(autoencoder_path)  # first: a damaged file is said to be damaged, not to be another model
+    if hash_file(autoencoder_path) != record["autoencoder_sha256"]:
         raise BundleInputError(
             f"The autoencoder '{autoencoder_path}' is not the one the diffusion model '{diffusion_path}' was trained "
             "on: pass --autoencoder_path to that autoencoder, or retrain the diffusion model (run ID train_diffusion)."
         )
-    codec = load_codec(autoencoder_path)
     dino = dino_from_record(record["dino"], diffusion_path,
                             {k: v for k, v in requested.items() if k.startswith("dino_")})
     return Generator(codec, unet, dino, record, str(bundle_root)).to(device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,6 +86,21 @@ def test_a_model_without_a_record_gets_one_clear_message(trained_tiny, tmp_path)
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(BundleInputError, match="is empty"):
         read_record(tmp_path / "empty.pt", "diffusion", "train it")
+
+
+
+def test_a_truncated_autoencoder_is_called_damaged_not_another_model(trained_tiny, tmp_path):
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(trained_tiny["work_dir"], work, ignore=shutil.ignore_patterns("cache", "logs", "checkpoints"))
+    autoencoder = model_path(work, "autoencoder")
+    data = Path(autoencoder).read_bytes()
+    Path(autoencoder).write_bytes(data[: len(data) // 2])  # a copy cut short
+    with pytest.raises(BundleInputError) as err:
+        load_generator(autoencoder, model_path(work, "diffusion"))
+    assert str(err.value).startswith(f"The autoencoder model '{autoencoder}' is damaged or not a model file (")
+    assert str(err.value).endswith("): delete it and train it (run ID train_autoencoder).")
 
 
 def test_time_budget_stops_at_an_epoch_end_and_exports(tmp_path, tiny_dataset):
