@@ -14,7 +14,7 @@ from monai.transforms import LoadImage
 
 from bundle.errors import BundleInputError
 
-from .conftest import ROOT, run_bundle
+from .conftest import ROOT, run_bundle, write_datalist
 
 
 def sample(settings: dict, out, **extra):
@@ -103,6 +103,41 @@ def test_command_line_shows_one_clear_error(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: No images were found in") and "dataset_dir" in last
     assert "Traceback" not in result.stderr
+
+
+def test_failures_a_user_can_fix_are_one_sentence_wherever_they_sit_in_the_chain(trained_tiny, jsrt_images, tmp_path):
+    import errno
+
+    from bundle.errors import user_message
+
+    def wrapped(error: BaseException) -> RuntimeError:  # as MONAI's config parser wraps a failing expression
+        try:
+            try:
+                raise error
+            except BaseException as inner:
+                raise RuntimeError("Failed to evaluate ConfigExpression") from inner
+        except RuntimeError as outer:
+            return outer
+
+    assert user_message(wrapped(BundleInputError("x is wrong: fix x."))) == "x is wrong: fix x."
+    assert user_message(wrapped(PermissionError(errno.EACCES, "Permission denied", "/ro/out"))) == (
+        "'/ro/out' cannot be opened (Permission denied): choose a folder you can write to (--work_dir, --output_dir) "
+        "and files you can read.")
+    assert user_message(wrapped(OSError(errno.EROFS, "Read-only file system", "/mnt/x"))).startswith("'/mnt/x' cannot")
+    assert user_message(wrapped(OSError(errno.ENOSPC, "No space left", "/x"))) is None, "not a permission problem"
+    assert user_message(wrapped(ValueError("a bug"))) is None
+    if torch.cuda.is_available():
+        return
+    # the real command line, asked for a GPU on a machine without one
+    inputs = write_datalist(tmp_path / "in.csv", jsrt_images[:2])
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "sample", "--config_file", "configs/inference.json",
+         "--work_dir", trained_tiny["work_dir"], "--input_dir", str(inputs), "--output_dir", str(tmp_path / "out"),
+         "--device", "cuda"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --device asks for a GPU (CUDA) and torch finds none on this machine: leave --device out (the bundle "
+        "uses a GPU when there is one) or pass --device cpu.")
 
 
 def test_the_pool_cache_is_rebuilt_when_an_input_image_changes(trained_tiny, tmp_path, caplog):
