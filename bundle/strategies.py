@@ -17,6 +17,7 @@ manifest, the configs' ``strategy``/``strategy_params`` and the error messages a
 
 from __future__ import annotations
 
+import ast
 import copy
 import json
 import logging
@@ -129,8 +130,18 @@ def register(cls: type[Strategy]) -> type[Strategy]:
 
 
 def strategy_params(overrides: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
-    """The default parameters of every strategy, updated with ``overrides`` (unknown names are refused)."""
+    """The default parameters of every strategy, updated with ``overrides`` (unknown names are refused; a command
+    line's text that is not such a dict is refused in one sentence)."""
     params = copy.deepcopy(STRATEGY_PARAMS)
+    if isinstance(overrides, str):  # the command line passes what Python cannot read as a literal through as text
+        try:
+            overrides = ast.literal_eval(overrides)
+        except (ValueError, SyntaxError):
+            pass
+    if overrides is not None and not (isinstance(overrides, Mapping) and all(isinstance(v, Mapping)
+                                                                             for v in overrides.values())):
+        raise BundleInputError(f"strategy_params {overrides!r} is not a dict of {{strategy: {{setting: value}}}}: write "
+                               "it as \"{'img2img': {'strength': 0.4}}\" (quoted for the shell).")
     for name, values in (overrides or {}).items():
         if name not in STRATEGIES:
             raise BundleInputError(f"strategy_params names '{name}', which is not a strategy: use {list(STRATEGIES)}.")

@@ -257,6 +257,13 @@ def test_strategy_settings_are_refused_whole_and_defaults_stay_put():
         strategy_params({"manifold": {"temprature": 1, "k": 2}})
     assert str(err.value) == ("strategy_params for 'manifold' has unknown keys ['k', 'temprature']: it takes "
                               "['concentration', 'model', 'neighbours', 'temperature'].")
+    assert strategy_params("{'img2img': {'strength': 0.4}}")["img2img"]["strength"] == 0.4, "the command line's text"
+    for bad in ("{'img2img': {'strength': }", "{'img2img': 0.4}", "img2img"):  # what the command line passes through
+        with pytest.raises(BundleInputError) as err:
+            strategy_params(bad)
+        shown = repr(bad) if bad != "{'img2img': 0.4}" else "{'img2img': 0.4}"
+        assert str(err.value) == (f"strategy_params {shown} is not a dict of {{strategy: {{setting: value}}}}: write it "
+                                  "as \"{'img2img': {'strength': 0.4}}\" (quoted for the shell).")
     pool, e = rows(2, ["F", "M"]), embeddings(2)
     with pytest.raises(BundleInputError) as err:
         plan_jobs(pool, e, "manifold", num_samples=1, label_columns=["sex"])
