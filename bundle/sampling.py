@@ -31,7 +31,7 @@ from .errors import BundleInputError
 from .validation import check_sampling_values
 from .volumes import output_affine, source_modality
 from .io import atomic_path
-from .strategies import STRATEGIES, Pool, strategy_params
+from .strategies import STRATEGIES, Plan, Pool, strategy_params, with_concepts
 from .writers import FORMATS, dicom_uid, write_image
 
 logger = logging.getLogger(__name__)
@@ -75,6 +75,31 @@ def label_groups(rows: Sequence[Mapping[str, Any]], label_columns: Sequence[str]
     return [tuple(str(r[c]) for c in label_columns) for r in rows]
 
 
+def checked_plan(rows: Sequence[Mapping[str, Any]], strategy: str | Mapping[str, float], num_samples: int | None,
+                 total_samples: int | None, params: Mapping[str, Mapping[str, Any]] | None, concepts: Any = None
+                 ) -> tuple[dict[str, dict[str, Any]], list[int], dict[str, int]]:
+    """The settings of a plan checked before any work (inputs, counts, strategy mix, every chosen strategy's
+    parameters and the concepts it names): the full parameters, each output's pool image and the outputs per
+    strategy."""
+    if not rows:
+        raise BundleInputError("No input images were given for sampling: pass --input_dir with at least one image.")
+    params = strategy_params(params)
+    n = len(rows)
+    if total_samples is not None:
+        anchors = [j % n for j in range(int(total_samples))]
+    elif num_samples is not None and num_samples >= 1:
+        anchors = [i for i in range(n) for _ in range(int(num_samples))]
+    else:
+        raise BundleInputError(f"num_samples {num_samples} must be at least 1 (or give total_samples).")
+    counts = strategy_counts(strategy, len(anchors))
+    for name, count in counts.items():
+        if count:
+            STRATEGIES[name].check(params[name])
+            if name == "concept" or params[name].get("concepts"):
+                with_concepts(Plan([0], {}, 0), params[name], Pool(rows, None, [], {}, concepts), name == "concept")
+    return params, anchors, counts
+
+
 def plan_jobs(
     rows: Sequence[Mapping[str, Any]],
     embeddings: torch.Tensor,
@@ -92,24 +117,12 @@ def plan_jobs(
     Output ``j`` uses seed ``seed + j``; its strategy comes from a seeded shuffle of the mix, and its
     random choices (partner, interpolation weight, neighbours' weights) from its own seeded stream.
     """
-    if not rows:
-        raise BundleInputError("No input images were given for sampling: pass --input_dir with at least one image.")
-    params = strategy_params(params)
-    n = len(rows)
-    if total_samples is not None:
-        anchors = [j % n for j in range(int(total_samples))]
-    elif num_samples is not None and num_samples >= 1:
-        anchors = [i for i in range(n) for _ in range(int(num_samples))]
-    else:
-        raise BundleInputError(f"num_samples {num_samples} must be at least 1 (or give total_samples).")
-    counts = strategy_counts(strategy, len(anchors))
+    params, anchors, counts = checked_plan(rows, strategy, num_samples, total_samples, params, concepts)
     kinds = [k for k, c in counts.items() for _ in range(c)]
     if len(counts) > 1:
         kinds = [kinds[i] for i in np.random.default_rng([seed, 3]).permutation(len(kinds))]
     groups = label_groups(rows, label_columns)
     chosen = [STRATEGIES[k] for k, c in counts.items() if c]
-    for chosen_strategy in chosen:
-        chosen_strategy.check(params[chosen_strategy.name])
     members: dict[tuple, list[int]] = {}
     for i, g in enumerate(groups):
         members.setdefault(g, []).append(i)
@@ -198,6 +211,9 @@ def generate(
     if not datalist:
         raise BundleInputError("No input images were given for sampling: pass --input_dir with at least one image.")
     check_sampling_values(num_inference_steps, guidance_scale, batch_size, getattr(scheduler, "num_train_timesteps", None))
+    if jobs is None:  # before the pool cache is written: a wrong setting costs nothing
+        checked_plan(datalist, strategy, num_samples, total_samples, params, concepts)
+        label_groups(datalist, list(label_columns or []))
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     label_columns = list(label_columns or [])

@@ -78,17 +78,24 @@ def test_missing_checkpoint_and_other_dino_are_refused(trained_tiny, tmp_path):
     assert not (tmp_path / "x" / "manifest.csv").exists()
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("guidance_scale", -1, "--guidance_scale -1 must be at least 0.0"),
-    ("num_inference_steps", 0, "--num_inference_steps 0 must be at least 1"),
-    ("num_inference_steps", 2.5, "--num_inference_steps 2.5 is not a whole number"),
-    ("sample_batch_size", 0, "--sample_batch_size 0 must be at least 1"),
+@pytest.mark.parametrize("overrides, message", [
+    ({"guidance_scale": -1}, "--guidance_scale -1 must be at least 0.0"),
+    ({"num_inference_steps": 0}, "--num_inference_steps 0 must be at least 1"),
+    ({"num_inference_steps": 2.5}, "--num_inference_steps 2.5 is not a whole number"),
+    ({"sample_batch_size": 0}, "--sample_batch_size 0 must be at least 1"),
+    ({"strategy": "dream"}, "dream"),
+    ({"num_samples": 0}, "num_samples 0 must be at least 1"),
+    ({"strategy_params": {"dream": {}}}, "strategy_params names 'dream', which is not a strategy"),
+    ({"strategy": "concept"}, "The concept strategy needs concepts"),
+    ({"strategy": "img2img", "strategy_params": {"img2img": {"concepts": {"nowhere": 1.0}}}}, "nowhere"),
+    ({"label_columns": ["sex"]}, "Label column 'sex' is missing"),
 ])
-def test_impossible_sampling_values_are_refused_before_any_work(trained_tiny, tmp_path, key, value, message):
+def test_impossible_sampling_values_are_refused_before_any_work(trained_tiny, tmp_path, overrides, message):
+    """Every setting is checked before the pool cache (preprocessed images, latents, embeddings) is written."""
     with pytest.raises(Exception) as err:
-        sample({**trained_tiny, key: value}, tmp_path / "x")
+        sample(trained_tiny, tmp_path / "x", **overrides)
     cause = err.value.__cause__ or err.value
-    assert isinstance(cause, BundleInputError) and message in str(cause)
+    assert isinstance(cause, BundleInputError) and message in str(cause), str(cause)
     assert not (tmp_path / "x" / ".pool").exists() and not (tmp_path / "x" / "manifest.csv").exists()
 
 
