@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -11,11 +12,14 @@ from tqdm import tqdm
 
 from .data import hash_file, load_or_build
 
+logger = logging.getLogger(__name__)
+
 
 @torch.no_grad()
 def encode_images(images: torch.Tensor, codec: nn.Module, dino: nn.Module, device, batch_size: int = 16):
     """``(N, 1, H, W)`` images -> (scaled latents, DINO tokens), batch by batch on ``device``."""
     latents, tokens = [], []
+    logger.info("encoding %d images into latents + DINO tokens.", len(images))
     for start in tqdm(range(0, len(images), batch_size), desc="encode latents + DINO", leave=False, dynamic_ncols=True,
                       disable=None):
         batch = images[start : start + batch_size].float().to(device)

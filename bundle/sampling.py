@@ -253,6 +253,8 @@ def generate(
         groups.setdefault(batch_key(item[1]), []).append(item)
     batches = [g[s : s + batch_size] for _, g in sorted(groups.items()) for s in range(0, len(g), batch_size)]
     done = {j for j in range(len(rows))} - {j for j, _, _ in pending}
+    if pending:
+        logger.info("generating %d images into %s.", len(pending), output_dir)
     with tqdm(total=len(pending), desc="generate", dynamic_ncols=True, disable=None if pending else True) as bar:
         for batch in batches:
             batch_jobs = [job for _, job, _ in batch]

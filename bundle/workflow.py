@@ -300,9 +300,11 @@ def train_stage(
     for handler in handlers:
         if handler is not None:
             handler.attach(trainer)
-    # Ignite announces "resuming from epoch 0" before the checkpoint loader has run: say where it really resumed
+    # Ignite announces "resuming from epoch 0" before the checkpoint loader has run: say where it really starts
     trainer.add_event_handler(Events.STARTED, lambda engine: engine.state.epoch and logger.info(
         "%s: resumed from the checkpoint of epoch %d (iteration %d).", name, engine.state.epoch, engine.state.iteration))
+    trainer.add_event_handler(Events.STARTED, lambda engine: logger.info(
+        "%s: training from epoch %d to %d.", name, engine.state.epoch + 1, engine.state.max_epochs))
     if distributed.is_main():
         if interactive():
             ProgressBar(persist=True, desc=name).attach(trainer, output_transform=loss_terms)

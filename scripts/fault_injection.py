@@ -2,10 +2,11 @@
 that it always finishes with what an uninterrupted run gives.
 
     python scripts/fault_injection.py --trials 5 --kills 5          (about 10 min on 2 CPU cores; writes docs/results)
+    python scripts/fault_injection.py --stages autoencoder cache    (kills aimed at those stages only)
 
 The run is README command 1's pipeline (in-domain DINO pre-training, autoencoder, cache, diffusion, report) with
 tiny networks on 16 JSRT images. Each trial starts the command up to --kills times; each time it picks a stage
-at random, waits until the run prints that stage's first progress line, waits 0-1 s more (so kills land
+at random (of --stages), waits until the run logs that stage's start, waits 0-1 s more (so kills land
 mid-epoch, in checkpoint, cache and sample writes alike) and sends SIGKILL to the whole process group; then
 it runs the command once more to the end. Checked after every trial: exit 0; every model and report file
 present and readable; each stage trained its configured epochs; no temporary file left; no more checkpoints
@@ -56,9 +57,9 @@ def newest_save(work: Path) -> float:
     return max((p.stat().st_mtime for p in files), default=0.0)
 
 
-# what each stage prints first (progress bars and the cache's message), to kill a run inside a chosen stage
-MARKERS = {"dino": "dino [", "autoencoder": "autoencoder [", "cache": "encode latents", "diffusion": "diffusion [",
-           "report": "generate:"}
+# what each stage logs as it starts its work, to kill a run inside a chosen stage
+MARKERS = {"dino": "dino: training from epoch", "autoencoder": "autoencoder: training from epoch",
+           "cache": "encoding", "diffusion": "diffusion: training from epoch", "report": "generating"}
 
 
 def check(work: Path) -> dict:
@@ -87,14 +88,15 @@ def done(work: Path, stage: str) -> bool:
     return Path(outputs[stage]).exists()
 
 
-def run_trial(dataset: Path, work: Path, kills: int, rng: random.Random, logs: Path, trial: int) -> dict:
-    """Up to ``kills`` times: start the command, wait until it is inside a randomly chosen stage that is not
-    finished yet (its marker in the output), then a random 0-1 s more, and SIGKILL it; then run it once more
-    to the end."""
+def run_trial(dataset: Path, work: Path, kills: int, rng: random.Random, logs: Path, trial: int,
+              stages: list[str] | None = None) -> dict:
+    """Up to ``kills`` times: start the command, wait until it is inside a randomly chosen stage (of ``stages``)
+    that is not finished yet (its marker in the output), then a random 0-1 s more, and SIGKILL it; then run it
+    once more to the end."""
     shutil.rmtree(work, ignore_errors=True)
     events = []
     for attempt in range(kills):
-        remaining = [stage for stage in MARKERS if not done(work, stage)]
+        remaining = [stage for stage in (stages or MARKERS) if not done(work, stage)]
         if not remaining:
             break
         target = rng.choice(remaining)
@@ -128,6 +130,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=6)
     parser.add_argument("--kills", type=int, default=5, help="kills per trial before it may finish")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stages", nargs="+", choices=list(MARKERS), default=list(MARKERS),
+                        help="the stages kills aim at (default: all; each kill picks one not yet finished)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "fault_injection")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     parser.add_argument("--jsrt", type=Path, default=ROOT.parent / "shared" / "data" / "jsrt", help="the JSRT folder")
@@ -152,7 +156,7 @@ def main() -> None:
     ref = check(args.work / "reference")
     trials = []
     for t in range(args.trials):
-        trial = run_trial(dataset, args.work / f"trial_{t}", args.kills, rng, logs, t)
+        trial = run_trial(dataset, args.work / f"trial_{t}", args.kills, rng, logs, t, args.stages)
         c = trial["check"]
         trial["passed"] = bool(
             c and trial["final_returncode"] == 0 and not c["temporary_files_left"]

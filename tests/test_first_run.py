@@ -53,6 +53,14 @@ def test_first_command_offline_on_the_default_images_ends_with_a_report(tmp_path
         entry = evaluation["feature_spaces"][space]
         assert entry["frechet_distance"] > 0 and entry["frechet_distance_train_reference"] > 0
     assert 0 < evaluation["reconstruction"]["psnr_db"]["mean"] < 60
+    # a log that is a file says where each stage starts, in order (what scripts/fault_injection.py aims kills by)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fault_injection", ROOT / "scripts/fault_injection.py")
+    fault_injection = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fault_injection)
+    starts = [next(i for i, m in enumerate(caplog.messages) if marker in m) for marker in fault_injection.MARKERS.values()]
+    assert starts == sorted(starts), dict(zip(fault_injection.MARKERS, starts))
 
 
 def test_dino_weights_auto_prefers_what_can_be_had(tmp_path, monkeypatch):
