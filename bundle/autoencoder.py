@@ -13,7 +13,6 @@ from torch import nn
 from .distributed import average_gradients
 from .errors import BundleInputError
 from .io import atomic_torch_save
-from .models import load_weights
 from .performance import GradScalers, autocast, autocast_dtype, step
 
 
@@ -55,16 +54,10 @@ class LatentCodec(nn.Module):
         return self
 
     def save(self, path: str | os.PathLike, record: dict[str, Any]) -> None:
-        """Weights, scale factor and the record of settings (bundle/models.py) in one file, written atomically."""
+        """Weights, scale factor and the record of settings (bundle/models.py) in one file, written atomically;
+        :func:`bundle.models.load_codec` reads it back."""
         atomic_torch_save({"state_dict": self.state_dict(), "scale_factor": float(self.scale_factor), "record": record},
                           path)
-
-    def load(self, path: str | os.PathLike) -> LatentCodec:
-        """Load weights and scale factor saved by :meth:`save`; the codec is frozen in eval mode afterwards."""
-        load_weights(self, path, "autoencoder", "train the autoencoder first (run ID train_autoencoder) or pass "
-                     "--autoencoder_path to a trained one")
-        self.requires_grad_(False)
-        return self.eval()
 
 
 def kl_loss(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:

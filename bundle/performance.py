@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import BundleInputError
+from .validation import flag
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +80,6 @@ def amp_kwargs(amp: str | None, device: Any = "cpu") -> dict[str, Any]:
 
 def channels_last(network: nn.Module, enabled: bool = False) -> nn.Module:
     """The network itself, converted in place to the channels-last memory layout when ``enabled``."""
-    from .workflow import flag
-
     return network.to(memory_format=torch.channels_last) if flag(enabled) else network
 
 
@@ -91,8 +90,6 @@ def compiled(network: nn.Module, enabled: bool = False) -> nn.Module:
     network, so their weights and key names do not depend on the setting. A backend that cannot compile (no
     C++ compiler, an unsupported operation) falls back to eager execution with a warning instead of stopping.
     """
-    from .workflow import flag
-
     if not flag(enabled):
         return network
     import torch._dynamo

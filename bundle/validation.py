@@ -48,3 +48,18 @@ def check_sampling_values(num_inference_steps: Any, guidance_scale: Any, batch_s
     number("guidance_scale", guidance_scale, float, minimum=0.0,
            example="0 (unconditional), 1 (conditional, no guidance) or 3")
     number("sample_batch_size", batch_size, int, minimum=1, example=8)
+
+
+def flag(value: Any) -> bool:
+    """A yes/no setting as configs and the command line give it (``true``/``false``, ``yes``/``no``, ``1``/``0``).
+
+    The command line passes ``--use_ema false`` as the string "false", which Python would take as true.
+    """
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "on", "1", "1.0"):
+        return True
+    if text in ("false", "no", "off", "0", "0.0", "none", "null", ""):
+        return False
+    raise BundleInputError(f"'{value}' is not a yes/no value: use true or false.")

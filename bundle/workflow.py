@@ -17,24 +17,9 @@ from ignite.handlers import ProgressBar
 
 from . import distributed
 from .errors import BundleInputError
-from .validation import number
+from .validation import flag, number  # noqa: F401 (flag: the configs' bundle.workflow.flag)
 
 logger = logging.getLogger(__name__)
-
-
-def flag(value: Any) -> bool:
-    """A yes/no setting as configs and the command line give it (``true``/``false``, ``yes``/``no``, ``1``/``0``).
-
-    The command line passes ``--use_ema false`` as the string "false", which Python would take as true.
-    """
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "yes", "on", "1", "1.0"):
-        return True
-    if text in ("false", "no", "off", "0", "0.0", "none", "null", ""):
-        return False
-    raise BundleInputError(f"'{value}' is not a yes/no value: use true or false.")
 
 
 def optional_path(value: Any) -> str | None:

@@ -143,12 +143,13 @@ def stage_autoencoder(args) -> dict:
 
 def stage_latent_cache(args) -> dict:
     from bundle.cache import encode_images
+    from bundle.models import load_codec
 
     wf = _workflow(args)
     get = wf.parser.get_parsed_content
     _ensure_autoencoder(get)
     images, device = get("image_cache")["images"], get("device")
-    codec = get("codec").load(get("autoencoder_path")).to(device)
+    codec = load_codec(get("autoencoder_path")).to(device)
     dino = get("dino").to(device)
     batch = 16
     count = min(len(images), batch * (args.warmup + args.iterations))
@@ -221,10 +222,11 @@ def stage_diffusion_reencode(args) -> dict:
     from monai.inferers import DiffusionInferer
 
     from bundle.data import apply_to_file
+    from bundle.models import load_codec
 
     get = _diffusion_parts(args)
     device, batch_size = get("device"), get("diffusion_batch_size")
-    codec = get("codec").load(get("autoencoder_path")).to(device)
+    codec = load_codec(get("autoencoder_path")).to(device)
     dino, preprocessing, rows = get("dino").to(device), get("preprocessing"), get("datalist")
     unet, optimizer, prepare = get("unet"), get("diffusion_optimizer"), get("prepare_batch")
     inferer, loss_fn = DiffusionInferer(get("train_scheduler")), torch.nn.MSELoss()
@@ -246,9 +248,11 @@ def stage_diffusion_reencode(args) -> dict:
 def _sampling_parts(args):
     import torch
 
+    from bundle.models import load_codec
+
     get = _diffusion_parts(args)
     device = get("device")
-    codec = get("codec").load(get("autoencoder_path")).to(device).eval()
+    codec = load_codec(get("autoencoder_path")).to(device).eval()
     unet = get("unet").eval()
     batch = args.sample_batch_size or get("diffusion_batch_size")
     context = get("latent_cache")["tokens"][:batch].float().to(device)

@@ -141,3 +141,42 @@ def test_every_default_output_folder_is_ignored_by_git():
     shown = subprocess.run(["git", "check-ignore", "--no-index", *(f"{f}/x" for f in folders)], cwd=ROOT,
                            capture_output=True, text=True).stdout.split()
     assert sorted(s[:-2] for s in shown) == folders, "default output folders not ignored by git"
+
+
+def test_the_bundle_package_imports_in_one_direction():
+    """No import circle among bundle's modules, counting imports inside functions too (a circle there works only
+    by the order in which modules happen to load)."""
+    import ast
+
+    modules = {}
+    for path in (ROOT / "bundle").rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + [node.module or ""])
+                base = base.rstrip(".")
+                edges |= {m for m in [base, *(f"{base}.{a.name}" for a in node.names)] if m in modules}
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                edges |= {n for n in names if n in modules}
+        graph[name] = edges - {name, "bundle"}  # the package's __init__ re-exports; that is not a dependency
+    assert {"bundle.autoencoder", "bundle.models", "bundle.sampling"} <= set(graph) and graph["bundle.sampling"]
+
+    state: dict = {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            assert state.get(nxt) != "open", "import circle: " + " -> ".join(path[path.index(nxt):] + [nxt])
+            if nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
