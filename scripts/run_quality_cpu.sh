@@ -9,6 +9,9 @@
 #   DATA=folder with train.csv, test_corpus.csv, test_jsrt.csv  (default: written by scripts/cxr_corpus_datalist.py)
 #   DINO_WEIGHTS=a DINO teacher file to condition on instead of training one (e.g. the cpu64 run's, which cpu128 shares)
 #   THREADS=torch threads per stage (default: all cores); any further --key value is a bundle override.
+#   STAGES="train_dino train_autoencoder cache train_diffusion evaluate" (the default): some stages only. DINO and
+#   the autoencoder need nothing of each other: on two cores, THREADS=1 STAGES=train_dino and THREADS=1
+#   STAGES=train_autoencoder side by side, then the command without STAGES for the rest.
 # cpu64: settings chosen by the pilots of docs/results/quality.md, given here; cpu128: the profile's own settings
 # (its pilots: section 128 px). Environment variables below override either.
 set -euo pipefail
@@ -29,8 +32,10 @@ opt() {  # opt KEY VALUE: '--KEY VALUE' when VALUE is set
 mapfile -t SETTINGS < <(opt latent_channels "${LATENT_CHANNELS:-}"; opt ae_lr "${AE_LR:-}"; opt torch_threads "${THREADS:-}")
 COMMON=(--config_file configs/train.json --profile "$PROFILE" --work_dir "$WORK" --dataset_dir "$DATA/train.csv"
         --amp "${AMP:-auto}" "${SETTINGS[@]}" "$@")
+STAGES=${STAGES:-train_dino train_autoencoder cache train_diffusion evaluate}
 stage() {  # stage NAME RUN_ID [overrides...]
   local name=$1 run_id=$2; shift 2
+  case " $STAGES " in *" $name "*) ;; *) return 0 ;; esac
   SECONDS=0
   $PY -m monai.bundle run "$run_id" "${COMMON[@]}" "$@" >> "$WORK/$name.log" 2>&1 || { tail -30 "$WORK/$name.log"; exit 1; }
   echo "$name $SECONDS" | tee -a "$WORK/stage_seconds.txt"
@@ -45,7 +50,9 @@ stage train_autoencoder train_autoencoder "${EPOCHS[@]}" --snapshot_every "${AE_
 stage cache cache --dino_weights "$DINO"
 mapfile -t EPOCHS < <(opt diffusion_epochs "${DIFFUSION_EPOCHS:-}")
 stage train_diffusion train_diffusion --dino_weights "$DINO" "${EPOCHS[@]}" --snapshot_every "${DIFFUSION_SNAPSHOT_EVERY:-10}"
-SECONDS=0
-$PY scripts/evaluate_quality.py --work_dir "$WORK" --train "$DATA/train.csv" --test "jsrt=$DATA/test_jsrt.csv" \
-  --test "corpus=$DATA/test_corpus.csv" --out "${OUT:-docs/results/quality_$PROFILE}" > "$WORK/evaluate_quality.log" 2>&1
-echo "evaluate_quality $SECONDS" | tee -a "$WORK/stage_seconds.txt"
+case " $STAGES " in *" evaluate "*)
+  SECONDS=0
+  $PY scripts/evaluate_quality.py --work_dir "$WORK" --train "$DATA/train.csv" --test "jsrt=$DATA/test_jsrt.csv" \
+    --test "corpus=$DATA/test_corpus.csv" --out "${OUT:-docs/results/quality_$PROFILE}" > "$WORK/evaluate_quality.log" 2>&1
+  echo "evaluate_quality $SECONDS" | tee -a "$WORK/stage_seconds.txt";;
+esac
