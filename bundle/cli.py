@@ -20,8 +20,26 @@ from .errors import BundleInputError
 from .io import atomic_write
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-JSRT_ROOT = REPO_ROOT.parent / "shared" / "data" / "jsrt"
 JSRT_SPLITS = ("train", "val", "test", "all")
+# the one setting that tells every script where the public data sets lie (docs/data.md): one folder holding
+# jsrt/, cxr_corpus/, ct/, mri/, each laid out as docs/data.md says
+DATA_ENV = "DINO_DIFFUSION_DATA"
+
+
+def data_folder(name: str, given: str | os.PathLike | None = None) -> Path:
+    """The folder of the data set ``name`` (``jsrt``, ``cxr_corpus``, ...): ``given`` (a script's own option) or
+    ``$DINO_DIFFUSION_DATA/<name>``; one sentence naming both when neither gives an existing folder."""
+    if given is not None:
+        folder = Path(given)
+    elif os.environ.get(DATA_ENV):
+        folder = Path(os.environ[DATA_ENV]) / name
+    else:
+        raise BundleInputError(f"Where is the {name} data set? Set {DATA_ENV} to the folder that holds {name}/ (or pass "
+                               f"the script its folder); docs/data.md says where to get it and how to lay it out.")
+    if not folder.is_dir():
+        raise BundleInputError(f"The {name} folder '{folder}' does not exist: set {DATA_ENV} to the folder that holds "
+                               f"{name}/ (or pass the script its folder); docs/data.md says where to get it.")
+    return folder
 
 
 def parse_overrides(tokens: Sequence[str]) -> dict[str, Any]:

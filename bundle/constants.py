@@ -9,7 +9,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # a datalist names a structure's mask file in the column "mask_<structure>"; outputs drop the prefix
 MASK_COLUMN_PREFIX = "mask_"
 
-# the structures with masks in the JSRT set (../shared/data/jsrt/masks/<structure>/)
+# the structures with masks in the JSRT set (jsrt/masks/<structure>/ of docs/data.md)
 JSRT_STRUCTURES = ("left_lung", "right_lung", "heart", "left_clavicle", "right_clavicle")
 JSRT_MASK_COLUMNS = tuple(MASK_COLUMN_PREFIX + s for s in JSRT_STRUCTURES)
 LUNG_MASK_COLUMNS = JSRT_MASK_COLUMNS[:2]

@@ -19,7 +19,7 @@ about speed. Timed iterations follow warm-up iterations (which include any compi
 - ``sampling_monai``: MONAI's stock ``LatentDiffusionInferer.sample`` with its DDIM scheduler on the same networks
   and steps; ``sampling_monai_ddim50``: the same at 50 DDIM steps, which a 20-step DPM-Solver++ matches in
   accuracy (docs/results/samplers.md);
-- ``head``: one few-shot landmark fine-tuning step (needs ../shared/data/jsrt; skipped without it).
+- ``head``: one few-shot landmark fine-tuning step (needs $DINO_DIFFUSION_DATA/jsrt; skipped without it).
 
 Prints a Markdown table and writes ``<out>.json`` and ``<out>.md``. Any ``--key value`` after ``--`` overrides
 the bundle config (e.g. ``--channels_last true --compile true``).
@@ -307,16 +307,19 @@ def stage_sampling_monai_ddim50(args) -> dict:
 
 
 def stage_head(args) -> dict:
-    from bundle.cli import JSRT_ROOT, config_workflow, jsrt_rows, parse_overrides
+    from bundle.cli import config_workflow, data_folder, jsrt_rows, parse_overrides
+    from bundle.errors import BundleInputError
 
-    if not (JSRT_ROOT / "manifest.csv").is_file():
-        return {"skipped": f"{JSRT_ROOT} is absent: the landmark head needs the JSRT landmarks."}
+    try:
+        jsrt = data_folder("jsrt")
+    except BundleInputError as err:
+        return {"skipped": f"the landmark head needs the JSRT landmarks: {err}"}
     import csv
 
     work = Path(args.work_dir) / "head"
     work.mkdir(parents=True, exist_ok=True)
     datalist = work / "jsrt_train.csv"
-    rows = jsrt_rows(JSRT_ROOT, "train")
+    rows = jsrt_rows(jsrt, "train")
     with open(datalist, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

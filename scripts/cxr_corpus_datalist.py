@@ -1,5 +1,5 @@
-"""Write a CSV datalist (image, id, split, patient, source, label, finding) for one split of ../shared/data/cxr_corpus,
-optionally with the JSRT images of the same split appended (source 'jsrt'): the unlabelled training set at scale.
+"""Write a CSV datalist (image, id, split, patient, source, label, finding) for one split of the cxr_corpus
+set ($DINO_DIFFUSION_DATA/cxr_corpus, docs/data.md), optionally with the JSRT images of the same split appended (source 'jsrt'): the unlabelled training set at scale.
 
     python scripts/cxr_corpus_datalist.py --split train --with_jsrt --out runs/corpus/train.csv
     python scripts/cxr_corpus_datalist.py --split test --source kermany --out runs/corpus/test_kermany.csv
@@ -11,9 +11,13 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import sys
 from pathlib import Path
 
-DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bundle.cli import data_folder  # noqa: E402
+
 COLUMNS = ("image", "id", "split", "patient", "source", "label", "finding")
 
 
@@ -38,15 +42,19 @@ def jsrt_rows(root: Path, split: str) -> list[dict[str, str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", type=Path, default=DATA_ROOT / "cxr_corpus", help="the cxr_corpus folder")
+    parser.add_argument("--root", type=Path, default=None,
+                        help="the cxr_corpus folder (default: $DINO_DIFFUSION_DATA/cxr_corpus)")
     parser.add_argument("--split", default="train", help="train, val, test or all (patient-level splits)")
     parser.add_argument("--source", default=None, help="keep one source only: nih, kermany or mhhcovid")
     parser.add_argument("--with_jsrt", action="store_true", help="append the JSRT images of the same split")
-    parser.add_argument("--jsrt_root", type=Path, default=DATA_ROOT / "jsrt", help="the JSRT folder")
+    parser.add_argument("--jsrt_root", type=Path, default=None, help="the JSRT folder (default: $DINO_DIFFUSION_DATA/jsrt)")
     parser.add_argument("--out", type=Path, help="the datalist to write")
     parser.add_argument("--lists", type=Path, help="instead of --out: write the generator's standard lists into this "
                         "folder: train.csv (corpus train + JSRT train), test_corpus.csv and test_jsrt.csv")
     args = parser.parse_args()
+    args.root = data_folder("cxr_corpus", args.root)
+    if args.lists or args.with_jsrt:
+        args.jsrt_root = data_folder("jsrt", args.jsrt_root)
     if args.lists:
         write(args.lists / "train.csv", corpus_rows(args.root, "train") + jsrt_rows(args.jsrt_root, "train"))
         write(args.lists / "test_corpus.csv", corpus_rows(args.root, "test"))

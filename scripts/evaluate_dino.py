@@ -3,7 +3,7 @@
     python scripts/evaluate_dino.py --weights runs/dino/models/dino/teacher.safetensors \\
         --model vit_small_patch16_224 --input_size 112 --kwargs '{"depth": 6}' --out docs/results/dino.json
 
-Features come from the train split (fit) and the test split (score) of ../shared/data/jsrt:
+Features come from the train split (fit) and the test split (score) of the JSRT set ($DINO_DIFFUSION_DATA/jsrt):
 - k-NN (k=5/10, cosine) and a logistic-regression linear probe on the CLS token, AUC for `sex` and `nodule`;
 - label-free correspondence: for every test image, each lung-contour landmark (RL, LL) of a reference
   training image is looked up by its patch token in the test image (best cosine match); the error is the
@@ -27,7 +27,7 @@ from monai.metrics import compute_roc_auc
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bundle.cli import JSRT_ROOT, jsrt_rows, report_json  # noqa: E402
+from bundle.cli import data_folder, jsrt_rows, report_json  # noqa: E402
 from bundle.data import apply_to_file, modality_preprocessing  # noqa: E402
 from bundle.dino import DinoFeatures  # noqa: E402
 from bundle.heads.landmarks import load_landmarks  # noqa: E402
@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="timm model name (default: from the weights' .json sidecar)")
     parser.add_argument("--input_size", type=int, default=None, help="default: from the weights' .json sidecar")
     parser.add_argument("--kwargs", default=None, help="timm create_model arguments as JSON (default: from the sidecar)")
-    parser.add_argument("--jsrt", type=Path, default=JSRT_ROOT)
+    parser.add_argument("--jsrt", type=Path, default=None, help="the JSRT folder (default: $DINO_DIFFUSION_DATA/jsrt)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -105,7 +105,8 @@ def main() -> None:
 
     start = time.time()
     preprocessing = modality_preprocessing(ROOT / "configs/modality/cxr.json", image_size=args.input_size)
-    splits = {s: jsrt_rows(args.jsrt, s) for s in ("train", "test")}
+    jsrt = data_folder("jsrt", args.jsrt)
+    splits = {s: jsrt_rows(jsrt, s) for s in ("train", "test")}
     images = {s: torch.stack([torch.as_tensor(apply_to_file(preprocessing, {"image": r["image"]})["image"]) for r in rows])
               for s, rows in splits.items()}
     landmarks = [load_landmarks(args.jsrt / "landmarks" / f"{r['id']}.json", ["RL", "LL"]) for r in splits["test"]]

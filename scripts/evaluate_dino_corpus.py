@@ -24,13 +24,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bundle.cli import report_json  # noqa: E402
+from bundle.cli import data_folder, report_json  # noqa: E402
 from bundle.data import apply_to_file, modality_preprocessing  # noqa: E402
 from bundle.dino import DinoFeatures  # noqa: E402
 from cxr_corpus_datalist import corpus_rows  # noqa: E402
 from evaluate_dino import auc, features, knn_scores, linear_probe  # noqa: E402
 
-CORPUS = ROOT.parent / "shared" / "data" / "cxr_corpus"
 TASKS = {"kermany": ("normal", "pneumonia"), "nih": ("normal", "pneumonia")}
 
 
@@ -57,10 +56,11 @@ def task_scores(cls: dict[str, torch.Tensor], y: dict[str, np.ndarray]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", required=True, help="trained DINO weights (timm safetensors with a .json sidecar)")
-    parser.add_argument("--corpus", type=Path, default=CORPUS)
+    parser.add_argument("--corpus", type=Path, default=None, help="the cxr_corpus folder (default: $DINO_DIFFUSION_DATA/cxr_corpus)")
     parser.add_argument("--random_seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    args.corpus = data_folder("cxr_corpus", args.corpus)
     info = json.loads(Path(args.weights + ".json").read_text())
     model, size, kwargs = info["model_name"], info["img_size"], info.get("model_kwargs", {})
     start = time.time()

@@ -2,7 +2,7 @@
 and the generation speed, with a trained model (docs/results/sampling.{json,md} figures).
 
     python scripts/evaluate_sampling.py --work_dir runs/foundation_dino --test runs/foundation/test.csv \\
-        --masks ../shared/data/jsrt/masks/left_lung -- --image_size 64 ... (the overrides training used)
+        --masks $DINO_DIFFUSION_DATA/jsrt/masks/left_lung -- --image_size 64 ... (the overrides training used)
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bundle.checkpoints import checkpoint_files  # noqa: E402
-from bundle.cli import report_json  # noqa: E402
+from bundle.cli import data_folder, report_json  # noqa: E402
 from bundle.models import model_path  # noqa: E402
 
 EPOCHS = {"dino": 6, "autoencoder": 8, "diffusion": 8}
@@ -134,8 +134,9 @@ def main() -> None:
                         help="the stages kills aim at (default: all; each kill picks one not yet finished)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "fault_injection")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
-    parser.add_argument("--jsrt", type=Path, default=ROOT.parent / "shared" / "data" / "jsrt", help="the JSRT folder")
+    parser.add_argument("--jsrt", type=Path, default=None, help="the JSRT folder (default: $DINO_DIFFUSION_DATA/jsrt)")
     args = parser.parse_args()
+    args.jsrt = data_folder("jsrt", args.jsrt)
     images = sorted((args.jsrt / "images").glob("*.png"))[:16]
     if not images:
         raise SystemExit(f"error: no JSRT images in {args.jsrt / 'images'}: pass --jsrt to the JSRT folder.")

@@ -1,4 +1,4 @@
-"""Write a CSV datalist (image, label columns, landmark file, one mask column per structure) for one split of the JSRT set in ../shared/data/jsrt.
+"""Write a CSV datalist (image, label columns, landmark file, one mask column per structure) for one split of the JSRT set ($DINO_DIFFUSION_DATA/jsrt, docs/data.md).
 
     python scripts/jsrt_datalist.py --split train --out runs/jsrt/train.csv
 """
@@ -13,20 +13,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bundle.cli import JSRT_ROOT, JSRT_SPLITS, jsrt_rows  # noqa: E402
+from bundle.cli import JSRT_SPLITS, data_folder, jsrt_rows  # noqa: E402
 from bundle.io import atomic_path  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", type=Path, default=JSRT_ROOT,
+    parser.add_argument("--root", type=Path, default=None,
                         help="the JSRT folder, with manifest.csv, images/, landmarks/ and masks/<structure>/ "
-                             "(default: %(default)s)")
+                             "(default: $DINO_DIFFUSION_DATA/jsrt; docs/data.md)")
     parser.add_argument("--split", default="train", choices=JSRT_SPLITS,
                         help="which rows of manifest.csv to list; all = every split (default: %(default)s)")
     parser.add_argument("--out", type=Path, required=True, help="the CSV datalist to write")
     args = parser.parse_args()
-    rows = jsrt_rows(args.root, args.split)
+    rows = jsrt_rows(data_folder("jsrt", args.root), args.split)
     with atomic_path(args.out) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -1,7 +1,7 @@
 """Build the default data set that ships with the bundle: the NIH ChestX-ray14 images of the cxr_corpus
 train and val splits, downscaled to 128 pixels (longest side), as 8-bit grey PNGs with a manifest.
 
-    python scripts/make_default_data.py            (reads ../shared/data/cxr_corpus, writes bundle/default_data/nih_cxr)
+    python scripts/make_default_data.py            (reads $DINO_DIFFUSION_DATA/cxr_corpus, writes bundle/default_data/nih_cxr)
 
 NIH ChestX-ray14 is released by the NIH Clinical Center without restriction on use, which is why only the
 `nih` rows are used (the other corpus sources carry licences that ask for more than attribution). The
@@ -22,20 +22,21 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bundle.cli import data_folder  # noqa: E402
 from bundle.constants import DEFAULT_DATA_DIR  # noqa: E402
 
-CORPUS = ROOT.parent / "shared" / "data" / "cxr_corpus"
 SPLITS = ("train", "val")
 COLUMNS = ("id", "split", "label", "finding", "view", "original_path")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", type=Path, default=CORPUS, help="the cxr_corpus folder (manifest.csv, images/)")
+    parser.add_argument("--root", type=Path, default=None,
+                        help="the cxr_corpus folder, manifest.csv and images/ (default: $DINO_DIFFUSION_DATA/cxr_corpus)")
     parser.add_argument("--out", type=Path, default=ROOT / DEFAULT_DATA_DIR)
     parser.add_argument("--size", type=int, default=128, help="longest side in pixels")
     args = parser.parse_args()
-    manifest = args.root / "manifest.csv"
+    manifest = data_folder("cxr_corpus", args.root) / "manifest.csv"
     if not manifest.is_file():
         raise SystemExit(f"error: {manifest} does not exist: pass --root to the cxr_corpus folder.")
     with open(manifest, newline="") as f:

@@ -9,8 +9,8 @@ stopped mutant counts as a timeout, apart from killed and survived). Minutes to 
 (docs/results/tests.md); longer where the covering tests train and sample networks.
 
 Runs on a copy of the tracked files in <work>/src (mutmut writes its mutants/ folder there, and keeps its results
-in it: run the same command again to continue an interrupted run), with the real images of ../shared/data linked
-in, and writes <out>/mutation.json (killed / survived / other per module, and each surviving mutant's changed line,
+in it: run the same command again to continue an interrupted run), its tests finding the real images through
+$DINO_DIFFUSION_DATA (--data), and writes <out>/mutation.json (killed / survived / other per module, and each surviving mutant's changed line,
 so that each can be judged: a missing test, or an equivalent mutant) and <out>/mutation_table.md. Modules measured
 by an earlier run are kept there, this run's replace theirs. docs/results/tests.md reads them.
 """
@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bundle.cli import report_json  # noqa: E402
+from bundle.cli import DATA_ENV, report_json  # noqa: E402
 from bundle.io import atomic_write  # noqa: E402
 
 # module -> the fast tests that defend it
@@ -52,13 +52,13 @@ FAST_ONLY = {"strategies", "diffusion"}
 RESULT = re.compile(r"^\s*(bundle[\w.]+__mutmut_\d+): (.+)$")
 
 
-def prepare(work: Path, modules: list[str], shared: Path) -> Path:
+def prepare(work: Path, modules: list[str]) -> Path:
     src = work / "src"
     # a fresh copy of the tracked files, but mutants/ is kept: mutmut keeps each verdict until the mutated function
     # changes, so an interrupted run continues where it stopped (--retest_survivors after adding tests)
     if src.exists():
         for entry in src.iterdir():
-            if entry.name in ("mutants", "shared"):
+            if entry.name == "mutants":
                 continue
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
@@ -66,10 +66,6 @@ def prepare(work: Path, modules: list[str], shared: Path) -> Path:
         target = src / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, target, follow_symlinks=True)
-    for folder in (work, src):  # tests look for ../shared/data beside the repository (src, and src/mutants)
-        link = folder / "shared"
-        if not link.exists():
-            link.symlink_to(shared.resolve())
     tests = sorted({t for m in modules for t in TESTS[m]})
     if FAST_ONLY & set(modules):
         tests += ["-m", "not pipeline"]
@@ -86,7 +82,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modules", nargs="+", default=list(TESTS), choices=list(TESTS))
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "mutation")
-    parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared", help="the folder holding data/")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="the data folder the tests read (default: $DINO_DIFFUSION_DATA; docs/data.md)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     parser.add_argument("--retest_survivors", action="store_true",
                         help="test the mutants that survived the last run again (after tests were added for them)")
@@ -95,8 +92,11 @@ def main() -> None:
     mutmut = shutil.which("mutmut", path=str(Path(sys.executable).parent)) or shutil.which("mutmut")
     if not mutmut:
         raise SystemExit("error: mutmut is not installed: pip install mutmut==3.8.1")
-    src = prepare(args.work, args.modules, args.shared)
-    env = {**os.environ, "PYTHONPATH": ""}
+    data = args.data or os.environ.get(DATA_ENV)
+    if not data or not Path(data).is_dir():
+        raise SystemExit(f"error: the tests need the real images: pass --data or set {DATA_ENV} to the data folder.")
+    src = prepare(args.work, args.modules)
+    env = {**os.environ, "PYTHONPATH": "", DATA_ENV: str(Path(data).resolve())}
     run = [mutmut, "run"] + ([f"--max-children={args.max_children}"] if args.max_children else [])
 
     def statuses() -> list[tuple[str, str]]:

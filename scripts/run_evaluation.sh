@@ -16,7 +16,7 @@ TEST=${TEST:-$WORK/lists/jsrt_test.csv}
 [ -f "$LABELLED" ] || $PY scripts/jsrt_datalist.py --split train --out "$LABELLED"
 [ -f "$TEST" ] || $PY scripts/jsrt_datalist.py --split test --out "$TEST"
 SECONDS=0
-$PY scripts/evaluate_sampling.py --work_dir "$WORK" --test "$TEST" --masks ../shared/data/jsrt/masks/left_lung \
+$PY scripts/evaluate_sampling.py --work_dir "$WORK" --test "$TEST" --masks "${DINO_DIFFUSION_DATA:?set DINO_DIFFUSION_DATA to the data folder (jsrt/; docs/data.md)}/jsrt/masks/left_lung" \
     --out docs/results -- "${MODEL[@]}"
 echo "sampling_evidence $SECONDS" >> "$WORK/stage_seconds.txt"
 SECONDS=0

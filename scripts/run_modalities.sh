@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Small CT and MRI runs on the shared volumes (2D slices, CPU profile, 64 px): the head CT in the brain window and
+# Small CT and MRI runs on the public volumes of docs/data.md (2D slices, CPU profile, 64 px): the head CT in the brain window and
 # the brain T1 MRI, each trained on its own slices with a seeded random DINO, then the closing report (samples
 # beside the real slices whose embeddings conditioned them, and their evaluation). One volume per modality shows
 # that the path works and what the slices look like; it cannot show generalisation to other patients.
@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 WORK=${WORK:-runs/modalities}
-DATA=${DATA:-../shared/data}
+DATA=${DATA:-${DINO_DIFFUSION_DATA:?set DINO_DIFFUSION_DATA to the data folder (ct/, mri/; docs/data.md)}}
 mkdir -p "$WORK"
 run() {  # NAME MODALITY VOLUME SETTINGS
   local name=$1 modality=$2 volume=$3 settings=$4

@@ -6,7 +6,7 @@
 # CPU run does (scripts/run_quality_cpu.sh).
 #   bash scripts/run_quality_gpu.sh            (WORK=runs/gpu128; about 25 min on one H100)
 #   STAGES="train_dino train_autoencoder" bash scripts/run_quality_gpu.sh     (some stages only; the rest later)
-#   DATA=folder with train.csv, test_corpus.csv, test_jsrt.csv  (default: written from ../shared/data)
+#   DATA=folder with train.csv, test_corpus.csv, test_jsrt.csv  (default: written from $DINO_DIFFUSION_DATA, docs/data.md)
 # Every stage resumes from its last epoch checkpoint and a finished stage is skipped, so the same command continues
 # an interrupted run. Extra arguments are passed to every bundle command (e.g. --num_workers 4). torch.compile is
 # off unless COMPILE=true: its compile time is a large part of a budget of minutes.

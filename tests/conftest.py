@@ -1,4 +1,5 @@
-"""Shared fixtures: the real images in ../shared/data, tiny network settings, and running bundle configs."""
+"""Shared fixtures: the real images (in $DINO_DIFFUSION_DATA, by default the data folder CI provides beside the
+repository), tiny network settings, and running bundle configs."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+# the same setting the scripts read (bundle.cli.DATA_ENV); scripts the tests start inherit it
+DATA = Path(os.environ.setdefault("DINO_DIFFUSION_DATA", str(ROOT.parent / "shared" / "data")))
 JSRT = DATA / "jsrt"
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -19,7 +21,7 @@ SCHEDULE = dict(num_train_timesteps=1000, schedule="scaled_linear_beta", beta_st
 
 def require(path: Path) -> Path:
     if not path.exists():
-        pytest.skip(f"needs the real images in {path} (the ../shared/data folder beside the repository), absent here")
+        pytest.skip(f"needs the real images in {path} (set DINO_DIFFUSION_DATA to the data folder), absent here")
     return path
 
 

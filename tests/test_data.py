@@ -16,7 +16,7 @@ from bundle.data import (apply_to_file, build_datalist, default_data, find_image
                          preprocessed_images, read_datalist)
 from bundle.errors import BundleInputError
 
-from .conftest import ROOT, write_datalist
+from .conftest import DATA, ROOT, write_datalist
 
 SIZE = 64
 
@@ -150,9 +150,9 @@ def test_corrupt_image_names_the_file(tmp_path, preprocessing):
 
 
 def test_3d_volume_is_refused(preprocessing):
-    ct = ROOT.parent / "shared/data/ct/head_ct.nii.gz"
+    ct = DATA / "ct/head_ct.nii.gz"
     if not ct.exists():
-        pytest.skip(f"needs {ct} (the ../shared/data folder beside the repository), absent here")
+        pytest.skip(f"needs {ct} (set DINO_DIFFUSION_DATA to the data folder), absent here")
     with pytest.raises(BundleInputError, match="head_ct.nii.gz' is a 3D volume.*extract 2D slices"):
         load(preprocessing, ct)
 

@@ -180,3 +180,31 @@ def test_the_bundle_package_imports_in_one_direction():
     for name in sorted(graph):
         if name not in state:
             visit(name, [name])
+
+
+def test_scripts_find_the_data_sets_through_one_setting_and_say_so_when_it_is_missing(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    from bundle.cli import DATA_ENV, data_folder
+
+    from .conftest import DATA
+
+    monkeypatch.delenv(DATA_ENV, raising=False)
+    with pytest.raises(BundleInputError) as err:
+        data_folder("jsrt")
+    assert str(err.value) == ("Where is the jsrt data set? Set DINO_DIFFUSION_DATA to the folder that holds jsrt/ (or "
+                              "pass the script its folder); docs/data.md says where to get it and how to lay it out.")
+    assert data_folder("jsrt", tmp_path) == tmp_path
+    monkeypatch.setenv(DATA_ENV, str(tmp_path))
+    with pytest.raises(BundleInputError, match=f"The cxr_corpus folder '{tmp_path / 'cxr_corpus'}' does not exist"):
+        data_folder("cxr_corpus")
+    env = {k: v for k, v in os.environ.items() if k != DATA_ENV}
+    script = [sys.executable, "scripts/jsrt_datalist.py", "--split", "test", "--out", str(tmp_path / "t.csv")]
+    missing = subprocess.run(script, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert missing.returncode != 0 and missing.stderr.strip().splitlines()[-1].startswith("error: Where is the jsrt")
+    if (DATA / "jsrt").is_dir():
+        found = subprocess.run(script, cwd=ROOT, env={**env, DATA_ENV: str(DATA)}, capture_output=True, text=True,
+                               timeout=120)
+        assert found.returncode == 0 and found.stdout.strip() == f"30 images -> {tmp_path / 't.csv'}", found.stderr
