@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -107,7 +108,8 @@ def package(work_dir: str | os.PathLike, out_dir: str | os.PathLike, base_url: s
                 shutil.copy(src, tmp / name)
         (tmp / "configs" / "metadata.json").unlink(missing_ok=True)  # a link to the repository's: written below
         (tmp / "docs" / "README.md").unlink(missing_ok=True)
-        shutil.copy(source_root / "README.md", tmp / "docs" / "README.md")
+        atomic_write(tmp / "docs" / "README.md",
+                     lambda t: Path(t).write_text(links_from(source_root / "README.md", source_root / "docs")))
         metadata = json.loads((source_root / "metadata.json").read_text())
         metadata.update(formats)
         if version:
@@ -244,3 +246,17 @@ def check_torchscript(bundle_dir: str | os.PathLike) -> dict[str, float]:
             raise RuntimeError(f"The TorchScript export {name} differs from the eager network by {difference:.2e}.")
         found[name] = difference
     return found
+
+
+def links_from(markdown: Path, folder: Path) -> str:
+    """The text of ``markdown`` with its relative links rewritten to work from ``folder`` of the same tree (the
+    repository README becomes the zoo bundle's docs/README.md, whose links to docs/guide/... must read guide/...)."""
+    base = markdown.parent.resolve()
+
+    def rebase(match: re.Match) -> str:
+        target = match.group(1)
+        if re.match(r"^(https?:|mailto:|#)", target):
+            return match.group(0)
+        return "](" + os.path.relpath(base / target, folder.resolve()).replace(os.sep, "/") + ")"
+
+    return re.sub(r"\]\(([^)\s]+)\)", rebase, markdown.read_text())

@@ -51,6 +51,11 @@ def test_a_trained_work_dir_packages_into_a_bundle_that_passes_the_zoo_checks(zo
     assert set(found["export"]) == {"models/model.ts", "models/decoder.ts"} and max(found["export"].values()) < 1e-4
     assert all((zoo_bundle / name).is_file() for name in found["export"])
     assert not (zoo_bundle / "configs" / "metadata.json").is_symlink() and not (zoo_bundle / "docs" / "README.md").is_symlink()
+    # the README, now at docs/README.md, still reaches the guide pages the package carries
+    import re
+
+    links = re.findall(r"\]\((guide/[^)\s]+)\)", (zoo_bundle / "docs" / "README.md").read_text())
+    assert len(links) >= 9 and all((zoo_bundle / "docs" / link).is_file() for link in links), links
     listed = (zoo_bundle / "large_files.yml").read_text()
     for rel in ("models/model.pt", "models/model_autoencoder.pt", "models/model.ts", "models/decoder.ts"):
         assert f'path: "{rel}"' in listed and sha256(zoo_bundle / rel) in listed
