@@ -213,7 +213,8 @@ def test_scripts_find_the_data_sets_through_one_setting_and_say_so_when_it_is_mi
 def test_every_relative_link_of_the_readme_and_the_guide_reaches_a_file():
     import re
 
-    pages = [ROOT / "README.md", ROOT / "docs/data.md", *sorted((ROOT / "docs/guide").glob("*.md"))]
+    pages = [ROOT / "README.md", ROOT / "docs/data.md", ROOT / "docs/results/README.md",
+             *sorted((ROOT / "docs/guide").glob("*.md"))]
     assert len(pages) >= 12
     broken = [(page.name, target) for page in pages for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text())
               if not re.match(r"^(https?:|mailto:|#)", target) and not (page.parent / target.split("#")[0]).exists()]
