@@ -138,6 +138,41 @@ def test_bad_requests_get_a_clear_http_error_and_the_server_keeps_running(server
     assert requests.get(f"{url}/info/", timeout=30).ok
 
 
+def test_the_server_reads_and_writes_only_inside_its_datastore_and_refuses_bad_labels(server, tmp_path):
+    import tempfile
+
+    url, row = server["url"], server["rows"][0]
+    image_id = Path(row["image"]).stem
+    outside = server["tmp"] / "images.csv"  # a file on the server's disk, outside the studies folder
+    for image in (row["image"], str(outside), "../../../../etc/passwd"):  # the first: the same film, by its path
+        answer = requests.post(f"{url}/infer/segmentation", params={"image": image, "output": "json"}, timeout=60)
+        assert answer.status_code == 404, (image, answer.text[:300])
+    assert "not an image of this server's datastore" in requests.post(
+        f"{url}/infer/segmentation", params={"image": row["image"], "output": "json"}, timeout=60).json()["detail"]
+
+    height, width = np.asarray(Image.open(row["image"])).shape[:2]
+    good = np.zeros((height, width), np.uint8)
+    cases = {"garbage": (b"not an image", "final", 422, "is not a readable image"),
+             "small": (np.zeros((height // 2, width), np.uint8), "final", 422, "save a grey label map of the study's size"),
+             "values": (np.full((height, width), 9, np.uint8), "final", 422, "values [9] that name no structure"),
+             "traversal": (good, "../../../../escaped", 422, "is not a plain name")}
+    stray = sorted(Path(tempfile.gettempdir()).glob("tmp*.refused.png"))
+    for name, (content, tag, status, message) in cases.items():
+        path = tmp_path / f"{name}.refused.png"
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            Image.fromarray(content).save(path)
+        with open(path, "rb") as f:
+            answer = requests.put(f"{url}/datastore/label", params={"image": image_id, "tag": tag},
+                                  files={"label": (path.name, f)}, timeout=60)
+        assert answer.status_code == status and message in answer.json()["detail"], (name, answer.text[:300])
+    assert sorted(Path(tempfile.gettempdir()).glob("tmp*.refused.png")) == stray, "a refused upload leaves no file"
+    assert not list(server["tmp"].rglob("escaped")) and not list(server["tmp"].parent.rglob("escaped"))
+    labels = requests.get(f"{url}/datastore/", params={"output": "all"}, timeout=30).json()["objects"][image_id]
+    assert not labels.get("labels"), "nothing was saved"
+
+
 def test_train_fine_tunes_the_head_on_a_saved_label_and_inference_uses_it(server, tmp_path):
     url, row = server["url"], server["rows"][1]
     masks = [np.asarray(Image.open(row[c])) > 0 for c in STRUCTURES]

@@ -77,7 +77,21 @@ class DinoDiffusionApp(MONAILabelApp):
     def init_trainers(self):
         return {"segmentation": tasks.HeadTrain(self.heads_dir, self.structures, self.train_iterations)}
 
+    def init_datastore(self):
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        from monailabel.config import settings
+
+        return tasks.CheckedDatastore(self.studies, extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+                                      auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+                                      read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+                                      label_values=list(tasks.label_names(self.structures).values()))
+
     def infer(self, request, datastore=None):
+        image = request.get("image")
+        if isinstance(image, str) and os.path.exists(image) and not tasks.servable(image, self.studies):
+            raise HTTPException(status_code=404, detail=f"Image '{image}' is not an image of this server's datastore: "
+                                                        "give an image id of the datastore or upload a file.")
         try:
             return super().infer(request, datastore)
         except MONAILabelException as err:  # unknown task or no task named: a 404 with the list, not a bare 500

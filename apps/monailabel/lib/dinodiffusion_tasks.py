@@ -13,6 +13,7 @@ import csv
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -21,6 +22,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 from fastapi import HTTPException
+from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monailabel.interfaces.tasks.train import TrainTask
@@ -81,6 +83,75 @@ def one_row_datalist(image: str, folder: Path) -> str:
     with open(path, "w", newline="") as f:
         csv.writer(f).writerows([["image"], [str(Path(image).resolve())]])
     return str(path)
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """(height, width) of a 2D image file as PIL reads it (DICOM and NIfTI through MONAI's loader)."""
+    if path.lower().endswith((".png", ".jpg", ".jpeg")):
+        with Image.open(path) as image:
+            return image.height, image.width
+    from monai.transforms import LoadImage
+
+    shape = LoadImage(image_only=True)(path).shape  # MONAI's (x, y) order
+    return int(shape[1]), int(shape[0])
+
+
+def read_label(path: str, image_id: str, size: tuple[int, int], values: Sequence[int]) -> np.ndarray:
+    """A saved label map, checked: a readable image of the study's size whose values are 0 or a known label
+    (HTTP 422 with the reason otherwise)."""
+    try:
+        with Image.open(path) as image:
+            label = np.asarray(image)
+    except Exception:
+        raise HTTPException(status_code=422, detail=f"The label of '{image_id}' is not a readable image: save a PNG "
+                                                    "label map.") from None
+    if label.shape[:2] != tuple(size) or label.ndim != 2:
+        raise HTTPException(status_code=422, detail=f"The label of '{image_id}' is {label.shape[1::-1] if label.ndim > 1 else label.shape} "
+                                                    f"pixels, its study {size[::-1]} (width, height): save a grey label map of the study's size.")
+    unknown = sorted(set(np.unique(label).tolist()) - {0, *values})
+    if unknown:
+        raise HTTPException(status_code=422, detail=f"The label of '{image_id}' has values {unknown[:5]} that name no "
+                                                    f"structure: use 0 and {sorted(values)}.")
+    return label
+
+
+TAG = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+class CheckedDatastore(LocalDatastore):
+    """MONAI Label's local datastore that keeps labels inside it and useful for training: a label's tag must be a
+    plain name (a tag becomes a folder), its image must be in the datastore, and the label a readable map of the
+    study's size with known values. A refused upload is deleted at once (MONAI Label removes its temporary file only
+    after a successful request)."""
+
+    def __init__(self, *args: Any, label_values: Sequence[int] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.label_values = list(label_values)
+
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+        try:
+            if not TAG.fullmatch(str(label_tag)):
+                raise HTTPException(status_code=422, detail=f"Label tag '{label_tag}' is not a plain name: use "
+                                                            "letters, digits, '-' or '_' (e.g. final).")
+            image = self.get_image_uri(image_id)
+            if not image:
+                raise HTTPException(status_code=404, detail=f"Image '{image_id}' is not in the datastore: add it "
+                                                            "first (PUT /datastore/image).")
+            read_label(label_filename, image_id, image_size(image), self.label_values)
+        except HTTPException:
+            Path(label_filename).unlink(missing_ok=True)
+            raise
+        return super().save_label(image_id, label_filename, label_tag, label_info)
+
+
+def servable(path: str, studies: str) -> bool:
+    """Whether the infer tasks may read ``path``: an image of the datastore, or a file MONAI Label wrote for an
+    upload (a top-level temporary file); never any other file of the server's disk."""
+    real = os.path.realpath(path)
+    inside = os.path.commonpath([real, os.path.realpath(studies)]) == os.path.realpath(studies)
+    upload = (os.path.dirname(real) == os.path.realpath(tempfile.gettempdir())
+              and os.path.basename(real).startswith("tmp"))
+    return os.path.isfile(real) and (inside or upload)
 
 
 def require_model(path: str, what: str, remedy: str) -> None:
@@ -206,14 +277,23 @@ class HeadTrain(TrainTask):
         names = label_names(self.structures)
         scratch = Path(tempfile.mkdtemp(prefix="dinodiffusion_train_"))
         try:
-            rows = []
+            rows, skipped = [], {}
             for image_id in labelled:
-                label = np.asarray(Image.open(datastore.get_label_uri(image_id, DefaultLabelTag.FINAL.value)))
-                row = {"image": datastore.get_image_uri(image_id)}
+                image = datastore.get_image_uri(image_id)
+                try:  # a label saved before labels were checked, or changed on disk since: skipped, by name
+                    label = read_label(datastore.get_label_uri(image_id, DefaultLabelTag.FINAL.value), image_id,
+                                       image_size(image), list(names.values()))
+                except HTTPException as err:
+                    skipped[image_id] = err.detail
+                    logger.warning("Training leaves out %s: %s", image_id, err.detail)
+                    continue
+                row = {"image": image}
                 for column, (name, value) in zip(self.structures, names.items()):
                     row[column] = str(scratch / f"{image_id}_{name}.png")
                     Image.fromarray(((label == value) * 255).astype(np.uint8)).save(row[column])
                 rows.append(row)
+            if not rows:
+                raise HTTPException(status_code=422, detail=f"No saved label can be used: {skipped}.")
             datalist = scratch / "labelled.csv"
             with open(datalist, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=["image", *self.structures])
@@ -230,7 +310,7 @@ class HeadTrain(TrainTask):
             losses = workflow.parser.get_parsed_content("head_trainer").state.output
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        self._stats = {"images": len(rows), "iterations": int(request.get("iterations", self.iterations)),
+        self._stats = {"images": len(rows), "skipped": skipped, "iterations": int(request.get("iterations", self.iterations)),
                        "final_loss": float(losses["loss"]) if isinstance(losses, dict) else float(losses),
                        "head": head_path, "seconds": round(time.time() - start, 1)}
         return self._stats
