@@ -180,6 +180,7 @@ class Generator:
     dino: nn.Module
     record: dict[str, Any]
     bundle_root: str
+    autoencoder_path: str = ""  # the autoencoder's file, which caches of its latents are keyed on
 
     @property
     def image_size(self) -> int:
@@ -278,7 +279,7 @@ def load_generator(autoencoder_path: str | os.PathLike, diffusion_path: str | os
         )
     dino = dino_from_record(record["dino"], diffusion_path,
                             {k: v for k, v in requested.items() if k.startswith("dino_")})
-    return Generator(codec, unet, dino, record, str(bundle_root)).to(device)
+    return Generator(codec, unet, dino, record, str(bundle_root), str(autoencoder_path)).to(device)
 
 
 def recorded_value(record: Mapping[str, Any], key: str, requested: Any, path: str | os.PathLike, what: str) -> Any:

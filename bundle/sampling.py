@@ -21,7 +21,6 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torch import nn
 from tqdm import tqdm
 
 from .cache import latent_cache
@@ -172,14 +171,9 @@ def write_manifest(rows: list[dict[str, Any]], path: str | os.PathLike, label_co
 @torch.no_grad()
 def generate(
     datalist: Sequence[dict[str, Any]],
-    preprocessing: Callable,
-    codec: nn.Module,
-    dino: nn.Module,
-    unet: nn.Module,
+    generator: Any,
     scheduler: Any,
-    latent_shape: Sequence[int],
     output_dir: str | os.PathLike,
-    autoencoder_path: str | os.PathLike,
     strategy: str | Mapping[str, float] = "reconstruction",
     num_samples: int | None = 4,
     total_samples: int | None = None,
@@ -193,15 +187,15 @@ def generate(
     device: torch.device | str = "cpu",
     jobs: Sequence[dict[str, Any]] | None = None,
     concepts: Any = None,
-    modality: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Generate images from a pool of real images and write them with ``manifest.csv`` into ``output_dir``.
+    """Generate images with ``generator`` (a :class:`bundle.models.Generator`: its autoencoder, UNet, DINO,
+    preprocessing and modality) from a pool of real images and write them with ``manifest.csv`` into ``output_dir``.
 
     The pool's preprocessed images, latents and DINO embeddings are cached in ``output_dir/.pool`` (rebuilt
     when the images, preprocessing, autoencoder or DINO model change). Outputs that already exist are kept.
     ``jobs`` replaces the planned jobs (e.g. :func:`interpolation_jobs`). An output made from a slice of a volume
     is written as NIfTI where its source slice lies (its affine) and as DICOM with the source's Modality
-    (the volume's own, or ``modality``'s: ct -> CT, mri -> MR).
+    (the volume's own, or the generator's modality's: ct -> CT, mri -> MR).
     """
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
@@ -217,8 +211,10 @@ def generate(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     label_columns = list(label_columns or [])
-    images = preprocessed_images(datalist, preprocessing, output_dir / ".pool" / "images.pt")
-    pool = latent_cache(images, codec, dino, autoencoder_path, output_dir / ".pool" / "latents.pt", device, batch_size)
+    codec, unet = generator.codec, generator.unet
+    images = preprocessed_images(datalist, generator.preprocessing, output_dir / ".pool" / "images.pt")
+    pool = latent_cache(images, codec, generator.dino, generator.autoencoder_path, output_dir / ".pool" / "latents.pt",
+                        device, batch_size)
     embeddings = pool["tokens"].float()
     if jobs is None:
         jobs = plan_jobs(datalist, embeddings, strategy, num_samples, total_samples, seed, label_columns, params, concepts)
@@ -264,7 +260,7 @@ def generate(
                 context = [torch.stack([c.tokens[i] for c in contexts]).to(device) for i in range(len(weights))]
             else:
                 context = torch.stack(contexts).to(device)
-            noise = seeded_noise([job["seed"] for job in batch_jobs], latent_shape, device)
+            noise = seeded_noise([job["seed"] for job in batch_jobs], generator.latent_shape, device)
             generators = [torch.Generator(device=device).manual_seed(int(job["seed"])) for job in batch_jobs]
 
             def sample(**start: Any) -> torch.Tensor:
@@ -282,7 +278,7 @@ def generate(
                                 description=f"synthetic {job['strategy']} (DiNO-Diffusion)",
                                 instance_uid=dicom_uid(str(path.resolve()), job["seed"]),
                                 affine=output_affine(source, image.shape[-2:]) if placed and fmt == "nifti" else None,
-                                modality=(source_modality(source) or VOLUME_MODALITIES.get(str(modality), "OT"))
+                                modality=(source_modality(source) or VOLUME_MODALITIES.get(generator.modality, "OT"))
                                 if placed else None)
                 done.add(j)
             write_manifest([rows[j] for j in sorted(done)], manifest, label_columns)
