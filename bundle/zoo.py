@@ -29,8 +29,12 @@ logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_SCHEMA = Path(__file__).parent / "schemas" / "model_zoo_metadata.json"
-# what a zoo bundle folder holds from this repository (models/ is written from the work dir)
+# what a zoo bundle folder holds from this repository (models/ is written from the work dir): what a bundle user
+# runs, not the evidence scripts, developer tools (benchmark, mutation testing, fault injection) or the images of
+# README command 1 (bundle/default_data: a zoo user trains on their own --dataset_dir)
 PACKAGE_FILES = ("configs", "bundle", "docs", "scripts", "LICENSE", "requirements.txt")
+PACKAGE_SCRIPTS = ("augmentation_experiment.py", "jsrt_datalist.py", "cxr_corpus_datalist.py")
+LEFT_OUT = ("__pycache__", "*.pyc", "results", "default_data")
 
 
 def _tensor(kind: str, fmt: str, channels: int, shape: Sequence[Any], dtype: str = "float32",
@@ -102,8 +106,12 @@ def package(work_dir: str | os.PathLike, out_dir: str | os.PathLike, base_url: s
     try:
         for name in PACKAGE_FILES:
             src = source_root / name
-            if src.is_dir():
-                shutil.copytree(src, tmp / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "results"))
+            if name == "scripts":
+                (tmp / name).mkdir()
+                for script in PACKAGE_SCRIPTS:
+                    shutil.copy(src / script, tmp / name / script)
+            elif src.is_dir():
+                shutil.copytree(src, tmp / name, ignore=shutil.ignore_patterns(*LEFT_OUT))
             elif src.is_file():
                 shutil.copy(src, tmp / name)
         (tmp / "configs" / "metadata.json").unlink(missing_ok=True)  # a link to the repository's: written below

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bundle.errors import BundleInputError
-from bundle.zoo import LOCAL_SCHEMA, data_formats, package, sha256, verify
+from bundle.zoo import LOCAL_SCHEMA, PACKAGE_SCRIPTS, data_formats, package, sha256, verify
 
 from .conftest import ROOT, workflow
 
@@ -51,6 +51,9 @@ def test_a_trained_work_dir_packages_into_a_bundle_that_passes_the_zoo_checks(zo
     assert set(found["export"]) == {"models/model.ts", "models/decoder.ts"} and max(found["export"].values()) < 1e-4
     assert all((zoo_bundle / name).is_file() for name in found["export"])
     assert not (zoo_bundle / "configs" / "metadata.json").is_symlink() and not (zoo_bundle / "docs" / "README.md").is_symlink()
+    # what a bundle user needs and nothing of the repository's own evidence, developer tools or demo images
+    assert sorted(p.name for p in (zoo_bundle / "scripts").iterdir()) == sorted(PACKAGE_SCRIPTS)
+    assert not (zoo_bundle / "bundle" / "default_data").exists() and not (zoo_bundle / "docs" / "results").exists()
     # the README, now at docs/README.md, still reaches the guide pages the package carries
     import re
 
