@@ -205,12 +205,12 @@ def generate(
     if not datalist:
         raise BundleInputError("No input images were given for sampling: pass --input_dir with at least one image.")
     check_sampling_values(num_inference_steps, guidance_scale, batch_size, getattr(scheduler, "num_train_timesteps", None))
+    label_columns = list(label_columns or [])
     if jobs is None:  # before the pool cache is written: a wrong setting costs nothing
         checked_plan(datalist, strategy, num_samples, total_samples, params, concepts)
-        label_groups(datalist, list(label_columns or []))
+        label_groups(datalist, label_columns)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    label_columns = list(label_columns or [])
     codec, unet = generator.codec, generator.unet
     images = preprocessed_images(datalist, generator.preprocessing, output_dir / ".pool" / "images.pt")
     pool = latent_cache(images, codec, generator.dino, generator.autoencoder_path, output_dir / ".pool" / "latents.pt",

@@ -105,9 +105,10 @@ def read_label(path: str, image_id: str, size: tuple[int, int], values: Sequence
     except Exception:
         raise HTTPException(status_code=422, detail=f"The label of '{image_id}' is not a readable image: save a PNG "
                                                     "label map.") from None
-    if label.shape[:2] != tuple(size) or label.ndim != 2:
-        raise HTTPException(status_code=422, detail=f"The label of '{image_id}' is {label.shape[1::-1] if label.ndim > 1 else label.shape} "
-                                                    f"pixels, its study {size[::-1]} (width, height): save a grey label map of the study's size.")
+    if label.shape != tuple(size):
+        raise HTTPException(status_code=422, detail=f"The label of '{image_id}' has shape {label.shape}, its study "
+                                                    f"{tuple(size)} (height, width): save a grey label map of the "
+                                                    "study's size.")
     unknown = sorted(set(np.unique(label).tolist()) - {0, *values})
     if unknown:
         raise HTTPException(status_code=422, detail=f"The label of '{image_id}' has values {unknown[:5]} that name no "
