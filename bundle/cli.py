@@ -1,7 +1,8 @@
 """What the command-line scripts in ``scripts/`` share: bundle overrides read from their command line, a
 config workflow built as ``python -m monai.bundle run`` builds it, and the JSRT datalist rows.
 
-Scripts run as ``python scripts/x.py`` put the repository root on ``sys.path`` and import from here.
+The tools run as modules from the bundle root (``python -m scripts.jsrt_datalist``, ``python -m evidence.NAME``,
+``python -m devtools.NAME``), so ``bundle`` imports without any ``sys.path`` patching.
 """
 
 from __future__ import annotations

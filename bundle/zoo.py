@@ -33,7 +33,7 @@ LOCAL_SCHEMA = Path(__file__).parent / "schemas" / "model_zoo_metadata.json"
 # runs, not the evidence scripts, developer tools (benchmark, mutation testing, fault injection) or the images of
 # README command 1 (bundle/default_data: a zoo user trains on their own --dataset_dir)
 PACKAGE_FILES = ("configs", "bundle", "docs", "scripts", "LICENSE", "requirements.txt")
-PACKAGE_SCRIPTS = ("augmentation_experiment.py", "jsrt_datalist.py", "cxr_corpus_datalist.py")
+PACKAGE_SCRIPTS = ("__init__.py", "augmentation_experiment.py", "jsrt_datalist.py", "cxr_corpus_datalist.py")
 LEFT_OUT = ("__pycache__", "*.pyc", "results", "default_data")
 
 
@@ -246,7 +246,7 @@ def check_torchscript(bundle_dir: str | os.PathLike) -> dict[str, float]:
     found = {}
     for name, network in networks.items():
         if not (bundle_dir / name).is_file():
-            raise BundleInputError(f"'{name}' is missing in '{bundle_dir}': package the bundle again (scripts/package_zoo.py).")
+            raise BundleInputError(f"'{name}' is missing in '{bundle_dir}': package the bundle again (python -m scripts.package_zoo).")
         with torch.no_grad():
             loaded = torch.jit.load(str(bundle_dir / name))
             difference = float((loaded(*_arguments(name, check)) - network(*_arguments(name, check))).abs().max())

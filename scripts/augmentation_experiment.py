@@ -10,10 +10,10 @@ images alone. AUC is measured on a fixed real test set. Every arm's result is ap
 soon as it is known, so an interrupted experiment continues where it stopped (the synthetic images and the
 concepts are kept in --out too).
 
-    python scripts/augmentation_experiment.py --train runs/foundation/train.csv --test runs/foundation/test.csv \\
+    python -m scripts.augmentation_experiment --train runs/foundation/train.csv --test runs/foundation/test.csv \\
         --label nodule --sizes 10 25 50 150 --ratios 0 1 5 --folds 3 --out runs/augmentation/nodule \\
         -- --work_dir runs/foundation_dino ... (the overrides the generator was trained with)
-    python scripts/augmentation_experiment.py --train runs/kermany/train.csv --test runs/kermany/test.csv \\
+    python -m scripts.augmentation_experiment --train runs/kermany/train.csv --test runs/kermany/test.csv \\
         --label label --positive pneumonia --per_class --sizes 10 25 50 100 --ratios 0 1 5 --folds 3 \\
         --concept_tokens 8 --out runs/showdown/kermany -- --work_dir runs/corpus_cpu64
 """
@@ -25,7 +25,6 @@ import ast
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -38,13 +37,12 @@ from torch import nn
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from bundle.cli import config_workflow, parse_overrides, pyplot  # noqa: E402
-from bundle.concepts import ConceptBank, concept_path  # noqa: E402
-from bundle.data import preprocessed_stack, read_datalist  # noqa: E402
-from bundle.errors import BundleInputError  # noqa: E402
-from bundle.io import append_jsonl, atomic_write  # noqa: E402
+from bundle.cli import config_workflow, parse_overrides, pyplot
+from bundle.concepts import ConceptBank, concept_path
+from bundle.data import preprocessed_stack, read_datalist
+from bundle.errors import BundleInputError
+from bundle.io import append_jsonl, atomic_write
 
 
 def binary_labels(rows: Sequence[Mapping[str, Any]], column: str, positive: str | None = None) -> np.ndarray:

@@ -1,9 +1,9 @@
 """Write a CSV datalist (image, id, split, patient, source, label, finding) for one split of the cxr_corpus
 set ($DINO_DIFFUSION_DATA/cxr_corpus, docs/data.md), optionally with the JSRT images of the same split appended (source 'jsrt'): the unlabelled training set at scale.
 
-    python scripts/cxr_corpus_datalist.py --split train --with_jsrt --out runs/corpus/train.csv
-    python scripts/cxr_corpus_datalist.py --split test --source kermany --out runs/corpus/test_kermany.csv
-    python scripts/cxr_corpus_datalist.py --lists runs/corpus/lists   (train.csv, test_corpus.csv, test_jsrt.csv)
+    python -m scripts.cxr_corpus_datalist --split train --with_jsrt --out runs/corpus/train.csv
+    python -m scripts.cxr_corpus_datalist --split test --source kermany --out runs/corpus/test_kermany.csv
+    python -m scripts.cxr_corpus_datalist --lists runs/corpus/lists   (train.csv, test_corpus.csv, test_jsrt.csv)
 """
 
 from __future__ import annotations
@@ -11,12 +11,10 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bundle.cli import data_folder  # noqa: E402
+from bundle.cli import data_folder
 
 COLUMNS = ("image", "id", "split", "patient", "source", "label", "finding")
 

@@ -1,20 +1,17 @@
 """Write a CSV datalist (image, label columns, landmark file, one mask column per structure) for one split of the JSRT set ($DINO_DIFFUSION_DATA/jsrt, docs/data.md).
 
-    python scripts/jsrt_datalist.py --split train --out runs/jsrt/train.csv
+    python -m scripts.jsrt_datalist --split train --out runs/jsrt/train.csv
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from bundle.cli import JSRT_SPLITS, data_folder, jsrt_rows  # noqa: E402
-from bundle.io import atomic_path  # noqa: E402
+from bundle.cli import JSRT_SPLITS, data_folder, jsrt_rows
+from bundle.io import atomic_path
 
 
 def main() -> None:

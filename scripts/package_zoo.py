@@ -1,6 +1,6 @@
 """Package a trained work dir as a MONAI Model Zoo bundle folder, then run the zoo's checks on it offline.
 
-    python scripts/package_zoo.py --work_dir runs/corpus_cpu64 --out dist/dino_diffusion_cxr \\
+    python -m scripts.package_zoo --work_dir runs/corpus_cpu64 --out dist/dino_diffusion_cxr \\
         --base_url https://example.org/releases/v0.4.0
 
 The folder holds the configs, the bundle package, docs/README.md, LICENSE, configs/metadata.json with the data
@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from bundle.zoo import package, verify  # noqa: E402
+from bundle.zoo import package, verify
 
 
 def main() -> None:

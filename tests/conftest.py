@@ -50,8 +50,8 @@ def jsrt_datalist(folder: Path, split: str = "train") -> tuple[Path, list[dict]]
 
     require(JSRT / "images")
     path = folder / f"{split}.csv"
-    subprocess.run([sys.executable, str(ROOT / "scripts/jsrt_datalist.py"), "--split", split, "--out", str(path)],
-                   check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "scripts.jsrt_datalist", "--split", split, "--out", str(path)],
+                   check=True, capture_output=True, cwd=ROOT)
     return path, read_datalist(path)
 
 
@@ -125,7 +125,7 @@ PIPELINE_FIXTURES = {"trained_tiny", "tiny_dataset"}
 
 def pytest_collection_modifyitems(config, items):
     """Tests that train a tiny pipeline through the configs are marked ``pipeline`` (pytest.ini), so that
-    ``-m "not pipeline"`` runs the fast tests alone (scripts/mutation_testing.py does, for its slower modules)."""
+    ``-m "not pipeline"`` runs the fast tests alone (devtools/mutation_testing.py does, for its slower modules)."""
     for item in items:
         if PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.pipeline)

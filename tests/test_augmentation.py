@@ -58,7 +58,7 @@ def report_only(out):
 
     from .conftest import ROOT
 
-    return subprocess.run([sys.executable, str(ROOT / "scripts/augmentation_experiment.py"), "--train", "unused",
+    return subprocess.run([sys.executable, "-m", "scripts.augmentation_experiment", "--train", "unused",
                            "--test", "unused", "--label", "nodule", "--out", str(out), "--report_only"],
                           capture_output=True, text=True, cwd=ROOT)
 

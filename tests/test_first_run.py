@@ -53,12 +53,10 @@ def test_first_command_offline_on_the_default_images_ends_with_a_report(tmp_path
         entry = evaluation["feature_spaces"][space]
         assert entry["frechet_distance"] > 0 and entry["frechet_distance_train_reference"] > 0
     assert 0 < evaluation["reconstruction"]["psnr_db"]["mean"] < 60
-    # a log that is a file says where each stage starts, in order (what scripts/fault_injection.py aims kills by)
-    import importlib.util
+    # a log that is a file says where each stage starts, in order (what devtools/fault_injection.py aims kills by)
 
-    spec = importlib.util.spec_from_file_location("fault_injection", ROOT / "scripts/fault_injection.py")
-    fault_injection = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fault_injection)
+    from devtools import fault_injection
+
     starts = [next(i for i, m in enumerate(caplog.messages) if marker in m) for marker in fault_injection.MARKERS.values()]
     assert starts == sorted(starts), dict(zip(fault_injection.MARKERS, starts))
 
@@ -201,7 +199,7 @@ def test_scripts_find_the_data_sets_through_one_setting_and_say_so_when_it_is_mi
     with pytest.raises(BundleInputError, match=f"The cxr_corpus folder '{tmp_path / 'cxr_corpus'}' does not exist"):
         data_folder("cxr_corpus")
     env = {k: v for k, v in os.environ.items() if k != DATA_ENV}
-    script = [sys.executable, "scripts/jsrt_datalist.py", "--split", "test", "--out", str(tmp_path / "t.csv")]
+    script = [sys.executable, "-m", "scripts.jsrt_datalist", "--split", "test", "--out", str(tmp_path / "t.csv")]
     missing = subprocess.run(script, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and missing.stderr.strip().splitlines()[-1].startswith("error: Where is the jsrt")
     if (DATA / "jsrt").is_dir():
@@ -219,3 +217,22 @@ def test_every_relative_link_of_the_readme_and_the_guide_reaches_a_file():
     broken = [(page.name, target) for page in pages for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text())
               if not re.match(r"^(https?:|mailto:|#)", target) and not (page.parent / target.split("#")[0]).exists()]
     assert not broken
+
+
+def test_every_tool_the_docs_name_exists_and_none_patches_sys_path():
+    """The guide's ``python -m scripts|evidence|devtools.NAME`` and ``bash evidence/NAME.sh`` commands name files that
+    exist, and no tool edits ``sys.path`` (they run as modules from the bundle root)."""
+    import re
+
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    named = {match for page in pages for match in re.findall(r"-m ((?:scripts|evidence|devtools)\.\w+)", page.read_text())}
+    named |= {m.replace("/", ".")[:-3] for page in pages
+              for m in re.findall(r"\b((?:scripts|evidence|devtools)/\w+\.(?:py|sh))", page.read_text())
+              if m.endswith(".py")}
+    shells = {m for page in pages for m in re.findall(r"bash ((?:scripts|evidence|devtools)/\w+\.sh)", page.read_text())}
+    assert len(named) >= 15 and len(shells) >= 5
+    assert not [m for m in named if not (ROOT / (m.replace(".", "/") + ".py")).is_file()]
+    assert not [s for s in shells if not (ROOT / s).is_file()]
+    tools = [p for d in ("scripts", "evidence", "devtools") for p in (ROOT / d).glob("*.py")]
+    assert len(tools) >= 20 and not [p.name for p in tools if "sys.path" in p.read_text()]
+    assert not list((ROOT / "scripts").glob("*.sh")), "scripts/ holds the user tools; the long runs live in evidence/"

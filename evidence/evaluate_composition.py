@@ -1,6 +1,6 @@
 """Which composition of two concepts works better: mixing their tokens, or summing their guidance directions?
 
-    python scripts/evaluate_composition.py --work_dir runs/corpus_cpu64 --concept_dir runs/kermany/concepts/concepts \\
+    python -m evidence.evaluate_composition --work_dir runs/corpus_cpu64 --concept_dir runs/kermany/concepts/concepts \\
         --a pneumonia_k1 --b normal_k1 --train runs/kermany/train.csv --test runs/kermany/test.csv \\
         --label label --positive pneumonia --out docs/results/concepts
 
@@ -15,24 +15,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
-from augmentation_experiment import binary_labels, train_classifier  # noqa: E402
-from bundle.cli import config_workflow, pyplot  # noqa: E402
-from bundle.concepts import ConceptBank  # noqa: E402
-from bundle.data import preprocessed_images, preprocessed_stack, read_datalist  # noqa: E402
-from bundle.evaluation import extract, feature_space, frechet_distance  # noqa: E402
-from bundle.io import atomic_write  # noqa: E402
-from bundle.writers import to_display  # noqa: E402
+from scripts.augmentation_experiment import binary_labels, train_classifier
+from bundle.cli import config_workflow, pyplot
+from bundle.concepts import ConceptBank
+from bundle.data import preprocessed_images, preprocessed_stack, read_datalist
+from bundle.evaluation import extract, feature_space, frechet_distance
+from bundle.io import atomic_write
+from bundle.writers import to_display
 
 
 def main() -> None:

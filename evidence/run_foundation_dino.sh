@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The generator conditioned on the DINO trained on JSRT itself (scripts/run_dino.sh first): stage 2 and the
-# cache again with that DINO, reusing the stage-1 autoencoder of scripts/run_foundation.sh; fully offline.
-#   bash scripts/run_foundation_dino.sh       (WORK=runs/foundation_dino; ~15 min on 2 CPU cores)
+# The generator conditioned on the DINO trained on JSRT itself (evidence/run_dino.sh first): stage 2 and the
+# cache again with that DINO, reusing the stage-1 autoencoder of evidence/run_foundation.sh; fully offline.
+#   bash evidence/run_foundation_dino.sh       (WORK=runs/foundation_dino; ~15 min on 2 CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}

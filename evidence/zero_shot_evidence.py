@@ -1,8 +1,8 @@
 """Zero-shot lung segmentation from self-attention on JSRT (docs/results/zero_shot.{json,md,png}).
 
-    python scripts/zero_shot_evidence.py --train runs/heads/train.csv --test runs/heads/test.csv \\
+    python -m evidence.zero_shot_evidence --train runs/heads/train.csv --test runs/heads/test.csv \\
         --denoiser_args "--work_dir runs/heads --image_size 64 --denoiser_channels [16,32,64] --denoiser_head_channels 16" \\
-        --latent_args "--work_dir runs/foundation_dino --image_size 64 ..." --out docs/results   (scripts/run_heads.sh)
+        --latent_args "--work_dir runs/foundation_dino --image_size 64 ..." --out docs/results   (evidence/run_heads.sh)
 
 1. Settings (timestep, merge threshold) are chosen on the first 12 *train* images for each UNet: the
    label-free denoiser of configs/heads/pretrain.json and the main pipeline's latent UNet (conditioned on
@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -28,13 +27,12 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from bundle import zero_shot as zs  # noqa: E402
-from bundle.cli import config_workflow, parse_overrides, pyplot  # noqa: E402
-from bundle.constants import LUNG_MASK_COLUMNS  # noqa: E402
-from bundle.data import preprocessed_stack, read_datalist  # noqa: E402
-from bundle.heads.segmentation import read_masks  # noqa: E402
+from bundle import zero_shot as zs
+from bundle.cli import config_workflow, parse_overrides, pyplot
+from bundle.constants import LUNG_MASK_COLUMNS
+from bundle.data import preprocessed_stack, read_datalist
+from bundle.heads.segmentation import read_masks
 
 TIMESTEPS = {"denoiser": [0, 50, 100, 200, 400], "latent": [100, 300, 600, 800]}
 THRESHOLDS = [0.1, 0.15, 0.2, 0.3]

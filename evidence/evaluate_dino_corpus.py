@@ -1,6 +1,6 @@
 """Judge frozen DINO features on the CXR corpus: within-source labels, a pre-trained ViT against random ViTs.
 
-    python scripts/evaluate_dino_corpus.py --weights runs/corpus_cpu64/models/dino/teacher.safetensors \\
+    python -m evidence.evaluate_dino_corpus --weights runs/corpus_cpu64/models/dino/teacher.safetensors \\
         --out docs/results/dino_corpus.json
 
 The corpus labels are confounded with source (Kermany films are children's), so every task stays within one
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -22,13 +21,12 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from bundle.cli import data_folder, report_json  # noqa: E402
-from bundle.data import apply_to_file, modality_preprocessing  # noqa: E402
-from bundle.dino import DinoFeatures  # noqa: E402
-from cxr_corpus_datalist import corpus_rows  # noqa: E402
-from evaluate_dino import auc, features, knn_scores, linear_probe  # noqa: E402
+from bundle.cli import data_folder, report_json
+from bundle.data import apply_to_file, modality_preprocessing
+from bundle.dino import DinoFeatures
+from scripts.cxr_corpus_datalist import corpus_rows
+from evidence.evaluate_dino import auc, features, knn_scores, linear_probe
 
 TASKS = {"kermany": ("normal", "pneumonia"), "nih": ("normal", "pneumonia")}
 

@@ -1,7 +1,7 @@
 """Build the default data set that ships with the bundle: the NIH ChestX-ray14 images of the cxr_corpus
 train and val splits, downscaled to 128 pixels (longest side), as 8-bit grey PNGs with a manifest.
 
-    python scripts/make_default_data.py            (reads $DINO_DIFFUSION_DATA/cxr_corpus, writes bundle/default_data/nih_cxr)
+    python -m devtools.make_default_data            (reads $DINO_DIFFUSION_DATA/cxr_corpus, writes bundle/default_data/nih_cxr)
 
 NIH ChestX-ray14 is released by the NIH Clinical Center without restriction on use, which is why only the
 `nih` rows are used (the other corpus sources carry licences that ask for more than attribution). The
@@ -14,16 +14,14 @@ import argparse
 import csv
 import os
 import shutil
-import sys
 from pathlib import Path
 
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from bundle.cli import data_folder  # noqa: E402
-from bundle.constants import DEFAULT_DATA_DIR  # noqa: E402
+from bundle.cli import data_folder
+from bundle.constants import DEFAULT_DATA_DIR
 
 SPLITS = ("train", "val")
 COLUMNS = ("id", "split", "label", "finding", "view", "original_path")

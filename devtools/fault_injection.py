@@ -1,8 +1,8 @@
 """Kill a real (tiny) training run with SIGKILL at random moments, re-run the same command each time, and check
 that it always finishes with what an uninterrupted run gives.
 
-    python scripts/fault_injection.py --trials 5 --kills 5          (about 10 min on 2 CPU cores; writes docs/results)
-    python scripts/fault_injection.py --stages autoencoder cache    (kills aimed at those stages only)
+    python -m devtools.fault_injection --trials 5 --kills 5          (about 10 min on 2 CPU cores; writes docs/results)
+    python -m devtools.fault_injection --stages autoencoder cache    (kills aimed at those stages only)
 
 The run is README command 1's pipeline (in-domain DINO pre-training, autoencoder, cache, diffusion, report) with
 tiny networks on 16 JSRT images. Each trial starts the command up to --kills times; each time it picks a stage
@@ -28,11 +28,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from bundle.checkpoints import checkpoint_files  # noqa: E402
-from bundle.cli import data_folder, report_json  # noqa: E402
-from bundle.models import model_path  # noqa: E402
+from bundle.checkpoints import checkpoint_files
+from bundle.cli import data_folder, report_json
+from bundle.models import model_path
 
 EPOCHS = {"dino": 6, "autoencoder": 8, "diffusion": 8}
 SETTINGS = [
@@ -168,7 +167,7 @@ def main() -> None:
         print(f"trial {t}: {len(trial['kills'])} kills, passed={trial['passed']}", flush=True)
     kills = [k for t in trials for k in t["kills"]]
     result = {
-        "command": "python scripts/fault_injection.py " + " ".join(sys.argv[1:]),
+        "command": "python -m devtools.fault_injection " + " ".join(sys.argv[1:]),
         "uninterrupted_seconds": round(expected, 1), "reference": ref, "trials": trials,
         "summary": {"kills": len(kills), "trials": len(trials), "recovered": sum(t["passed"] for t in trials),
                     "kills_per_stage": {s: sum(k["target"] == s for k in kills) for s in MARKERS},

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Evidence for sampling and evaluation with a trained generator (default: the long CPU run of
-# scripts/run_quality_cpu.sh, trained on cxr_corpus train + JSRT train): one grid per strategy on JSRT test
+# evidence/run_quality_cpu.sh, trained on cxr_corpus train + JSRT train): one grid per strategy on JSRT test
 # images, speed, generated-vs-real metrics on the JSRT test split, and the augmentation experiment for JSRT
 # `nodule` and `sex`. Outputs: docs/results/sampling*.{json,png}, docs/results/evaluation*, docs/results/augmentation_*.
-#   bash scripts/run_evaluation.sh   (~40 min on 2 CPU cores)
+#   bash evidence/run_evaluation.sh   (~40 min on 2 CPU cores)
 # WORK (the generator's work dir), LABELLED (the JSRT train split: the same-source reference FD, the memorisation
 # check and the augmentation experiment's labelled pool) and TEST change the inputs.
 set -euo pipefail
@@ -13,10 +13,10 @@ WORK=${WORK:-runs/corpus_cpu64}
 MODEL=(--work_dir "$WORK")   # the models describe themselves: only where they are
 LABELLED=${LABELLED:-$WORK/lists/jsrt_train.csv}
 TEST=${TEST:-$WORK/lists/jsrt_test.csv}
-[ -f "$LABELLED" ] || $PY scripts/jsrt_datalist.py --split train --out "$LABELLED"
-[ -f "$TEST" ] || $PY scripts/jsrt_datalist.py --split test --out "$TEST"
+[ -f "$LABELLED" ] || $PY -m scripts.jsrt_datalist --split train --out "$LABELLED"
+[ -f "$TEST" ] || $PY -m scripts.jsrt_datalist --split test --out "$TEST"
 SECONDS=0
-$PY scripts/evaluate_sampling.py --work_dir "$WORK" --test "$TEST" --masks "${DINO_DIFFUSION_DATA:?set DINO_DIFFUSION_DATA to the data folder (jsrt/; docs/data.md)}/jsrt/masks/left_lung" \
+$PY -m evidence.evaluate_sampling --work_dir "$WORK" --test "$TEST" --masks "${DINO_DIFFUSION_DATA:?set DINO_DIFFUSION_DATA to the data folder (jsrt/; docs/data.md)}/jsrt/masks/left_lung" \
     --out docs/results -- "${MODEL[@]}"
 echo "sampling_evidence $SECONDS" >> "$WORK/stage_seconds.txt"
 SECONDS=0
@@ -27,12 +27,12 @@ $PY -m monai.bundle run evaluate --config_file configs/evaluate.json "${MODEL[@]
     --evaluation_dir docs/results/evaluation
 echo "evaluation $SECONDS" >> "$WORK/stage_seconds.txt"
 SECONDS=0
-$PY scripts/augmentation_experiment.py --train "$LABELLED" --test "$TEST" --label nodule --sizes 10 50 150 \
+$PY -m scripts.augmentation_experiment --train "$LABELLED" --test "$TEST" --label nodule --sizes 10 50 150 \
     --ratios 0 1 3 --folds 2 --iterations 200 --out "$WORK/augmentation/nodule" --copy_to docs/results \
     -- "${MODEL[@]}" --num_inference_steps 20
 echo "augmentation_nodule $SECONDS" >> "$WORK/stage_seconds.txt"
 SECONDS=0
-$PY scripts/augmentation_experiment.py --train "$LABELLED" --test "$TEST" --label sex --positive M --sizes 10 50 \
+$PY -m scripts.augmentation_experiment --train "$LABELLED" --test "$TEST" --label sex --positive M --sizes 10 50 \
     --ratios 0 3 --folds 2 --iterations 200 --out "$WORK/augmentation/sex" --copy_to docs/results \
     -- "${MODEL[@]}" --num_inference_steps 20
 echo "augmentation_sex $SECONDS" >> "$WORK/stage_seconds.txt"

@@ -1,8 +1,8 @@
 """Images per second and peak memory of every stage of the bundle, with one profile's settings.
 
-    python scripts/benchmark.py --profile cpu64 --out docs/results/benchmark_cpu64
-    python scripts/benchmark.py --profile gpu256 --out docs/results/benchmark_gpu256          (on a GPU)
-    python scripts/benchmark.py --profile cpu64 --stages diffusion sampling -- --channels_last true
+    python -m evidence.benchmark --profile cpu64 --out docs/results/benchmark_cpu64
+    python -m evidence.benchmark --profile gpu256 --out docs/results/benchmark_gpu256          (on a GPU)
+    python -m evidence.benchmark --profile cpu64 --stages diffusion sampling -- --channels_last true
 
 Each stage runs in its own process (so that its peak memory is its own) on the bundle's default images (or
 ``--dataset_dir``) with the networks the profile builds; the weights are untrained, which changes nothing
@@ -39,7 +39,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 STAGES = ("image_cache", "autoencoder", "latent_cache", "dino", "diffusion", "diffusion_reencode", "sampling",
           "sampling_monai", "sampling_monai_ddim50", "head")
@@ -449,12 +448,12 @@ def write(path: Path, text: str) -> None:
 
 def run_in_process(args, stage: str, overrides: list[str], work_dir: str | None = None) -> dict:
     """One stage in a fresh Python process (its own peak memory); returns its result."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--stage", stage, "--profile", args.profile,
+    command = [sys.executable, "-m", "evidence.benchmark", "--stage", stage, "--profile", args.profile,
                "--iterations", str(args.iterations), "--warmup", str(args.warmup),
                "--work_dir", work_dir or args.work_dir]
     command += ["--threads", str(args.threads)] if args.threads else []
     command += ["--sample_batch_size", str(args.sample_batch_size)] if args.sample_batch_size else []
-    done = subprocess.run(command + ["--", *overrides], capture_output=True, text=True)
+    done = subprocess.run(command + ["--", *overrides], capture_output=True, text=True, cwd=ROOT)
     line = next((x for x in done.stdout.splitlines() if x.startswith("BENCHMARK ")), None)
     if done.returncode or line is None:
         sys.exit(f"Stage {stage} failed:\n{done.stderr[-3000:]}")

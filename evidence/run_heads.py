@@ -1,7 +1,7 @@
 """Few-shot landmark and segmentation heads: the diffusion-pre-trained denoiser against the same network from
 scratch, for several numbers N of labelled training images (the first N), scored on a test split.
 
-    python scripts/run_heads.py --train runs/heads/train.csv --test runs/heads/test.csv \\
+    python -m evidence.run_heads --train runs/heads/train.csv --test runs/heads/test.csv \\
         --denoiser runs/heads/models/heads/denoiser.pt --sizes 1 5 10 25 50 --seeds 0 --out docs/results \\
         -- --image_size 64          (the overrides configs/heads/pretrain.json was run with)
 
@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -25,17 +24,16 @@ import torch
 from monai.losses import DiceCELoss
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from bundle.cli import config_workflow, parse_overrides, pyplot  # noqa: E402
-from bundle.constants import JSRT_MASK_COLUMNS, LUNG_MASK_COLUMNS, MASK_COLUMN_PREFIX  # noqa: E402
-from bundle.data import read_datalist  # noqa: E402
-from bundle.io import append_jsonl  # noqa: E402
-from bundle.heads.inference import predict  # noqa: E402
-from bundle.heads.landmarks import HeatmapCrossEntropy, decode_heatmaps, landmark_metrics, load_landmarks  # noqa: E402
-from bundle.heads.networks import MASK_PRIOR_BIAS, LatentDenseHead, build_head  # noqa: E402
-from bundle.heads.segmentation import dice_and_hausdorff  # noqa: E402
-from bundle.heads.training import fine_tune, landmark_items, mask_items  # noqa: E402
+from bundle.cli import config_workflow, parse_overrides, pyplot
+from bundle.constants import JSRT_MASK_COLUMNS, LUNG_MASK_COLUMNS, MASK_COLUMN_PREFIX
+from bundle.data import read_datalist
+from bundle.io import append_jsonl
+from bundle.heads.inference import predict
+from bundle.heads.landmarks import HeatmapCrossEntropy, decode_heatmaps, landmark_metrics, load_landmarks
+from bundle.heads.networks import MASK_PRIOR_BIAS, LatentDenseHead, build_head
+from bundle.heads.segmentation import dice_and_hausdorff
+from bundle.heads.training import fine_tune, landmark_items, mask_items
 
 INITS = {"pretrained": "image denoiser, pre-trained", "pretrained_large": "image denoiser, pre-trained on the larger set",
          "scratch": "same network, from scratch",

@@ -1,6 +1,6 @@
 """Evaluate a trained pipeline on held-out images and write the foundation report.
 
-    python scripts/evaluate_foundation.py --work_dir runs/foundation --test runs/foundation/test.csv \\
+    python -m evidence.evaluate_foundation --work_dir runs/foundation --test runs/foundation/test.csv \\
         --out docs/results [-- sampling overrides]   (the models describe themselves: none are needed)
 
 Writes <out>/foundation.json, <out>/foundation.md and the figures it links: autoencoder reconstruction
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import sys
 import time
 from pathlib import Path
 
@@ -22,12 +21,11 @@ import torch
 from monai.transforms import LoadImage
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from bundle.cli import config_workflow, parse_overrides, pyplot, report_json  # noqa: E402
-from bundle.data import apply_to_file, build_datalist, preprocessed_stack  # noqa: E402
-from bundle.evaluation import reconstruction_quality  # noqa: E402
-from bundle.writers import to_display  # noqa: E402
+from bundle.cli import config_workflow, parse_overrides, pyplot, report_json
+from bundle.data import apply_to_file, build_datalist, preprocessed_stack
+from bundle.evaluation import reconstruction_quality
+from bundle.writers import to_display
 
 
 def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:

@@ -1,6 +1,6 @@
 """Do learned concepts make images of their concept? Concept tokens against the untrained mean embedding.
 
-    python scripts/evaluate_concepts.py --work_dir runs/corpus_cpu64 --train runs/corpus/kermany_train.csv \\
+    python -m evidence.evaluate_concepts --work_dir runs/corpus_cpu64 --train runs/corpus/kermany_train.csv \\
         --test runs/corpus/kermany_test.csv --label label --positive pneumonia --tokens 1 8 64 \\
         --out docs/results/concepts
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -26,18 +25,16 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
-from augmentation_experiment import auc, binary_labels, train_classifier  # noqa: E402
-from bundle.cli import config_workflow, pyplot  # noqa: E402
-from bundle.concepts import load_concept  # noqa: E402
-from bundle.data import preprocessed_images, read_datalist  # noqa: E402
-from bundle.diffusion import sample_latents, seeded_noise  # noqa: E402
-from bundle.evaluation import extract, feature_space, frechet_distance  # noqa: E402
-from bundle.io import atomic_write  # noqa: E402
-from bundle.models import load_generator, model_path  # noqa: E402
-from bundle.writers import to_display  # noqa: E402
+from scripts.augmentation_experiment import auc, binary_labels, train_classifier
+from bundle.cli import config_workflow, pyplot
+from bundle.concepts import load_concept
+from bundle.data import preprocessed_images, read_datalist
+from bundle.diffusion import sample_latents, seeded_noise
+from bundle.evaluation import extract, feature_space, frechet_distance
+from bundle.io import atomic_write
+from bundle.models import load_generator, model_path
+from bundle.writers import to_display
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """Quality against training compute, and the generator's targets, on fixed held-out sets.
 
-    python scripts/evaluate_quality.py --work_dir runs/corpus_cpu64 --train runs/corpus_cpu64/lists/train.csv \\
+    python -m evidence.evaluate_quality --work_dir runs/corpus_cpu64 --train runs/corpus_cpu64/lists/train.csv \\
         --test jsrt=runs/corpus_cpu64/lists/test_jsrt.csv --test corpus=runs/corpus_cpu64/lists/test_corpus.csv \\
         --out docs/results/quality_cpu64
 
@@ -30,7 +30,6 @@ import argparse
 import json
 import math
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -38,16 +37,15 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from bundle.cli import pyplot  # noqa: E402
-from bundle.data import build_datalist, modality_preprocessing, preprocessed_images  # noqa: E402
-from bundle.diffusion import sample_latents, seeded_noise  # noqa: E402
-from bundle.errors import BundleInputError  # noqa: E402
-from bundle.evaluation import (divergent, extract, feature_space, frechet_distance, memorisation,  # noqa: E402
+from bundle.cli import pyplot
+from bundle.data import build_datalist, modality_preprocessing, preprocessed_images
+from bundle.diffusion import sample_latents, seeded_noise
+from bundle.errors import BundleInputError
+from bundle.evaluation import (divergent, extract, feature_space, frechet_distance, memorisation,
                                reconstruction_quality, source_retrieval, two_rows_png)
-from bundle.io import atomic_write  # noqa: E402
-from bundle.models import load_codec, load_generator, model_path, read_record  # noqa: E402
+from bundle.io import atomic_write
+from bundle.models import load_codec, load_generator, model_path, read_record
 
 EPOCH = re.compile(r"_epoch(\d+)\.pt$")
 

@@ -1,6 +1,6 @@
 """Judge frozen DINO features on JSRT: a pre-trained ViT against a random-init ViT of the same shape.
 
-    python scripts/evaluate_dino.py --weights runs/dino/models/dino/teacher.safetensors \\
+    python -m evidence.evaluate_dino --weights runs/dino/models/dino/teacher.safetensors \\
         --model vit_small_patch16_224 --input_size 112 --kwargs '{"depth": 6}' --out docs/results/dino.json
 
 Features come from the train split (fit) and the test split (score) of the JSRT set ($DINO_DIFFUSION_DATA/jsrt):
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -25,12 +24,11 @@ import torch
 from monai.metrics import compute_roc_auc
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from bundle.cli import data_folder, jsrt_rows, report_json  # noqa: E402
-from bundle.data import apply_to_file, modality_preprocessing  # noqa: E402
-from bundle.dino import DinoFeatures  # noqa: E402
-from bundle.heads.landmarks import load_landmarks  # noqa: E402
+from bundle.cli import data_folder, jsrt_rows, report_json
+from bundle.data import apply_to_file, modality_preprocessing
+from bundle.dino import DinoFeatures
+from bundle.heads.landmarks import load_landmarks
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:

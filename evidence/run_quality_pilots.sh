@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Autoencoder pilots for the long CPU run (scripts/run_quality_cpu.sh) on the corpus + JSRT train list, then
-# scripts/evaluate_quality.py --final_only on the JSRT and corpus test splits; writes docs/results/quality_pilots[_PROFILE].json.
-#   bash scripts/run_quality_pilots.sh          cpu64: 4 epochs (536 iterations) each; latent channels (3, 4), learning
+# Autoencoder pilots for the long CPU run (evidence/run_quality_cpu.sh) on the corpus + JSRT train list, then
+# evidence/evaluate_quality.py --final_only on the JSRT and corpus test splits; writes docs/results/quality_pilots[_PROFILE].json.
+#   bash evidence/run_quality_pilots.sh          cpu64: 4 epochs (536 iterations) each; latent channels (3, 4), learning
 #                                               rate (1e-4, 5e-4, 1e-3) and width (about 30 min on two CPU cores)
-#   bash scripts/run_quality_pilots.sh cpu128   cpu128: 2,144 images each (one epoch); learning rate (5e-4, 1e-3) and
+#   bash evidence/run_quality_pilots.sh cpu128   cpu128: 2,144 images each (one epoch); learning rate (5e-4, 1e-3) and
 #                                               batch size (16, 8) at 32x32x4 latents (about 45 min on one core)
 # DATA as in run_quality_cpu.sh; THREADS=torch threads per pilot (default: all cores).
 set -euo pipefail
@@ -13,7 +13,7 @@ PY=${PYTHON:-.venv/bin/python}
 WORK=${WORK:-runs/pilots_$PROFILE}
 DATA=${DATA:-runs/corpus_$PROFILE/lists}
 mkdir -p "$WORK"
-[ -f "$DATA/train.csv" ] || $PY scripts/cxr_corpus_datalist.py --lists "$DATA"
+[ -f "$DATA/train.csv" ] || $PY -m scripts.cxr_corpus_datalist --lists "$DATA"
 THREAD_ARGS=(); [ -z "${THREADS:-}" ] || THREAD_ARGS=(--torch_threads "$THREADS")
 NAMES=()
 pilot() {  # NAME overrides...
@@ -25,7 +25,7 @@ pilot() {  # NAME overrides...
     --dataset_dir "$DATA/train.csv" --work_dir "$WORK/$name" --cache_dir "$WORK/cache" "${THREAD_ARGS[@]}" "$@" \
     > "$WORK/$name.log" 2>&1
   echo "$SECONDS" > "$WORK/$name.seconds"
-  $PY scripts/evaluate_quality.py --work_dir "$WORK/$name" --train "$DATA/train.csv" --test "jsrt=$DATA/test_jsrt.csv" \
+  $PY -m evidence.evaluate_quality --work_dir "$WORK/$name" --train "$DATA/train.csv" --test "jsrt=$DATA/test_jsrt.csv" \
     --test "corpus=$DATA/test_corpus.csv" --out "$WORK/eval_$name" --final_only > "$WORK/eval_$name.log" 2>&1
 }
 if [ "$PROFILE" = cpu64 ]; then
@@ -51,6 +51,6 @@ for name in names:
     quality = json.loads((work / f"eval_{name}" / "quality.json").read_text())["autoencoder_curve"][-1]["sets"]
     rows[name] = {"seconds": int((work / f"{name}.seconds").read_text()),
                   **{f"{s}_{m}": round(q[m]["mean"], 4) for s, q in quality.items() for m in ("psnr_db", "ms_ssim")}}
-out.write_text(json.dumps({"command": f"bash scripts/run_quality_pilots.sh {args}".strip(), "pilots": rows}, indent=2) + "\n")
+out.write_text(json.dumps({"command": f"bash evidence/run_quality_pilots.sh {args}".strip(), "pilots": rows}, indent=2) + "\n")
 print(json.dumps(rows, indent=1))
 PYEOF

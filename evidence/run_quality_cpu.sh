@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The generator at scale on a CPU profile (configs/profiles/<profile>.json, bf16 where the CPU has bf16 instructions):
 # in-domain DINO, autoencoder, latent cache and diffusion UNet on the unlabelled cxr_corpus train split + JSRT train,
-# with a model snapshot every few epochs, then scripts/evaluate_quality.py (curves over the snapshots and the
+# with a model snapshot every few epochs, then evidence/evaluate_quality.py (curves over the snapshots and the
 # targets on the corpus and JSRT test splits). Every stage resumes from its last epoch checkpoint: after an
 # interruption, run the same command again and it goes on where it stopped (a finished stage is skipped).
-#   bash scripts/run_quality_cpu.sh            (profile cpu64, WORK=runs/corpus_cpu64; about 3 h on two CPU cores)
-#   bash scripts/run_quality_cpu.sh cpu128     (WORK=runs/corpus_cpu128; about 12 h on two CPU cores)
+#   bash evidence/run_quality_cpu.sh            (profile cpu64, WORK=runs/corpus_cpu64; about 3 h on two CPU cores)
+#   bash evidence/run_quality_cpu.sh cpu128     (WORK=runs/corpus_cpu128; about 12 h on two CPU cores)
 #   DATA=folder with train.csv, test_corpus.csv, test_jsrt.csv  (default: written by scripts/cxr_corpus_datalist.py)
 #   DINO_WEIGHTS=a DINO teacher file to condition on instead of training one (e.g. the cpu64 run's, which cpu128 shares)
 #   THREADS=torch threads per stage (default: all cores); any further --key value is a bundle override.
@@ -25,7 +25,7 @@ PY=${PYTHON:-.venv/bin/python}
 WORK=${WORK:-runs/corpus_$PROFILE}
 DATA=${DATA:-$WORK/lists}
 mkdir -p "$WORK"
-[ -f "$DATA/train.csv" ] || $PY scripts/cxr_corpus_datalist.py --lists "$DATA"
+[ -f "$DATA/train.csv" ] || $PY -m scripts.cxr_corpus_datalist --lists "$DATA"
 opt() {  # opt KEY VALUE: '--KEY VALUE' when VALUE is set
   [ -z "${2:-}" ] || printf -- '--%s\n%s\n' "$1" "$2"
 }
@@ -52,7 +52,7 @@ mapfile -t EPOCHS < <(opt diffusion_epochs "${DIFFUSION_EPOCHS:-}")
 stage train_diffusion train_diffusion --dino_weights "$DINO" "${EPOCHS[@]}" --snapshot_every "${DIFFUSION_SNAPSHOT_EVERY:-10}"
 case " $STAGES " in *" evaluate "*)
   SECONDS=0
-  $PY scripts/evaluate_quality.py --work_dir "$WORK" --train "$DATA/train.csv" --test "jsrt=$DATA/test_jsrt.csv" \
+  $PY -m evidence.evaluate_quality --work_dir "$WORK" --train "$DATA/train.csv" --test "jsrt=$DATA/test_jsrt.csv" \
     --test "corpus=$DATA/test_corpus.csv" --out "${OUT:-docs/results/quality_$PROFILE}" > "$WORK/evaluate_quality.log" 2>&1
   echo "evaluate_quality $SECONDS" | tee -a "$WORK/stage_seconds.txt";;
 esac

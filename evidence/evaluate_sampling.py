@@ -1,7 +1,7 @@
 """Sampling evidence: one grid per strategy on held-out images, an interpolation strip, an inpainting example
 and the generation speed, with a trained model (docs/results/sampling.{json,md} figures).
 
-    python scripts/evaluate_sampling.py --work_dir runs/foundation_dino --test runs/foundation/test.csv \\
+    python -m evidence.evaluate_sampling --work_dir runs/foundation_dino --test runs/foundation/test.csv \\
         --masks $DINO_DIFFUSION_DATA/jsrt/masks/left_lung -- --image_size 64 ... (the overrides training used)
 """
 
@@ -12,7 +12,6 @@ import csv
 import json
 import os
 import resource
-import sys
 import time
 from pathlib import Path
 
@@ -21,13 +20,12 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from bundle.cli import config_workflow, parse_overrides, pyplot, report_json  # noqa: E402
-from bundle.data import apply_to_file, build_datalist, read_mask  # noqa: E402
-from bundle.sampling import interpolate  # noqa: E402
-from bundle.strategies import STRATEGIES  # noqa: E402
-from bundle.writers import to_display  # noqa: E402
+from bundle.cli import config_workflow, parse_overrides, pyplot, report_json
+from bundle.data import apply_to_file, build_datalist, read_mask
+from bundle.sampling import interpolate
+from bundle.strategies import STRATEGIES
+from bundle.writers import to_display
 
 
 def load_png(path: Path) -> np.ndarray:

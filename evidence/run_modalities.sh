@@ -3,7 +3,7 @@
 # the brain T1 MRI, each trained on its own slices with a seeded random DINO, then the closing report (samples
 # beside the real slices whose embeddings conditioned them, and their evaluation). One volume per modality shows
 # that the path works and what the slices look like; it cannot show generalisation to other patients.
-#   bash scripts/run_modalities.sh      (WORK=runs/modalities; about 25 min on two CPU cores)
+#   bash evidence/run_modalities.sh      (WORK=runs/modalities; about 25 min on two CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}

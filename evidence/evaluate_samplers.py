@@ -1,6 +1,6 @@
 """Fewer network calls at the same quality: samplers and step counts against a many-step reference.
 
-    python scripts/evaluate_samplers.py --work_dir runs/foundation_profile --conditions runs/foundation_profile/test.csv \\
+    python -m evidence.evaluate_samplers --work_dir runs/foundation_profile --conditions runs/foundation_profile/test.csv \\
         --out docs/results/samplers
 
 Every setting samples the same images (same conditions: the DINO embeddings of the given held-out images,
@@ -21,11 +21,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from bundle.cli import config_workflow, parse_overrides, report_json  # noqa: E402
-from bundle.diffusion import sample_latents, seeded_noise  # noqa: E402
-from bundle.evaluation import extract, feature_space, frechet_distance, load_images  # noqa: E402
+from bundle.cli import config_workflow, parse_overrides, report_json
+from bundle.diffusion import sample_latents, seeded_noise
+from bundle.evaluation import extract, feature_space, frechet_distance, load_images
 
 SETTINGS = [("ddim", 50), ("ddim", 20), ("ddim", 10), ("dpmpp_2m", 25), ("dpmpp_2m", 20), ("dpmpp_2m", 15),
             ("dpmpp_2m", 10), ("pndm", 20)]
@@ -93,7 +92,7 @@ def main() -> None:
               f"{guidance}, the same seeds for every setting; {device}, {torch.get_num_threads()} threads. PSNR: each "
               f"sample against the same sample from DDIM at {args.reference_steps} steps (the converged trajectory); "
               f"FD: against the {len(real)} real images, in pixels (32x32) and in the generator's DINO space.", "",
-              "    python scripts/evaluate_samplers.py " + " ".join(sys.argv[1:]), ""]
+              "    python -m evidence.evaluate_samplers " + " ".join(sys.argv[1:]), ""]
     table = ["| sampler | steps | s | images/s | PSNR to reference (dB) | FD pixels | FD DINO |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:

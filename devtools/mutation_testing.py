@@ -2,7 +2,7 @@
 call at a time and runs the fast tests that cover it; a mutant the tests do not notice "survives".
 
     .venv/bin/pip install mutmut==3.8.1
-    python scripts/mutation_testing.py --modules io validation checkpoints --out docs/results   (long: minutes per module)
+    python -m devtools.mutation_testing --modules io validation checkpoints --out docs/results   (long: minutes per module)
 
 Best on an otherwise idle machine: mutmut stops a mutant's tests after 15 times their time in its first run (a
 stopped mutant counts as a timeout, apart from killed and survived). Minutes to an hour per module on two cores
@@ -28,10 +28,9 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from bundle.cli import DATA_ENV, report_json  # noqa: E402
-from bundle.io import atomic_write  # noqa: E402
+from bundle.cli import DATA_ENV, report_json
+from bundle.io import atomic_write
 
 # module -> the fast tests that defend it
 TESTS = {
@@ -128,7 +127,7 @@ def main() -> None:
     path = args.out / "mutation.json"
     result = json.loads(path.read_text()) if path.exists() else {"mutmut": "3.8.1", "runs": {}, "modules": {},
                                                                    "survivors": {}}
-    command = "python scripts/mutation_testing.py " + " ".join(sys.argv[1:])
+    command = "python -m devtools.mutation_testing " + " ".join(sys.argv[1:])
     for module in args.modules:
         result["runs"][module] = command
         result["modules"][module] = {**table[module], "tests": TESTS[module], "fast_only": module in FAST_ONLY}

@@ -1,0 +1,1 @@
+"""Developer tools: fault injection, mutation testing, the bundled demo images (python -m devtools.NAME)."""
