@@ -8,8 +8,8 @@ quiet_optional_decoder_notices()
 install_excepthook()
 
 from . import (  # noqa: E402,F401
-    autoencoder, cache, concepts, data, diffusion, dino, dino_pretrain, evaluation, heads, manifold, models, report, sampling,
-    transforms, validation, volumes, workflow, writers, zero_shot,
+    autoencoder, cache, concepts, data, diffusion, dino, dino_pretrain, evaluation, heads, manifold, model_files, models,
+    report, sampling, transforms, validation, volumes, workflow, writers, zero_shot,
 )
 
-__version__ = "0.3.0"
+__version__ = "0.5.0"  # configs/metadata.json's version

@@ -12,7 +12,6 @@ from torch import nn
 
 from .distributed import average_gradients
 from .errors import BundleInputError
-from .io import atomic_torch_save
 from .performance import GradScalers, autocast, autocast_dtype, step
 
 
@@ -54,10 +53,11 @@ class LatentCodec(nn.Module):
         return self
 
     def save(self, path: str | os.PathLike, record: dict[str, Any]) -> None:
-        """Weights, scale factor and the record of settings (bundle/models.py) in one file, written atomically;
-        :func:`bundle.models.load_codec` reads it back."""
-        atomic_torch_save({"state_dict": self.state_dict(), "scale_factor": float(self.scale_factor), "record": record},
-                          path)
+        """The autoencoder's weights (MONAI's ``AutoencoderKL`` state dict) and, beside them, the record of settings
+        with the latent scale factor (bundle/models.py); :func:`bundle.models.load_codec` reads them back."""
+        from .model_files import save_model
+
+        save_model(self.autoencoder.state_dict(), record, path, scale_factor=float(self.scale_factor))
 
 
 def kl_loss(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:

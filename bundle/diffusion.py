@@ -14,7 +14,6 @@ from torch import nn
 from tqdm import tqdm
 
 from .errors import BundleInputError
-from .io import atomic_torch_save
 
 
 def null_context(context: torch.Tensor) -> torch.Tensor:
@@ -239,8 +238,10 @@ def export_diffusion(network: nn.Module, path: str | os.PathLike, record: dict[s
     The record (bundle/models.py) names the network, noise schedule, DINO extractor (with its fingerprint) and
     autoencoder, so sampling rebuilds all of it and refuses anything the UNet was not trained with.
     """
+    from .model_files import save_model
+
     weights = ema.ema_model if ema is not None else network
-    atomic_torch_save({"state_dict": weights.state_dict(), "ema": ema is not None, "record": record}, path)
+    save_model(weights.state_dict(), record, path, ema=ema is not None)
 
 
 class SamplePreviewHandler:

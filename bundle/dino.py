@@ -238,10 +238,14 @@ class DinoFeatures(nn.Module):
         return hash_json([self.model_name, weights, self.tokens, self.input_size, self.model_kwargs,
                           self.seed if self.weights == "random" else None])
 
-    def record(self) -> dict[str, Any]:
-        """What a diffusion model records about its condition, to rebuild and check this extractor at sampling."""
-        return {"model_name": self.model_name, "weights": os.path.abspath(self.weights) if os.path.isfile(self.weights)
-                else self.weights, "tokens": self.tokens, "input_size": self.input_size,
+    def record(self, model_file: str | os.PathLike | None = None) -> dict[str, Any]:
+        """What a diffusion model records about its condition, to rebuild and check this extractor at sampling; the
+        weights path relative to the work dir of ``model_file`` (the diffusion model) when the file lies in it."""
+        from .model_files import portable_path
+
+        weights = self.weights if not os.path.isfile(self.weights) else (
+            portable_path(self.weights, model_file) if model_file is not None else os.path.abspath(self.weights))
+        return {"model_name": self.model_name, "weights": weights, "tokens": self.tokens, "input_size": self.input_size,
                 "model_kwargs": self.model_kwargs, "seed": self.seed, "fingerprint": self.fingerprint()}
 
     @torch.no_grad()

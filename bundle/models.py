@@ -1,14 +1,15 @@
-"""Self-describing model files: each exported model carries a record of the settings it needs to be used.
-
-A record is a JSON-able dict stored under ``"record"`` in the model file: the network's factory and arguments,
-image size and modality, and for the diffusion model its noise schedule, its DINO condition and the
-autoencoder it was trained on. Sampling, evaluation, heads and export rebuild everything from it, so a trained
-work dir needs no network settings on the command line, and a setting that contradicts the record is refused.
+"""Self-describing models: networks, the generator and the heads' starting points rebuilt from the records
+written beside their weights (``bundle.model_files``: a plain state dict in MONAI's format, ``models/model.json``
+beside ``models/model.pt``). The record holds the network's factory and arguments, image size and modality, and for
+the diffusion model its noise schedule, its DINO condition and the autoencoder it was trained on. Sampling,
+evaluation, heads and export rebuild everything from it, so a trained work dir needs no network settings on the
+command line, and a setting that contradicts the record is refused.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from pydoc import locate
 from torch import nn
 
 from .errors import BundleInputError
+from .model_files import owner_folder, read_record, record_file, recorded_path
 
 # The diffusion UNet is the primary network (models/model.pt, the Model Zoo's name); the autoencoder is named as the
 # zoo's latent diffusion bundles name theirs.
@@ -64,26 +66,13 @@ def build_network(record: Mapping[str, Any]) -> nn.Module:
     return target(**args)
 
 
-def read_record(path: str | os.PathLike, what: str, remedy: str) -> dict[str, Any]:
-    """The whole saved file (weights and record) of a model, with one clear message for each way it can fail."""
-    path = str(path)
-    if not os.path.isfile(path):
-        raise BundleInputError(f"The {what} model '{path}' does not exist: {remedy}.")
-    if os.path.getsize(path) == 0:
-        raise BundleInputError(f"The {what} model '{path}' is empty (an interrupted write?): delete it and {remedy}.")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise BundleInputError(f"The {what} model '{path}' is damaged or not a model file ({type(err).__name__}): "
-                               f"delete it and {remedy}.") from None
-    if not isinstance(saved, dict) or "state_dict" not in saved:
-        raise BundleInputError(f"The {what} model '{path}' holds no state_dict: it was not written by this bundle.")
-    if not isinstance(saved.get("record"), dict):
-        raise BundleInputError(
-            f"The {what} model '{path}' was saved by an earlier version of this bundle without the record of its "
-            "settings: retrain it with this version (delete it, or choose another --work_dir, and run training again)."
-        )
-    return saved
+def recorded_network(path: str | os.PathLike, what: str = "diffusion") -> nn.Module:
+    """The untrained network a model file's record describes (the bundle's ``network_def`` for MONAI's tools,
+    which then load the weights themselves)."""
+    sidecar = record_file(path)
+    if not sidecar.is_file():
+        read_record(path, what, "train it first")  # converts a file of an earlier version, or says what is wrong
+    return build_network(json.loads(sidecar.read_text())["record"]["network"])
 
 
 def load_weights(module: nn.Module, path: str | os.PathLike, what: str, remedy: str,
@@ -150,17 +139,19 @@ def record_differences(stored: Mapping[str, Any], current: Mapping[str, Any], pr
 def dino_from_record(record: Mapping[str, Any], diffusion_path: str | os.PathLike, requested: Mapping[str, Any]) -> nn.Module:
     """The DINO extractor a diffusion model was conditioned on, checked against its fingerprint.
 
-    The weights file is looked for where training had it and, if the work dir was moved, beside the models.
+    The weights file is the record's path, relative to the diffusion model's work dir; a record of an earlier
+    version holds an absolute path, and the file of that name beside the models comes first (a copied work dir
+    uses its own copy, not the original's).
     """
     from .dino import DinoFeatures
 
     check_requested({"dino_model": record["model_name"], "dino_tokens": record["tokens"],
                      "dino_input_size": record["input_size"]}, requested, diffusion_path, "diffusion")
-    weights = str(requested.get("dino_weights") or record["weights"])
-    if weights not in ("hub", "random") and not os.path.isfile(weights):
-        moved = Path(diffusion_path).parent / "dino" / Path(weights).name
-        if moved.is_file():
-            weights = str(moved)
+    weights = str(requested.get("dino_weights") or recorded_path(record["weights"], diffusion_path))
+    if not requested.get("dino_weights") and os.path.isabs(str(record["weights"])):
+        beside = owner_folder(diffusion_path) / Path(MODEL_FILES["dino"]).parent / Path(weights).name
+        if beside.is_file():
+            weights = str(beside)
     dino = DinoFeatures(record["model_name"], weights, record["tokens"], record["input_size"],
                         record.get("model_kwargs") or {}, record.get("seed", 0))
     if dino.fingerprint() != record["fingerprint"]:
@@ -248,7 +239,11 @@ def load_codec(path: str | os.PathLike) -> nn.Module:
     remedy = "train it (run ID train_autoencoder)"
     saved = read_record(path, "autoencoder", remedy)
     codec = LatentCodec(build_network(saved["record"]["network"]))
-    load_weights(codec, path, "autoencoder", remedy, saved)
+    load_weights(codec.autoencoder, path, "autoencoder", remedy, saved)
+    if not isinstance(saved.get("scale_factor"), (int, float)):
+        raise BundleInputError(f"The record '{record_file(path)}' of the autoencoder has no latent scale_factor: "
+                               f"delete both files and {remedy}.")
+    codec.scale_factor.fill_(float(saved["scale_factor"]))
     codec.requires_grad_(False)
     return codec.eval()
 
@@ -272,7 +267,8 @@ def load_generator(autoencoder_path: str | os.PathLike, diffusion_path: str | os
                      "num_train_timesteps": schedule["num_train_timesteps"]},
                     {k: v for k, v in requested.items() if not k.startswith("dino_")}, diffusion_path, "diffusion")
     codec = load_codec(autoencoder_path)  # first: a damaged file is said to be damaged, not to be another model
-    if hash_file(autoencoder_path) != record["autoencoder_sha256"]:
+    converted = json.loads(record_file(autoencoder_path).read_text()).get("sha256_before_conversion")
+    if record["autoencoder_sha256"] not in (hash_file(autoencoder_path), converted):
         raise BundleInputError(
             f"The autoencoder '{autoencoder_path}' is not the one the diffusion model '{diffusion_path}' was trained "
             "on: pass --autoencoder_path to that autoencoder, or retrain the diffusion model (run ID train_diffusion)."

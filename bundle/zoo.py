@@ -23,6 +23,7 @@ import torch
 from .data import hash_file as sha256
 from .errors import BundleInputError
 from .io import atomic_write, atomic_write_json
+from .model_files import record_file
 from .models import MODEL_FILES, load_generator, model_path
 
 logger = logging.getLogger(__name__)
@@ -128,6 +129,14 @@ def package(work_dir: str | os.PathLike, out_dir: str | os.PathLike, base_url: s
         for rel, src in files.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, tmp / rel)
+            if record_file(src).is_file():  # the record beside the weights (bundle/models.py) travels with them
+                shutil.copy(record_file(src), record_file(tmp / rel))
+        inference = json.loads((tmp / "configs" / "inference.json").read_text())
+        # MONAI's tools build network_def without the work dir: write the trained architecture in, as the zoo's own
+        # bundles do, so monai.bundle.load, ckpt_export and the zoo CI work from any working directory
+        inference["network_def"] = generator.record["network"]
+        inference["autoencoder_def"] = json.loads(record_file(files[MODEL_FILES["autoencoder"]]).read_text())["record"]["network"]
+        atomic_write_json(tmp / "configs" / "inference.json", inference, indent=4)
         weights = [*files, *export_torchscript(tmp)]
         entries = [{"path": rel, "url": f"{base_url.rstrip('/')}/{Path(rel).name}", "hash_val": sha256(tmp / rel)}
                    for rel in weights]
@@ -149,7 +158,11 @@ def verify(bundle_dir: str | os.PathLike, schema: str | os.PathLike = LOCAL_SCHE
     2. version: ``version`` has a ``changelog`` entry and is not one of ``known_versions`` (already published);
     3. metadata: MONAI's ``verify_metadata`` against ``schema`` (a local file: no download);
     4. network input/output: MONAI's ``verify_net_in_out`` on ``network_def`` with timesteps and DINO context;
-    5. export: the TorchScript files of the UNet and the latent decoder against the eager networks.
+    5. weights: what the zoo CI's ``ckpt_export`` and ``monai.bundle.load`` do first: ``network_def`` and
+       ``autoencoder_def`` parsed from ``inference.json`` with only ``bundle_root`` given, and each ``models/*.pt``
+       copied into them by MONAI's ``copy_model_state``: every weight must arrive (a file with extra keys, or a
+       network_def that needs the work dir, fails here as it fails there);
+    6. export: the TorchScript files of the UNet and the latent decoder against the eager networks.
     """
     from monai.bundle import verify_metadata, verify_net_in_out
 
@@ -184,7 +197,30 @@ def verify(bundle_dir: str | os.PathLike, schema: str | os.PathLike = LOCAL_SCHE
                       device="cpu", bundle_root=str(bundle_dir), work_dir=str(bundle_dir),
                       extra_forward_args={"timesteps": torch.tensor([10]), "context": context})
     found["network_def"] = "input/output channels and dtype as network_data_format states"
+    found["weights"] = check_monai_loading(bundle_dir)
     found["export"] = check_torchscript(bundle_dir)
+    return found
+
+
+def check_monai_loading(bundle_dir: str | os.PathLike) -> dict[str, str]:
+    """Every weight of ``models/model.pt`` and ``models/model_autoencoder.pt`` arrives in ``network_def`` and
+    ``autoencoder_def`` through MONAI's own loading code (see :func:`verify`, check 5)."""
+    from monai.bundle import ConfigParser
+    from monai.networks.utils import copy_model_state
+
+    bundle_dir = Path(bundle_dir)
+    parser = ConfigParser()
+    parser.read_config(str(bundle_dir / "configs" / "inference.json"))
+    parser["bundle_root"] = str(bundle_dir)
+    found = {}
+    for net_id, rel in (("network_def", MODEL_FILES["diffusion"]), ("autoencoder_def", MODEL_FILES["autoencoder"])):
+        network = parser.get_parsed_content(net_id)
+        state = torch.load(bundle_dir / rel, map_location="cpu", weights_only=True)
+        _, updated, unchanged = copy_model_state(network, state)
+        if unchanged or len(updated) != len(state):
+            raise BundleInputError(f"'{rel}' does not load into {net_id} with MONAI's copy_model_state ({len(updated)} "
+                                   f"of {len(network.state_dict())} weights updated): package the bundle again.")
+        found[net_id] = f"{len(updated)} of {len(network.state_dict())} weights from {rel}"
     return found
 
 

@@ -12,6 +12,7 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from bundle.diffusion import (DPMSolverMultistepScheduler, LatentDiffusionPrepareBatch, SamplePreviewHandler,
                               export_diffusion, make_sampler, sample_latents, seeded_noise)
 from bundle.errors import BundleInputError
+from bundle.models import read_record
 
 from .conftest import SCHEDULE
 
@@ -246,10 +247,10 @@ def test_export_writes_the_ema_weights_when_there_are_some(tmp_path):
 
     export_diffusion(net, tmp_path / "plain.pt", {"name": "unet"})
     export_diffusion(net, tmp_path / "ema.pt", {"name": "unet"}, ema=EMA())
-    plain, ema = (torch.load(tmp_path / f, weights_only=True) for f in ("plain.pt", "ema.pt"))
+    plain, ema = (read_record(tmp_path / f, "diffusion", "x") for f in ("plain.pt", "ema.pt"))
     assert plain["ema"] is False and ema["ema"] is True and ema["record"] == {"name": "unet"}
     assert torch.equal(plain["state_dict"]["weight"], net.weight) and torch.equal(ema["state_dict"]["weight"], averaged.weight)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ema.pt", "plain.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ema.json", "ema.pt", "plain.json", "plain.pt"]
 
 
 def test_preview_grid_is_logged_every_interval_and_leaves_the_network_training():

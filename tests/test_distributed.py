@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from bundle.models import load_generator, model_path
+from bundle.models import load_generator, model_path, read_record
 
 from .conftest import ROOT, tiny_settings, write_datalist
 
@@ -56,7 +56,7 @@ def test_two_processes_pre_train_the_heads_denoiser_and_write_one_model(tmp_path
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
     assert "process 0 of 2 (gloo)" in log and "process 1 of 2 (gloo)" in log
-    assert torch.load(model_path(work, "denoiser"), weights_only=False)["record"]["image_size"] == 32
+    assert read_record(model_path(work, "denoiser"), "denoiser", "x")["record"]["image_size"] == 32
     # 8 images, 2 processes, batch 2: two iterations per epoch and process, one checkpoint kept
     (saved,) = sorted((work / "models" / "checkpoints" / "denoiser").glob("*.pt"))
     state = torch.load(saved, weights_only=False)["trainer"]

@@ -13,6 +13,7 @@ from bundle.errors import BundleInputError
 from bundle.heads.landmarks import (HeatmapCrossEntropy, decode_heatmaps, gaussian_heatmaps, landmark_layout,
                                     landmark_metrics, load_landmarks, resize_points)
 from bundle.heads.networks import DenseHead, build_head, load_head
+from bundle.models import read_record
 from bundle.heads.segmentation import dice_and_hausdorff
 
 from .conftest import JSRT, require
@@ -239,7 +240,7 @@ def test_pretrain_then_fine_tune_heads_on_real_images_loss_falls(pretrained):
         unet = workflow("heads/pretrain.json", "training", settings).parser.get_parsed_content("denoiser_def")()
         head = build_head(unet, data[0]["label"].shape[0], denoiser)
         # the pre-trained denoiser's weights are in the fresh head (all but the new output layer)
-        saved = torch.load(denoiser, weights_only=True)["state_dict"]
+        saved = read_record(denoiser, "denoiser", "x")["state_dict"]
         fresh = head.unet.state_dict()
         shared = [k for k in saved if k in fresh and saved[k].shape == fresh[k].shape]
         assert len(shared) > 0.9 * len(saved) and all(torch.equal(fresh[k], saved[k]) for k in shared)
@@ -265,7 +266,7 @@ def test_head_configs_fine_tune_then_write_landmarks_and_masks_for_a_folder(pret
     marks = {**settings, "landmark_groups": ["RL", "H"], "output_dir": str(tmp_path / "marks")}
     run_bundle("heads/landmarks.json", "training", marks)
     head_file = pretrained["tmp"] / "work" / "models" / "heads" / "landmarks.pt"
-    assert torch.load(head_file, weights_only=False)["names"] == [["RL", 44], ["H", 26]]
+    assert read_record(head_file, "head", "x")["record"]["names"] == [["RL", 44], ["H", 26]]
     run_bundle("heads/landmarks.json", "inference", {**marks, "input_dir": str(pretrained["datalist"])})
     written = sorted((tmp_path / "marks" / "landmarks").glob("*.json"))
     first = json.loads(written[0].read_text())
@@ -284,8 +285,8 @@ def test_head_configs_fine_tune_then_write_landmarks_and_masks_for_a_folder(pret
     assert mask.shape == (512, 512) and set(np.unique(np.asarray(mask))) <= {0.0, 1.0}
     seg_metrics = json.loads((tmp_path / "seg" / "metrics.json").read_text())
     assert 0 <= seg_metrics["mask_left_lung"]["dice"] <= 1
-    assert torch.load(pretrained["tmp"] / "work" / "models" / "heads" / "segmentation.pt",
-                      weights_only=False)["pretrained"] == "null"
+    assert read_record(pretrained["tmp"] / "work" / "models" / "heads" / "segmentation.pt", "head",
+                       "x")["record"]["pretrained"] is None
     # a head used with the wrong config, no labelled data, or a different image size: one clear message each
     unet = workflow("heads/pretrain.json", "training", pretrained["settings"]).parser.get_parsed_content("denoiser_def")()
     with pytest.raises(BundleInputError, match="is a landmarks head"):

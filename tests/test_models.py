@@ -77,16 +77,63 @@ def test_a_finished_model_with_other_settings_is_not_reused(trained_tiny):
     assert "delete it" in str(cause)
 
 
-def test_a_model_without_a_record_gets_one_clear_message(trained_tiny, tmp_path):
-    old = tmp_path / "old.pt"
-    saved = torch.load(f"{trained_tiny['work_dir']}/models/model.pt", weights_only=True)
-    torch.save({k: v for k, v in saved.items() if k != "record"}, old)
+def test_a_model_without_its_record_gets_one_clear_message(trained_tiny, tmp_path):
+    import shutil
+
+    weights = f"{trained_tiny['work_dir']}/models/model.pt"
+    saved = read_record(weights, "diffusion", "x")
+    old = tmp_path / "old.pt"  # the earliest files: a state_dict and no record at all
+    torch.save({"state_dict": saved["state_dict"]}, old)
     with pytest.raises(BundleInputError, match="earlier version of this bundle without the record"):
         read_record(old, "diffusion", "x")
+    alone = tmp_path / "alone.pt"  # weights copied without the record beside them
+    shutil.copy(weights, alone)
+    with pytest.raises(BundleInputError, match=r"has no record beside it \('alone.json'"):
+        read_record(alone, "diffusion", "x")
+    shutil.copy(f"{trained_tiny['work_dir']}/models/model_autoencoder.json", tmp_path / "alone.json")
+    with pytest.raises(BundleInputError, match="describes other weights than"):
+        read_record(alone, "diffusion", "x")
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(BundleInputError, match="is empty"):
         read_record(tmp_path / "empty.pt", "diffusion", "train it")
 
+
+def test_model_files_load_with_monai_own_loaders_from_any_directory(trained_tiny, tmp_path, monkeypatch):
+    """models/model.pt is a plain state dict: CheckpointLoader and monai.bundle.load put every weight into the
+    bundle's network_def, and ckpt_export writes a TorchScript that agrees with the eager network."""
+    import shutil
+
+    from ignite.engine import Engine
+    from monai.bundle import ConfigParser, load
+    from monai.handlers import CheckpointLoader
+
+    from .conftest import ROOT
+
+    work = trained_tiny["work_dir"]
+    generator = load_generator(f"{work}/models/model_autoencoder.pt", f"{work}/models/model.pt")
+    parser = ConfigParser()
+    parser.read_config(ROOT / "configs/inference.json")
+    parser.update({"bundle_root": str(ROOT), "work_dir": work})
+    net = parser.get_parsed_content("network_def")
+    assert not all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), generator.unet.state_dict().values()))
+    CheckpointLoader(load_path=f"{work}/models/model.pt", load_dict={"model": net}, strict=True)(Engine(lambda e, b: None))
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in generator.unet.state_dict().items())
+    autoencoder = parser.get_parsed_content("autoencoder_def")
+    CheckpointLoader(load_path=f"{work}/models/model_autoencoder.pt", load_dict={"model": autoencoder},
+                     strict=True)(Engine(lambda e, b: None))
+    assert all(torch.equal(autoencoder.state_dict()[k], v) for k, v in generator.codec.autoencoder.state_dict().items())
+    # monai.bundle.load on a packaged bundle folder, from another working directory
+    from bundle.zoo import package
+
+    package(work, tmp_path / "zoo" / "dino_diffusion_cxr", base_url="https://example.org/w", source_root=ROOT)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with monkeypatch.context() as m:
+        m.setattr("monai.bundle.scripts.download", lambda **kw: pytest.fail("nothing is downloaded"))
+        loaded = load("dino_diffusion_cxr", bundle_dir=str(tmp_path / "zoo"), workflow_type="inference", device="cpu")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in generator.unet.state_dict().items())
+    shutil.rmtree(tmp_path / "zoo")
 
 
 def test_a_truncated_autoencoder_is_called_damaged_not_another_model(trained_tiny, tmp_path):
@@ -136,3 +183,98 @@ def test_model_files_have_the_model_zoo_names_and_old_work_dirs_keep_theirs(tmp_
     assert model_path(tmp_path, "diffusion") == str(tmp_path / "models/model.pt")
     with pytest.raises(BundleInputError, match="not a model of this bundle"):
         model_path(tmp_path, "vae")
+
+
+def _work_dir_with_a_dino_file(trained_tiny, folder):
+    """A copy of the tiny work dir whose diffusion model was conditioned on a DINO weights file in the work dir
+    (models/dino/teacher.safetensors), as the bundle's own DINO pre-training writes it."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from bundle.diffusion import export_diffusion
+    from bundle.dino import DinoFeatures
+
+    shutil.copytree(f"{trained_tiny['work_dir']}/models", folder / "models", ignore=shutil.ignore_patterns("checkpoints"))
+    teacher = folder / "models/dino/teacher.safetensors"
+    teacher.parent.mkdir(parents=True)
+    vit = DinoFeatures("vit_tiny_patch16_224", "random", input_size=32, model_kwargs=trained_tiny["dino_kwargs"], seed=7).vit
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(teacher))
+    path = folder / "models/model.pt"
+    saved = read_record(path, "diffusion", "x")
+    dino = DinoFeatures("vit_tiny_patch16_224", str(teacher), input_size=32, model_kwargs=trained_tiny["dino_kwargs"])
+    unet = build_network(saved["record"]["network"])
+    unet.load_state_dict(saved["state_dict"])
+    export_diffusion(unet, path, {**saved["record"], "dino": dino.record(path)})
+    return folder
+
+
+def test_a_copied_work_dir_loads_its_own_files_never_the_original(trained_tiny, tmp_path):
+    """Paths in records are relative to the work dir: a copy elsewhere uses its own DINO file, with the original
+    hidden, and a copied heads work dir is not judged trained with other settings."""
+    import shutil
+
+    original = _work_dir_with_a_dino_file(trained_tiny, tmp_path / "original")
+    assert read_record(original / "models/model.pt", "diffusion", "x")["record"]["dino"]["weights"] == \
+        "models/dino/teacher.safetensors"
+    copy = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(original, copy)
+    original.rename(tmp_path / "hidden")
+    generator = load_generator(copy / "models/model_autoencoder.pt", copy / "models/model.pt")
+    assert generator.dino.weights == str(copy / "models/dino/teacher.safetensors")
+    # a record of an earlier version (absolute path to the original) still prefers the copy's own file
+    (tmp_path / "hidden").rename(original)
+    saved = read_record(copy / "models/model.pt", "diffusion", "x")
+    from bundle.diffusion import export_diffusion
+
+    unet = build_network(saved["record"]["network"])
+    unet.load_state_dict(saved["state_dict"])
+    dino = {**saved["record"]["dino"], "weights": str(original / "models/dino/teacher.safetensors")}
+    export_diffusion(unet, copy / "models/model.pt", {**saved["record"], "dino": dino})
+    generator = load_generator(copy / "models/model_autoencoder.pt", copy / "models/model.pt")
+    assert generator.dino.weights == str(copy / "models/dino/teacher.safetensors")
+
+
+def test_a_work_dir_of_the_one_file_format_is_converted_once_and_samples_the_same(trained_tiny, tmp_path, caplog):
+    """Files of earlier versions ({state_dict, record} in one .pt, the codec's keys prefixed, the scale factor a
+    buffer) load after a one-line conversion, into weights + record, with the same networks."""
+    import logging
+
+    from bundle.data import hash_file
+
+    work = tmp_path / "old"
+    (work / "models").mkdir(parents=True)
+    src = trained_tiny["work_dir"]
+    reference = load_generator(f"{src}/models/model_autoencoder.pt", f"{src}/models/model.pt")
+    ae = read_record(f"{src}/models/model_autoencoder.pt", "autoencoder", "x")
+    codec_state = {f"autoencoder.{k}": v for k, v in ae["state_dict"].items()}
+    codec_state["scale_factor"] = torch.tensor(ae["scale_factor"])
+    torch.save({"state_dict": codec_state, "scale_factor": ae["scale_factor"], "record": ae["record"]},
+               work / "models/model_autoencoder.pt")
+    diffusion = read_record(f"{src}/models/model.pt", "diffusion", "x")
+    record = {**diffusion["record"], "autoencoder_sha256": hash_file(work / "models/model_autoencoder.pt")}
+    torch.save({"state_dict": diffusion["state_dict"], "ema": True, "record": record}, work / "models/model.pt")
+    with caplog.at_level(logging.INFO, logger="bundle.models"):
+        generator = load_generator(work / "models/model_autoencoder.pt", work / "models/model.pt")
+        again = load_generator(work / "models/model_autoencoder.pt", work / "models/model.pt")
+    conversions = [m for m in caplog.messages if m.startswith("Converted the")]
+    assert len(conversions) == 2 and "earlier one-file format to MONAI's" in conversions[0]
+    assert sorted(p.name for p in (work / "models").iterdir()) == ["model.json", "model.pt", "model_autoencoder.json",
+                                                                    "model_autoencoder.pt"]
+    assert isinstance(torch.load(work / "models/model.pt", weights_only=True)["time_embed.0.weight"], torch.Tensor)
+    for g in (generator, again):
+        assert float(g.codec.scale_factor) == pytest.approx(float(reference.codec.scale_factor))
+        for a, b in ((g.unet, reference.unet), (g.codec, reference.codec)):
+            assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+
+
+def test_record_paths_are_relative_to_the_work_dir_that_holds_models(tmp_path):
+    from bundle.model_files import portable_path, recorded_path
+
+    head = tmp_path / "work/models/heads/landmarks.pt"
+    assert portable_path(tmp_path / "work/models/heads/denoiser.pt", head) == "models/heads/denoiser.pt"
+    assert recorded_path("models/heads/denoiser.pt", head) == str(tmp_path / "work/models/heads/denoiser.pt")
+    assert portable_path(tmp_path / "other/denoiser.pt", head) == str(tmp_path / "other/denoiser.pt")
+    assert [portable_path(v, head) for v in (None, "null", "hub", "random")] == [None, None, "hub", "random"]
+    snapshot = tmp_path / "work/models/snapshots/diffusion_epoch0010.pt"  # snapshots share the final model's record
+    assert recorded_path("models/dino/teacher.safetensors", snapshot) == str(tmp_path / "work/models/dino/teacher.safetensors")

@@ -110,14 +110,39 @@ def test_infer_tasks_return_masks_points_and_images_in_the_study_frame(server):
     lungs = png(requests.post(f"{url}/infer/zero_shot_lungs", params={"image": image_id, "output": "image"}, timeout=300))
     assert lungs.shape == size and set(np.unique(lungs)) <= {0, 1} and lungs.any()
     synthetic = png(requests.post(f"{url}/infer/generation", params={"image": image_id, "output": "image"}, timeout=300))
-    assert synthetic.shape == (32, 32) and synthetic.std() > 0
+    assert synthetic.shape == size and synthetic.std() > 0  # generated at 32 px, answered at the study's size
     # a learned concept instead of the study's embedding (the request's params choose the strategy)
     concept = {"strategy": "concept", "strategy_params": {"concept": {"concepts": {"jsrt": 1.0}}}}
     from_concept = png(requests.post(f"{url}/infer/generation", params={"image": image_id, "output": "image"},
                                      data={"params": json.dumps(concept)}, timeout=300))
     record = requests.post(f"{url}/infer/generation", params={"image": image_id, "output": "json"},
                            data={"params": json.dumps(concept)}, timeout=300).json()
-    assert from_concept.shape == (32, 32) and record["strategy"] == "concept"
+    assert from_concept.shape == size and record["strategy"] == "concept"
+    assert record["generated_size"] == [32, 32] and record["returned_size"] == list(size)
+
+
+def test_monai_label_own_client_decodes_every_task_and_hears_404_for_an_unknown_trainer(server):
+    """MONAILabelClient, as a viewer plug-in calls the server: every infer answer decodes (points as a dict, not
+    undecoded bytes), and an unknown trainer is refused before anything is queued."""
+    from monailabel.client import MONAILabelClient
+    from monailabel.client.client import MONAILabelClientException
+
+    client = MONAILabelClient(server["url"])
+    image_id = Path(server["rows"][0]["image"]).stem
+    size = Image.open(server["rows"][0]["image"]).size[::-1]
+    assert sorted(client.info()["models"]) == ["generation", "landmarks", "segmentation", "zero_shot_lungs"]
+    points_file, points = client.infer("landmarks", image_id, {})
+    assert isinstance(points, dict) and list(points["landmarks"]) == ["RL", "H"]
+    assert json.loads(Path(points_file).read_text()) == points["landmarks"]
+    for task, values in (("segmentation", {0, 1, 2}), ("zero_shot_lungs", {0, 1})):
+        label_file, result = client.infer(task, image_id, {})
+        label = np.asarray(Image.open(label_file))
+        assert isinstance(result, dict) and label.shape == size and set(np.unique(label)) <= values
+    image_file, result = client.infer("generation", image_id, {})
+    assert np.asarray(Image.open(image_file)).shape == size and result["generated_size"] == [32, 32]
+    with pytest.raises(MONAILabelClientException, match="Status: 404.*no_such_trainer"):
+        client.train_start("no_such_trainer", {})
+    assert client.train_status(check_if_running=True) is False  # nothing was queued
 
 
 def test_bad_requests_get_a_clear_http_error_and_the_server_keeps_running(server, tmp_path):
@@ -173,18 +198,23 @@ def test_the_server_reads_and_writes_only_inside_its_datastore_and_refuses_bad_l
     assert not labels.get("labels"), "nothing was saved"
 
 
-def test_train_fine_tunes_the_head_on_a_saved_label_and_inference_uses_it(server, tmp_path):
-    url, row = server["url"], server["rows"][1]
+def save_true_label(url: str, row: dict, folder: Path) -> None:
+    """The study's true masks as one label map, saved with tag final, as an annotator would."""
     masks = [np.asarray(Image.open(row[c])) > 0 for c in STRUCTURES]
     label = np.zeros(masks[0].shape, np.uint8)
     for value, mask in enumerate(masks, start=1):
         label[mask] = value
-    path = tmp_path / "label.png"
+    path = folder / "label.png"
     Image.fromarray(label).save(path)
     with open(path, "rb") as f:
         saved = requests.put(f"{url}/datastore/label", params={"image": Path(row["image"]).stem, "tag": "final"},
                              files={"label": ("label.png", f)}, timeout=60)
     assert saved.status_code == 200, saved.text
+
+
+def test_train_fine_tunes_the_head_on_a_saved_label_and_inference_uses_it(server, tmp_path):
+    url = server["url"]
+    save_true_label(url, server["rows"][1], tmp_path)
     head = server["heads"] / "models" / "heads" / "segmentation.pt"
     before = head.stat().st_mtime_ns
     stats = requests.post(f"{url}/train/segmentation", params={"run_sync": True}, json={"iterations": 3},
@@ -192,6 +222,12 @@ def test_train_fine_tunes_the_head_on_a_saved_label_and_inference_uses_it(server
     assert stats["images"] == 1 and stats["iterations"] == 3 and np.isfinite(stats["final_loss"])
     assert head.stat().st_mtime_ns > before
     assert not list(head.parent.glob(".segmentation.pt.*"))  # nothing half-written beside it
+    # the head trained before is kept beside it (one version), with its record; the new record is portable
+    from bundle.models import read_record
+
+    previous = read_record(head.parent / "segmentation.previous.pt", "head", "x")
+    assert previous["record"]["task"] == "segmentation" and stats["previous_head"].endswith("segmentation.previous.pt")
+    assert read_record(head, "head", "x")["record"]["pretrained"] == "models/heads/denoiser.pt"
     image_id = Path(server["rows"][2]["image"]).stem
     after = png(requests.post(f"{url}/infer/segmentation", params={"image": image_id, "output": "image"}, timeout=300))
     assert set(np.unique(after)) <= {0, 1, 2}
@@ -214,3 +250,36 @@ def test_a_task_without_its_model_is_hidden_and_answers_503_naming_what_to_train
     with pytest.raises(HTTPException) as err:
         task({"image": str(tmp_path / "missing.png"), "model": "zero_shot_lungs"})
     assert err.value.status_code == 404
+
+
+def test_a_synchronous_training_does_not_hold_up_inference(server, tmp_path):
+    """MONAI Label runs a run_sync training inside its event loop (every request waits for it); the app serves that
+    path off the loop, so an /infer sent during a training is answered while the training still runs."""
+    import threading
+
+    url, image_id = server["url"], Path(server["rows"][2]["image"]).stem
+    save_true_label(url, server["rows"][1], tmp_path)
+    infer = {"image": image_id, "output": "json"}
+    start = time.perf_counter()
+    assert requests.post(f"{url}/infer/zero_shot_lungs", params=infer, timeout=300).ok
+    idle = time.perf_counter() - start
+    done = {}
+
+    def train():
+        t0 = time.perf_counter()
+        done["answer"] = requests.post(f"{url}/train/segmentation", params={"run_sync": True},
+                                       json={"iterations": 400}, timeout=900)
+        done["seconds"] = time.perf_counter() - t0
+
+    worker = threading.Thread(target=train)
+    worker.start()
+    time.sleep(3)  # the training is under way
+    start = time.perf_counter()
+    answer = requests.post(f"{url}/infer/zero_shot_lungs", params=infer, timeout=900)
+    during = time.perf_counter() - start
+    still_training = worker.is_alive()
+    worker.join()
+    print(f"/infer idle {idle:.1f} s, during a synchronous training {during:.1f} s; the training {done['seconds']:.1f} s")
+    assert answer.ok and done["answer"].ok, done["answer"].text[:300]
+    assert still_training, (f"/infer took {during:.1f} s during a {done['seconds']:.1f} s training (idle {idle:.1f} s): "
+                            "it waited for the training")

@@ -74,6 +74,10 @@ class DinoDiffusionApp(MONAILabelApp):
                 request_keys=["strategy", "strategy_params", "sample_seed", "guidance_scale"]),
         }
 
+    def on_init_complete(self):
+        super().on_init_complete()
+        tasks.serve_sync_training_beside_requests()
+
     def init_trainers(self):
         return {"segmentation": tasks.HeadTrain(self.heads_dir, self.structures, self.train_iterations)}
 
@@ -96,6 +100,16 @@ class DinoDiffusionApp(MONAILabelApp):
             return super().infer(request, datastore)
         except MONAILabelException as err:  # unknown task or no task named: a 404 with the list, not a bare 500
             raise HTTPException(status_code=404, detail=f"{err.msg} Tasks: {sorted(self._infers)}.") from None
+
+    def bundle_path(self, model):
+        # MONAI Label's /train/{model} queues the training and finds an unknown trainer only in the background
+        # process (200 SUBMITTED, then a traceback); it asks this first, in the server, for every queued task: a
+        # name no task of this server has is refused here, before anything is queued
+        known = set(self._trainers) | set(self._infers) | set(getattr(self, "_scoring_methods", {}))
+        if model and model not in known:
+            raise HTTPException(status_code=404, detail=f"Trainer {model!r} is not known: trainers "
+                                                        f"{sorted(self._trainers)}.")
+        return super().bundle_path(model)
 
     def train(self, request):
         try:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import BundleInputError
-from ..io import atomic_torch_save
+from ..model_files import read_record, save_model
 from ..models import load_weights
 
 MASK_PRIOR_BIAS = -4.595  # log(0.01 / 0.99): every mask channel starts out predicting "absent" (RetinaNet's prior)
@@ -93,20 +93,13 @@ def save_head(head: nn.Module, path: str | os.PathLike, task: str, names: Sequen
         raise BundleInputError(f"Head task '{task}' is not known: use one of {TASKS}.")
     record = {"task": task, "names": list(names), "image_size": int(image_size), **metadata}
     # the record (bundle/models.py) lets a re-run tell whether this head was trained with the same settings
-    atomic_torch_save({"state_dict": head.state_dict(), **record, "record": record}, path)
+    save_model(head.state_dict(), record, path)
 
 
 def load_head(unet: nn.Module, path: str | os.PathLike, task: str, image_size: int) -> tuple[DenseHead, dict]:
     """A head saved by :func:`save_head` on a freshly built ``unet`` (the same denoiser definition)."""
-    if not os.path.isfile(path):
-        raise BundleInputError(f"Head '{path}' does not exist: fine-tune it first (run ID training) or pass --head_path.")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise BundleInputError(f"Head '{path}' cannot be read ({type(err).__name__}): it is truncated or not a head "
-                               "file; fine-tune it again (delete it first) or pass the right --head_path.") from None
-    if not isinstance(saved, dict) or "state_dict" not in saved:
-        raise BundleInputError(f"'{path}' is not a head file written by this bundle: pass the right --head_path.")
+    saved = read_record(path, "head", "fine-tune it (run ID training of configs/heads/), or pass the right --head_path")
+    saved = {**saved["record"], **saved}
     if saved.get("task") != task:
         raise BundleInputError(f"'{path}' is a {saved.get('task')} head, not a {task} head: use the matching config.")
     if saved["image_size"] != int(image_size):

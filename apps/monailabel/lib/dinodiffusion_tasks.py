@@ -30,7 +30,7 @@ from PIL import Image
 
 from bundle.errors import BundleInputError
 from bundle.heads.segmentation import mask_folders
-from bundle.io import atomic_path
+from bundle.model_files import install_model
 from bundle.models import model_path
 
 logger = logging.getLogger(__name__)
@@ -165,12 +165,14 @@ class BundleInfer(InferTask):
 
     ``request_keys``: settings a request may give in its params (e.g. the generation task's ``strategy`` and
     ``strategy_params``, to sample from a concept), passed to the config as they are; the config checks them.
-    ``collect(output_dir)`` turns the config's outputs into ``(result file or None, result JSON)``; a result file
-    is a new temporary file, which MONAI Label deletes once it is sent.
+    ``collect(output_dir, image)`` turns the config's outputs for the study ``image`` into ``(result file, result
+    JSON)``; the result file is a new temporary file, which MONAI Label deletes once it is sent. Every task answers
+    with a file, so that the answer is multipart and ``MONAILabelClient.infer`` decodes its JSON (a JSON-only answer
+    reaches the client as undecoded bytes).
     """
 
     def __init__(self, config: str, run_id: str, work_dir: str, model: str, remedy: str, type: str, labels: Any,
-                 description: str, collect: Callable[[Path], tuple[str | None, dict]],
+                 description: str, collect: Callable[[Path, str], tuple[str, dict]],
                  overrides: dict[str, Any] | None = None, request_keys: Sequence[str] = (), device: str | None = None):
         super().__init__(type=type, labels=labels, dimension=2, description=description,
                          config={"device": device or "auto"})
@@ -200,7 +202,7 @@ class BundleInfer(InferTask):
             if request.get("device") not in (None, "", "auto"):
                 overrides["device"] = f"$torch.device('{request['device']}')"
             run_bundle_config(self.config_file, self.run_id, overrides)
-            result_file, result_json = self.collect(scratch / "out")
+            result_file, result_json = self.collect(scratch / "out", image)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         result_json["latencies"] = {"total": round(time.time() - start, 3)}
@@ -212,7 +214,7 @@ def label_map_from_masks(structures: Sequence[str]) -> Callable[[Path], tuple[st
     ``i + 1``; where structures overlap (a clavicle over a lung), the later one in ``structures`` wins."""
     names = label_names(structures)
 
-    def collect(out: Path) -> tuple[str, dict]:
+    def collect(out: Path, image: str) -> tuple[str, dict]:
         label = None
         for name, value in names.items():
             (mask_file,) = sorted((out / name).glob("*.png"))
@@ -226,12 +228,15 @@ def label_map_from_masks(structures: Sequence[str]) -> Callable[[Path], tuple[st
     return collect
 
 
-def landmark_points(out: Path) -> tuple[None, dict]:
+def landmark_points(out: Path, image: str) -> tuple[str, dict]:
+    """The points as the result JSON and, the same, as the result file (a .json: what a viewer saves)."""
     (points_file,) = sorted((out / "landmarks").glob("*.json"))
-    return None, {"landmarks": json.loads(points_file.read_text()), "frame": "original image pixels (x, y)"}
+    path = result_path(".json")
+    shutil.copyfile(points_file, path)
+    return path, {"landmarks": json.loads(points_file.read_text()), "frame": "original image pixels (x, y)"}
 
 
-def lung_mask(out: Path) -> tuple[str, dict]:
+def lung_mask(out: Path, image: str) -> tuple[str, dict]:
     (mask_file,) = sorted((out / "lungs").glob("*.png"))
     label = (np.asarray(Image.open(mask_file)) > 127).astype(np.uint8)
     path = result_path(".png")
@@ -239,12 +244,56 @@ def lung_mask(out: Path) -> tuple[str, dict]:
     return path, {"label_names": {"lungs": 1}, "pixels": {"lungs": int(label.sum())}}
 
 
-def generated_image(out: Path) -> tuple[str, dict]:
+def generated_image(out: Path, image: str) -> tuple[str, dict]:
+    """The sample, resized to the study's size so that a viewer lays it over the study; the result says the size
+    the generator made it at (its image_size: the detail is that of the smaller image)."""
     with open(out / "manifest.csv", newline="") as f:
         (row,) = list(csv.DictReader(f))
-    path = result_path(Path(row["image"]).suffix)
-    shutil.copyfile(out / row["image"], path)
-    return path, {k: row[k] for k in ("strategy", "seed", "sampler", "num_inference_steps", "guidance_scale")}
+    sample = Image.open(out / row["image"])
+    height, width = image_size(image)
+    path = result_path(".png")
+    sample.resize((width, height), Image.Resampling.BICUBIC).save(path)
+    return path, {**{k: row[k] for k in ("strategy", "seed", "sampler", "num_inference_steps", "guidance_scale")},
+                  "generated_size": [sample.height, sample.width], "returned_size": [height, width],
+                  "note": f"generated at {sample.height}x{sample.width} (the generator's image_size) and resized to "
+                          "the study's size"}
+
+
+def serve_sync_training_beside_requests() -> bool:
+    """MONAI Label's ``POST /train/{model}`` is an ``async`` endpoint that, with ``run_sync=true``, runs the training
+    inside the server's event loop, so every other request (``/info``, ``/infer``) waits until it ends. Put a plain
+    (``def``) endpoint for the same path and parameters in front of it: FastAPI runs such endpoints in its thread
+    pool, so a synchronous training runs beside the other requests. Only in a running server (``monailabel.app``
+    imported); returns whether it was done."""
+    import sys
+
+    server = sys.modules.get("monailabel.app")
+    if server is None:
+        return False
+    from fastapi import APIRouter, Depends
+    from monailabel.config import settings
+    from monailabel.endpoints.train import run, run_model
+    from monailabel.endpoints.user.auth import RBAC, User
+
+    router = APIRouter(prefix=f"{settings.MONAI_LABEL_API_STR}/train", tags=["Train"])
+
+    @router.post("/{model}", summary="Run Training Task for specific model (synchronous runs off the event loop)")
+    def api_run_model(model: str, params: dict | None = None, run_sync: bool | None = False,
+                      enqueue: bool | None = False, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
+        return run_model(model, params, run_sync, enqueue)
+
+    @router.post("/", summary="Run All Training Tasks (synchronous runs off the event loop)")
+    def api_run(params: dict | None = None, run_sync: bool | None = False,
+                user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
+        return run(params, run_sync)
+
+    routes = server.app.router.routes
+    before = len(routes)
+    server.app.include_router(router)
+    added = routes[before:]
+    del routes[before:]
+    routes[0:0] = added  # matched before MONAI Label's own route for the same path
+    return True
 
 
 class HeadTrain(TrainTask):
@@ -306,12 +355,12 @@ class HeadTrain(TrainTask):
                 "structures": self.structures, "head_path": str(trained),
                 "head_iterations": int(request.get("iterations", self.iterations))})
             head_path = model_path(self.work_dir, "segmentation")
-            with atomic_path(head_path) as tmp:  # the infer task never sees a half-written head
-                shutil.copyfile(trained, tmp)
+            # weights and record written atomically; the head trained before stays beside it (segmentation.previous.pt)
+            previous = install_model(trained, head_path)
             losses = workflow.parser.get_parsed_content("head_trainer").state.output
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         self._stats = {"images": len(rows), "skipped": skipped, "iterations": int(request.get("iterations", self.iterations)),
                        "final_loss": float(losses["loss"]) if isinstance(losses, dict) else float(losses),
-                       "head": head_path, "seconds": round(time.time() - start, 1)}
+                       "head": head_path, "previous_head": str(previous) if previous else None, "seconds": round(time.time() - start, 1)}
         return self._stats
