@@ -6,6 +6,7 @@
 # pre-training, the same for every run), so FD in its space is a random-feature distance. Writes
 # docs/results/amp_quality.json and prints the table. Needs a CPU with bf16 instructions to say anything.
 #   bash evidence/run_amp_check.sh       (about 40 min on one CPU core; JSRT=the JSRT folder; THREADS=torch threads)
+{ # the whole script is read before it runs: editing it while a long run is under way cannot change that run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -57,3 +58,5 @@ print("|---|---|---|---|---|---|")
 for amp, s in summary.items():
     print(f"| {amp} | " + " | ".join(", ".join(str(v) for v in s[k]) for k in s) + " |")
 PYEOF
+exit
+}

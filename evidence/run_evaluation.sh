@@ -6,6 +6,7 @@
 #   bash evidence/run_evaluation.sh   (~40 min on 2 CPU cores)
 # WORK (the generator's work dir), LABELLED (the JSRT train split: the same-source reference FD, the memorisation
 # check and the augmentation experiment's labelled pool) and TEST change the inputs.
+{ # the whole script is read before it runs: editing it while a long run is under way cannot change that run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -36,3 +37,5 @@ $PY -m scripts.augmentation_experiment --train "$LABELLED" --test "$TEST" --labe
     --ratios 0 3 --folds 2 --iterations 200 --out "$WORK/augmentation/sex" --copy_to docs/results \
     -- "${MODEL[@]}" --num_inference_steps 20
 echo "augmentation_sex $SECONDS" >> "$WORK/stage_seconds.txt"
+exit
+}

@@ -4,6 +4,7 @@
 #   bash evidence/run_foundation.sh            (WORK=runs/foundation by default; ~40 min on 2 CPU cores)
 # WORK, OUT (report folder, docs/results by default), AE_EPOCHS and DIFFUSION_EPOCHS can be set in the environment.
 # Settings: the CPU profile (configs/profiles/cpu64.json) with a seeded random DINO (no hub weights offline).
+{ # the whole script is read before it runs: editing it while a long run is under way cannot change that run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -23,3 +24,5 @@ for stage in train_autoencoder cache train_diffusion; do
 done
 $PY -m evidence.evaluate_foundation --work_dir "$WORK" --test "$WORK/test.csv" --out "$OUT"
 $PY -m evidence.benchmark --profile cpu64 --stages diffusion diffusion_reencode --work_dir "$WORK" --out "$OUT/cache_benchmark" -- "${ARGS[@]}"
+exit
+}

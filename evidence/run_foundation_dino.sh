@@ -2,6 +2,7 @@
 # The generator conditioned on the DINO trained on JSRT itself (evidence/run_dino.sh first): stage 2 and the
 # cache again with that DINO, reusing the stage-1 autoencoder of evidence/run_foundation.sh; fully offline.
 #   bash evidence/run_foundation_dino.sh       (WORK=runs/foundation_dino; ~15 min on 2 CPU cores)
+{ # the whole script is read before it runs: editing it while a long run is under way cannot change that run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -17,3 +18,5 @@ for stage in cache train_diffusion; do
   echo "$stage $SECONDS" >> "$WORK/stage_seconds.txt"
 done
 printf '%s\n' "${ARGS[@]}" > "$WORK/args.txt"
+exit
+}

@@ -8,6 +8,7 @@
 #                                1-2 min per fine-tuning run, 1 min zero-shot)
 # Fine-tuning results are appended to runs/heads/heads_results.jsonl, so an interrupted run continues.
 # The latent comparison and zero-shot latent rows need the generator of evidence/run_quality_cpu.sh (LATENT: another).
+{ # the whole script is read before it runs: editing it while a long run is under way cannot change that run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -49,3 +50,5 @@ SECONDS=0
 $PY -m evidence.zero_shot_evidence --train "$WORK/train.csv" --test "$WORK/test.csv" --latent_args "$LATENT" \
     --denoiser_args "--work_dir $WORK ${DENOISER[*]}" --out docs/results > "$WORK/zero_shot.log" 2>&1
 echo "zero_shot $SECONDS" >> "$WORK/stage_seconds.txt"
+exit
+}

@@ -4,6 +4,7 @@
 # beside the real slices whose embeddings conditioned them, and their evaluation). One volume per modality shows
 # that the path works and what the slices look like; it cannot show generalisation to other patients.
 #   bash evidence/run_modalities.sh      (WORK=runs/modalities; about 25 min on two CPU cores)
+{ # the whole script is read before it runs: editing it while a long run is under way cannot change that run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -23,3 +24,5 @@ run() {  # NAME MODALITY VOLUME SETTINGS
 }
 run head_ct ct "$DATA/ct/head_ct.nii.gz" "{'window': 'brain'}"
 run brain_t1 mri "$DATA/mri/brain_t1_ch2.nii.gz" "{}"
+exit
+}

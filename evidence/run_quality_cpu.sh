@@ -14,6 +14,7 @@
 #   STAGES=train_autoencoder side by side, then the command without STAGES for the rest.
 # cpu64: settings chosen by the pilots of docs/results/quality.md, given here; cpu128: the profile's own settings
 # (its pilots: section 128 px). Environment variables below override either.
+{ # the whole script is read before it runs: editing it while a long run is under way cannot change that run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROFILE=cpu64
@@ -56,3 +57,5 @@ case " $STAGES " in *" evaluate "*)
     --test "corpus=$DATA/test_corpus.csv" --out "${OUT:-docs/results/quality_$PROFILE}" > "$WORK/evaluate_quality.log" 2>&1
   echo "evaluate_quality $SECONDS" | tee -a "$WORK/stage_seconds.txt";;
 esac
+exit
+}

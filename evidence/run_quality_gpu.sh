@@ -10,6 +10,7 @@
 # Every stage resumes from its last epoch checkpoint and a finished stage is skipped, so the same command continues
 # an interrupted run. Extra arguments are passed to every bundle command (e.g. --num_workers 4). torch.compile is
 # off unless COMPILE=true: its compile time is a large part of a budget of minutes.
+{ # the whole script is read before it runs: editing it while a long run is under way cannot change that run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -44,3 +45,5 @@ case " $STAGES " in *" evaluate "*)
     --out "$RESULTS" > "$WORK/evaluate_quality.log" 2>&1 || { tail -30 "$WORK/evaluate_quality.log"; exit 1; }
   echo "evaluate_quality $SECONDS" | tee -a "$WORK/stage_seconds.txt" ;;
 esac
+exit
+}

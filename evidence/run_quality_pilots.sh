@@ -6,6 +6,7 @@
 #   bash evidence/run_quality_pilots.sh cpu128   cpu128: 2,144 images each (one epoch); learning rate (5e-4, 1e-3) and
 #                                               batch size (16, 8) at 32x32x4 latents (about 45 min on one core)
 # DATA as in run_quality_cpu.sh; THREADS=torch threads per pilot (default: all cores).
+{ # the whole script is read before it runs: editing it while a long run is under way cannot change that run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROFILE=${1:-cpu64}
@@ -54,3 +55,5 @@ for name in names:
 out.write_text(json.dumps({"command": f"bash evidence/run_quality_pilots.sh {args}".strip(), "pilots": rows}, indent=2) + "\n")
 print(json.dumps(rows, indent=1))
 PYEOF
+exit
+}
