@@ -129,8 +129,10 @@ def package(work_dir: str | os.PathLike, out_dir: str | os.PathLike, base_url: s
         for rel, src in files.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, tmp / rel)
-            if record_file(src).is_file():  # the record beside the weights (bundle/models.py) travels with them
+            if record_file(src).is_file():  # the record beside the weights (bundle/model_files.py) travels with them
                 shutil.copy(record_file(src), record_file(tmp / rel))
+            if Path(f"{src}.json").is_file():  # a DINO teacher's note of its architecture (bundle/dino.py)
+                shutil.copy(f"{src}.json", f"{tmp / rel}.json")
         inference = json.loads((tmp / "configs" / "inference.json").read_text())
         # MONAI's tools build network_def without the work dir: write the trained architecture in, as the zoo's own
         # bundles do, so monai.bundle.load, ckpt_export and the zoo CI work from any working directory

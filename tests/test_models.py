@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -200,6 +201,9 @@ def _work_dir_with_a_dino_file(trained_tiny, folder):
     teacher.parent.mkdir(parents=True)
     vit = DinoFeatures("vit_tiny_patch16_224", "random", input_size=32, model_kwargs=trained_tiny["dino_kwargs"], seed=7).vit
     save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(teacher))
+    (folder / "models/dino/teacher.safetensors.json").write_text(json.dumps(  # as DINO pre-training writes it
+        {"model_name": "vit_tiny_patch16_224", "img_size": 32, "model_kwargs": trained_tiny["dino_kwargs"],
+         "weights": "teacher.safetensors"}))
     path = folder / "models/model.pt"
     saved = read_record(path, "diffusion", "x")
     dino = DinoFeatures("vit_tiny_patch16_224", str(teacher), input_size=32, model_kwargs=trained_tiny["dino_kwargs"])
@@ -222,6 +226,17 @@ def test_a_copied_work_dir_loads_its_own_files_never_the_original(trained_tiny, 
     original.rename(tmp_path / "hidden")
     generator = load_generator(copy / "models/model_autoencoder.pt", copy / "models/model.pt")
     assert generator.dino.weights == str(copy / "models/dino/teacher.safetensors")
+    # a zoo bundle packaged from the copy carries the teacher with its note and loads its own files
+    from bundle.zoo import package
+
+    from .conftest import ROOT
+
+    zoo = package(copy, tmp_path / "zoo" / "dino_diffusion_cxr", "https://example.org/w", source_root=ROOT)
+    copy.rename(tmp_path / "copy_hidden")
+    assert (zoo / "models/dino/teacher.safetensors.json").is_file() and (zoo / "models/model.json").is_file()
+    generator = load_generator(zoo / "models/model_autoencoder.pt", zoo / "models/model.pt")
+    assert generator.dino.weights == str(zoo / "models/dino/teacher.safetensors")
+    (tmp_path / "copy_hidden").rename(copy)
     # a record of an earlier version (absolute path to the original) still prefers the copy's own file
     (tmp_path / "hidden").rename(original)
     saved = read_record(copy / "models/model.pt", "diffusion", "x")
