@@ -140,6 +140,31 @@ def merge_attention(attention: torch.Tensor, grid: int = 16, threshold: float = 
     return proposals.reshape(-1, side, side)
 
 
+def merge_attention_diffseg(attention: torch.Tensor, grid: int = 16, thresholds: Sequence[float] = (1.1, 1.1, 1.1)
+                            ) -> torch.Tensor:
+    """One image's aggregated attention ``(R*R, R, R)`` -> proposals ``(K, R, R)``, merged as DiffSeg publishes it.
+
+    Absolute symmetric-KL thresholds, one per iteration (DiffSeg's default: 1.1 three times). First iteration:
+    each anchor of the ``grid`` x ``grid`` lattice becomes the mean attention of every query pixel within the
+    threshold of it (proposals may overlap). Later iterations: each proposal becomes the mean of the proposals
+    within the threshold of it, and identical groups are kept once. Pixels then take the proposal attending to
+    them most (:func:`cluster_labels`). :func:`merge_attention` is this bundle's earlier variant (a threshold
+    relative to each image's median KL, greedy non-overlapping groups among anchors only).
+    """
+    side = attention.shape[-1]
+    rows = attention.reshape(side * side, side * side)
+    steps = torch.linspace(0, side - 1, min(grid, side)).round().long()
+    anchors = (steps[:, None] * side + steps[None, :]).flatten()
+    near = symmetric_kl(rows[anchors], rows) < float(thresholds[0])  # (K, N)
+    near[torch.arange(len(anchors)), anchors] = True
+    proposals = (near.float() @ rows) / near.sum(1, keepdim=True)
+    for threshold in thresholds[1:]:
+        groups = symmetric_kl(proposals, proposals) < float(threshold)
+        groups = torch.unique(groups, dim=0)  # proposals that gather the same group are one
+        proposals = (groups.float() @ proposals) / groups.sum(1, keepdim=True)
+    return proposals.reshape(-1, side, side)
+
+
 def cluster_labels(proposals: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """``(K, R, R)`` proposals -> ``(X, Y)`` label map: each pixel takes the proposal attending to it most."""
     maps = F.interpolate(proposals[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
@@ -179,13 +204,26 @@ def oracle_clusters(labels: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     return mask
 
 
+MERGES = ("relative", "diffseg")
+
+
 def segment(maps: Sequence[torch.Tensor], images: torch.Tensor, grid: int = 16, threshold: float = 0.2,
-            iterations: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+            iterations: int = 3, merge: str = "relative") -> tuple[torch.Tensor, torch.Tensor]:
     """Self-attention maps of a batch and its ``(B, 1, X, Y)`` images -> (cluster labels ``(B, X, Y)``,
-    lung masks ``(B, X, Y)`` by :func:`lung_clusters`)."""
+    lung masks ``(B, X, Y)`` by :func:`lung_clusters`). ``merge``: ``relative`` (:func:`merge_attention`,
+    ``threshold`` a fraction of the median KL) or ``diffseg`` (:func:`merge_attention_diffseg`, ``threshold`` in
+    nats, the same at each of the ``iterations``)."""
+    if merge not in MERGES:
+        raise BundleInputError(f"merge '{merge}' is not known: use one of {MERGES}.")
     attention = aggregate_attention(maps)
     size = images.shape[-2:]
-    labels = torch.stack([cluster_labels(merge_attention(a, grid, threshold, iterations), size) for a in attention])
+
+    def proposals(a: torch.Tensor) -> torch.Tensor:
+        if merge == "diffseg":
+            return merge_attention_diffseg(a, grid, [threshold] * iterations)
+        return merge_attention(a, grid, threshold, iterations)
+
+    labels = torch.stack([cluster_labels(proposals(a), size) for a in attention])
     lungs = torch.stack([lung_clusters(l, im.cpu()) for l, im in zip(labels, images)])
     return labels, lungs
 
@@ -200,7 +238,7 @@ def dice(predicted: torch.Tensor, truth: torch.Tensor) -> float:
 def segment_folder(unet: nn.Module, rows: Sequence[dict], preprocessing, scheduler, output_dir, timestep: int = 100,
                    threshold: float = 0.1, grid: int = 16, mask_format: str = "png",
                    truth_columns: Sequence[str] = LUNG_MASK_COLUMNS, batch_size: int = 8,
-                   seed: int = 0, device: torch.device | str = "cpu") -> dict:
+                   seed: int = 0, device: torch.device | str = "cpu", merge: str = "relative") -> dict:
     """Zero-shot lung masks for every row with the label-free image-space denoiser (inputs scaled to [-1, 1]).
 
     Writes ``<output_dir>/lungs/<stem>.png`` (0/255) or ``.nii.gz`` in each image's original frame. Rows that
@@ -216,7 +254,7 @@ def segment_folder(unet: nn.Module, rows: Sequence[dict], preprocessing, schedul
         chunk = rows[start : start + batch_size]
         images = preprocessed_stack(chunk, preprocessing, desc="zero-shot")
         maps = self_attention(unet, (images * 2 - 1).to(device), timestep, scheduler, seed=seed)
-        labels, lungs = segment(maps, images, grid, threshold)
+        labels, lungs = segment(maps, images, grid, threshold, merge=merge)
         size = images.shape[-1]
         for row, stem, label, lung in zip(chunk, stems[start : start + batch_size], labels, lungs):
             write_masks(lung[None].float(), image_frame(row, size), ["lungs"], stem, out, mask_format)
@@ -230,7 +268,7 @@ def segment_folder(unet: nn.Module, rows: Sequence[dict], preprocessing, schedul
                    "dice_std": float(np.std([s["dice"] for s in scores])),
                    "oracle_dice_upper_bound": float(np.mean([s["oracle_dice"] for s in scores])),
                    "mean_clusters": float(np.mean([s["clusters"] for s in scores])), "per_image": scores,
-                   "settings": {"timestep": int(timestep), "threshold": float(threshold), "grid": int(grid),
+                   "settings": {"timestep": int(timestep), "merge": merge, "threshold": float(threshold), "grid": int(grid),
                                 "image_size": int(size)}}
         atomic_write_json(out / "metrics.json", metrics)
     return metrics

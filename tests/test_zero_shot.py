@@ -7,6 +7,7 @@ import torch
 
 from bundle.errors import BundleInputError
 from bundle.zero_shot import (SelfAttentionRecorder, aggregate_attention, cluster_labels, lung_clusters, merge_attention,
+                              merge_attention_diffseg,
                               oracle_clusters, symmetric_kl)
 
 
@@ -46,6 +47,23 @@ def test_merging_recovers_planted_clusters_at_the_finest_resolution():
         assert planted[labels == k].unique().numel() == 1
     with pytest.raises(BundleInputError, match="square"):
         aggregate_attention([torch.rand(1, 12, 12)])
+
+
+def test_diffseg_merge_as_published_gives_two_clusters_on_two_region_attention():
+    """Two regions (left and right halves) whose pixels attend within their own half: DiffSeg's absolute-KL merge
+    finds exactly two proposals, and every pixel of a half gets the same one."""
+    side = 8
+    region = (torch.arange(side)[None, :] >= side // 2).expand(side, side).flatten()  # 0 left, 1 right
+    noise = torch.rand(side * side, side * side, generator=torch.Generator().manual_seed(0))
+    rows = (region[:, None] == region[None, :]).float() + 0.05 * noise
+    attention = (rows / rows.sum(1, keepdim=True)).reshape(side * side, side, side)
+    proposals = merge_attention_diffseg(attention, grid=4, thresholds=(0.5, 0.5, 0.5))
+    assert proposals.shape[0] == 2
+    labels = cluster_labels(proposals, (side, side)).flatten()
+    assert labels[region == 0].unique().numel() == 1 and labels[region == 1].unique().numel() == 1
+    assert labels[region == 0][0] != labels[region == 1][0]
+    # a threshold below every distance keeps each anchor's own map: one proposal per anchor, 16 here
+    assert merge_attention_diffseg(attention, grid=4, thresholds=(1e-9,)).shape[0] == 16
 
 
 def test_output_stems_stay_unique_when_names_clash():
