@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from bundle.data import read_datalist
 from bundle.errors import BundleInputError
@@ -148,3 +149,31 @@ def test_concept_arms_learn_one_concept_per_class_from_the_pool_only(trained_tin
         manifest = read_datalist(fold / f"class{cls}" / "manifest.csv")
         assert len(manifest) == 10 and {m["nodule"] for m in manifest} == {str(cls)} and {m["strategy"] for m in manifest} == {"concept"}
     assert "| real + concept images 1:2 |" in (out / "results.md").read_text()
+
+
+def test_classic_augmentation_changes_every_batch_it_trains_on_within_range():
+    """The classic-augmentation baseline changes the real films the classifier sees (new draws each batch, same
+    shape and [0, 1] range), is reproducible from its seed, and train_classifier really applies it."""
+    from monai.transforms import LoadImage, Resize
+
+    from scripts.augmentation_experiment import classic_augmentation, train_classifier
+
+    from .conftest import require
+
+    files = sorted(require(JSRT / "images").glob("*.png"))[:4]
+    films = torch.stack([Resize((32, 32))(LoadImage(image_only=True, ensure_channel_first=True)(str(f))) for f in files])
+    films = (films - films.amin()) / (films.amax() - films.amin())
+    augment = classic_augmentation(seed=0)
+    first, second = augment(films), augment(films)
+    assert first.shape == films.shape and 0 <= float(first.amin()) and float(first.amax()) <= 1
+    assert not torch.equal(first, films) and not torch.equal(first, second)  # changed, and drawn again each time
+    assert torch.equal(classic_augmentation(seed=0)(films), first)  # the same seed, the same draws
+    seen = []
+
+    def recording(batch):
+        out = augment(batch)
+        seen.append((batch.clone(), out.clone()))
+        return out
+
+    train_classifier(films, torch.tensor([0, 1, 0, 1]), seed=0, iterations=2, batch_size=4, augment=recording)
+    assert len(seen) == 2 and all(not torch.equal(a, b) for a, b in seen)
