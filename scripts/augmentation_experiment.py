@@ -205,10 +205,12 @@ def run_experiment(
     device: torch.device | str = "cpu",
     per_class: bool = False,
     learn_concept: Callable[..., Any] | None = None,
+    classic: bool = False,
 ) -> list[dict[str, Any]]:
     """Run (or continue) the experiment; returns one record per arm and writes results.jsonl/.md and a plot.
     ``learn_concept(rows, name, folder)`` (learns a concept, returns the ConceptBank of ``folder``) adds the
-    concept arms."""
+    concept arms; ``classic`` adds real + classic augmentation (:func:`classic_augmentation`) and, at every
+    ratio above 0, real + synthetic with the same classic augmentation on every batch."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     y_train = binary_labels(train_rows, label, positive)
@@ -222,6 +224,9 @@ def run_experiment(
     arms = [(n, r, f, "real+synthetic" if r > 0 else "real") for n in sizes for f in range(folds) for r in ratios]
     if learn_concept is not None:
         arms += [(n, r, f, "real+concept") for n in sizes for f in range(folds) for r in ratios if r > 0]
+    if classic:
+        arms += [(n, r, f, "classic+synthetic" if r > 0 else "real+classic") for n in sizes for f in range(folds)
+                 for r in ratios]
     if synthetic_only and max_ratio > 0:
         arms += [(n, max_ratio, f, "synthetic") for n in sizes for f in range(folds)]
         if learn_concept is not None:
@@ -237,10 +242,12 @@ def run_experiment(
             fold_dir = output_dir / f"n{n:03d}_fold{fold}"
             pool_rows = [{**train_rows[i], label: str(train_rows[i][label])} for i in pool]
             synthetic: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-            if any(a[3] in ("real+synthetic", "synthetic") for a in todo):
-                generation(pool_rows, output_dir=fold_dir / "synthetic", strategy=strategy,
-                           total_samples=int(round(max_ratio * len(pool))), label_columns=[label], seed=fold * 100000)
-                manifest = read_datalist(fold_dir / "synthetic" / "manifest.csv")
+            if any(a[3] in ("real+synthetic", "synthetic", "classic+synthetic") for a in todo):
+                made, need = fold_dir / "synthetic" / "manifest.csv", int(round(max_ratio * len(pool)))
+                if not made.is_file() or len(read_datalist(made)) < need:  # made once per fold, reused by every arm
+                    generation(pool_rows, output_dir=fold_dir / "synthetic", strategy=strategy, total_samples=need,
+                               label_columns=[label], seed=fold * 100000)
+                manifest = read_datalist(made)
                 synthetic["synthetic"] = (preprocessed_stack(manifest, preprocessing),
                                           torch.as_tensor(binary_labels(manifest, label, positive)))
             if any(a[3] in ("real+concept", "concept") for a in todo):
@@ -251,18 +258,19 @@ def run_experiment(
             for size, ratio, f, arm in todo:
                 count = int(round(ratio * len(pool)))
                 parts_x, parts_y = [], []
-                if arm in ("real", "real+synthetic", "real+concept"):
+                if arm in ("real", "real+synthetic", "real+concept", "real+classic", "classic+synthetic"):
                     parts_x.append(x_train[pool])
                     parts_y.append(torch.as_tensor(y_train[pool]))
-                if arm != "real":
-                    x_syn, y_syn = synthetic[arm.removeprefix("real+")]
+                if arm not in ("real", "real+classic"):
+                    x_syn, y_syn = synthetic[arm.removeprefix("real+").removeprefix("classic+")]
                     parts_x.append(x_syn[:count])
                     parts_y.append(y_syn[:count])
                 x, y = torch.cat(parts_x), torch.cat(parts_y)
-                model = train_classifier(x, y, seed=fold, iterations=iterations, device=device)
-                real = len(pool) if arm.startswith("real") else 0
+                augment = classic_augmentation(seed=fold) if arm in ("real+classic", "classic+synthetic") else None
+                model = train_classifier(x, y, seed=fold, iterations=iterations, device=device, augment=augment)
+                real = len(pool) if arm.startswith(("real", "classic")) else 0
                 record = {"size": size, "ratio": ratio, "fold": f, "arm": arm, "label": label, "real_images": real,
-                          "per_class": per_class, "synthetic_images": 0 if arm == "real" else count,
+                          "per_class": per_class, "synthetic_images": 0 if arm in ("real", "real+classic") else count,
                           "test_auc": auc(model, x_test, y_test, device),
                           "test_images": len(test_rows), "iterations": iterations}
                 append_jsonl(results_path, record)
@@ -281,7 +289,7 @@ def write_report(records: Sequence[Mapping[str, Any]], output_dir: Path, label: 
     plot(summary, output_dir / "augmentation_auc.png", label)
 
 
-ARM_ORDER = ("real", "real+synthetic", "real+concept", "synthetic", "concept")
+ARM_ORDER = ("real", "real+classic", "real+synthetic", "classic+synthetic", "real+concept", "synthetic", "concept")
 
 
 def summarise(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -302,6 +310,10 @@ def arm_name(row: Mapping[str, Any]) -> str:
         return f"concept images only (1:{row['ratio']:g} of N)"
     if row["arm"] == "real+concept":
         return f"real + concept images 1:{row['ratio']:g}"
+    if row["arm"] == "real+classic":
+        return "real + classic augmentation"
+    if row["arm"] == "classic+synthetic":
+        return f"real + synthetic 1:{row['ratio']:g} + classic augmentation"
     return f"real + synthetic 1:{row['ratio']:g}"
 
 
@@ -361,6 +373,8 @@ def main() -> None:
                         help="sampling strategy or mix (Python literal)")
     parser.add_argument("--iterations", type=int, default=300)
     parser.add_argument("--per_class", action="store_true", help="N images of each class (default: N in all)")
+    parser.add_argument("--classic", action="store_true", help="add real + classic augmentation (MONAI affine, "
+                        "intensity, contrast, noise) and real + synthetic + classic augmentation: the baseline to beat")
     parser.add_argument("--concept_tokens", type=int, help="also learn a concept of K tokens per class and fold "
                         "(configs/concept.json) and add the concept arms")
     parser.add_argument("--concept_steps", type=int, default=300)
@@ -393,7 +407,7 @@ def main() -> None:
                    wf.parser.get_parsed_content("preprocessing"), args.label, args.out, positive=args.positive,
                    sizes=args.sizes, ratios=args.ratios, folds=args.folds, synthetic_only=not args.no_synthetic_only,
                    strategy=strategy, iterations=args.iterations, device=get("device"), per_class=args.per_class,
-                   learn_concept=learner)
+                   learn_concept=learner, classic=args.classic)
     print(f"wall time {time.perf_counter() - start:.0f} s (this invocation)")
     print((args.out / "results.md").read_text())
     if args.copy_to:

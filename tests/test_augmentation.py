@@ -113,6 +113,16 @@ def test_experiment_runs_end_to_end_writes_table_and_plot_and_resumes(trained_ti
     key = lambda r: (r["size"], r["ratio"], r["arm"])  # noqa: E731
     assert sorted(map(json.loads, lines), key=key) == sorted(again, key=key) and len((out / "results.jsonl").read_text().splitlines()) == 6
     assert (out / "n004_fold0" / "synthetic" / "manifest.csv").stat().st_mtime_ns == stamp
+    # the classic-augmentation arms join later: only they train, on the fold's synthetic images made before
+    more = run_experiment(generation, train, test, preprocessing, output_dir=out, classic=True, **kwargs)
+    added = [(r["size"], r["ratio"], r["arm"]) for r in more if "classic" in r["arm"]]
+    assert added == [(4, 0, "real+classic"), (4, 1, "classic+synthetic"), (10, 0, "real+classic"),
+                     (10, 1, "classic+synthetic")]
+    assert [r["synthetic_images"] for r in more if "classic" in r["arm"]] == [0, 4, 0, 10]
+    assert len((out / "results.jsonl").read_text().splitlines()) == 10
+    assert sorted((r for r in more if "classic" not in r["arm"]), key=key) == sorted(again, key=key)
+    assert (out / "n004_fold0" / "synthetic" / "manifest.csv").stat().st_mtime_ns == stamp
+    assert "| real + classic augmentation |" in (out / "results.md").read_text()
 
 
 def test_per_class_pools_take_n_of_each_class():
