@@ -256,7 +256,6 @@ def load_generator(autoencoder_path: str | os.PathLike, diffusion_path: str | os
     ``requested`` holds the command line's values of recorded settings (``image_size``, ``prediction_type``,
     ``dino_weights``, ...); ``None`` entries take the model's value, any other that differs is refused.
     """
-    from .data import hash_file
 
     requested = dict(requested or {})
     unet, saved = load_network(diffusion_path, "diffusion", "train it (run ID train_diffusion)")
@@ -267,8 +266,9 @@ def load_generator(autoencoder_path: str | os.PathLike, diffusion_path: str | os
                      "num_train_timesteps": schedule["num_train_timesteps"]},
                     {k: v for k, v in requested.items() if not k.startswith("dino_")}, diffusion_path, "diffusion")
     codec = load_codec(autoencoder_path)  # first: a damaged file is said to be damaged, not to be another model
-    converted = json.loads(record_file(autoencoder_path).read_text()).get("sha256_before_conversion")
-    if record["autoencoder_sha256"] not in (hash_file(autoencoder_path), converted):
+    # load_codec checked the file against its record's SHA-256: use it rather than hash the file again
+    meta = json.loads(record_file(autoencoder_path).read_text())
+    if record["autoencoder_sha256"] not in (meta["weights"]["sha256"], meta.get("sha256_before_conversion")):
         raise BundleInputError(
             f"The autoencoder '{autoencoder_path}' is not the one the diffusion model '{diffusion_path}' was trained "
             "on: pass --autoencoder_path to that autoencoder, or retrain the diffusion model (run ID train_diffusion)."
