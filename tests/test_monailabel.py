@@ -140,6 +140,11 @@ def test_monai_label_own_client_decodes_every_task_and_hears_404_for_an_unknown_
         assert isinstance(result, dict) and label.shape == size and set(np.unique(label)) <= values
     image_file, result = client.infer("generation", image_id, {})
     assert np.asarray(Image.open(image_file)).shape == size and result["generated_size"] == [32, 32]
+    # the server deletes each answer file after sending it; the client, beside it on this machine, saved its copies
+    # in the same temporary folder under the answer's file name: they must outlive the server's clean-up
+    client.info()
+    time.sleep(1.0)
+    assert all(Path(f).is_file() for f in (points_file, label_file, image_file))
     with pytest.raises(MONAILabelClientException, match="Status: 404.*no_such_trainer"):
         client.train_start("no_such_trainer", {})
     assert client.train_status(check_if_running=True) is False  # nothing was queued

@@ -72,8 +72,17 @@ def run_bundle_config(config: str, run_id: str, overrides: dict[str, Any]) -> An
         raise HTTPException(status_code=422, detail=message) from None
 
 
+_RESULTS: Path | None = None
+
+
 def result_path(suffix: str) -> str:
-    fd, path = tempfile.mkstemp(prefix="dinodiffusion_", suffix=suffix)
+    """A fresh file for one answer, in a folder this server owns. MONAI Label deletes the file once it is sent, and
+    its client saves what it receives as ``<client tmpdir>/<the same file name>``: were the answer in the system
+    temporary folder, a client on the same machine (a viewer beside the server) would have its copy deleted."""
+    global _RESULTS
+    if _RESULTS is None or not _RESULTS.is_dir():
+        _RESULTS = Path(tempfile.mkdtemp(prefix="dinodiffusion_results_"))
+    fd, path = tempfile.mkstemp(prefix="dinodiffusion_", suffix=suffix, dir=_RESULTS)
     os.close(fd)
     return path
 
