@@ -56,7 +56,7 @@ def parse_overrides(tokens: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def config_workflow(config_file: str, run_id: str, **overrides: Any) -> ConfigWorkflow:
+def config_workflow(config_file: str | Sequence[str], run_id: str, **overrides: Any) -> ConfigWorkflow:
     """An initialised workflow of ``config_file`` (relative to the repository root, the working directory the
     configs expect) for ``run_id``, exactly as ``python -m monai.bundle run`` builds it, without a log file."""
     wf = ConfigWorkflow(config_file=config_file, workflow_type=None, run_id=run_id, logging_file=False, **overrides)

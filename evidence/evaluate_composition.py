@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 
-from scripts.augmentation_experiment import binary_labels, train_classifier
+from bundle.augmentation import binary_labels, train_classifier
 from bundle.cli import config_workflow, pyplot
 from bundle.concepts import ConceptBank
 from bundle.data import preprocessed_images, preprocessed_stack, read_datalist

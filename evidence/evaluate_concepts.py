@@ -8,7 +8,7 @@ For each class value of ``--label`` (the positive one and the other) and each to
 with ``configs/concept.json`` (generator frozen) from up to ``--concept_images`` training images of that class, and
 ``--samples`` images are generated from it. The baseline is the untrained condition those images already give: their
 mean DINO embedding. A classifier trained on the real labelled training images (the fixed DenseNet recipe of
-scripts/augmentation_experiment.py) judges every generated image: the fraction judged to be the concept, beside the
+bundle/augmentation.py) judges every generated image: the fraction judged to be the concept, beside the
 same fraction for the real test images of that class. Fréchet distances (pixels 32x32, and the generator's DINO
 space) of the samples to the real test images of their own class and of the other class say whether they sit
 nearer their own. Writes OUT/concepts.json, OUT/concepts.md and OUT/concept_samples.png.
@@ -26,7 +26,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from scripts.augmentation_experiment import auc, binary_labels, train_classifier
+from bundle.augmentation import auc, binary_labels, train_classifier
 from bundle.cli import config_workflow, pyplot
 from bundle.concepts import load_concept
 from bundle.data import preprocessed_images, read_datalist

@@ -29,12 +29,12 @@ $PY -m monai.bundle run evaluate --config_file configs/evaluate.json "${MODEL[@]
 echo "evaluation $SECONDS" >> "$WORK/stage_seconds.txt"
 SECONDS=0
 $PY -m scripts.augmentation_experiment --train "$LABELLED" --test "$TEST" --label nodule --sizes 10 50 150 \
-    --ratios 0 1 3 --folds 2 --iterations 200 --out "$WORK/augmentation/nodule" --copy_to docs/results \
+    --arms real real+synthetic synthetic --ratios 1 3 --folds 2 --iterations 200 --out "$WORK/augmentation/nodule" --copy_to docs/results \
     -- "${MODEL[@]}" --num_inference_steps 20
 echo "augmentation_nodule $SECONDS" >> "$WORK/stage_seconds.txt"
 SECONDS=0
 $PY -m scripts.augmentation_experiment --train "$LABELLED" --test "$TEST" --label sex --positive M --sizes 10 50 \
-    --ratios 0 3 --folds 2 --iterations 200 --out "$WORK/augmentation/sex" --copy_to docs/results \
+    --arms real real+synthetic synthetic --ratios 3 --folds 2 --iterations 200 --out "$WORK/augmentation/sex" --copy_to docs/results \
     -- "${MODEL[@]}" --num_inference_steps 20
 echo "augmentation_sex $SECONDS" >> "$WORK/stage_seconds.txt"
 exit

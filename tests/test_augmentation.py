@@ -10,7 +10,7 @@ import torch
 
 from bundle.data import read_datalist
 from bundle.errors import BundleInputError
-from scripts.augmentation_experiment import binary_labels, run_experiment, stratified_pool
+from bundle.augmentation import binary_labels, experiment_cells, paired_differences, run_experiment, stratified_pool
 
 from .conftest import JSRT, workflow
 
@@ -38,7 +38,7 @@ def test_labels_and_stratified_pools():
 def test_auc_of_known_scores_in_batches_of_64():
     import torch
 
-    from scripts.augmentation_experiment import auc
+    from bundle.augmentation import auc
 
     class Score(torch.nn.Module):
         def forward(self, x):
@@ -94,27 +94,31 @@ def test_experiment_runs_end_to_end_writes_table_and_plot_and_resumes(trained_ti
     wf = workflow("inference.json", "sample", {**trained_tiny})
     generation, preprocessing = wf.parser.get_parsed_content("generation"), wf.parser.get_parsed_content("preprocessing")
     out = tmp_path / "experiment"
-    kwargs = dict(label="nodule", sizes=[4, 10], ratios=[0, 1], folds=1, iterations=4)
-    records = run_experiment(generation, train, test, preprocessing, output_dir=out, **kwargs)
+    kwargs = dict(label="nodule", sizes=[4, 10], ratios=[1], folds=1, iterations=4)
+    records = run_experiment(generation, train, test, preprocessing, output_dir=out,
+                             arms=["real", "real+synthetic", "synthetic"], **kwargs)
     assert [(r["size"], r["ratio"], r["arm"]) for r in records] == [
-        (4, 0, "real"), (4, 1, "real+synthetic"), (10, 0, "real"), (10, 1, "real+synthetic"),
-        (4, 1, "synthetic"), (10, 1, "synthetic")]
-    assert all(0 <= r["test_auc"] <= 1 and r["test_images"] == 8 for r in records)
-    assert [r["synthetic_images"] for r in records] == [0, 4, 0, 10, 4, 10]
+        (4, 0, "real"), (4, 1, "real+synthetic"), (4, 1, "synthetic"), (10, 0, "real"), (10, 1, "real+synthetic"),
+        (10, 1, "synthetic")]
+    assert all(0 <= r["test_auc"] <= 1 and r["test_images"] == 8 and len(r["test_scores"]) == 8 for r in records)
+    assert [r["synthetic_images"] for r in records] == [0, 4, 4, 0, 10, 10]
     # synthetic images come only from the pool, labels carried from their sources
     manifest = (out / "n004_fold0" / "synthetic" / "manifest.csv").read_text().splitlines()
     assert len(manifest) == 5 and all(line.split(",")[-1] in ("0", "1") for line in manifest[1:])
     table = (out / "results.md").read_text()
     assert "| real only |" in table and "synthetic only" in table and (out / "augmentation_auc.png").stat().st_size > 0
+    assert "Paired difference in test AUC to real only" in table  # no classic arm yet: compared with real only
     lines = (out / "results.jsonl").read_text().splitlines()
     assert len(lines) == 6
     stamp = (out / "n004_fold0" / "synthetic" / "manifest.csv").stat().st_mtime_ns
-    again = run_experiment(generation, train, test, preprocessing, output_dir=out, **kwargs)
+    again = run_experiment(generation, train, test, preprocessing, output_dir=out,
+                           arms=["real", "real+synthetic", "synthetic"], **kwargs)
     key = lambda r: (r["size"], r["ratio"], r["arm"])  # noqa: E731
     assert sorted(map(json.loads, lines), key=key) == sorted(again, key=key) and len((out / "results.jsonl").read_text().splitlines()) == 6
     assert (out / "n004_fold0" / "synthetic" / "manifest.csv").stat().st_mtime_ns == stamp
     # the classic-augmentation arms join later: only they train, on the fold's synthetic images made before
-    more = run_experiment(generation, train, test, preprocessing, output_dir=out, classic=True, **kwargs)
+    more = run_experiment(generation, train, test, preprocessing, output_dir=out,
+                          arms=["real", "real+classic", "real+synthetic", "classic+synthetic", "synthetic"], **kwargs)
     added = [(r["size"], r["ratio"], r["arm"]) for r in more if "classic" in r["arm"]]
     assert added == [(4, 0, "real+classic"), (4, 1, "classic+synthetic"), (10, 0, "real+classic"),
                      (10, 1, "classic+synthetic")]
@@ -122,7 +126,76 @@ def test_experiment_runs_end_to_end_writes_table_and_plot_and_resumes(trained_ti
     assert len((out / "results.jsonl").read_text().splitlines()) == 10
     assert sorted((r for r in more if "classic" not in r["arm"]), key=key) == sorted(again, key=key)
     assert (out / "n004_fold0" / "synthetic" / "manifest.csv").stat().st_mtime_ns == stamp
-    assert "| real + classic augmentation |" in (out / "results.md").read_text()
+    table = (out / "results.md").read_text()
+    assert "| real + classic augmentation |" in table and "Paired difference in test AUC to real + classic" in table
+    summary = json.loads((out / "summary.json").read_text())
+    assert {(d["size"], d["arm"]) for d in summary["paired_differences"]} == {
+        (n, a) for n in (4, 10) for a in ("real", "real+synthetic", "classic+synthetic", "synthetic")}
+    # another test set or label in the same folder is refused, not mixed into these results
+    with pytest.raises(BundleInputError, match="another test set"):
+        run_experiment(generation, train, test[:6], preprocessing, output_dir=out, arms=["real"], **kwargs)
+
+
+def test_cells_follow_the_arms_ratio_caps_and_fold_counts():
+    cells = experiment_cells(["synthetic", "real+synthetic", "real"], [10, 25, 50], [1, 5, 50], {25: 2, 100: 1},
+                             ratio_max_size={"50": 25})
+    count = lambda n, arm: sorted({c[1] for c in cells if c[0] == n and c[3] == arm})  # noqa: E731
+    assert count(10, "real") == [0] and count(10, "real+synthetic") == [1, 5, 50] and count(10, "synthetic") == [50]
+    assert count(50, "real+synthetic") == [1, 5] and count(50, "synthetic") == [5]  # 1:50 only up to N = 25
+    assert {c[2] for c in cells if c[0] == 25} == {0, 1} and {c[2] for c in cells if c[0] == 50} == {0}
+    assert [c[3] for c in cells[:3]] == ["real", "real", "real+synthetic"]  # real first, both folds
+    with pytest.raises(BundleInputError, match="Unknown augmentation arm"):
+        experiment_cells(["real+mixup"], [10], [1], 1)
+    with pytest.raises(BundleInputError, match="folds"):
+        experiment_cells(["real"], [10], [1], {"ten": 5})
+
+
+def test_paired_differences_find_a_real_gain_and_not_a_null_one():
+    """Bootstrap over folds and test films: an arm that separates the classes better than the reference on every
+    fold is significant; an arm equal to the reference up to noise is not, and its detectable difference is given."""
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 40 + [1] * 40)
+    records = []
+    for fold in range(3):
+        base = labels * 1.0 + rng.normal(0, 1.0, 80)
+        for arm, ratio, scores in [("real+classic", 0, base), ("real+synthetic", 1, labels * 3.0 + rng.normal(0, 1.0, 80)),
+                                   ("real+concept", 1, base + rng.normal(0, 0.05, 80))]:
+            records.append({"size": 10, "ratio": ratio, "fold": fold, "arm": arm, "test_scores": scores.tolist()})
+    found = {d["arm"]: d for d in paired_differences(records, labels, boots=500)}
+    gain, null = found["real+synthetic"], found["real+concept"]
+    assert gain["significant"] and gain["difference"] > 0.15 and gain["ci95"][0] > 0
+    assert not null["significant"] and null["ci95"][0] < 0 < null["ci95"][1] and abs(null["difference"]) < 0.02
+    assert 0 < null["detectable"] < 0.2 and gain["folds"] == 3
+
+
+def test_augment_run_id_writes_every_arm_through_monai_bundle_and_refuses_missing_settings(trained_tiny, tmp_path):
+    """The user's entry point: python -m monai.bundle run augment with the augmentation overlay on a tiny generator
+    and real JSRT films."""
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    images = sorted(p.stem for p in (JSRT / "images").glob("*.png"))
+    positives, negatives = [i for i in images if i.startswith("JPCLN")], [i for i in images if i.startswith("JPCNN")]
+    train, test = tmp_path / "train.csv", tmp_path / "test.csv"
+    for path, ids in ((train, positives[:3] + negatives[:3]), (test, positives[3:6] + negatives[3:6])):
+        rows = labelled(ids)
+        path.write_text("image,nodule\n" + "".join(f"{r['image']},{r['nodule']}\n" for r in rows))
+    out = tmp_path / "out"
+    base = [sys.executable, "-m", "monai.bundle", "run", "augment", "--config_file",
+            "['configs/inference.json','configs/augmentation.json']", "--work_dir", trained_tiny["work_dir"]]
+    settings = ["--labelled_list", str(train), "--test_list", str(test), "--label", "nodule", "--augmentation_dir", str(out),
+                "--pool_sizes", "[4]", "--ratios", "[1]", "--folds", "1", "--classifier_iterations", "2",
+                "--arms", "['real','real+classic','real+synthetic']", "--num_inference_steps", "2"]
+    run = subprocess.run(base + settings, capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["arm"] for r in rows] == ["real", "real+classic", "real+synthetic"] and rows[2]["synthetic_images"] == 4
+    assert "| real + synthetic 1:1 |" in (out / "results.md").read_text()
+    missing = subprocess.run(base + [s for s in settings if s not in ("--label", "nodule")], capture_output=True,
+                             text=True, cwd=ROOT)
+    assert missing.returncode != 0 and "No label column is set: give --label" in missing.stderr
 
 
 def test_per_class_pools_take_n_of_each_class():
@@ -133,7 +206,7 @@ def test_per_class_pools_take_n_of_each_class():
 
 
 def test_concept_arms_learn_one_concept_per_class_from_the_pool_only(trained_tiny, tmp_path):
-    from scripts.augmentation_experiment import concept_learner
+    from bundle.augmentation import concept_learner
 
     images = sorted(p.stem for p in (JSRT / "images").glob("*.png"))
     positives, negatives = [i for i in images if i.startswith("JPCLN")], [i for i in images if i.startswith("JPCNN")]
@@ -146,7 +219,8 @@ def test_concept_arms_learn_one_concept_per_class_from_the_pool_only(trained_tin
                             concept_tokens=2, concept_steps=4, concept_batch_size=4)
     out = tmp_path / "showdown"
     records = run_experiment(get("generation"), train, test, get("preprocessing"), label="nodule", output_dir=out, sizes=[5],
-                             ratios=[0, 2], folds=1, iterations=2, per_class=True, learn_concept=learn)
+                             ratios=[2], folds=1, iterations=2, per_class=True, learn_concept=learn,
+                             arms=["real", "real+synthetic", "real+concept", "synthetic", "concept"])
     assert [(r["arm"], r["real_images"], r["synthetic_images"]) for r in records] == [
         ("real", 10, 0), ("real+synthetic", 10, 20), ("real+concept", 10, 20), ("synthetic", 0, 20), ("concept", 0, 20)]
     fold = out / "n005_fold0" / "concept"
@@ -166,7 +240,7 @@ def test_classic_augmentation_changes_every_batch_it_trains_on_within_range():
     shape and [0, 1] range), is reproducible from its seed, and train_classifier really applies it."""
     from monai.transforms import LoadImage, Resize
 
-    from scripts.augmentation_experiment import classic_augmentation, train_classifier
+    from bundle.augmentation import classic_augmentation, train_classifier
 
     from .conftest import require
 

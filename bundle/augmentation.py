@@ -1,0 +1,489 @@
+"""Does synthetic data help a downstream classifier? The DiNO-Diffusion augmentation experiment, as a library
+(the run ID ``augment`` of configs/augmentation.json and ``scripts/augmentation_experiment.py`` call it).
+
+For each pool size N and fold, N real training images are drawn (stratified by the label; with ``per_class``, N of
+each class), the generator makes synthetic images from only those N (labels carried from their sources), and one
+fixed classifier recipe is trained per arm: real only; real + classic augmentation (the baseline a practitioner
+applies anyway); real + synthetic (DINO-manifold samples) and real + concept samples (one concept per class
+learned from the pool's images only, generator frozen) at each real:synthetic ratio; classic augmentation on
+top of either synthetic kind; or synthetic images alone. AUC is measured on a fixed real test set, and every
+arm's record (with its per-image test scores) is appended to ``results.jsonl`` as soon as it is known, so an
+interrupted experiment continues where it stopped; a fold's synthetic images and concepts are made once and
+reused by every arm and ratio. The report gives, per cell, the paired difference to a reference arm (same fold,
+same real films) with a bootstrap 95% interval over folds and test films, and the smallest difference the
+design could have detected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.metrics import compute_roc_auc
+from monai.networks.nets import DenseNet
+from torch import nn
+from tqdm import tqdm
+
+from .cli import config_workflow, pyplot
+from .concepts import ConceptBank, concept_path
+from .data import preprocessed_stack, read_datalist
+from .errors import BundleInputError
+from .io import append_jsonl, atomic_write
+
+def binary_labels(rows: Sequence[Mapping[str, Any]], column: str, positive: str | None = None) -> np.ndarray:
+    """0/1 labels from ``column``: numeric 0/1 values as they are, otherwise 1 where the value is ``positive``."""
+    if not rows or column not in rows[0]:
+        raise BundleInputError(f"Label column '{column}' is not in the datalist (columns: {sorted(rows[0]) if rows else []}).")
+    values = [str(r[column]) for r in rows]
+    if positive is None:
+        if set(values) <= {"0", "1", "0.0", "1.0"}:
+            return np.array([int(float(v)) for v in values])
+        raise BundleInputError(f"Label column '{column}' has values {sorted(set(values))[:5]}: pass --positive with the "
+                               "value that counts as the positive class.")
+    labels = np.array([int(v == str(positive)) for v in values])
+    if labels.min() == labels.max():
+        raise BundleInputError(f"Label column '{column}' has a single class with positive '{positive}': check --positive.")
+    return labels
+
+
+def stratified_pool(labels: np.ndarray, size: int, seed: int, per_class: bool = False) -> list[int]:
+    """``size`` indices drawn without replacement, keeping the class ratio (at least one of each class); with
+    ``per_class``, ``size`` of each class (all of a class that has fewer)."""
+    rng = np.random.default_rng(seed)
+    positives, negatives = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    if per_class:
+        picked = np.concatenate([rng.choice(c, min(size, len(c)), replace=False) for c in (positives, negatives)])
+        return sorted(int(i) for i in picked)
+    if size >= len(labels):
+        return list(range(len(labels)))
+    n_pos = int(np.clip(round(size * len(positives) / len(labels)), 1, size - 1))
+    picked = np.concatenate([rng.choice(positives, n_pos, replace=False), rng.choice(negatives, size - n_pos, replace=False)])
+    return sorted(int(i) for i in picked)
+
+
+def make_classifier() -> nn.Module:
+    """The fixed downstream network: a small MONAI DenseNet on one grey channel, one logit."""
+    return DenseNet(spatial_dims=2, in_channels=1, out_channels=1, init_features=16, growth_rate=8,
+                    block_config=(3, 3, 3), bn_size=2)
+
+
+def classic_augmentation(seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The augmentation a practitioner applies anyway, as one fixed recipe of MONAI transforms (set before any test
+    result was seen): a small random affine (rotation up to 0.1 rad, scale and translation up to 10% and 5%), intensity
+    scaling (+-10%), contrast (gamma 0.8-1.25) and Gaussian noise (std 0.02), each image drawn on its own. No flips:
+    radiographs are not mirror-symmetric. Returns a function of a ``(B, 1, H, W)`` batch in [0, 1]."""
+    from monai.transforms import (Compose, RandAdjustContrast, RandAffine, RandGaussianNoise, RandScaleIntensity,
+                                  ScaleIntensityRange)
+
+    def recipe(size: int) -> Compose:
+        return Compose([
+            RandAffine(prob=0.8, rotate_range=0.1, scale_range=0.1, translate_range=0.05 * size, padding_mode="border"),
+            RandScaleIntensity(factors=0.1, prob=0.5),
+            RandAdjustContrast(prob=0.5, gamma=(0.8, 1.25)),
+            RandGaussianNoise(prob=0.3, std=0.02),
+            ScaleIntensityRange(0.0, 1.0, 0.0, 1.0, clip=True),
+        ]).set_random_state(seed=seed)
+
+    transforms: dict[int, Compose] = {}
+
+    def augment(batch: torch.Tensor) -> torch.Tensor:
+        size = batch.shape[-1]
+        transform = transforms.setdefault(size, recipe(size))
+        return torch.stack([torch.as_tensor(transform(image)) for image in batch.cpu()]).to(batch.device)
+
+    return augment
+
+
+def train_classifier(images: torch.Tensor, labels: torch.Tensor, seed: int, iterations: int = 300,
+                     batch_size: int = 32, lr: float = 1e-3, device: torch.device | str = "cpu",
+                     augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> nn.Module:
+    """The same recipe every time: AdamW, a fixed number of iterations, class-balanced BCE and no early stopping
+    (no validation set is spent); ``augment`` (e.g. :func:`classic_augmentation`) changes every batch it trains
+    on, the classic-augmentation baseline; without it, no augmentation."""
+    torch.manual_seed(seed)
+    model = make_classifier().to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    positives = float(labels.sum())
+    pos_weight = torch.tensor((len(labels) - positives) / max(positives, 1.0), device=device)
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(iterations):
+        index = torch.randint(len(images), (min(batch_size, len(images)),), generator=generator)
+        x, y = images[index], labels[index].float().to(device)
+        x = (augment(x) if augment is not None else x).to(device)
+        loss = loss_fn(model(x).squeeze(1), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def test_scores(model: nn.Module, images: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The classifier's logit for every image, in batches of 64."""
+    return torch.cat([model(images[i : i + 64].to(device)).squeeze(1).float().cpu() for i in range(0, len(images), 64)])
+
+
+def auc(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device | str = "cpu") -> float:
+    return float(compute_roc_auc(test_scores(model, images, device), labels.float()))
+
+
+def _done(path: Path) -> dict[tuple, dict]:
+    if not path.exists():
+        return {}
+    results = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            results[(r["size"], r["ratio"], r["fold"], r["arm"])] = r
+    return results
+
+
+def concept_learner(overrides: Mapping[str, Any], autoencoder_path: str, diffusion_path: str, context_dim: int,
+                    **settings: Any) -> Callable[[Sequence[dict], str, Path], ConceptBank]:
+    """``learn(rows, name, folder)``: learns concept ``name`` from ``rows`` into ``folder`` with configs/concept.json
+    (the generator of the two model files frozen; ``settings`` such as concept_tokens, concept_steps), keeps a
+    concept already there, and returns the folder's ConceptBank."""
+    model_files = {"autoencoder_path": str(autoencoder_path), "diffusion_path": str(diffusion_path)}
+
+    def learn(rows: Sequence[dict], name: str, folder: Path) -> ConceptBank:
+        if not concept_path(folder, name).is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            datalist = folder / f"{name}.csv"
+            atomic_write(datalist, lambda tmp: Path(tmp).write_text("image\n" + "".join(f"{r['image']}\n" for r in rows)))
+            config_workflow("configs/concept.json", "learn_concept", **{**overrides, **settings, **model_files},
+                            concept_images=str(datalist), concept_name=name, concept_dir=str(folder)).run()
+        return ConceptBank(folder, autoencoder_path, diffusion_path, context_dim)
+
+    return learn
+
+
+def concept_samples(generation: Callable[..., list[dict[str, Any]]], learn: Callable[..., Any], pool_rows: Sequence[dict],
+                    label: str, positive: str | None, count: int, out: Path, seed: int) -> list[dict[str, Any]]:
+    """Learn one concept per class from that class's pool rows only (``learn(rows, name, folder)``), then sample
+    each concept in proportion to its class's share of the pool; the manifest rows carry the class label."""
+    classes = binary_labels(pool_rows, label, positive)
+    rows = []
+    for cls in (1, 0):
+        members = [r for r, y in zip(pool_rows, classes) if y == cls]
+        name = f"class{cls}"
+        bank = learn(members, name, out / "concepts")
+        n = int(round(count * len(members) / len(pool_rows)))
+        made = out / name / "manifest.csv"
+        if not made.is_file() or len(read_datalist(made)) < n:  # made once per fold, reused by every arm
+            generation(members, output_dir=out / name, strategy="concept", total_samples=n, label_columns=[label],
+                       params={"concept": {"concepts": {name: 1.0}}}, seed=seed + 50000 * cls, concepts=bank)
+        rows += read_datalist(made)[:n]
+    order = np.random.default_rng(seed).permutation(len(rows))  # the first k of them mix both classes
+    return [rows[i] for i in order]
+
+
+ARMS = {  # arm: (trains on the real pool, classic augmentation on every batch, synthetic kind or None)
+    "real": (True, False, None),
+    "real+classic": (True, True, None),
+    "real+synthetic": (True, False, "synthetic"),
+    "classic+synthetic": (True, True, "synthetic"),
+    "real+concept": (True, False, "concept"),
+    "classic+concept": (True, True, "concept"),
+    "synthetic": (False, False, "synthetic"),
+    "concept": (False, False, "concept"),
+}
+ARM_ORDER = tuple(ARMS)
+
+
+def _per_size(value: int | Mapping[Any, int], size: int, what: str) -> int:
+    """``value`` itself, or from a mapping ``{N: value}`` the value of the smallest listed N at or above ``size``
+    (beyond the largest listed N, its value): ``{25: 5, 100: 3}`` is 5 up to N = 25 and 3 above."""
+    if not isinstance(value, Mapping):
+        return int(value)
+    try:
+        table = sorted((int(k), int(v)) for k, v in value.items())
+    except (TypeError, ValueError):
+        table = []
+    if not table:
+        raise BundleInputError(f"{what} {value!r} is not a number or a mapping of pool sizes to numbers, e.g. "
+                               "{25: 5, 100: 3}.")
+    return next((v for k, v in table if size <= k), table[-1][1])
+
+
+def experiment_cells(arms: Sequence[str], sizes: Sequence[int], ratios: Sequence[float], folds: int | Mapping,
+                     ratio_max_size: Mapping[Any, int] | None = None) -> list[tuple[int, float, int, str]]:
+    """Every (N, ratio, fold, arm) the experiment trains: the arms without synthetic images at ratio 0; real plus
+    synthetic at every ratio above 0 that is allowed at that N (``ratio_max_size``: ratio -> the largest N it is
+    used at, e.g. ``{50: 25}``); synthetic images alone at the largest allowed ratio."""
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise BundleInputError(f"Unknown augmentation arm(s) {unknown}: use any of {list(ARMS)}.")
+    try:
+        caps = {float(k): int(v) for k, v in (ratio_max_size or {}).items()}
+    except (AttributeError, TypeError, ValueError):
+        raise BundleInputError(f"ratio_max_size {ratio_max_size!r} is not a mapping of ratios to the largest pool "
+                               "size each is used at, e.g. {50: 25}.") from None
+    cells = []
+    for n in sizes:
+        allowed = [float(r) for r in sorted(set(ratios)) if float(r) > 0 and n <= caps.get(float(r), n)]
+        for arm in sorted(dict.fromkeys(arms), key=ARM_ORDER.index):
+            real, _, kind = ARMS[arm]
+            arm_ratios = [0.0] if kind is None else allowed if real else allowed[-1:]
+            cells += [(n, r, f, arm) for r in arm_ratios for f in range(_per_size(folds, n, "folds"))]
+    return cells
+
+
+def run_experiment(
+    generation: Callable[..., list[dict[str, Any]]],
+    train_rows: Sequence[dict[str, Any]],
+    test_rows: Sequence[dict[str, Any]],
+    preprocessing: Callable,
+    label: str,
+    output_dir: str | os.PathLike,
+    positive: str | None = None,
+    sizes: Sequence[int] = (10, 25, 50),
+    ratios: Sequence[float] = (1, 5, 10),
+    folds: int | Mapping[Any, int] = 3,
+    arms: Sequence[str] = ("real", "real+classic", "real+synthetic"),
+    strategy: str | Mapping[str, float] = "reconstruction",
+    iterations: int = 300,
+    device: torch.device | str = "cpu",
+    per_class: bool = False,
+    learn_concept: Callable[..., Any] | None = None,
+    ratio_max_size: Mapping[Any, int] | None = None,
+    reference: str = "real+classic",
+) -> list[dict[str, Any]]:
+    """Run (or continue) the experiment over :func:`experiment_cells`; returns one record per cell and writes
+    ``results.jsonl``, ``results.md``, ``summary.json`` and ``augmentation_auc.png`` in ``output_dir``. The concept
+    arms need ``learn_concept(rows, name, folder)`` (learns a concept, returns the ConceptBank of ``folder``);
+    ``reference`` is the arm every other one is compared with, fold by fold."""
+    if not label:
+        raise BundleInputError("No label column is set: give --label, the datalist column that holds the class.")
+    output_dir = Path(output_dir)
+    sizes = sorted({min(int(s), len(train_rows)) for s in sizes})
+    cells = experiment_cells(arms, sizes, ratios, folds, ratio_max_size)
+    if learn_concept is None and any(ARMS[a][2] == "concept" for a in arms):
+        raise BundleInputError("The concept arms need concept settings (concept_tokens): give them, or leave the "
+                               "concept arms out.")
+    y_train = binary_labels(train_rows, label, positive)
+    y_test = binary_labels(test_rows, label, positive)
+    test_set = {"label": label, "positive": positive, "images": [str(r["image"]) for r in test_rows],
+                "labels": y_test.tolist()}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    known = output_dir / "test_set.json"
+    if known.is_file() and json.loads(known.read_text()) != test_set:
+        raise BundleInputError(f"The results in '{output_dir}' were measured on another test set or label: choose "
+                               "another output folder, or the test datalist and label they used.")
+    atomic_write(known, lambda tmp: Path(tmp).write_text(json.dumps(test_set)))
+    x_test = preprocessed_stack(test_rows, preprocessing)
+    x_train = preprocessed_stack(train_rows, preprocessing)
+    results_path = output_dir / "results.jsonl"
+    done = _done(results_path)
+    bar = tqdm(total=len(cells), desc=f"augmentation ({label})", dynamic_ncols=True)
+    bar.update(sum(1 for c in cells if c in done))
+    for n in sizes:
+        for fold in sorted({c[2] for c in cells if c[0] == n}):
+            todo = [c for c in cells if c[0] == n and c[2] == fold and c not in done]
+            if not todo:
+                continue
+            pool = stratified_pool(y_train, n, seed=1000 * fold + n, per_class=per_class)
+            fold_dir = output_dir / f"n{n:03d}_fold{fold}"
+            pool_rows = [{**train_rows[i], label: str(train_rows[i][label])} for i in pool]
+            need = int(round(max(c[1] for c in cells if c[0] == n) * len(pool)))
+            synthetic: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+            if any(ARMS[c[3]][2] == "synthetic" for c in todo):
+                made = fold_dir / "synthetic" / "manifest.csv"
+                if not made.is_file() or len(read_datalist(made)) < need:  # made once per fold, reused by every arm
+                    generation(pool_rows, output_dir=fold_dir / "synthetic", strategy=strategy, total_samples=need,
+                               label_columns=[label], seed=fold * 100000)
+                manifest = read_datalist(made)
+                synthetic["synthetic"] = (preprocessed_stack(manifest, preprocessing),
+                                          torch.as_tensor(binary_labels(manifest, label, positive)))
+            if any(ARMS[c[3]][2] == "concept" for c in todo):
+                manifest = concept_samples(generation, learn_concept, pool_rows, label, positive, need,
+                                           fold_dir / "concept", seed=fold * 100000)
+                synthetic["concept"] = (preprocessed_stack(manifest, preprocessing),
+                                        torch.as_tensor(binary_labels(manifest, label, positive)))
+            for size, ratio, f, arm in todo:
+                real, classic, kind = ARMS[arm]
+                count = int(round(ratio * len(pool))) if kind else 0
+                parts_x, parts_y = [], []
+                if real:
+                    parts_x.append(x_train[pool])
+                    parts_y.append(torch.as_tensor(y_train[pool]))
+                if kind:
+                    x_syn, y_syn = synthetic[kind]
+                    parts_x.append(x_syn[:count])
+                    parts_y.append(y_syn[:count])
+                x, y = torch.cat(parts_x), torch.cat(parts_y)
+                augment = classic_augmentation(seed=fold) if classic else None
+                model = train_classifier(x, y, seed=fold, iterations=iterations, device=device, augment=augment)
+                scores = test_scores(model, x_test, device)
+                record = {"size": size, "ratio": ratio, "fold": f, "arm": arm, "label": label,
+                          "real_images": len(pool) if real else 0, "per_class": per_class, "synthetic_images": count,
+                          "test_auc": float(compute_roc_auc(scores, torch.as_tensor(y_test).float())),
+                          "test_images": len(test_rows), "iterations": iterations,
+                          "test_scores": [round(float(v), 5) for v in scores]}
+                append_jsonl(results_path, record)
+                done[(size, ratio, f, arm)] = record
+                bar.update(1)
+    bar.close()
+    records = [done[c] for c in cells]
+    write_report(records, output_dir, label, y_test, reference)
+    return records
+
+
+def labelled_rows(path: str | os.PathLike | None, setting: str) -> list[dict[str, Any]]:
+    """The rows of a labelled datalist named by ``setting``, with a clear error when it is not given."""
+    if not path:
+        raise BundleInputError(f"--{setting} is not set: give a CSV or JSON datalist with an image column and the "
+                               "label column.")
+    return read_datalist(path)
+
+
+def _auc_rows(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """ROC AUC of each row of ``scores`` (ties counted half), from the ranks."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(scores, axis=-1)
+    positives = labels.astype(bool)
+    p, q = positives.sum(), (~positives).sum()
+    return (ranks[..., positives].sum(-1) - p * (p + 1) / 2) / (p * q)
+
+
+DETECTABLE_Z = 1.959964 + 0.841621  # a two-sided 5% test with 80% power
+
+
+def paired_differences(records: Sequence[Mapping[str, Any]], labels: Sequence[int], reference: str = "real+classic",
+                       boots: int = 2000, seed: int = 0) -> list[dict[str, Any]]:
+    """For every (N, arm, ratio) cell, the test-AUC difference to ``reference`` at the same N, fold by fold (the same
+    real films), averaged over the folds both have: its bootstrap 95% interval (folds and test films drawn again
+    with replacement, the same draw for both arms) and the smallest difference this design could detect
+    (:data:`DETECTABLE_Z` bootstrap standard errors). Records without per-image scores are left out."""
+    labels = np.asarray(labels)
+    by = {(r["size"], r["arm"], float(r["ratio"]), r["fold"]): r for r in records if r.get("test_scores")}
+    rng = np.random.default_rng(seed)
+    out = []
+    for size, arm, ratio in sorted({k[:3] for k in by if k[1] != reference},
+                                   key=lambda k: (k[0], ARM_ORDER.index(k[1]), k[2])):
+        folds = sorted(f for (s, a, q, f) in by if (s, a, q) == (size, arm, ratio) and (size, reference, 0.0, f) in by)
+        if not folds:
+            continue
+        arm_scores = np.array([by[(size, arm, ratio, f)]["test_scores"] for f in folds])
+        ref_scores = np.array([by[(size, reference, 0.0, f)]["test_scores"] for f in folds])
+        point = float(np.mean(_auc_rows(arm_scores, labels) - _auc_rows(ref_scores, labels)))
+        draws = []
+        while len(draws) < boots:
+            films = rng.integers(len(labels), size=len(labels))
+            if labels[films].min() == labels[films].max():
+                continue
+            pick = rng.integers(len(folds), size=len(folds))
+            a, r = arm_scores[pick][:, films], ref_scores[pick][:, films]
+            draws.append(float(np.mean(_auc_rows(a, labels[films]) - _auc_rows(r, labels[films]))))
+        low, high = np.percentile(draws, [2.5, 97.5])
+        out.append({"size": size, "arm": arm, "ratio": ratio, "reference": reference, "folds": len(folds),
+                    "difference": point, "ci95": [float(low), float(high)],
+                    "significant": bool(low > 0 or high < 0), "detectable": float(DETECTABLE_Z * np.std(draws))})
+    return out
+
+
+def write_report(records: Sequence[Mapping[str, Any]], output_dir: Path, label: str,
+                 labels: Sequence[int] | None = None, reference: str = "real+classic") -> None:
+    """``results.md``, ``summary.json`` and ``augmentation_auc.png`` in ``output_dir`` from the arms' records; with the
+    test labels, the paired differences to ``reference`` too (to ``real`` when no record has ``reference``)."""
+    summary = summarise(records)
+    if labels is None and (output_dir / "test_set.json").is_file():
+        labels = json.loads((output_dir / "test_set.json").read_text())["labels"]
+    if not any(r["arm"] == reference for r in records):
+        reference = "real"
+    differences = paired_differences(records, labels, reference) if labels is not None else []
+    text = markdown(summary, label) + ("\n" + differences_markdown(differences) if differences else "")
+    atomic_write(output_dir / "results.md", lambda tmp: Path(tmp).write_text(text))
+    atomic_write(output_dir / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(
+        {"label": label, "auc": summary, "paired_differences": differences}, indent=1)))
+    plot(summary, output_dir / "augmentation_auc.png", label)
+
+
+def differences_markdown(differences: Sequence[Mapping[str, Any]]) -> str:
+    reference = arm_name({"arm": differences[0]["reference"], "ratio": 0})
+    sizes = sorted({d["size"] for d in differences})
+    lines = [f"Paired difference in test AUC to {reference} (same fold, same real films; mean over folds), its "
+             "bootstrap 95% interval over folds and test films, and in brackets the smallest difference this design "
+             "could detect (80% power, 5% two-sided); * where the interval excludes 0.", "",
+             "| arm | " + " | ".join(f"N={s}" for s in sizes) + " |", "|---|" + "---|" * len(sizes)]
+    for arm in dict.fromkeys(arm_name(d) for d in differences):
+        cells = []
+        for s in sizes:
+            hit = [d for d in differences if d["size"] == s and arm_name(d) == arm]
+            if hit:
+                d = hit[0]
+                cells.append(f"{d['difference']:+.3f}{'*' if d['significant'] else ''} "
+                             f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] ({d['detectable']:.3f})")
+            else:
+                cells.append("")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summarise(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and standard deviation of the test AUC over folds, per (size, arm, ratio), in the order of ARM_ORDER."""
+    groups: dict[tuple, list[float]] = {}
+    for r in records:
+        groups.setdefault((r["size"], ARM_ORDER.index(r["arm"]), r["ratio"]), []).append(r["test_auc"])
+    return [{"size": s, "arm": ARM_ORDER[a], "ratio": q, "auc_mean": float(np.mean(v)), "auc_std": float(np.std(v)),
+             "folds": len(v)} for (s, a, q), v in sorted(groups.items())]
+
+
+ARM_NAMES = {"real": "real only", "real+classic": "real + classic augmentation",
+             "real+synthetic": "real + synthetic 1:{ratio:g}",
+             "classic+synthetic": "real + synthetic 1:{ratio:g} + classic augmentation",
+             "real+concept": "real + concept images 1:{ratio:g}",
+             "classic+concept": "real + concept images 1:{ratio:g} + classic augmentation",
+             "synthetic": "synthetic only (1:{ratio:g} of N)", "concept": "concept images only (1:{ratio:g} of N)"}
+
+
+def arm_name(row: Mapping[str, Any]) -> str:
+    return ARM_NAMES[row["arm"]].format(ratio=float(row["ratio"]))
+
+
+def markdown(summary: Sequence[Mapping[str, Any]], label: str) -> str:
+    arms = list(dict.fromkeys(arm_name(r) for r in summary))
+    sizes = sorted({r["size"] for r in summary})
+    most = max(r["folds"] for r in summary)
+    lines = [f"Test AUC for `{label}` (mean ± std over {most} folds unless a cell says otherwise)", "",
+             "| arm | " + " | ".join(f"N={s}" for s in sizes) + " |", "|---|" + "---|" * len(sizes)]
+    for arm in arms:
+        cells = []
+        for s in sizes:
+            hit = [r for r in summary if r["size"] == s and arm_name(r) == arm]
+            if not hit:
+                cells.append("")
+                continue
+            n = hit[0]["folds"]
+            folds = f" ({n} fold{'s' if n > 1 else ''})" if n != most else ""
+            cells.append(f"{hit[0]['auc_mean']:.3f} ± {hit[0]['auc_std']:.3f}{folds}")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: Sequence[Mapping[str, Any]], path: Path, label: str) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    colours = plt.get_cmap("tab20").colors  # more arms than the default cycle has colours
+    for k, arm in enumerate(dict.fromkeys(arm_name(r) for r in summary)):
+        rows = sorted((r for r in summary if arm_name(r) == arm), key=lambda r: r["size"])
+        sizes = [r["size"] for r in rows]
+        alone = arm.endswith("of N)")  # synthetic images without the real ones
+        ax.errorbar(sizes, [r["auc_mean"] for r in rows], yerr=[r["auc_std"] for r in rows], marker="o", capsize=3,
+                    label=arm, color="black" if arm == "real only" else colours[k % len(colours)],
+                    linestyle="--" if alone else "-", linewidth=2.0 if arm == "real only" else 1.2)
+    ax.axhline(0.5, color="grey", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("N, the real pool size (log scale)")
+    ax.set_ylabel(f"test AUC ({label})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
