@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.losses import DiceCELoss
+from monai.metrics import DiceMetric
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,16 +30,22 @@ from bundle.cli import config_workflow, parse_overrides, pyplot
 from bundle.constants import JSRT_MASK_COLUMNS, LUNG_MASK_COLUMNS, MASK_COLUMN_PREFIX
 from bundle.data import read_datalist
 from bundle.io import append_jsonl
+from bundle.heads.encoders import build_encoder_head, dino_encoder_spec
 from bundle.heads.inference import predict
-from bundle.heads.landmarks import HeatmapCrossEntropy, decode_heatmaps, landmark_metrics, load_landmarks
+from bundle.heads.landmarks import SDR_THRESHOLDS_PX, HeatmapCrossEntropy, decode_heatmaps, landmark_metrics, load_landmarks
 from bundle.heads.networks import MASK_PRIOR_BIAS, LatentDenseHead, build_head
 from bundle.heads.segmentation import dice_and_hausdorff
 from bundle.heads.training import fine_tune, landmark_items, mask_items
 
 INITS = {"pretrained": "image denoiser, pre-trained", "pretrained_large": "image denoiser, pre-trained on the larger set",
          "scratch": "same network, from scratch",
-         "latent": "latent UNet (main pipeline), pre-trained"}
+         "latent": "latent UNet (main pipeline), pre-trained",
+         "dino": "DINO ViT (same films) + light decoder",
+         "vit_scratch": "same ViT + decoder, from scratch",
+         "supervised": "supervised encoder (local weights file) + light decoder"}
 STRUCTURES = list(JSRT_MASK_COLUMNS)
+SDR = SDR_THRESHOLDS_PX  # the paper's thresholds, in pixels of the 512 frame
+SDR_KEYS = [f"sdr_{t:g}px" for t in SDR]
 
 
 def segmentation_scores(predicted: torch.Tensor, true: torch.Tensor) -> dict:
@@ -46,6 +53,26 @@ def segmentation_scores(predicted: torch.Tensor, true: torch.Tensor) -> dict:
     per = dice_and_hausdorff(predicted, true, STRUCTURES)
     return {"per_structure": per, "mean_dice": float(np.mean([v["dice"] for v in per.values()])),
             "lung_dice": float(np.mean([per[c]["dice"] for c in LUNG_MASK_COLUMNS]))}
+
+
+def draw(available: int, n: int, seed: int, how: str = "first") -> list[int]:
+    """The indices of the N training films of one run: the first N, or for ``how="random"`` and a seed other than 0
+    a draw of N without replacement seeded by (seed, N), so seeds differ in their films as well as their start."""
+    n = min(n, available)
+    if how == "first" or seed == 0:
+        return list(range(n))
+    return sorted(int(i) for i in np.random.default_rng([seed, n]).choice(available, n, replace=False))
+
+
+def encoder_spec(init: str, args: argparse.Namespace) -> dict:
+    """The encoder of the ``dino``/``vit_scratch``/``supervised`` initialisations (bundle/heads/encoders.py)."""
+    if init in ("dino", "vit_scratch"):
+        if args.dino_weights is None:
+            raise SystemExit(f"--inits {init} needs --dino_weights (a DINO teacher written by train_dino).")
+        return dino_encoder_spec(args.dino_weights)
+    if not (args.encoder_model and args.encoder_weights):
+        raise SystemExit("--inits supervised needs --encoder_model (a timm name) and --encoder_weights (a local file).")
+    return {"model": args.encoder_model, "weights": str(args.encoder_weights)}
 
 
 def main() -> None:
@@ -61,10 +88,17 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=["landmarks", "segmentation"])
     parser.add_argument("--denoiser_large", type=Path, help="a second pre-trained denoiser (e.g. on a larger unlabelled "
                         "set), the init 'pretrained_large'")
-    parser.add_argument("--inits", nargs="+", default=["pretrained", "scratch"],
-                        choices=["pretrained", "pretrained_large", "scratch", "latent"],
+    parser.add_argument("--inits", nargs="+", default=["pretrained", "scratch"], choices=list(INITS),
                         help="pretrained: the image-space denoiser; scratch: the same network untrained; latent: the main "
-                             "pipeline's latent UNet and autoencoder (give --latent_args)")
+                             "pipeline's latent UNet and autoencoder (give --latent_args); dino: the DINO ViT of "
+                             "--dino_weights with a light decoder (bundle/heads/encoders.py); vit_scratch: that network "
+                             "untrained; supervised: --encoder_model with --encoder_weights (e.g. ImageNet) and the decoder")
+    parser.add_argument("--dino_weights", type=Path, help="a DINO teacher written by train_dino (with its .json sidecar)")
+    parser.add_argument("--encoder_model", help="timm name of the supervised encoder, e.g. resnet50")
+    parser.add_argument("--encoder_weights", type=Path, help="its local weights file (nothing is downloaded)")
+    parser.add_argument("--draws", choices=["first", "random"], default="first",
+                        help="which N training films: the first N for every seed, or (random) the first N for seed 0 "
+                             "and a seeded random draw of N for every other seed")
     parser.add_argument("--latent_args", default="", help="overrides for configs/inference.json naming the trained latent "
                         "model, as one string: '--work_dir runs/foundation_dino --image_size 64 ...'")
     parser.add_argument("--work", type=Path, default=ROOT / "runs/heads")
@@ -89,11 +123,12 @@ def main() -> None:
             done[(r["task"], r["size"], r["init"], r["seed"])] = r
 
     data: dict = {}
+    loaded = len(train_rows) if args.draws == "random" else max(args.sizes)
     if "landmarks" in args.tasks:
-        data["landmarks"] = (landmark_items(train_rows[: max(args.sizes)], preprocessing, size, None, sigma),
+        data["landmarks"] = (landmark_items(train_rows[: loaded], preprocessing, size, None, sigma),
                              landmark_items(test_rows, preprocessing, size, None, sigma))
     if "segmentation" in args.tasks:
-        data["segmentation"] = (mask_items(train_rows[: max(args.sizes)], preprocessing, size, STRUCTURES),
+        data["segmentation"] = (mask_items(train_rows[: loaded], preprocessing, size, STRUCTURES),
                                 mask_items(test_rows, preprocessing, size, STRUCTURES))
 
     def score(task: str, outputs: torch.Tensor, test_items: list) -> dict:
@@ -101,9 +136,14 @@ def main() -> None:
             pred = decode_heatmaps(outputs).numpy()
             pred = np.stack([it["frame"].to_original(p) for it, p in zip(test_items, pred)])
             true = np.stack([it["frame"].to_original(it["points"]) for it in test_items])
-            return landmark_metrics(pred, true, pixel_spacing=args.pixel_spacing)
+            per_image = np.linalg.norm(pred - true, axis=-1).mean(-1)  # each test film's mean radial error
+            return {**landmark_metrics(pred, true, pixel_spacing=args.pixel_spacing),
+                    "per_image_mre_px": [round(float(v), 3) for v in per_image]}
         masks = (torch.sigmoid(outputs) > 0.5).float()
-        return segmentation_scores(masks, torch.stack([it["label"] for it in test_items]))
+        true = torch.stack([it["label"] for it in test_items])
+        lungs = [STRUCTURES.index(c) for c in LUNG_MASK_COLUMNS]
+        per_image = DiceMetric(include_background=True, reduction="none")(masks[:, lungs], true[:, lungs]).mean(1)
+        return {**segmentation_scores(masks, true), "per_image_lung_dice": [round(float(v), 4) for v in per_image]}
 
     # seed-major, so an interrupted invocation leaves whole seeds done
     runs = [(t, n, init, s) for s in args.seeds for t in args.tasks for n in args.sizes for init in args.inits]
@@ -123,7 +163,10 @@ def main() -> None:
         torch.manual_seed(seed)
         channels = train_items[0]["label"].shape[0]
         bias = MASK_PRIOR_BIAS if task == "segmentation" else 0.0
-        if init == "latent":
+        if init in ("dino", "vit_scratch", "supervised"):
+            spec = encoder_spec(init, args)
+            head = build_encoder_head(spec, channels, bias, pretrained=init != "vit_scratch")
+        elif init == "latent":
             generator = latent.get_parsed_content("generator", lazy=False)  # a fresh copy to fine-tune
             head = LatentDenseHead(generator.codec, generator.unet, channels,
                                    (generator.dino.num_tokens, generator.dino.embed_dim), bias)
@@ -133,11 +176,13 @@ def main() -> None:
             head = build_head(unet, channels, weights, bias)
         loss = HeatmapCrossEntropy() if task == "landmarks" else DiceCELoss(sigmoid=True)
         t0 = time.perf_counter()
-        losses = fine_tune(head, train_items[:n], loss, args.iterations, lr=args.lr, seed=seed)
+        picked = draw(len(train_items), n, seed, args.draws)
+        losses = fine_tune(head, [train_items[i] for i in picked], loss, args.iterations, lr=args.lr, seed=seed)
         outputs = predict(head, torch.stack([it["image"] for it in test_items]))
         record = {"task": task, "size": n, "init": init, "seed": seed, "iterations": args.iterations,
                   "first_loss": float(np.mean(losses[:10])), "last_loss": float(np.mean(losses[-10:])),
-                  "seconds": time.perf_counter() - t0, **score(task, outputs, test_items)}
+                  "seconds": time.perf_counter() - t0, "draws": args.draws,
+                  "films": [Path(train_items[i]["source"]).stem for i in picked], **score(task, outputs, test_items)}
         append_jsonl(results_path, record)
         done[(task, n, init, seed)] = record
         print(f"[{i + 1}/{len(runs)}] {task} N={n} {init} seed {seed}: "
@@ -158,13 +203,67 @@ def main() -> None:
     records = [done[r] for r in runs if r in done]
     result = {"settings": {**overrides, "image_size": size, "heatmap_sigma_px": sigma, "iterations": args.iterations,
                            "lr": args.lr, "sizes": args.sizes, "seeds": args.seeds, "denoiser": str(args.denoiser),
-                           "denoiser_large": str(args.denoiser_large) if args.denoiser_large else None},
+                           "denoiser_large": str(args.denoiser_large) if args.denoiser_large else None,
+                           "draws": args.draws, "dino_weights": str(args.dino_weights) if args.dino_weights else None,
+                           "encoder_model": args.encoder_model,
+                           "encoder_weights": str(args.encoder_weights) if args.encoder_weights else None},
               "baselines": baselines, "runs": records, "wall_seconds_this_invocation": time.perf_counter() - start}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "heads.json").write_text(json.dumps(result, indent=2))
     plot(records, baselines, args.out / "heads.png")
-    (args.out / "heads_table.md").write_text(table(records, baselines))
+    comparisons = [c for task in args.tasks for c in paired_intervals(records, task)]
+    result["comparisons"] = comparisons
+    (args.out / "heads.json").write_text(json.dumps(result, indent=2))
+    (args.out / "heads_table.md").write_text(table(records, baselines) + "\n" + intervals_markdown(comparisons))
     print(json.dumps(baselines, indent=1)[:2000])
+
+
+def paired_intervals(records: list, task: str, reference: str = "pretrained", boots: int = 2000) -> list[dict]:
+    """The reference initialisation against every other one at each N, paired by seed (the same films): the
+    difference of the mean per-film score (MRE px for landmarks, lower is better; lung Dice for segmentation) with a
+    bootstrap 95% interval over seeds and test films, and win / tie / loss for the reference."""
+    key = "per_image_mre_px" if task == "landmarks" else "per_image_lung_dice"
+    by = {(r["size"], r["init"], r["seed"]): np.asarray(r[key]) for r in records if r["task"] == task and key in r}
+    rng = np.random.default_rng(0)
+    out = []
+    for n in sorted({k[0] for k in by}):
+        for init in [i for i in INITS if i != reference]:
+            seeds = sorted(s for (m, i, s) in by if m == n and i == init and (n, reference, s) in by)
+            if not seeds:
+                continue
+            ref, other = (np.stack([by[(n, x, s)] for s in seeds]) for x in (reference, init))
+            films = ref.shape[1]
+            draws = []
+            for _ in range(boots):
+                pick, sample = rng.integers(len(seeds), size=len(seeds)), rng.integers(films, size=films)
+                draws.append(float(ref[pick][:, sample].mean() - other[pick][:, sample].mean()))
+            low, high = np.percentile(draws, [2.5, 97.5])
+            better = (high < 0) if task == "landmarks" else (low > 0)
+            worse = (low > 0) if task == "landmarks" else (high < 0)
+            out.append({"task": task, "size": n, "reference": reference, "other": init, "seeds": len(seeds),
+                        "difference": float(ref.mean() - other.mean()), "ci95": [float(low), float(high)],
+                        "reading": "win" if better else "loss" if worse else "tie"})
+    return out
+
+
+def intervals_markdown(comparisons: list) -> str:
+    lines = []
+    for task, unit in (("landmarks", "MRE px, negative = diffusion better"), ("segmentation", "lung Dice, positive = diffusion better")):
+        rows = [c for c in comparisons if c["task"] == task]
+        if not rows:
+            continue
+        others = list(dict.fromkeys(c["other"] for c in rows))
+        lines += [f"{task}: {INITS[rows[0]['reference']]} minus each other initialisation ({unit}; bootstrap 95% "
+                  "interval over seeds and test films)", "", "| N | " + " | ".join(INITS[o] for o in others) + " |",
+                  "|---|" + "---|" * len(others)]
+        for n in sorted({c["size"] for c in rows}):
+            cells = []
+            for o in others:
+                hit = [c for c in rows if c["size"] == n and c["other"] == o]
+                cells.append(f"{hit[0]['difference']:+.3g} [{hit[0]['ci95'][0]:+.3g}, {hit[0]['ci95'][1]:+.3g}] "
+                             f"{hit[0]['reading']} ({hit[0]['seeds']} seeds)" if hit else "")
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def table(records: list, baselines: dict) -> str:
@@ -172,21 +271,21 @@ def table(records: list, baselines: dict) -> str:
     lines = []
     marks = [r for r in records if r["task"] == "landmarks"]
     if marks:
-        lines += ["| landmarks | N | seeds | MRE px (512 frame) | MRE mm | SDR 2 px | SDR 4 px | SDR 10 px |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["| landmarks | N | seeds | MRE px (512 frame) | MRE mm | " + " | ".join(f"SDR {t:g} px" for t in SDR) + " |",
+                  "|---|---|---|---|---|" + "---|" * len(SDR)]
         for n in sorted({r["size"] for r in marks}):
             for init in INITS:
                 rows = [r for r in marks if r["size"] == n and r["init"] == init]
                 if not rows:
                     continue
-                mean = {k: np.mean([r[k] for r in rows]) for k in ("mre_px", "mre_mm", "sdr_2px", "sdr_4px", "sdr_10px")}
+                mean = {k: np.mean([r.get(k, np.nan) for r in rows]) for k in ("mre_px", "mre_mm", *SDR_KEYS)}
                 spread = f" ± {np.std([r['mre_px'] for r in rows]):.1f}" if len(rows) > 1 else ""
-                lines.append(f"| {init} | {n} | {len(rows)} | {mean['mre_px']:.1f}{spread} | {mean['mre_mm']:.1f} | {mean['sdr_2px']:.3f} | "
-                             f"{mean['sdr_4px']:.3f} | {mean['sdr_10px']:.3f} |")
+                lines.append(f"| {init} | {n} | {len(rows)} | {mean['mre_px']:.1f}{spread} | {mean['mre_mm']:.1f} | "
+                             + " | ".join(f"{mean[k]:.3f}" for k in SDR_KEYS) + " |")
         if "landmarks_mean_shape" in baselines:
             b = baselines["landmarks_mean_shape"]
-            lines.append(f"| mean training shape | all | - | {b['mre_px']:.1f} | {b['mre_mm']:.1f} | {b['sdr_2px']:.3f} | "
-                         f"{b['sdr_4px']:.3f} | {b['sdr_10px']:.3f} |")
+            lines.append(f"| mean training shape | all | - | {b['mre_px']:.1f} | {b['mre_mm']:.1f} | "
+                         + " | ".join(f"{b[k]:.3f}" for k in SDR_KEYS) + " |")
         lines.append("")
     segs = [r for r in records if r["task"] == "segmentation"]
     if segs:

@@ -380,3 +380,65 @@ def test_heads_refuse_a_nan_landmark_a_non_finite_loss_and_more_labels_than_ther
     message = refused({"num_labelled": 1})
     assert message.startswith("landmarks: the loss is nan at iteration 1, epoch 1 (batch files: ") and rows[0]["image"] in message
     assert message.endswith("lower the learning rate, then run the same command again.")
+
+
+def test_encoder_baselines_pre_train_load_fine_tune_save_and_reload(pretrained, tmp_path, tiny_dataset):
+    """The initialisations the denoiser is compared with: the bundle's own DINO (pre-trained here by run ID
+    train_dino on real films) and a supervised encoder from a local weights file, each with the light decoder."""
+    import timm
+    from safetensors.torch import load_file
+
+    from bundle.data import modality_preprocessing
+    from bundle.heads.encoders import build_encoder_head, dino_encoder_spec, encoder_record
+    from bundle.heads.training import fine_tune, landmark_items
+    from bundle.heads.networks import save_head
+
+    from .conftest import run_bundle
+    from .test_dino_pretrain import TINY
+
+    run_bundle("train.json", "train_dino", {**TINY, "dataset_dir": str(tiny_dataset), "work_dir": str(tmp_path),
+                                            "dino_epochs": 1})
+    teacher = tmp_path / "models/dino/teacher.safetensors"
+    spec = dino_encoder_spec(teacher)
+    assert spec["model"] == "vit_tiny_patch16_224" and spec["kwargs"] == TINY["dino_kwargs"]
+    rows = pretrained["rows"]
+    items = landmark_items(rows[:4], modality_preprocessing("configs/modality/cxr.json", image_size=32), 32,
+                           ["H"], sigma=1.0)
+    head = build_encoder_head(spec, items[0]["label"].shape[0])
+    saved = load_file(str(teacher))
+    encoder = {k.split("model.", 1)[-1]: v for k, v in head.encoder.state_dict().items()}
+    blocks = [k for k in saved if k.startswith("blocks.")]
+    assert blocks and all(torch.equal(encoder[k], saved[k]) for k in blocks)  # the teacher's weights, not random ones
+    scratch = build_encoder_head(spec, items[0]["label"].shape[0], pretrained=False)
+    assert not torch.equal(dict(scratch.encoder.named_parameters())[next(n for n, _ in head.encoder.named_parameters()
+                                                                         if "blocks.0" in n)],
+                           dict(head.encoder.named_parameters())[next(n for n, _ in head.encoder.named_parameters()
+                                                                      if "blocks.0" in n)])
+    images = torch.stack([it["image"] for it in items])
+    assert head(images).shape == (4, items[0]["label"].shape[0], 32, 32)  # full resolution from 4x4 patch tokens
+    losses = fine_tune(head, items, HeatmapCrossEntropy(), iterations=30, batch_size=4, lr=1e-3)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3
+    path = tmp_path / "landmarks.pt"
+    save_head(head, path, "landmarks", [["H", items[0]["label"].shape[0]]], 32, encoder=encoder_record(spec))
+    reloaded, record = load_head(None, path, "landmarks", 32)  # rebuilt from the record, no weights file needed
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(images), head.eval()(images))
+    # a supervised encoder from a local file (ImageNet weights in real use; here a file made for the test)
+    cnn = timm.create_model("resnet10t", pretrained=False)
+    torch.save(cnn.state_dict(), tmp_path / "resnet10t.pth")
+    supervised = build_encoder_head({"model": "resnet10t", "weights": str(tmp_path / "resnet10t.pth")}, 2)
+    assert torch.equal(supervised.encoder.state_dict()["conv1.0.weight"], cnn.state_dict()["conv1.0.weight"])
+    assert supervised(images).shape == (4, 2, 32, 32)
+    with pytest.raises(BundleInputError, match="do not load into 'resnet18'"):
+        build_encoder_head({"model": "resnet18", "weights": str(tmp_path / "resnet10t.pth")}, 2)
+    with pytest.raises(BundleInputError, match="is not a file"):
+        build_encoder_head({"model": "resnet10t", "weights": str(tmp_path / "imagenet.pth")}, 2)
+
+
+def test_film_draws_differ_by_seed_and_keep_the_first_n_for_seed_0():
+    from evidence.run_heads import draw
+
+    assert draw(150, 5, 0, "random") == [0, 1, 2, 3, 4] == draw(150, 5, 2, "first")
+    one, two = draw(150, 5, 1, "random"), draw(150, 5, 2, "random")
+    assert len(set(one)) == 5 and one != two and one == draw(150, 5, 1, "random") and max(one + two) < 150
+    assert draw(150, 150, 1, "random") == list(range(150)) and draw(3, 5, 1, "random") == [0, 1, 2]

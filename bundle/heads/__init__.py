@@ -9,6 +9,8 @@ Coordinates follow MONAI's array order: an image array is ``(C, X, Y)`` with X t
 and a landmark is ``(x, y)`` in pixels of that array, the same convention as the JSRT landmark files.
 
 - :mod:`.networks`: the head networks, building them on a pre-trained denoiser, saving and loading them;
+- :mod:`.encoders`: other pre-trained encoders (the bundle's DINO ViT, a supervised timm backbone from a local
+  file) with a light decoder, the initialisations the denoiser is compared with;
 - :mod:`.frame`: the geometry between an original image and its preprocessed square;
 - :mod:`.landmarks`: landmark files, Gaussian heatmaps and their decoding, the heatmap loss, MRE/SDR;
 - :mod:`.segmentation`: mask files on disk and Dice/Hausdorff scores;
@@ -17,4 +19,4 @@ and a landmark is ``(x, y)`` in pixels of that array, the same convention as the
 """
 
 # configs name bundle.heads.<module>.<name> after a plain `import bundle`
-from . import frame, inference, landmarks, networks, segmentation, training  # noqa: F401
+from . import encoders, frame, inference, landmarks, networks, segmentation, training  # noqa: F401

@@ -96,8 +96,9 @@ def save_head(head: nn.Module, path: str | os.PathLike, task: str, names: Sequen
     save_model(head.state_dict(), record, path)
 
 
-def load_head(unet: nn.Module, path: str | os.PathLike, task: str, image_size: int) -> tuple[DenseHead, dict]:
-    """A head saved by :func:`save_head` on a freshly built ``unet`` (the same denoiser definition)."""
+def load_head(unet: nn.Module, path: str | os.PathLike, task: str, image_size: int) -> tuple[nn.Module, dict]:
+    """A head saved by :func:`save_head` on a freshly built ``unet`` (the same denoiser definition), or, for a head
+    whose record names an ``encoder`` (:func:`bundle.heads.encoders.encoder_record`), on that encoder."""
     saved = read_record(path, "head", "fine-tune it (run ID training of configs/heads/), or pass the right --head_path")
     saved = {**saved["record"], **saved}
     if saved.get("task") != task:
@@ -107,7 +108,12 @@ def load_head(unet: nn.Module, path: str | os.PathLike, task: str, image_size: i
                                f"pass --image_size {saved['image_size']}.")
     names = saved["names"]
     channels = sum(n for _, n in names) if task == "landmarks" else len(names)
-    head = DenseHead(unet, channels)
+    if saved.get("encoder"):  # an encoder head (bundle/heads/encoders.py): rebuilt from its record, weights below
+        from .encoders import build_encoder_head
+
+        head = build_encoder_head(saved["encoder"], channels, pretrained=False)
+    else:
+        head = DenseHead(unet, channels)
     try:
         head.load_state_dict(saved["state_dict"])
     except RuntimeError as err:
