@@ -58,11 +58,8 @@ class SelfAttentionRecorder:
             block.att_mat = torch.Tensor()
 
 
-@torch.no_grad()
-def self_attention(unet: nn.Module, inputs: torch.Tensor, timestep: int, scheduler=None, context=None,
-                   seed: int = 0) -> list[torch.Tensor]:
-    """Head-averaged self-attention maps ``(B, N, N)`` of one UNet call on ``inputs`` noised to ``timestep``
-    (one seeded noise draw; ``timestep`` 0 uses the clean inputs)."""
+def _noised(inputs: torch.Tensor, timestep: int, scheduler=None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``inputs`` noised to ``timestep`` with one seeded noise draw (the clean inputs at 0), and the timesteps."""
     t = torch.full((inputs.shape[0],), int(timestep), dtype=torch.long, device=inputs.device)
     if timestep > 0:
         if scheduler is None:
@@ -71,16 +68,80 @@ def self_attention(unet: nn.Module, inputs: torch.Tensor, timestep: int, schedul
         noise = torch.randn(inputs.shape[1:], generator=torch.Generator().manual_seed(seed)).expand_as(inputs)
         noise = noise.to(inputs.device)
         inputs = scheduler.add_noise(original_samples=inputs, noise=noise, timesteps=t)
+    return inputs, t
+
+
+@torch.no_grad()
+def self_attention(unet: nn.Module, inputs: torch.Tensor, timestep: int, scheduler=None, context=None,
+                   seed: int = 0) -> list[torch.Tensor]:
+    """Head-averaged self-attention maps ``(B, N, N)`` of one UNet call on ``inputs`` noised to ``timestep``
+    (one seeded noise draw; ``timestep`` 0 uses the clean inputs)."""
+    inputs, t = _noised(inputs, timestep, scheduler, seed)
     with SelfAttentionRecorder(unet) as recorder:
         unet(inputs, t, context=context) if context is not None else unet(inputs, t)
     return recorder.maps
 
 
-def aggregate_attention(maps: Sequence[torch.Tensor]) -> torch.Tensor:
+@torch.no_grad()
+def decoder_features(unet: nn.Module, inputs: torch.Tensor, timestep: int, scheduler=None, context=None,
+                     seed: int = 0) -> torch.Tensor:
+    """The output of a MONAI ``DiffusionModelUNet``'s last up block, ``(B, C, X, Y)``: its finest decoder level, just
+    before the output convolution, for one call on ``inputs`` noised to ``timestep`` (as :func:`self_attention`)."""
+    blocks = getattr(unet, "up_blocks", None)
+    if not blocks:
+        raise BundleInputError("This network has no decoder blocks (up_blocks): feature clustering needs a MONAI "
+                               "DiffusionModelUNet.")
+    inputs, t = _noised(inputs, timestep, scheduler, seed)
+    kept: list[torch.Tensor] = []
+    hook = blocks[-1].register_forward_hook(lambda m, i, o: kept.append(o.float()))
+    try:
+        unet(inputs, t, context=context) if context is not None else unet(inputs, t)
+    finally:
+        hook.remove()
+    return kept[-1]
+
+
+def kmeans_labels(features: torch.Tensor, clusters: int = 6, iterations: int = 30, seed: int = 0) -> torch.Tensor:
+    """One image's feature map ``(C, X, Y)`` -> ``(X, Y)`` cluster labels by k-means (k-means++ start, seeded) on the
+    per-pixel feature vectors, each channel standardised over the image first."""
+    c, x, y = features.shape
+    points = features.reshape(c, -1).T.double()
+    points = (points - points.mean(0)) / points.std(0).clamp_min(1e-6)
+    generator = torch.Generator().manual_seed(int(seed))
+    centres = points[torch.randint(len(points), (1,), generator=generator)]
+    for _ in range(1, min(int(clusters), len(points))):
+        nearest = torch.cdist(points, centres).amin(1) ** 2
+        centres = torch.cat([centres, points[torch.multinomial(nearest / nearest.sum(), 1, generator=generator)]])
+    for _ in range(int(iterations)):
+        labels = torch.cdist(points, centres).argmin(1)
+        moved = torch.stack([points[labels == k].mean(0) if (labels == k).any() else centres[k] for k in range(len(centres))])
+        if torch.allclose(moved, centres):
+            break
+        centres = moved
+    return torch.cdist(points, centres).argmin(1).reshape(x, y)
+
+
+def feature_segment(features: torch.Tensor, images: torch.Tensor, clusters: int = 6,
+                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoder features ``(B, C, x, y)`` and the ``(B, 1, X, Y)`` images -> (k-means cluster labels ``(B, X, Y)``,
+    lung masks by :func:`lung_clusters`): the label-free alternative to attention clustering."""
+    size = images.shape[-2:]
+    labels = []
+    for f in features.cpu():
+        label = kmeans_labels(f, clusters, seed=seed)
+        if tuple(label.shape) != tuple(size):
+            label = F.interpolate(label[None, None].float(), size=tuple(size), mode="nearest")[0, 0].long()
+        labels.append(label)
+    labels = torch.stack(labels)
+    return labels, torch.stack([lung_clusters(l, im.cpu()) for l, im in zip(labels, images)])
+
+
+def aggregate_attention(maps: Sequence[torch.Tensor], grids: Sequence[int] | None = None) -> torch.Tensor:
     """Maps of square token grids (``(B, r*r, r*r)``, any r) -> ``(B, R*R, R, R)`` at the largest r = R.
 
     Each query's key map is upsampled bilinearly and renormalised; queries are repeated (nearest) to the
-    R x R grid; maps are averaged with weights proportional to r, as in DiffSeg.
+    R x R grid; maps are averaged with weights proportional to r, as in DiffSeg. ``grids``: only the layers whose
+    grid side is listed (e.g. ``[32]``, the finest); ``None`` takes every layer.
     """
     sides = []
     for m in maps:
@@ -89,6 +150,12 @@ def aggregate_attention(maps: Sequence[torch.Tensor]) -> torch.Tensor:
             raise BundleInputError(f"A self-attention map over {m.shape[-1]} tokens is not a square grid: "
                                    "zero-shot segmentation needs square images.")
         sides.append(side)
+    if grids:
+        chosen = [(m, side) for m, side in zip(maps, sides) if side in {int(g) for g in grids}]
+        if not chosen:
+            raise BundleInputError(f"attention_grids {list(grids)} match no self-attention layer of this UNet (its "
+                                   f"grids: {sorted(set(sides))}): choose among those, or null for every layer.")
+        maps, sides = [m for m, _ in chosen], [side for _, side in chosen]
     big = max(sides)
     total = torch.zeros(maps[0].shape[0], big * big, big, big)
     for m, side in zip(maps, sides):
@@ -205,17 +272,19 @@ def oracle_clusters(labels: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
 
 
 MERGES = ("relative", "diffseg")
+METHODS = ("attention", "features")
 
 
 def segment(maps: Sequence[torch.Tensor], images: torch.Tensor, grid: int = 16, threshold: float = 0.2,
-            iterations: int = 3, merge: str = "relative") -> tuple[torch.Tensor, torch.Tensor]:
+            iterations: int = 3, merge: str = "relative", grids: Sequence[int] | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Self-attention maps of a batch and its ``(B, 1, X, Y)`` images -> (cluster labels ``(B, X, Y)``,
     lung masks ``(B, X, Y)`` by :func:`lung_clusters`). ``merge``: ``relative`` (:func:`merge_attention`,
     ``threshold`` a fraction of the median KL) or ``diffseg`` (:func:`merge_attention_diffseg`, ``threshold`` in
-    nats, the same at each of the ``iterations``)."""
+    nats, the same at each of the ``iterations``); ``grids``: the attention layers used (:func:`aggregate_attention`)."""
     if merge not in MERGES:
         raise BundleInputError(f"merge '{merge}' is not known: use one of {MERGES}.")
-    attention = aggregate_attention(maps)
+    attention = aggregate_attention(maps, grids)
     size = images.shape[-2:]
 
     def proposals(a: torch.Tensor) -> torch.Tensor:
@@ -238,14 +307,21 @@ def dice(predicted: torch.Tensor, truth: torch.Tensor) -> float:
 def segment_folder(unet: nn.Module, rows: Sequence[dict], preprocessing, scheduler, output_dir, timestep: int = 100,
                    threshold: float = 0.1, grid: int = 16, mask_format: str = "png",
                    truth_columns: Sequence[str] = LUNG_MASK_COLUMNS, batch_size: int = 8,
-                   seed: int = 0, device: torch.device | str = "cpu", merge: str = "relative") -> dict:
+                   seed: int = 0, device: torch.device | str = "cpu", merge: str = "relative",
+                   method: str = "attention", clusters: int = 6, grids: Sequence[int] | None = None) -> dict:
     """Zero-shot lung masks for every row with the label-free image-space denoiser (inputs scaled to [-1, 1]).
+
+    ``method``: ``attention`` (self-attention merged into clusters, :func:`segment`; ``grids`` picks its layers) or
+    ``features`` (k-means with ``clusters`` centres on the finest decoder features, :func:`feature_segment`); either
+    way the lungs are chosen by :func:`lung_clusters`.
 
     Writes ``<output_dir>/lungs/<stem>.png`` (0/255) or ``.nii.gz`` in each image's original frame. Rows that
     carry all ``truth_columns`` are scored at the model's image size: Dice of the label-free choice and, as an
     upper bound that looks at the truth, of :func:`oracle_clusters`; scores go to ``<output_dir>/metrics.json``.
     """
     mask_suffix(mask_format)
+    if method not in METHODS:
+        raise BundleInputError(f"zero_shot_method '{method}' is not known: use one of {METHODS}.")
     if not rows:
         raise BundleInputError("No images to segment: check input_dir.")
     unet = unet.to(device).eval()
@@ -253,8 +329,12 @@ def segment_folder(unet: nn.Module, rows: Sequence[dict], preprocessing, schedul
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         images = preprocessed_stack(chunk, preprocessing, desc="zero-shot")
-        maps = self_attention(unet, (images * 2 - 1).to(device), timestep, scheduler, seed=seed)
-        labels, lungs = segment(maps, images, grid, threshold, merge=merge)
+        if method == "features":
+            features = decoder_features(unet, (images * 2 - 1).to(device), timestep, scheduler, seed=seed)
+            labels, lungs = feature_segment(features, images, clusters, seed=seed)
+        else:
+            maps = self_attention(unet, (images * 2 - 1).to(device), timestep, scheduler, seed=seed)
+            labels, lungs = segment(maps, images, grid, threshold, merge=merge, grids=grids)
         size = images.shape[-1]
         for row, stem, label, lung in zip(chunk, stems[start : start + batch_size], labels, lungs):
             write_masks(lung[None].float(), image_frame(row, size), ["lungs"], stem, out, mask_format)
@@ -268,7 +348,9 @@ def segment_folder(unet: nn.Module, rows: Sequence[dict], preprocessing, schedul
                    "dice_std": float(np.std([s["dice"] for s in scores])),
                    "oracle_dice_upper_bound": float(np.mean([s["oracle_dice"] for s in scores])),
                    "mean_clusters": float(np.mean([s["clusters"] for s in scores])), "per_image": scores,
-                   "settings": {"timestep": int(timestep), "merge": merge, "threshold": float(threshold), "grid": int(grid),
-                                "image_size": int(size)}}
+                   "settings": {"method": method, "timestep": int(timestep), "image_size": int(size),
+                                **({"clusters": int(clusters)} if method == "features" else
+                                   {"merge": merge, "threshold": float(threshold), "grid": int(grid),
+                                    "attention_grids": list(grids) if grids else "all"})}}
         atomic_write_json(out / "metrics.json", metrics)
     return metrics

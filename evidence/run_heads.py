@@ -27,6 +27,7 @@ from monai.metrics import DiceMetric
 ROOT = Path(__file__).resolve().parents[1]
 
 from bundle.cli import config_workflow, parse_overrides, pyplot
+from bundle.workflow import set_threads
 from bundle.constants import JSRT_MASK_COLUMNS, LUNG_MASK_COLUMNS, MASK_COLUMN_PREFIX
 from bundle.data import read_datalist
 from bundle.io import append_jsonl
@@ -107,6 +108,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     overrides = parse_overrides(args.overrides)
+    set_threads(overrides.get("torch_threads"))
     os.chdir(ROOT)
 
     wf = config_workflow("configs/heads/pretrain.json", "training", **overrides)

@@ -3,6 +3,7 @@
 #   pretrain  the label-free image-space denoiser (configs/heads/pretrain.json) at 128 px on the 2,139 unlabelled
 #             films of the generator (cxr_corpus train + JSRT train); resumable: run again to go on, a larger
 #             DENOISER_EPOCHS continues a finished run
+#   tune      the fine-tuning budget (iterations x learning rate) at N = 5 and 50, on JSRT val only
 #   grid      landmark and segmentation heads fine-tuned on N = 1, 5, 10, 25, 50, 150 JSRT train films from each
 #             initialisation (evidence/run_heads.py; results appended to $WORK/heads_results.jsonl, so it resumes)
 #   report    tables and figures into docs/results/heads128
@@ -18,7 +19,7 @@ PY=${PYTHON:-.venv/bin/python}
 WORK=${WORK:-runs/heads128}
 LIST=${LIST:-runs/corpus_cpu128/lists/train.csv}
 GENERATOR=${GENERATOR:-runs/corpus_cpu128}
-STAGES=${STAGES:-pretrain grid report}
+STAGES=${STAGES:-pretrain tune grid report}
 THREAD_ARGS=()
 [ -z "${THREADS:-}" ] || THREAD_ARGS=(--torch_threads "$THREADS")
 mkdir -p "$WORK"
@@ -30,6 +31,42 @@ case " $STAGES " in *" pretrain "*)
       --work_dir "$WORK/pretrain" "${DENOISER[@]}" --denoiser_epochs "${DENOISER_EPOCHS:-20}" "${THREAD_ARGS[@]}" \
       >> "$WORK/pretrain.log" 2>&1 || { tail -30 "$WORK/pretrain.log"; exit 1; }
   echo "pretrain_denoiser $SECONDS" | tee -a "$WORK/stage_seconds.txt";;
+esac
+DENOISER_FILE=$WORK/pretrain/models/heads/denoiser.pt
+DINO=${DINO:-$GENERATOR/models/dino/teacher.safetensors}
+$PY -m scripts.jsrt_datalist --split train --out "$WORK/train.csv" > /dev/null
+$PY -m scripts.jsrt_datalist --split val --out "$WORK/val.csv" > /dev/null
+$PY -m scripts.jsrt_datalist --split test --out "$WORK/test.csv" > /dev/null
+COMMON=(--train "$WORK/train.csv" --denoiser "$DENOISER_FILE" --dino_weights "$DINO" --latent_args "--work_dir $GENERATOR")
+# tune: the fine-tuning budget (iterations x learning rate) per N range, chosen on JSRT val (20 films), seed 0
+case " $STAGES " in *" tune "*)
+  SECONDS=0
+  for it in ${TUNE_ITERATIONS:-200 400 800}; do for lr in ${TUNE_LRS:-0.001 0.0003}; do
+    $PY -m evidence.run_heads "${COMMON[@]}" --test "$WORK/val.csv" --iterations "$it" --lr "$lr" \
+        --inits ${TUNE_INITS:-pretrained scratch dino} --sizes ${TUNE_SIZES:-5 50} --seeds 0 \
+        --work "$WORK/tune/it${it}_lr${lr}" --out "$WORK/tune/it${it}_lr${lr}" -- "${DENOISER[@]}" "${THREAD_ARGS[@]}" \
+        >> "$WORK/tune.log" 2>&1 || { tail -30 "$WORK/tune.log"; exit 1; }
+  done; done
+  echo "tune $SECONDS" | tee -a "$WORK/stage_seconds.txt";;
+esac
+# grid: every initialisation on JSRT test; 3 seeds (different draws of films) at N <= 25, one above
+GRID=("${COMMON[@]}" --test "$WORK/test.csv" --iterations "${ITERATIONS:-400}" --lr "${LR:-0.001}" --draws random
+      --work "$WORK/grid" --out "$WORK/grid")
+case " $STAGES " in *" grid "*)
+  SECONDS=0
+  $PY -m evidence.run_heads "${GRID[@]}" --tasks landmarks --inits ${LANDMARK_INITS:-pretrained scratch dino latent} \
+      --sizes 1 5 10 25 50 150 --seeds 0 -- "${DENOISER[@]}" "${THREAD_ARGS[@]}" >> "$WORK/grid.log" 2>&1
+  $PY -m evidence.run_heads "${GRID[@]}" --tasks segmentation --inits ${SEGMENTATION_INITS:-pretrained scratch dino} \
+      --sizes 1 5 10 25 50 150 --seeds 0 -- "${DENOISER[@]}" "${THREAD_ARGS[@]}" >> "$WORK/grid.log" 2>&1
+  $PY -m evidence.run_heads "${GRID[@]}" --tasks landmarks --inits ${LANDMARK_INITS:-pretrained scratch dino latent} \
+      --sizes 1 5 10 25 --seeds 1 2 -- "${DENOISER[@]}" "${THREAD_ARGS[@]}" >> "$WORK/grid.log" 2>&1
+  $PY -m evidence.run_heads "${GRID[@]}" --tasks segmentation --inits ${SEGMENTATION_INITS:-pretrained scratch dino} \
+      --sizes 1 5 10 25 --seeds 1 2 -- "${DENOISER[@]}" "${THREAD_ARGS[@]}" >> "$WORK/grid.log" 2>&1
+  echo "grid $SECONDS" | tee -a "$WORK/stage_seconds.txt";;
+esac
+case " $STAGES " in *" report "*)
+  $PY -m evidence.run_heads "${GRID[@]}" --inits pretrained scratch dino latent --sizes 1 5 10 25 50 150 --seeds 0 1 2 \
+      --report_only --out docs/results/heads128 -- "${DENOISER[@]}" >> "$WORK/grid.log" 2>&1;;
 esac
 exit
 }

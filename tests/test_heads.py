@@ -315,6 +315,16 @@ def test_zero_shot_segmentation_writes_a_lung_mask_of_the_input_size(pretrained,
     metrics = json.loads((tmp_path / "zs" / "metrics.json").read_text())
     assert metrics["images"] == len(masks) and 0 <= metrics["dice"] <= 1 and 0 <= metrics["oracle_dice_upper_bound"] <= 1
     assert metrics["mean_clusters"] >= 1
+    # the label-free alternative: k-means on the finest decoder features, through the same config
+    run_bundle("heads/zero_shot.json", "inference", {**settings, "output_dir": str(tmp_path / "features"),
+                                                     "zero_shot_method": "features", "feature_clusters": 4})
+    features = json.loads((tmp_path / "features" / "metrics.json").read_text())
+    assert features["settings"]["method"] == "features" and features["settings"]["clusters"] == 4
+    assert 1 <= features["mean_clusters"] <= 4 and 0 <= features["dice"] <= 1
+    assert len(list((tmp_path / "features" / "lungs").glob("*.png"))) == len(masks)
+    with pytest.raises(Exception) as err:
+        run_bundle("heads/zero_shot.json", "inference", {**settings, "zero_shot_method": "kmeans"})
+    assert "zero_shot_method 'kmeans' is not known" in str(err.value.__cause__ or err.value)
 
 
 def test_latent_head_maps_at_image_size_and_keeps_the_autoencoder_frozen():

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from bundle.errors import BundleInputError
-from bundle.zero_shot import (SelfAttentionRecorder, aggregate_attention, cluster_labels, lung_clusters, merge_attention,
-                              merge_attention_diffseg,
-                              oracle_clusters, symmetric_kl)
+from bundle.zero_shot import (SelfAttentionRecorder, aggregate_attention, cluster_labels, decoder_features, kmeans_labels,
+                              lung_clusters, merge_attention, merge_attention_diffseg, oracle_clusters, self_attention,
+                              symmetric_kl)
 
 
 def planted_attention(side: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,3 +100,39 @@ def test_recorder_collects_every_self_attention_call_and_restores_the_network():
     assert all(not b.save_attn for b in recorder.blocks)
     with pytest.raises(BundleInputError, match="no self-attention"):
         SelfAttentionRecorder(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU()))
+
+
+def test_recorder_sees_every_resolution_and_layers_can_be_chosen():
+    """A UNet with self-attention at every level (as the 128-px profile has): maps at each grid, and
+    aggregate_attention can keep only some grids."""
+    from monai.networks.nets import DiffusionModelUNet
+
+    unet = DiffusionModelUNet(spatial_dims=2, in_channels=1, out_channels=1, channels=(8, 8, 16),
+                              attention_levels=(True, True, True), num_res_blocks=1, norm_num_groups=8, num_head_channels=8)
+    maps = self_attention(unet, torch.rand(2, 1, 16, 16), 0)
+    assert {m.shape[-1] for m in maps} == {256, 64, 16}  # 16x16, 8x8 and 4x4 token grids, encoder and decoder
+    assert aggregate_attention(maps).shape == (2, 256, 16, 16)
+    finest = aggregate_attention(maps, grids=[16])
+    only = aggregate_attention([m for m in maps if m.shape[-1] == 256])
+    torch.testing.assert_close(finest, only)
+    assert not torch.allclose(finest, aggregate_attention(maps))
+    with pytest.raises(BundleInputError, match="match no self-attention layer"):
+        aggregate_attention(maps, grids=[32])
+
+
+def test_feature_clustering_finds_planted_regions_and_reads_the_decoder():
+    from monai.networks.nets import DiffusionModelUNet
+
+    features = torch.randn(8, 16, 16) * 0.05
+    regions = torch.zeros(16, 16, dtype=torch.long)
+    regions[4:12, 3:8], regions[4:12, 9:14] = 1, 2
+    features[0] += regions == 1
+    features[1] += regions == 2
+    labels = kmeans_labels(features, clusters=3, seed=0)
+    assert labels.shape == (16, 16)
+    for k in range(3):  # each planted region is exactly one cluster
+        assert labels[regions == k].unique().numel() == 1
+    assert labels.unique().numel() == 3 and torch.equal(labels, kmeans_labels(features, clusters=3, seed=0))
+    unet = DiffusionModelUNet(spatial_dims=2, in_channels=1, out_channels=1, channels=(8, 16),
+                              attention_levels=(False, True), num_res_blocks=1, norm_num_groups=8, num_head_channels=8)
+    assert decoder_features(unet, torch.rand(2, 1, 16, 16), 0).shape == (2, 8, 16, 16)  # finest level, full size
