@@ -3,6 +3,7 @@ that it always finishes with what an uninterrupted run gives.
 
     python -m devtools.fault_injection --trials 5 --kills 5          (about 10 min on 2 CPU cores; writes docs/results)
     python -m devtools.fault_injection --stages autoencoder cache    (kills aimed at those stages only)
+    python -m devtools.fault_injection --trials 20 --kills 6         (at least 100 kills, spread over the stages)
 
 The run is README command 1's pipeline (in-domain DINO pre-training, autoencoder, cache, diffusion, report) with
 tiny networks on 16 JSRT images. Each trial starts the command up to --kills times; each time it picks a stage
@@ -88,16 +89,20 @@ def done(work: Path, stage: str) -> bool:
 
 
 def run_trial(dataset: Path, work: Path, kills: int, rng: random.Random, logs: Path, trial: int,
-              stages: list[str] | None = None) -> dict:
-    """Up to ``kills`` times: start the command, wait until it is inside a randomly chosen stage (of ``stages``)
-    that is not finished yet (its marker in the output), then a random 0-1 s more, and SIGKILL it; then run it
-    once more to the end."""
+              stages: list[str] | None = None, tally: dict[str, int] | None = None) -> dict:
+    """Up to ``kills`` times: start the command, wait until it is inside a chosen stage (of ``stages``) that is not
+    finished yet (its marker in the output), then a random 0-1 s more, and SIGKILL it; then run it once more to the
+    end. The stage is drawn at random among those, or, given ``tally`` (kills so far per stage, updated here),
+    among those with the fewest kills, so every stage collects about as many."""
     shutil.rmtree(work, ignore_errors=True)
     events = []
     for attempt in range(kills):
         remaining = [stage for stage in (stages or MARKERS) if not done(work, stage)]
         if not remaining:
             break
+        if tally is not None:
+            fewest = min(tally.get(stage, 0) for stage in remaining)
+            remaining = [stage for stage in remaining if tally.get(stage, 0) == fewest]
         target = rng.choice(remaining)
         log_path = logs / f"trial_{trial}_attempt_{attempt}.log"
         with open(log_path, "w") as log:
@@ -112,6 +117,8 @@ def run_trial(dataset: Path, work: Path, kills: int, rng: random.Random, logs: P
             proc.wait()
             killed_at, last = time.time(), newest_save(work)
             events.append({"target": target, "killed": True, "lost_work_s": round(killed_at - last, 1) if last else None})
+            if tally is not None:
+                tally[target] = tally.get(target, 0) + 1
     start = time.time()
     with open(logs / f"trial_{trial}_final.log", "w") as log:
         final = subprocess.run(command(dataset, work), stdout=log, stderr=subprocess.STDOUT)
@@ -131,6 +138,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stages", nargs="+", choices=list(MARKERS), default=list(MARKERS),
                         help="the stages kills aim at (default: all; each kill picks one not yet finished)")
+    parser.add_argument("--aim", choices=["balanced", "random"], default="balanced",
+                        help="balanced: each kill aims at an unfinished stage with the fewest kills so far; random: at "
+                             "any unfinished stage (later stages then collect most kills)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "fault_injection")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     parser.add_argument("--jsrt", type=Path, default=None, help="the JSRT folder (default: $DINO_DIFFUSION_DATA/jsrt)")
@@ -154,9 +164,10 @@ def main() -> None:
     if reference.returncode != 0:
         raise SystemExit(f"error: the uninterrupted run failed; see {logs / 'reference.log'}")
     ref = check(args.work / "reference")
-    trials = []
+    trials: list[dict] = []
+    tally: dict[str, int] | None = {} if args.aim == "balanced" else None
     for t in range(args.trials):
-        trial = run_trial(dataset, args.work / f"trial_{t}", args.kills, rng, logs, t, args.stages)
+        trial = run_trial(dataset, args.work / f"trial_{t}", args.kills, rng, logs, t, args.stages, tally)
         c = trial["check"]
         trial["passed"] = bool(
             c and trial["final_returncode"] == 0 and not c["temporary_files_left"]
