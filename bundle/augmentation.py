@@ -17,6 +17,7 @@ design could have detected.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -33,6 +34,8 @@ from .concepts import ConceptBank, concept_path
 from .data import preprocessed_stack, read_datalist
 from .errors import BundleInputError
 from .io import append_jsonl, atomic_write
+
+logger = logging.getLogger(__name__)
 
 def binary_labels(rows: Sequence[Mapping[str, Any]], column: str, positive: str | None = None) -> np.ndarray:
     """0/1 labels from ``column``: numeric 0/1 values as they are, otherwise 1 where the value is ``positive``."""
@@ -319,6 +322,8 @@ def run_experiment(
                 x, y = torch.cat(parts_x), torch.cat(parts_y)
                 augment = classic_augmentation(seed=fold) if classic else None
                 model = train_classifier(x, y, seed=fold, iterations=iterations, device=device, augment=augment)
+                atomic_write(classifier_path(output_dir, size, ratio, f, arm),
+                             lambda tmp: torch.save(model.state_dict(), tmp))  # before its record: scored later
                 scores = test_scores(model, x_test, device)
                 record = {"size": size, "ratio": ratio, "fold": f, "arm": arm, "label": label,
                           "real_images": len(pool) if real else 0, "per_class": per_class, "synthetic_images": count,
@@ -332,6 +337,47 @@ def run_experiment(
     records = [done[c] for c in cells]
     write_report(records, output_dir, label, y_test, reference)
     return records
+
+
+def cell_name(size: int, ratio: float, fold: int, arm: str) -> str:
+    """``<arm>_r<ratio>_n<N>_f<fold>``, the name of one trained classifier (``+`` in an arm becomes ``-``)."""
+    return f"{arm.replace('+', '-')}_r{float(ratio):g}_n{int(size)}_f{int(fold)}"
+
+
+def classifier_path(output_dir: str | os.PathLike, size: int, ratio: float, fold: int, arm: str) -> Path:
+    return Path(output_dir) / "classifiers" / f"{cell_name(size, ratio, fold, arm)}.pt"
+
+
+@torch.no_grad()
+def score_images(output_dir: str | os.PathLike, rows: Sequence[dict[str, Any]], preprocessing: Callable,
+                 scores_dir: str | os.PathLike, sizes: Sequence[int] | None = None,
+                 device: torch.device | str = "cpu") -> list[Path]:
+    """Apply every classifier an experiment in ``output_dir`` trained (those at ``sizes`` only, when given) to the
+    images of ``rows``: ``<scores_dir>/<arm>_r<ratio>_n<N>_f<fold>/scores.csv`` with ``id,score`` (the logit, higher
+    = positive class; ``id`` the row's ``id`` column or the file name's stem). Returns the files written."""
+    records = list(_done(Path(output_dir) / "results.jsonl").values())
+    if not records:
+        raise BundleInputError(f"No results in '{Path(output_dir) / 'results.jsonl'}': run the experiment (run ID "
+                               "augment) before scoring images with its classifiers.")
+    if not rows:
+        raise BundleInputError("No images to score: give a datalist or folder with at least one image.")
+    wanted = [r for r in records if sizes is None or int(r["size"]) in {int(s) for s in sizes}]
+    images = preprocessed_stack(rows, preprocessing)
+    ids = [str(r.get("id") or Path(str(r["image"])).stem) for r in rows]
+    written = []
+    for r in wanted:
+        path = classifier_path(output_dir, r["size"], r["ratio"], r["fold"], r["arm"])
+        if not path.is_file():
+            logger.warning("No saved classifier for %s (trained before classifiers were kept): skipped.", path.stem)
+            continue
+        model = make_classifier()
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        values = test_scores(model.to(device).eval(), images, device)
+        out = Path(scores_dir) / path.stem / "scores.csv"
+        atomic_write(out, lambda tmp: Path(tmp).write_text(
+            "id,score\n" + "".join(f"{i},{float(v):.6g}\n" for i, v in zip(ids, values))))
+        written.append(out)
+    return written
 
 
 def labelled_rows(path: str | os.PathLike | None, setting: str) -> list[dict[str, Any]]:

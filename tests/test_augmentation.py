@@ -193,6 +193,20 @@ def test_augment_run_id_writes_every_arm_through_monai_bundle_and_refuses_missin
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["arm"] for r in rows] == ["real", "real+classic", "real+synthetic"] and rows[2]["synthetic_images"] == 4
     assert "| real + synthetic 1:1 |" in (out / "results.md").read_text()
+    # run ID score: the kept classifiers applied to other films (as to a blind set), one scores.csv per cell
+    unseen = tmp_path / "unseen"
+    unseen.mkdir()
+    for i in positives[6:8] + negatives[6:7]:
+        (unseen / f"{i}.png").symlink_to(JSRT / "images" / f"{i}.png")
+    scored = subprocess.run([*base[:4], "score", *base[5:], "--augmentation_dir", str(out), "--score_list", str(unseen),
+                             "--scores_dir", str(tmp_path / "scores")], capture_output=True, text=True, cwd=ROOT)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    cells = sorted(p.name for p in (tmp_path / "scores").iterdir())
+    assert cells == ["real-classic_r0_n4_f0", "real-synthetic_r1_n4_f0", "real_r0_n4_f0"]
+    lines = (tmp_path / "scores" / "real_r0_n4_f0" / "scores.csv").read_text().splitlines()
+    assert lines[0] == "id,score" and sorted(line.split(",")[0] for line in lines[1:]) == sorted(
+        positives[6:8] + negatives[6:7])
+    assert all(np.isfinite(float(line.split(",")[1])) for line in lines[1:])
     missing = subprocess.run(base + [s for s in settings if s not in ("--label", "nodule")], capture_output=True,
                              text=True, cwd=ROOT)
     assert missing.returncode != 0 and "No label column is set: give --label" in missing.stderr
