@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Does synthetic data help where a classifier has room to improve? The augmentation check (run ID augment of
+# configs/augmentation.json) on three tasks, each within one source, with the 128-px generator:
+#   nih       cxr_corpus NIH adults, normal vs pneumonia, N per class; test: the NIH films of corpus test
+#   nodule    JSRT nodule present vs absent, N in all; test: JSRT val + test together (50 films; tuned on nothing)
+#   kermany   cxr_corpus Kermany children, normal vs pneumonia, N per class (small N); test: Kermany corpus test
+# then every kept classifier at the smallest and the largest N scores the matching blind set (run ID score).
+#   bash evidence/run_augmentation128.sh                  (every task; resumes: run it again after an interruption)
+#   TASKS="nodule" SIZES="10 25" bash evidence/run_augmentation128.sh
+# Settings: GENERATOR (work dir of the trained generator, default runs/corpus_cpu128), WORK (default
+# runs/augmentation128), BLIND (the blind folder; default $DINO_DIFFUSION_DATA/blind, none: no scoring), THREADS,
+# SIZES / RATIOS / FOLDS / ARMS / RATIO_MAX_SIZE per run (defaults below: the plan of docs/results/augmentation.md).
+{ # the whole script is read before it runs: editing it while a long run is under way cannot change that run
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+GENERATOR=${GENERATOR:-runs/corpus_cpu128}
+WORK=${WORK:-runs/augmentation128}
+BLIND=${BLIND:-${DINO_DIFFUSION_DATA:-}/blind}
+TASKS=${TASKS:-nodule nih kermany}
+mkdir -p "$WORK/lists"
+L=$WORK/lists
+$PY -m scripts.jsrt_datalist --split train --out "$L/jsrt_train.csv" > /dev/null
+$PY -m scripts.jsrt_datalist --split val --out "$L/jsrt_val.csv" > /dev/null
+$PY -m scripts.jsrt_datalist --split test --out "$L/jsrt_test.csv" > /dev/null
+{ cat "$L/jsrt_val.csv"; tail -n +2 "$L/jsrt_test.csv"; } > "$L/jsrt_val_test.csv"
+for source in nih kermany; do
+  $PY -m scripts.cxr_corpus_datalist --split train --source "$source" --out "$L/${source}_train.csv" > /dev/null
+  $PY -m scripts.cxr_corpus_datalist --split test --source "$source" --out "$L/${source}_test.csv" > /dev/null
+done
+CONFIGS="['configs/inference.json','configs/augmentation.json']"
+THREAD_ARGS=()
+[ -z "${THREADS:-}" ] || THREAD_ARGS=(--torch_threads "$THREADS")
+for task in $TASKS; do
+  case $task in
+    nodule)  args=(--labelled_list "$L/jsrt_train.csv" --test_list "$L/jsrt_val_test.csv" --label nodule --per_class False)
+             sizes=${SIZES:-"[10,25,50]"}; blind=jsrt;;
+    nih)     args=(--labelled_list "$L/nih_train.csv" --test_list "$L/nih_test.csv" --label label --positive pneumonia
+                   --per_class True); sizes=${SIZES:-"[10,25,50]"}; blind=cxr_corpus;;
+    kermany) args=(--labelled_list "$L/kermany_train.csv" --test_list "$L/kermany_test.csv" --label label
+                   --positive pneumonia --per_class True); sizes=${SIZES:-"[5,10,25]"}; blind=cxr_corpus;;
+    *) echo "unknown task $task (nodule, nih, kermany)"; exit 1;;
+  esac
+  SECONDS=0
+  $PY -m monai.bundle run augment --config_file "$CONFIGS" --work_dir "$GENERATOR" "${args[@]}" \
+      --augmentation_dir "$WORK/$task" --pool_sizes "$sizes" --ratios "${RATIOS:-[1,5,10]}" \
+      --ratio_max_size "${RATIO_MAX_SIZE:-{'10': 10}}" --folds "${FOLDS:-3}" \
+      --arms "${ARMS:-['real','real+classic','real+synthetic','classic+synthetic','real+concept']}" \
+      "${THREAD_ARGS[@]}" >> "$WORK/$task.log" 2>&1 || { tail -30 "$WORK/$task.log"; exit 1; }
+  echo "augment_$task $SECONDS" | tee -a "$WORK/stage_seconds.txt"
+  if [ -d "$BLIND/$blind/images" ]; then
+    ends=$($PY -c "import ast,sys; s=ast.literal_eval(sys.argv[1]); print([min(s), max(s)])" "$sizes")
+    $PY -m monai.bundle run score --config_file "$CONFIGS" --work_dir "$GENERATOR" --augmentation_dir "$WORK/$task" \
+        --score_list "$BLIND/$blind/images" --score_sizes "$ends" --scores_dir "docs/results/blind/augmentation/$task" \
+        "${THREAD_ARGS[@]}" >> "$WORK/$task.log" 2>&1
+  fi
+done
+exit
+}
