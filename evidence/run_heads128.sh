@@ -6,6 +6,7 @@
 #   tune      the fine-tuning budget (iterations x learning rate) at N = 5 and 50, on JSRT val only
 #   grid      landmark and segmentation heads fine-tuned on N = 1, 5, 10, 25, 50, 150 JSRT train films from each
 #             initialisation (evidence/run_heads.py; results appended to $WORK/heads_results.jsonl, so it resumes)
+#   zero_shot zero-shot lungs from both 128-px UNets (evidence/zero_shot_evidence.py) into docs/results/zero_shot128
 #   report    tables and figures into docs/results/heads128
 #   bash evidence/run_heads128.sh                       (all stages)
 #   STAGES=pretrain THREADS=1 bash evidence/run_heads128.sh   (one stage, one thread beside another run)
@@ -19,7 +20,7 @@ PY=${PYTHON:-.venv/bin/python}
 WORK=${WORK:-runs/heads128}
 LIST=${LIST:-runs/corpus_cpu128/lists/train.csv}
 GENERATOR=${GENERATOR:-runs/corpus_cpu128}
-STAGES=${STAGES:-pretrain tune grid report}
+STAGES=${STAGES:-pretrain tune grid zero_shot report}
 THREAD_ARGS=()
 [ -z "${THREADS:-}" ] || THREAD_ARGS=(--torch_threads "$THREADS")
 mkdir -p "$WORK"
@@ -63,6 +64,15 @@ case " $STAGES " in *" grid "*)
   $PY -m evidence.run_heads "${GRID[@]}" --tasks segmentation --inits ${SEGMENTATION_INITS:-pretrained scratch dino} \
       --sizes 1 5 10 25 --seeds 1 2 -- "${DENOISER[@]}" "${THREAD_ARGS[@]}" >> "$WORK/grid.log" 2>&1
   echo "grid $SECONDS" | tee -a "$WORK/stage_seconds.txt";;
+esac
+# zero_shot: DiffSeg and decoder-feature clustering on both 128-px UNets, swept on JSRT train, scored on test
+case " $STAGES " in *" zero_shot "*)
+  SECONDS=0
+  $PY -m evidence.zero_shot_evidence --train "$WORK/train.csv" --test "$WORK/test.csv" \
+      --denoiser_args "--work_dir $WORK/pretrain" --latent_args "--work_dir $GENERATOR" \
+      --out docs/results/zero_shot128 ${THREADS:+--torch_threads $THREADS} >> "$WORK/zero_shot.log" 2>&1 \
+      || { tail -30 "$WORK/zero_shot.log"; exit 1; }
+  echo "zero_shot $SECONDS" | tee -a "$WORK/stage_seconds.txt";;
 esac
 case " $STAGES " in *" report "*)
   $PY -m evidence.run_heads "${GRID[@]}" --inits pretrained scratch dino latent --sizes 1 5 10 25 50 150 --seeds 0 1 2 \
