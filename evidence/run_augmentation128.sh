@@ -53,6 +53,8 @@ for task in $TASKS; do
     $PY -m monai.bundle run score --config_file "$CONFIGS" --work_dir "$GENERATOR" --augmentation_dir "$WORK/$task" \
         --score_list "$BLIND/$blind/images" --score_sizes "$ends" --scores_dir "docs/results/blind/augmentation/$task" \
         "${THREAD_ARGS[@]}" >> "$WORK/$task.log" 2>&1
+    $PY -c "import sys; from evidence.blind import record; record(f'augmentation/{sys.argv[1]}', {'what': 'scores of every kept classifier at the smallest and largest N (one scores.csv per arm, ratio, N and fold)', 'generator': sys.argv[2], 'experiment': sys.argv[3], 'command': 'bash evidence/run_augmentation128.sh'})" "$task" "$GENERATOR" \
+        "$WORK/$task"
   fi
 done
 exit

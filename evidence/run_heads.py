@@ -28,12 +28,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from bundle.cli import config_workflow, parse_overrides, pyplot
 from bundle.workflow import set_threads
+from evidence.blind import record as record_blind
 from bundle.constants import JSRT_MASK_COLUMNS, LUNG_MASK_COLUMNS, MASK_COLUMN_PREFIX
-from bundle.data import read_datalist
+from bundle.data import find_images, read_datalist
+from bundle.model_files import read_record
+from bundle.models import build_network
 from bundle.io import append_jsonl
 from bundle.heads.encoders import build_encoder_head, dino_encoder_spec
-from bundle.heads.inference import predict
-from bundle.heads.landmarks import SDR_THRESHOLDS_PX, HeatmapCrossEntropy, decode_heatmaps, landmark_metrics, load_landmarks
+from bundle.heads.inference import infer, predict
+from bundle.heads.landmarks import (SDR_THRESHOLDS_PX, HeatmapCrossEntropy, decode_heatmaps, landmark_layout,
+                                   landmark_metrics, load_landmarks)
 from bundle.heads.networks import MASK_PRIOR_BIAS, LatentDenseHead, build_head
 from bundle.heads.segmentation import dice_and_hausdorff
 from bundle.heads.training import fine_tune, landmark_items, mask_items
@@ -97,6 +101,11 @@ def main() -> None:
     parser.add_argument("--dino_weights", type=Path, help="a DINO teacher written by train_dino (with its .json sidecar)")
     parser.add_argument("--encoder_model", help="timm name of the supervised encoder, e.g. resnet50")
     parser.add_argument("--encoder_weights", type=Path, help="its local weights file (nothing is downloaded)")
+    parser.add_argument("--blind_dir", type=Path, help="a folder of blind JSRT films: the seed-0 heads at --blind_sizes "
+                        "write their predictions for them to --blind_out/<init>_n<N>/ (landmarks/<id>.json in the 512 "
+                        "frame, <structure>/<id>.png), listed in its index.json")
+    parser.add_argument("--blind_sizes", type=int, nargs="+", default=[5, 25, 150])
+    parser.add_argument("--blind_out", type=Path, default=ROOT / "docs/results/blind/heads")
     parser.add_argument("--draws", choices=["first", "random"], default="first",
                         help="which N training films: the first N for every seed, or (random) the first N for seed 0 "
                              "and a seeded random draw of N for every other seed")
@@ -114,6 +123,12 @@ def main() -> None:
     wf = config_workflow("configs/heads/pretrain.json", "training", **overrides)
     get = wf.parser.get_parsed_content
     size, preprocessing = int(get("image_size")), get("preprocessing")
+    # the denoiser's network as its file records it (the scratch init is the same network, untrained)
+    denoiser_record = read_record(args.denoiser, "denoiser", "pre-train it (configs/heads/pretrain.json)")["record"]
+    denoiser_def = lambda: build_network(denoiser_record["network"])  # noqa: E731 (a fresh network per run)
+    if int(denoiser_record["image_size"]) != size:
+        raise SystemExit(f"--denoiser works at {denoiser_record['image_size']} px: pass -- --image_size "
+                         f"{denoiser_record['image_size']}.")
     sigma = 5.0 * size / 256  # Di Via et al.: sigma 5 at 256 pixels
     train_rows, test_rows = read_datalist(args.train), read_datalist(args.test)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -157,6 +172,7 @@ def main() -> None:
         if lwf.parser.get_parsed_content("generator").image_size != size:
             raise SystemExit("--latent_args must give the same --image_size as the heads.")
         latent = lwf.parser
+    blind_rows = find_images(args.blind_dir) if args.blind_dir else []
     start = time.perf_counter()
     for i, (task, n, init, seed) in enumerate(runs):
         if (task, n, init, seed) in done or args.report_only:
@@ -173,7 +189,7 @@ def main() -> None:
             head = LatentDenseHead(generator.codec, generator.unet, channels,
                                    (generator.dino.num_tokens, generator.dino.embed_dim), bias)
         else:
-            unet = wf.parser.get_parsed_content("denoiser_def", lazy=False)()
+            unet = denoiser_def()
             weights = {"pretrained": args.denoiser, "pretrained_large": args.denoiser_large}.get(init)
             head = build_head(unet, channels, weights, bias)
         loss = HeatmapCrossEntropy() if task == "landmarks" else DiceCELoss(sigmoid=True)
@@ -181,6 +197,15 @@ def main() -> None:
         picked = draw(len(train_items), n, seed, args.draws)
         losses = fine_tune(head, [train_items[i] for i in picked], loss, args.iterations, lr=args.lr, seed=seed)
         outputs = predict(head, torch.stack([it["image"] for it in test_items]))
+        if blind_rows and seed == 0 and n in args.blind_sizes:
+            names = landmark_layout(train_rows[0]["landmark_file"]) if task == "landmarks" else STRUCTURES
+            folder = f"{init}_n{n}"
+            infer(head, {"task": task, "names": names, "image_size": size}, blind_rows, preprocessing,
+                  args.blind_out / folder)
+            record_blind(f"{args.blind_out.name}/{folder}", {task: {
+                "what": f"{task} head, {INITS[init]}, fine-tuned on {n} JSRT train films (seed 0)", "images": len(blind_rows),
+                "films": [Path(train_items[i]["source"]).stem for i in picked], "iterations": args.iterations,
+                "lr": args.lr, "image_size": size}}, out=args.blind_out.parent, merge=True)
         record = {"task": task, "size": n, "init": init, "seed": seed, "iterations": args.iterations,
                   "first_loss": float(np.mean(losses[:10])), "last_loss": float(np.mean(losses[-10:])),
                   "seconds": time.perf_counter() - t0, "draws": args.draws,

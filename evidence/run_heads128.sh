@@ -53,6 +53,9 @@ esac
 # grid: every initialisation on JSRT test; 3 seeds (different draws of films) at N <= 25, one above
 GRID=("${COMMON[@]}" --test "$WORK/test.csv" --iterations "${ITERATIONS:-400}" --lr "${LR:-0.001}" --draws random
       --work "$WORK/grid" --out "$WORK/grid")
+# the seed-0 heads at N = 5, 25 and 150 predict the blind JSRT films (docs/results/blind/heads/<init>_n<N>/)
+BLIND_JSRT=${BLIND:-${DINO_DIFFUSION_DATA:-}/blind}/jsrt/images
+[ -d "$BLIND_JSRT" ] && GRID+=(--blind_dir "$BLIND_JSRT" --blind_sizes 5 25 150)
 case " $STAGES " in *" grid "*)
   SECONDS=0
   $PY -m evidence.run_heads "${GRID[@]}" --tasks landmarks --inits ${LANDMARK_INITS:-pretrained scratch dino latent} \

@@ -452,3 +452,18 @@ def test_film_draws_differ_by_seed_and_keep_the_first_n_for_seed_0():
     one, two = draw(150, 5, 1, "random"), draw(150, 5, 2, "random")
     assert len(set(one)) == 5 and one != two and one == draw(150, 5, 1, "random") and max(one + two) < 150
     assert draw(150, 150, 1, "random") == list(range(150)) and draw(3, 5, 1, "random") == [0, 1, 2]
+
+
+def test_paired_intervals_call_a_clear_gain_a_win_and_noise_a_tie():
+    from evidence.run_heads import paired_intervals
+
+    rng = np.random.default_rng(0)
+    records = []
+    for seed in range(3):
+        base = rng.uniform(10, 20, 30)
+        for init, errors in (("pretrained", base - 5), ("scratch", base + rng.normal(0, 0.5, 30)), ("dino", base - 5.2)):
+            records.append({"task": "landmarks", "size": 5, "init": init, "seed": seed,
+                            "per_image_mre_px": errors.tolist()})
+    found = {c["other"]: c for c in paired_intervals(records, "landmarks", boots=300)}
+    assert found["scratch"]["reading"] == "win" and found["scratch"]["ci95"][1] < 0
+    assert found["dino"]["reading"] in ("tie", "loss") and found["dino"]["seeds"] == 3
