@@ -20,19 +20,21 @@ def _tile(image: np.ndarray, size: int) -> Image.Image:
 
 
 def pairs_grid(reals: Sequence[np.ndarray], samples: Sequence[np.ndarray], path: str | os.PathLike,
-               pairs_per_row: int = 4, sample_size: int = 128) -> None:
-    """One PNG: each sample (``sample_size`` px) beside a half-size thumbnail of the real image it came from."""
-    thumb, gap, header = sample_size // 2, 4, 16
-    pair_width = thumb + sample_size + 3 * gap
+               pairs_per_row: int = 4, size: int = 128) -> None:
+    """One PNG: each sample beside the real image it came from, both at ``size`` px, so that they are compared as
+    equals (a small real film beside a large sample flatters neither)."""
+    gap, header = 4, 16
+    pair_width = 2 * size + 3 * gap
     rows = (len(samples) + pairs_per_row - 1) // pairs_per_row
-    canvas = Image.new("L", (pairs_per_row * pair_width, header + rows * (sample_size + gap)), color=255)
+    canvas = Image.new("L", (pairs_per_row * pair_width, header + rows * (size + gap)), color=255)
     draw = ImageDraw.Draw(canvas)
     for i in range(min(pairs_per_row, len(samples))):
-        draw.text((i * pair_width + gap, 2), "real  | sample", fill=0)
+        draw.text((i * pair_width + gap, 2), "real", fill=0)
+        draw.text((i * pair_width + 2 * gap + size, 2), "sample", fill=0)
     for i, (real, sample) in enumerate(zip(reals, samples)):
-        x, y = (i % pairs_per_row) * pair_width + gap, header + (i // pairs_per_row) * (sample_size + gap)
-        canvas.paste(_tile(real, thumb), (x, y))
-        canvas.paste(_tile(sample, sample_size), (x + thumb + gap, y))
+        x, y = (i % pairs_per_row) * pair_width + gap, header + (i // pairs_per_row) * (size + gap)
+        canvas.paste(_tile(real, size), (x, y))
+        canvas.paste(_tile(sample, size), (x + size + gap, y))
     atomic_write(Path(path), lambda tmp: canvas.save(tmp, format="PNG"))
 
 

@@ -240,3 +240,20 @@ def test_every_tool_the_docs_name_exists_and_none_patches_sys_path():
     tools = [p for d in ("scripts", "evidence", "devtools") for p in (ROOT / d).glob("*.py")]
     assert len(tools) >= 20 and not [p.name for p in tools if "sys.path" in p.read_text()]
     assert not list((ROOT / "scripts").glob("*.sh")), "scripts/ holds the user tools; the long runs live in evidence/"
+
+
+def test_report_grid_shows_each_sample_beside_its_real_film_at_the_same_size(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from bundle.report import pairs_grid
+
+    dark, bright = np.full((32, 32), 0.1, np.float32), np.full((32, 32), 0.9, np.float32)
+    pairs_grid([dark] * 3, [bright] * 3, tmp_path / "grid.png", pairs_per_row=2, size=40)
+    grid = np.asarray(Image.open(tmp_path / "grid.png"), dtype=np.float32) / 255
+    rows = np.flatnonzero(np.abs(grid[:, :].mean(1) - 1) > 0.05)  # rows that are not blank paper
+    real_cols = np.flatnonzero(np.isclose(grid[rows[-1]], 0.1, atol=0.02))
+    sample_cols = np.flatnonzero(np.isclose(grid[rows[-1]], 0.9, atol=0.02))
+    assert len(real_cols) == len(sample_cols) == 40  # one pair in the last row: real and sample equally wide
+    assert np.isclose(grid[:, real_cols[0]], 0.1, atol=0.02).sum() == np.isclose(grid[:, sample_cols[0]], 0.9,
+                                                                                   atol=0.02).sum() == 2 * 40
