@@ -138,6 +138,9 @@ def main() -> None:
     args = parser.parse_args(argv[:split])
     args.overrides = argv[split + 1 :]
     os.chdir(ROOT)
+    name = Path(args.name)
+    if name.is_absolute() or ".." in name.parts or not name.parts:
+        raise SystemExit(f"error: --name '{args.name}' must be a folder name inside {args.out}, such as generator_128.")
     args.blind = data_folder("blind", args.blind)
     if args.what == "generator" and args.work_dir is None:
         raise SystemExit("error: generator needs --work_dir, the generator's work dir.")
