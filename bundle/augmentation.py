@@ -127,13 +127,13 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, seed: int, iter
 
 
 @torch.no_grad()
-def test_scores(model: nn.Module, images: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+def classifier_scores(model: nn.Module, images: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
     """The classifier's logit for every image, in batches of 64."""
     return torch.cat([model(images[i : i + 64].to(device)).squeeze(1).float().cpu() for i in range(0, len(images), 64)])
 
 
 def auc(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device | str = "cpu") -> float:
-    return float(compute_roc_auc(test_scores(model, images, device), labels.float()))
+    return float(compute_roc_auc(classifier_scores(model, images, device), labels.float()))
 
 
 def _done(path: Path) -> dict[tuple, dict]:
@@ -166,6 +166,16 @@ def concept_learner(overrides: Mapping[str, Any], autoencoder_path: str, diffusi
     return learn
 
 
+def samples_once(generation: Callable[..., list[dict[str, Any]]], rows: Sequence[dict], out: Path, count: int,
+                 **settings: Any) -> list[dict[str, Any]]:
+    """The first ``count`` rows of ``<out>/manifest.csv``, generating from ``rows`` only when fewer are there: a fold's
+    synthetic images are made once and reused by every arm and ratio (and by arms added later)."""
+    made = out / "manifest.csv"
+    if not made.is_file() or len(read_datalist(made)) < count:
+        generation(rows, output_dir=out, total_samples=count, **settings)
+    return read_datalist(made)[:count]
+
+
 def concept_samples(generation: Callable[..., list[dict[str, Any]]], learn: Callable[..., Any], pool_rows: Sequence[dict],
                     label: str, positive: str | None, count: int, out: Path, seed: int) -> list[dict[str, Any]]:
     """Learn one concept per class from that class's pool rows only (``learn(rows, name, folder)``), then sample
@@ -177,11 +187,8 @@ def concept_samples(generation: Callable[..., list[dict[str, Any]]], learn: Call
         name = f"class{cls}"
         bank = learn(members, name, out / "concepts")
         n = int(round(count * len(members) / len(pool_rows)))
-        made = out / name / "manifest.csv"
-        if not made.is_file() or len(read_datalist(made)) < n:  # made once per fold, reused by every arm
-            generation(members, output_dir=out / name, strategy="concept", total_samples=n, label_columns=[label],
-                       params={"concept": {"concepts": {name: 1.0}}}, seed=seed + 50000 * cls, concepts=bank)
-        rows += read_datalist(made)[:n]
+        rows += samples_once(generation, members, out / name, n, strategy="concept", label_columns=[label],
+                             params={"concept": {"concepts": {name: 1.0}}}, seed=seed + 50000 * cls, concepts=bank)
     order = np.random.default_rng(seed).permutation(len(rows))  # the first k of them mix both classes
     return [rows[i] for i in order]
 
@@ -295,19 +302,15 @@ def run_experiment(
             pool_rows = [{**train_rows[i], label: str(train_rows[i][label])} for i in pool]
             need = int(round(max(c[1] for c in cells if c[0] == n) * len(pool)))
             synthetic: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-            if any(ARMS[c[3]][2] == "synthetic" for c in todo):
-                made = fold_dir / "synthetic" / "manifest.csv"
-                if not made.is_file() or len(read_datalist(made)) < need:  # made once per fold, reused by every arm
-                    generation(pool_rows, output_dir=fold_dir / "synthetic", strategy=strategy, total_samples=need,
-                               label_columns=[label], seed=fold * 100000)
-                manifest = read_datalist(made)
-                synthetic["synthetic"] = (preprocessed_stack(manifest, preprocessing),
-                                          torch.as_tensor(binary_labels(manifest, label, positive)))
-            if any(ARMS[c[3]][2] == "concept" for c in todo):
-                manifest = concept_samples(generation, learn_concept, pool_rows, label, positive, need,
-                                           fold_dir / "concept", seed=fold * 100000)
-                synthetic["concept"] = (preprocessed_stack(manifest, preprocessing),
-                                        torch.as_tensor(binary_labels(manifest, label, positive)))
+            for kind in sorted({ARMS[c[3]][2] for c in todo} - {None}):
+                if kind == "synthetic":
+                    manifest = samples_once(generation, pool_rows, fold_dir / "synthetic", need, strategy=strategy,
+                                            label_columns=[label], seed=fold * 100000)
+                else:
+                    manifest = concept_samples(generation, learn_concept, pool_rows, label, positive, need,
+                                               fold_dir / "concept", seed=fold * 100000)
+                synthetic[kind] = (preprocessed_stack(manifest, preprocessing),
+                                   torch.as_tensor(binary_labels(manifest, label, positive)))
             for size, ratio, f, arm in todo:
                 real, classic, kind = ARMS[arm]
                 count = int(round(ratio * len(pool))) if kind else 0
@@ -324,7 +327,7 @@ def run_experiment(
                 model = train_classifier(x, y, seed=fold, iterations=iterations, device=device, augment=augment)
                 atomic_write(classifier_path(output_dir, size, ratio, f, arm),
                              lambda tmp: torch.save(model.state_dict(), tmp))  # before its record: scored later
-                scores = test_scores(model, x_test, device)
+                scores = classifier_scores(model, x_test, device)
                 record = {"size": size, "ratio": ratio, "fold": f, "arm": arm, "label": label,
                           "real_images": len(pool) if real else 0, "per_class": per_class, "synthetic_images": count,
                           "test_auc": float(compute_roc_auc(scores, torch.as_tensor(y_test).float())),
@@ -372,7 +375,7 @@ def score_images(output_dir: str | os.PathLike, rows: Sequence[dict[str, Any]], 
             continue
         model = make_classifier()
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        values = test_scores(model.to(device).eval(), images, device)
+        values = classifier_scores(model.to(device).eval(), images, device)
         out = Path(scores_dir) / path.stem / "scores.csv"
         atomic_write(out, lambda tmp: Path(tmp).write_text(
             "id,score\n" + "".join(f"{i},{float(v):.6g}\n" for i, v in zip(ids, values))))

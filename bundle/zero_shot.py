@@ -11,6 +11,7 @@ a mask; :func:`oracle_clusters` uses the true mask and only gives an upper bound
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Sequence
@@ -72,53 +73,68 @@ def _noised(inputs: torch.Tensor, timestep: int, scheduler=None, seed: int = 0) 
 
 
 @torch.no_grad()
-def self_attention(unet: nn.Module, inputs: torch.Tensor, timestep: int, scheduler=None, context=None,
-                   seed: int = 0) -> list[torch.Tensor]:
-    """Head-averaged self-attention maps ``(B, N, N)`` of one UNet call on ``inputs`` noised to ``timestep``
-    (one seeded noise draw; ``timestep`` 0 uses the clean inputs)."""
-    inputs, t = _noised(inputs, timestep, scheduler, seed)
-    with SelfAttentionRecorder(unet) as recorder:
-        unet(inputs, t, context=context) if context is not None else unet(inputs, t)
-    return recorder.maps
-
-
-@torch.no_grad()
-def decoder_features(unet: nn.Module, inputs: torch.Tensor, timestep: int, scheduler=None, context=None,
-                     seed: int = 0) -> torch.Tensor:
-    """The output of a MONAI ``DiffusionModelUNet``'s last up block, ``(B, C, X, Y)``: its finest decoder level, just
-    before the output convolution, for one call on ``inputs`` noised to ``timestep`` (as :func:`self_attention`)."""
+def unet_internals(unet: nn.Module, inputs: torch.Tensor, timestep: int, scheduler=None, context=None, seed: int = 0,
+                   attention: bool = True, features: bool = True) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
+    """One UNet call on ``inputs`` noised to ``timestep`` (one seeded noise draw; ``timestep`` 0 uses the clean
+    inputs), and what it shows: the head-averaged self-attention maps ``(B, N, N)`` of every layer in call order, and
+    the output of a MONAI ``DiffusionModelUNet``'s last up block ``(B, C, X, Y)`` (its finest decoder level, just
+    before the output convolution); either is ``None`` when not asked for."""
     blocks = getattr(unet, "up_blocks", None)
-    if not blocks:
+    if features and not blocks:
         raise BundleInputError("This network has no decoder blocks (up_blocks): feature clustering needs a MONAI "
                                "DiffusionModelUNet.")
     inputs, t = _noised(inputs, timestep, scheduler, seed)
     kept: list[torch.Tensor] = []
-    hook = blocks[-1].register_forward_hook(lambda m, i, o: kept.append(o.float()))
+    hook = blocks[-1].register_forward_hook(lambda m, i, o: kept.append(o.float())) if features else None
     try:
-        unet(inputs, t, context=context) if context is not None else unet(inputs, t)
+        with SelfAttentionRecorder(unet) if attention else contextlib.nullcontext() as recorder:
+            unet(inputs, t, context=context) if context is not None else unet(inputs, t)
     finally:
-        hook.remove()
-    return kept[-1]
+        if hook is not None:
+            hook.remove()
+    return (recorder.maps if attention else None), (kept[-1] if features else None)
 
 
-def kmeans_labels(features: torch.Tensor, clusters: int = 6, iterations: int = 30, seed: int = 0) -> torch.Tensor:
-    """One image's feature map ``(C, X, Y)`` -> ``(X, Y)`` cluster labels by k-means (k-means++ start, seeded) on the
-    per-pixel feature vectors, each channel standardised over the image first."""
+def self_attention(unet: nn.Module, inputs: torch.Tensor, timestep: int, scheduler=None, context=None,
+                   seed: int = 0) -> list[torch.Tensor]:
+    """The self-attention maps of :func:`unet_internals`."""
+    return unet_internals(unet, inputs, timestep, scheduler, context, seed, features=False)[0]
+
+
+def decoder_features(unet: nn.Module, inputs: torch.Tensor, timestep: int, scheduler=None, context=None,
+                     seed: int = 0) -> torch.Tensor:
+    """The finest decoder features of :func:`unet_internals`."""
+    return unet_internals(unet, inputs, timestep, scheduler, context, seed, attention=False)[1]
+
+
+def kmeans_labels(features: torch.Tensor, clusters: int = 6, iterations: int = 30, seed: int = 0,
+                  restarts: int = 4) -> torch.Tensor:
+    """One image's feature map ``(C, X, Y)`` -> ``(X, Y)`` cluster labels by k-means on the per-pixel feature vectors
+    as the UNet gives them (no per-channel rescaling, which would raise near-constant channels to the level of the
+    informative ones): ``restarts`` seeded k-means++ starts, the one with the lowest within-cluster sum of squares."""
     c, x, y = features.shape
     points = features.reshape(c, -1).T.double()
-    points = (points - points.mean(0)) / points.std(0).clamp_min(1e-6)
     generator = torch.Generator().manual_seed(int(seed))
-    centres = points[torch.randint(len(points), (1,), generator=generator)]
-    for _ in range(1, min(int(clusters), len(points))):
-        nearest = torch.cdist(points, centres).amin(1) ** 2
-        centres = torch.cat([centres, points[torch.multinomial(nearest / nearest.sum(), 1, generator=generator)]])
-    for _ in range(int(iterations)):
-        labels = torch.cdist(points, centres).argmin(1)
-        moved = torch.stack([points[labels == k].mean(0) if (labels == k).any() else centres[k] for k in range(len(centres))])
-        if torch.allclose(moved, centres):
-            break
-        centres = moved
-    return torch.cdist(points, centres).argmin(1).reshape(x, y)
+    best, best_cost = None, float("inf")
+    for _ in range(max(1, int(restarts))):
+        centres = points[torch.randint(len(points), (1,), generator=generator)]
+        for _ in range(1, min(int(clusters), len(points))):
+            nearest = torch.cdist(points, centres).amin(1) ** 2
+            if float(nearest.sum()) == 0:  # fewer distinct points than clusters
+                break
+            centres = torch.cat([centres, points[torch.multinomial(nearest / nearest.sum(), 1, generator=generator)]])
+        for _ in range(int(iterations)):
+            labels = torch.cdist(points, centres).argmin(1)
+            moved = torch.stack([points[labels == k].mean(0) if (labels == k).any() else centres[k]
+                                 for k in range(len(centres))])
+            if torch.allclose(moved, centres):
+                break
+            centres = moved
+        distances = torch.cdist(points, centres)
+        labels, cost = distances.argmin(1), float((distances.amin(1) ** 2).sum())
+        if cost < best_cost:
+            best, best_cost = labels, cost
+    return best.reshape(x, y)
 
 
 def feature_segment(features: torch.Tensor, images: torch.Tensor, clusters: int = 6,

@@ -9,7 +9,8 @@
 #   TASKS="nodule" SIZES="10 25" bash evidence/run_augmentation128.sh
 # Settings: GENERATOR (work dir of the trained generator, default runs/corpus_cpu128), WORK (default
 # runs/augmentation128), BLIND (the blind folder; default $DINO_DIFFUSION_DATA/blind, none: no scoring), THREADS,
-# SIZES / RATIOS / FOLDS / ARMS / RATIO_MAX_SIZE per run (defaults below: the plan of docs/results/augmentation.md).
+# SIZES / RATIOS / FOLDS / ARMS / RATIO_MAX_SIZE per run (defaults below: a provisional cut of the grid, since
+# sampling at 128 px costs about 10 s per image on one core; to be set from a measured corner).
 { # the whole script is read before it runs: editing it while a long run is under way cannot change that run
 set -euo pipefail
 cd "$(dirname "$0")/.."

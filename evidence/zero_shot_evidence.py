@@ -130,12 +130,10 @@ def main() -> None:
         truth = {c: torch.stack([read_masks(r, [c], (size, size))[0] for r in rows]).bool() for c in LUNG_MASK_COLUMNS}
         return images, truth
 
-    def run_unet(name, images, timestep):
+    def run_unet(name, images, timestep):  # one UNet call gives both the attention maps and the decoder features
         unet, scheduler, prepare = models[name]
         inputs, context = prepare(images)
-        maps = zs.self_attention(unet, inputs, timestep, scheduler, context)
-        features = zs.decoder_features(unet, inputs, timestep, scheduler, context)
-        return maps, features
+        return zs.unet_internals(unet, inputs, timestep, scheduler, context)
 
     def apply(setting, maps, features, images):
         if setting["method"] == "features":
@@ -161,7 +159,7 @@ def main() -> None:
         for t in TIMESTEPS[name]:
             maps, features = run_unet(name, train_images, t)
             finest = max(int(round(m.shape[-1] ** 0.5)) for m in maps)
-            settings = [c for c in candidates([t], finest)]
+            settings = candidates([t], finest)
             for setting in settings:
                 labels, lungs = apply(setting, maps, features, train_images)
                 sweep.append(evaluate(setting, labels, lungs, train_truth))

@@ -8,7 +8,7 @@ import torch
 from bundle.errors import BundleInputError
 from bundle.zero_shot import (SelfAttentionRecorder, aggregate_attention, cluster_labels, decoder_features, kmeans_labels,
                               lung_clusters, merge_attention, merge_attention_diffseg, oracle_clusters, self_attention,
-                              symmetric_kl)
+                              symmetric_kl, unet_internals)
 
 
 def planted_attention(side: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,7 +123,7 @@ def test_recorder_sees_every_resolution_and_layers_can_be_chosen():
 def test_feature_clustering_finds_planted_regions_and_reads_the_decoder():
     from monai.networks.nets import DiffusionModelUNet
 
-    features = torch.randn(8, 16, 16) * 0.05
+    features = torch.randn(8, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.05
     regions = torch.zeros(16, 16, dtype=torch.long)
     regions[4:12, 3:8], regions[4:12, 9:14] = 1, 2
     features[0] += regions == 1
@@ -135,4 +135,9 @@ def test_feature_clustering_finds_planted_regions_and_reads_the_decoder():
     assert labels.unique().numel() == 3 and torch.equal(labels, kmeans_labels(features, clusters=3, seed=0))
     unet = DiffusionModelUNet(spatial_dims=2, in_channels=1, out_channels=1, channels=(8, 16),
                               attention_levels=(False, True), num_res_blocks=1, norm_num_groups=8, num_head_channels=8)
-    assert decoder_features(unet, torch.rand(2, 1, 16, 16), 0).shape == (2, 8, 16, 16)  # finest level, full size
+    images = torch.rand(2, 1, 16, 16)
+    features = decoder_features(unet, images, 0)
+    assert features.shape == (2, 8, 16, 16)  # finest level, full size
+    maps, both = unet_internals(unet, images, 0)  # one call gives what the two calls give
+    torch.testing.assert_close(both, features)
+    assert all(torch.equal(a, b) for a, b in zip(maps, self_attention(unet, images, 0)))

@@ -33,14 +33,15 @@ VIT_DEFAULTS = {"dynamic_img_size": True, "out_indices": [-1]}  # patch tokens o
 
 
 def _is_vit(model_name: str) -> bool:
+    """Whether timm defines ``model_name`` (``name.tag`` allowed) among its vision transformers."""
     ensure_torchvision_importable()
     import timm
 
     try:
-        return "vision_transformer" in timm.models.get_pretrained_cfg(model_name).__module__ or \
-            model_name.split("_")[0] in ("vit", "deit", "eva")
-    except Exception:
-        return model_name.split("_")[0] in ("vit", "deit", "eva")
+        module = timm.models.model_entrypoint(model_name.split(".")[0]).__module__
+    except Exception:  # an unknown name: build_encoder says so in timm's words
+        return False
+    return module.rsplit(".", 1)[-1] in ("vision_transformer", "deit", "eva")
 
 
 def encoder_kwargs(model_name: str, model_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
