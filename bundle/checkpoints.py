@@ -143,8 +143,8 @@ class NonFiniteLossGuard:
         output = engine.state.output
         loss = output.get("loss") if isinstance(output, dict) else output
         try:
-            value = float(loss)
-        except (TypeError, ValueError):
+            value = float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
+        except (TypeError, ValueError, RuntimeError):
             return
         if math.isfinite(value):
             return

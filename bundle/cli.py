@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import csv
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -58,8 +59,17 @@ def parse_overrides(tokens: Sequence[str]) -> dict[str, Any]:
 
 def config_workflow(config_file: str | Sequence[str], run_id: str, **overrides: Any) -> ConfigWorkflow:
     """An initialised workflow of ``config_file`` (relative to the repository root, the working directory the
-    configs expect) for ``run_id``, exactly as ``python -m monai.bundle run`` builds it, without a log file."""
-    wf = ConfigWorkflow(config_file=config_file, workflow_type=None, run_id=run_id, logging_file=False, **overrides)
+    configs expect) for ``run_id``, exactly as ``python -m monai.bundle run`` builds it, without a log file.
+
+    MONAI's notes on building it ("No workflow type ... default to 'meta' properties", "Logging file is set to
+    False") say what is asked here on purpose, so they are switched off for the construction alone."""
+    notes = logging.getLogger("monai.bundle.workflows")
+    level = notes.level
+    notes.setLevel(logging.ERROR)
+    try:
+        wf = ConfigWorkflow(config_file=config_file, workflow_type=None, run_id=run_id, logging_file=False, **overrides)
+    finally:
+        notes.setLevel(level)
     wf.initialize()
     return wf
 

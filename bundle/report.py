@@ -40,18 +40,21 @@ def pairs_grid(reals: Sequence[np.ndarray], samples: Sequence[np.ndarray], path:
 
 def training_report(bundle_root: str | os.PathLike, work_dir: str | os.PathLike, real_dir: str | os.PathLike,
                     train_dir: str | os.PathLike | None = None, count: int = 32, device: Any = "cpu",
-                    report_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+                    report_dir: str | os.PathLike | None = None, guidance_scale: float | None = None) -> dict[str, Any]:
     """Sample once from each of ``count`` real images' embeddings with the trained work dir, draw them beside
     those images, and evaluate them against the real images (and ``train_dir``, for the reference FD and the
-    memorisation check) with the bundle's own ``inference.json`` and ``evaluate.json``."""
+    memorisation check) with the bundle's own ``inference.json`` and ``evaluate.json``; ``guidance_scale``
+    replaces inference.json's when given."""
     from .cli import config_workflow
 
     root, work = Path(str(bundle_root)), Path(str(work_dir))
     out = Path(str(report_dir)) if report_dir else work / "report"
     sample_dir = out / "samples"
     common = {"bundle_root": str(root), "work_dir": str(work), "device": device}
+    guidance = {} if guidance_scale is None else {"guidance_scale": float(guidance_scale)}
     sampling = config_workflow(str(root / "configs/inference.json"), "sample", **common, input_dir=str(real_dir),
-                               num_inputs=count, num_samples=1, strategy="reconstruction", output_dir=str(sample_dir))
+                               num_inputs=count, num_samples=1, strategy="reconstruction", output_dir=str(sample_dir),
+                               **guidance)
     rows = sampling.run()[-1]
     preprocessing = sampling.parser.get_parsed_content("preprocessing")
     reals = [to_display(apply_to_file(preprocessing, {"image": r["sources"], **{k: r[k] for k in ("slice_axis", "slice_index")
@@ -65,7 +68,9 @@ def training_report(bundle_root: str | os.PathLike, work_dir: str | os.PathLike,
                                  train_dir=None if train_dir is None else str(train_dir), max_images=count,
                                  prdc_k=max(1, min(5, len(rows) - 1)), evaluation_dir=str(out))
     result = evaluation.run()[-1]
-    lines = [f"Report: {grid} (each sample beside the real image whose DINO embedding conditioned it)",
+    used = sampling.parser.get_parsed_content("guidance_scale")
+    lines = [f"Report: {grid} (each sample beside the real image whose DINO embedding conditioned it; guidance "
+             f"scale {used:g})",
              f"        {out / 'evaluation.md'} ({len(rows)} samples against {real_dir})"]
     for space, entry in result["feature_spaces"].items():
         ref = entry.get("frechet_distance_train_reference")

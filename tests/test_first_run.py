@@ -30,7 +30,7 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.setattr(bundle.dino, "_reachable", lambda *args, **kwargs: False)
 
 
-def test_first_command_offline_on_the_default_images_ends_with_a_report(tmp_path, offline, caplog):
+def test_first_command_offline_on_the_default_images_ends_with_a_report(tmp_path, offline, caplog, capsys):
     settings = tiny_settings(tmp_path / "work", "")
     del settings["dataset_dir"], settings["dino_weights"]  # the defaults: bundled images, DINO 'auto'
     settings.update(time_budget_minutes=0.4, ae_epochs=50, diffusion_epochs=50, dino_epochs=50, ae_batch_size=32,
@@ -61,6 +61,17 @@ def test_first_command_offline_on_the_default_images_ends_with_a_report(tmp_path
 
     starts = [next(i for i, m in enumerate(caplog.messages) if marker in m) for marker in fault_injection.MARKERS.values()]
     assert starts == sorted(starts), dict(zip(fault_injection.MARKERS, starts))
+    # a quiet log: one line per epoch (the bundle's, with its time), no engine or MONAI note repeating it
+    epochs = [m for m in caplog.messages if " epoch " in m and " iterations in " in m]
+    assert len(epochs) == sum(len(list((work / "models/checkpoints" / s).glob("*.pt"))) and
+                              max(int(p.stem.split("=")[-1]) for p in (work / "models/checkpoints" / s).glob("*.pt"))
+                              for s in ("dino", "autoencoder", "diffusion")), epochs
+    repeats = [m for m in caplog.messages if m.startswith(("Epoch[", "Key metric", "Got new best", "Engine run"))]
+    assert not repeats, repeats[:5]
+    for note in ("No workflow type", "Logging file is set"):  # MONAI's, once for the run itself, not per inner config
+        assert sum(m.startswith(note) for m in caplog.messages) <= 1, note
+    assert len(caplog.messages) < 60 + len(epochs), len(caplog.messages)
+    assert "guidance scale 1)" in capsys.readouterr().out  # the report's samples: no guidance for a 20-minute model
 
 
 def test_dino_weights_auto_prefers_what_can_be_had(tmp_path, monkeypatch):

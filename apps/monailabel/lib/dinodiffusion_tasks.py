@@ -57,12 +57,10 @@ def bundle_message(err: BaseException) -> str | None:
 def run_bundle_config(config: str, run_id: str, overrides: dict[str, Any]) -> Any:
     """Run ``configs/<config>`` as ``python -m monai.bundle run <run_id>`` would; a bundle input error becomes
     HTTP 422 with its message."""
-    from monai.bundle import ConfigWorkflow
+    from bundle.cli import config_workflow
 
     try:
-        workflow = ConfigWorkflow(config_file=str(ROOT / "configs" / config), workflow_type=None, run_id=run_id,
-                                  logging_file=False, bundle_root=str(ROOT), **overrides)
-        workflow.initialize()
+        workflow = config_workflow(str(ROOT / "configs" / config), run_id, bundle_root=str(ROOT), **overrides)
         workflow.run()
         return workflow
     except Exception as err:
