@@ -1,0 +1,79 @@
+"""The training report's measurement, repeated over model files and guidance scales of one work dir.
+
+Each variant samples one reconstruction-strategy image per real image (``configs/inference.json``, run ID
+``sample``) and evaluates them against those images (``configs/evaluate.json``: FD in DINO space and in pixels,
+with the reference FD of as many training images), as :func:`bundle.report.training_report` does at the end of
+a run. Used to choose the default run's guidance scale and stage shares (docs/results/first_run.md):
+
+    python -m evidence.report_variants --work_dir WORK --real LIST_OR_FOLDER --count 64 \\
+        --variant guidance_scale=1 --variant guidance_scale=3 \\
+        --variant diffusion_path=WORK/models/snapshots/diffusion_epoch0032.pt,guidance_scale=1
+
+Prints one JSON line per variant and appends them to ``OUT/variants.jsonl``. Nothing is trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from bundle import data as bundle_data
+from bundle.cli import config_workflow
+
+SETTINGS = {"guidance_scale": float, "num_inference_steps": int, "sampler": str, "diffusion_path": str}
+
+
+def variant(text: str) -> dict:
+    """``key=value,key=value`` of :data:`SETTINGS` (empty: the config's defaults)."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in SETTINGS:
+            raise argparse.ArgumentTypeError(f"'{key}' is not a variant setting: choose from {sorted(SETTINGS)}.")
+        out[key] = SETTINGS[key](value)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work_dir", required=True)
+    parser.add_argument("--real", help="held-out images (datalist or folder; default: the bundled val images)")
+    parser.add_argument("--train", help="training images for the reference FD (default: the bundled train images)")
+    parser.add_argument("--count", type=int, default=32)
+    parser.add_argument("--variant", type=variant, action="append", default=None)
+    parser.add_argument("--out", help="default: WORK/report_variants")
+    parser.add_argument("--torch_threads", type=int)
+    args = parser.parse_args()
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    real = args.real or str(bundle_data.default_data("val"))
+    train = args.train or str(bundle_data.default_data("train"))
+    out_root = Path(args.out or Path(args.work_dir) / "report_variants")
+    common = {"bundle_root": ".", "work_dir": args.work_dir, "device": "cpu"}
+    for number, settings in enumerate(args.variant or [{}]):
+        out = out_root / f"variant{number}"
+        shutil.rmtree(out, ignore_errors=True)
+        started = time.perf_counter()
+        config_workflow("configs/inference.json", "sample", **common, input_dir=real, num_inputs=args.count,
+                        num_samples=1, strategy="reconstruction", output_dir=str(out / "samples"), **settings).run()
+        path = {k: v for k, v in settings.items() if k == "diffusion_path"}
+        result = config_workflow("configs/evaluate.json", "evaluate", **common, **path,
+                                 generated_dir=str(out / "samples/manifest.csv"), real_dir=real, train_dir=train,
+                                 max_images=args.count, prdc_k=5, evaluation_dir=str(out)).run()[-1]
+        row = {"work_dir": args.work_dir, "real": real, "count": args.count, **settings,
+               "seconds": round(time.perf_counter() - started, 1)}
+        for space, entry in result["feature_spaces"].items():
+            row[f"fd_{space}"] = round(entry["frechet_distance"], 3)
+            row[f"fd_{space}_reference"] = round(entry["frechet_distance_train_reference"], 3)
+        print(json.dumps(row), flush=True)
+        with open(out_root / "variants.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
