@@ -16,7 +16,7 @@ from bundle.data import (apply_to_file, build_datalist, default_data, find_image
                          preprocessed_images, read_datalist)
 from bundle.errors import BundleInputError
 
-from .conftest import DATA, ROOT, write_datalist
+from .conftest import DATA, ROOT, require, write_datalist
 
 SIZE = 64
 
@@ -504,3 +504,80 @@ def test_generated_images_read_back_in_their_storage_range(tmp_path):
     tall = read({"image": str(tmp_path / "tall.png")})["image"]
     assert tall.shape == (1, 32, 32) and tall[0, :, 8:24].min() >= 0.49, "padded above and below with zeros"
     assert tall[0, :, :8].max() == 0.0 and tall[0, :, 24:].max() == 0.0
+
+
+def _corpus_manifest(path, rows):
+    import csv
+    import gzip
+
+    columns = ["id", "split", "patient", "source", "label", "finding", "view", "orig_width", "orig_height",
+               "original_path", "repo", "commit", "licence"]
+    with gzip.open(path, "wt", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows([{c: r.get(c, "") for c in columns} for r in rows])
+    return path
+
+
+def test_corpus_is_laid_out_from_its_source_repositories_at_their_commits(tmp_path, cxr_samples):
+    """scripts.prepare_corpus on a real 1024-px NIH film in a git clone (read at the manifest's commit, not as the
+    working tree has it now) and the same film as a JPEG in a plain folder."""
+    import subprocess
+
+    from scripts import prepare_corpus
+
+    film = cxr_samples / "nih_00000001_000.png"
+    clone = tmp_path / "src" / "COVID-19"
+    (clone / "X-Ray Image DataSet/No_findings").mkdir(parents=True)
+    shutil.copy(film, clone / "X-Ray Image DataSet/No_findings/00000001_000.png")
+    git = ["git", "-C", str(clone), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(clone)], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "films"], check=True)
+    commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    Image.new("L", (8, 8)).save(clone / "X-Ray Image DataSet/No_findings/00000001_000.png")  # changed after the commit
+    plain = tmp_path / "src" / "kermany"
+    (plain / "train/NORMAL").mkdir(parents=True)
+    Image.open(film).convert("RGB").resize((1000, 800)).save(plain / "train/NORMAL/IM-1.jpeg", quality=95)
+    rows = [{"id": "nih_00000001_000", "split": "train", "source": "nih", "original_path":
+             "X-Ray Image DataSet/No_findings/00000001_000.png", "repo": "muhammedtalo/COVID-19", "commit": commit},
+            {"id": "kermany_IM-1", "split": "test", "source": "kermany", "original_path": "train/NORMAL/IM-1.jpeg",
+             "repo": "someone/kermany", "commit": "0" * 40}]
+    manifest = _corpus_manifest(tmp_path / "manifest.csv.gz", rows)
+    out = tmp_path / "cxr_corpus"
+    prepare_corpus.main(["--sources", str(tmp_path / "src"), "--out", str(out), "--manifest", str(manifest)])
+    made = np.asarray(Image.open(out / "images/nih_00000001_000.png"))
+    expected = np.asarray(Image.open(film).convert("L").resize((256, 256), Image.LANCZOS))
+    assert made.dtype == np.uint8 and np.array_equal(made, expected)  # the committed film, not the changed file
+    jpeg = np.asarray(Image.open(out / "images/kermany_IM-1.png"))
+    assert jpeg.shape == (205, 256) and np.abs(jpeg.astype(float) - np.asarray(Image.open(film).convert("L").resize(
+        (256, 205), Image.LANCZOS), dtype=float)).mean() < 3  # the JPEG's aspect kept, the same film
+    with open(out / "manifest.csv") as f:
+        assert [line.split(",")[0] for line in f.read().splitlines()] == ["id", "nih_00000001_000", "kermany_IM-1"]
+    stamp = (out / "images/nih_00000001_000.png").stat().st_mtime_ns
+    prepare_corpus.main(["--sources", str(tmp_path / "src"), "--out", str(out), "--manifest", str(manifest)])
+    assert (out / "images/nih_00000001_000.png").stat().st_mtime_ns == stamp  # a rerun keeps what is there
+    with pytest.raises(SystemExit, match="someone/kermany is not in .*git clone https://github.com/someone/kermany"):
+        prepare_corpus.main(["--sources", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o2"),
+                             "--manifest", str(manifest), "--repo", f"muhammedtalo/COVID-19={clone}"])
+    shutil.rmtree(clone / ".git")
+    (clone / "X-Ray Image DataSet/No_findings/00000001_000.png").unlink()
+    with pytest.raises(SystemExit, match="is not in .*clone https://github.com/muhammedtalo/COVID-19 there"):
+        prepare_corpus.main(["--sources", str(tmp_path / "src"), "--out", str(tmp_path / "o3"), "--manifest", str(manifest)])
+    assert not (tmp_path / "o3/manifest.csv").exists()  # no manifest for a folder that is not complete
+
+
+def test_shipped_corpus_manifest_is_the_one_the_evidence_used():
+    import csv
+
+    from scripts.prepare_corpus import MANIFEST, manifest_rows
+
+    shipped = manifest_rows(MANIFEST)
+    with open(require(DATA / "cxr_corpus" / "manifest.csv"), newline="") as f:
+        used = list(csv.DictReader(f))
+    assert len(shipped) == 2394 and shipped == used, "scripts/data/cxr_corpus_manifest.csv.gz is stale"
+
+
+def test_shipped_jsrt_manifest_is_the_one_the_evidence_used():
+    shipped = ROOT / "scripts/data/jsrt_manifest.csv"
+    assert shipped.read_bytes() == require(DATA / "jsrt" / "manifest.csv").read_bytes(), f"{shipped} is stale"
