@@ -9,7 +9,7 @@
 #   DATA=folder with train.csv, test_corpus.csv, test_jsrt.csv  (default: written by scripts/cxr_corpus_datalist.py)
 #   DINO_WEIGHTS=a DINO teacher file to condition on instead of training one (e.g. the cpu64 run's, which cpu128 shares)
 #   THREADS=torch threads per stage (default: all cores); any further --key value is a bundle override.
-#   STAGES="train_dino train_autoencoder cache train_diffusion evaluate" (the default): some stages only. DINO and
+#   STAGES="train_dino train_autoencoder cache train_diffusion guidance evaluate" (the default): some stages only. DINO and
 #   the autoencoder need nothing of each other: on two cores, THREADS=1 STAGES=train_dino and THREADS=1
 #   STAGES=train_autoencoder side by side, then the command without STAGES for the rest.
 # cpu64: settings chosen by the pilots of docs/results/quality.md, given here; cpu128: the profile's own settings
@@ -33,7 +33,7 @@ opt() {  # opt KEY VALUE: '--KEY VALUE' when VALUE is set
 mapfile -t SETTINGS < <(opt latent_channels "${LATENT_CHANNELS:-}"; opt ae_lr "${AE_LR:-}"; opt torch_threads "${THREADS:-}")
 COMMON=(--config_file configs/train.json --profile "$PROFILE" --work_dir "$WORK" --dataset_dir "$DATA/train.csv"
         --amp "${AMP:-auto}" "${SETTINGS[@]}" "$@")
-STAGES=${STAGES:-train_dino train_autoencoder cache train_diffusion evaluate}
+STAGES=${STAGES:-train_dino train_autoencoder cache train_diffusion guidance evaluate}
 stage() {  # stage NAME RUN_ID [overrides...]
   local name=$1 run_id=$2; shift 2
   case " $STAGES " in *" $name "*) ;; *) return 0 ;; esac
@@ -51,10 +51,46 @@ stage train_autoencoder train_autoencoder "${EPOCHS[@]}" --snapshot_every "${AE_
 stage cache cache --dino_weights "$DINO"
 mapfile -t EPOCHS < <(opt diffusion_epochs "${DIFFUSION_EPOCHS:-}")
 stage train_diffusion train_diffusion --dino_weights "$DINO" "${EPOCHS[@]}" --snapshot_every "${DIFFUSION_SNAPSHOT_EVERY:-10}"
+# guidance: the classifier-free guidance scale of the evaluation, chosen on validation films only (every third of the 132
+# cxr_corpus val films, and the 20 of JSRT val): the scale of GUIDANCE_SCALES whose samples have the lowest mean of FD / reference FD
+# over DINO space and pixels (evidence/report_variants.py); written to $WORK/guidance.json, reused when there
+case " $STAGES " in *" guidance "*)
+  if [ ! -f "$WORK/guidance.json" ]; then
+    SECONDS=0
+    if [ ! -f "$DATA/val.csv" ]; then
+      $PY -m scripts.cxr_corpus_datalist --split val --out "$DATA/val_corpus.csv" > /dev/null
+      $PY -m scripts.jsrt_datalist --split val --out "$DATA/val_jsrt.csv" > /dev/null
+      { echo image; awk -F, 'NR > 1 && (NR - 2) % 3 == 0 { print $1 }' "$DATA/val_corpus.csv"; tail -n +2 "$DATA/val_jsrt.csv" | cut -d, -f1; } \
+        > "$DATA/.val.csv" && mv "$DATA/.val.csv" "$DATA/val.csv"
+    fi
+    VARIANTS=(); for g in ${GUIDANCE_SCALES:-1 1.5 2 3}; do VARIANTS+=(--variant "guidance_scale=$g"); done
+    rm -f "$WORK/guidance/variants.jsonl"
+    $PY -m evidence.report_variants --work_dir "$WORK" --real "$DATA/val.csv" --train "$DATA/train.csv" --count 64 \
+      "${VARIANTS[@]}" --out "$WORK/guidance" ${THREADS:+--torch_threads "$THREADS"} >> "$WORK/guidance.log" 2>&1 \
+      || { tail -30 "$WORK/guidance.log"; exit 1; }
+    $PY - "$WORK" <<'PYEOF'
+import json, sys
+from pathlib import Path
+work = Path(sys.argv[1])
+rows = [json.loads(line) for line in (work / "guidance" / "variants.jsonl").read_text().splitlines()]
+score = lambda r: (r["fd_dino"] / r["fd_dino_reference"] + r["fd_pixels"] / r["fd_pixels_reference"]) / 2
+best = min(rows, key=score)
+out = {"guidance_scale": best["guidance_scale"], "rule": "lowest mean of FD / reference FD over DINO space and pixels",
+       "films": "every third of cxr_corpus val (44) + JSRT val (20)", "variants": rows}
+(work / ".guidance.json").write_text(json.dumps(out, indent=1) + "\n")
+(work / ".guidance.json").replace(work / "guidance.json")
+print("guidance scale", best["guidance_scale"], {r["guidance_scale"]: round(score(r), 3) for r in rows})
+PYEOF
+    echo "guidance $SECONDS" | tee -a "$WORK/stage_seconds.txt"
+  fi;;
+esac
+GUIDANCE=()
+[ -f "$WORK/guidance.json" ] && GUIDANCE=(--guidance_scale "$($PY -c 'import json,sys; print(json.load(open(sys.argv[1]))["guidance_scale"])' "$WORK/guidance.json")")
 case " $STAGES " in *" evaluate "*)
   SECONDS=0
   $PY -m evidence.evaluate_quality --work_dir "$WORK" --train "$DATA/train.csv" --test "jsrt=$DATA/test_jsrt.csv" \
-    --test "corpus=$DATA/test_corpus.csv" --out "${OUT:-docs/results/quality_$PROFILE}" > "$WORK/evaluate_quality.log" 2>&1
+    --test "corpus=$DATA/test_corpus.csv" --out "${OUT:-docs/results/quality_$PROFILE}" "${GUIDANCE[@]}" \
+    > "$WORK/evaluate_quality.log" 2>&1
   echo "evaluate_quality $SECONDS" | tee -a "$WORK/stage_seconds.txt";;
 esac
 exit
