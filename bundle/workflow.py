@@ -159,8 +159,8 @@ class _Profile(dict):
                                "setting that train.json takes from a profile).")
 
 
-# shares of a run's time budget; the rest is for preprocessing, the latent cache and the closing report
-# Shares of a run's time budget, with and without in-domain DINO pre-training first. With DINO, measured on the
+# Shares of a run's time budget, with and without in-domain DINO pre-training first; the rest is for preprocessing,
+# the latent cache and the closing report. With DINO, measured on the
 # bundled images (docs/results/first_run.md): in the last quarter of each stage the DINO loss had stopped moving
 # (6.95 -> 6.94) and the autoencoder's reconstruction loss was flat (0.040-0.043), while the diffusion UNet's FD in
 # pixels still fell (13.7 -> 12.8), so the UNet has half of the time.
