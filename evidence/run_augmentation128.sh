@@ -7,7 +7,8 @@
 # then every kept classifier at the smallest and the largest N scores the matching blind set (run ID score).
 #   bash evidence/run_augmentation128.sh                  (every task; resumes: run it again after an interruption)
 #   TASKS="nodule" SIZES="10 25" bash evidence/run_augmentation128.sh
-# Settings: GENERATOR (work dir of the trained generator, default runs/corpus_cpu128), WORK (default
+# Settings: GENERATOR (work dir of the trained generator, default runs/corpus_cpu128), GUIDANCE (the synthetic films'
+# guidance scale; default: $GENERATOR/guidance.json, chosen on validation films), WORK (default
 # runs/augmentation128), BLIND (the blind folder; default $DINO_DIFFUSION_DATA/blind, none: no scoring), THREADS,
 # SIZES / RATIOS / FOLDS / ARMS / RATIO_MAX_SIZE per run (defaults below: a provisional cut of the grid, since
 # sampling at 128 px costs about 10 s per image on one core; to be set from a measured corner).
@@ -32,6 +33,13 @@ done
 CONFIGS="['configs/inference.json','configs/augmentation.json']"
 THREAD_ARGS=()
 [ -z "${THREADS:-}" ] || THREAD_ARGS=(--torch_threads "$THREADS")
+# the synthetic films' guidance scale: GUIDANCE, else the one the generator's evaluation chose on validation films
+# ($GENERATOR/guidance.json, written by evidence/run_quality_cpu.sh), else inference.json's
+GUIDANCE_ARGS=()
+if [ -n "${GUIDANCE:-}" ]; then GUIDANCE_ARGS=(--guidance_scale "$GUIDANCE")
+elif [ -f "$GENERATOR/guidance.json" ]; then
+  GUIDANCE_ARGS=(--guidance_scale "$($PY -c 'import json,sys; print(json.load(open(sys.argv[1]))["guidance_scale"])' "$GENERATOR/guidance.json")")
+fi
 for task in $TASKS; do
   case $task in
     nodule)  args=(--labelled_list "$L/jsrt_train.csv" --test_list "$L/jsrt_val_test.csv" --label nodule --per_class False)
@@ -47,7 +55,7 @@ for task in $TASKS; do
       --augmentation_dir "$WORK/$task" --pool_sizes "$sizes" --ratios "${RATIOS:-[1,5,10]}" \
       --ratio_max_size "${RATIO_MAX_SIZE:-{'10': 10}}" --folds "${FOLDS:-3}" \
       --arms "${ARMS:-['real','real+classic','real+synthetic','classic+synthetic','real+concept']}" \
-      "${THREAD_ARGS[@]}" >> "$WORK/$task.log" 2>&1 || { tail -30 "$WORK/$task.log"; exit 1; }
+      "${GUIDANCE_ARGS[@]}" "${THREAD_ARGS[@]}" >> "$WORK/$task.log" 2>&1 || { tail -30 "$WORK/$task.log"; exit 1; }
   echo "augment_$task $SECONDS" | tee -a "$WORK/stage_seconds.txt"
   if [ -d "$BLIND/$blind/images" ]; then
     ends=$($PY -c "import ast,sys; s=ast.literal_eval(sys.argv[1]); print([min(s), max(s)])" "$sizes")
