@@ -11,8 +11,9 @@ commit and path there, with its id, split, patient, source and label. Clone the 
 
 Each film is read at the manifest's commit (``git show``, so a clone on another branch or a bare mirror serves as
 well; a folder that is not a git repository is read as it is), turned grey and shrunk to a longest side of 256 px
-with Pillow (JPEG decoded at the nearest DCT scale, aspect kept, Lanczos), and written as ``images/<id>.png``; ``manifest.csv`` comes last, so a folder with a manifest is complete. Films
-already written are kept: run it again after an interruption. ``--repo OWNER/NAME=PATH`` names one
+with Pillow (JPEG decoded at the nearest DCT scale, aspect kept, Lanczos), and written as ``images/<id>.png``;
+``manifest.csv`` comes last, so a folder with a manifest is complete. Films already written are kept: run it
+again after an interruption. ``--repo OWNER/NAME=PATH`` names one
 repository's folder directly.
 """
 
