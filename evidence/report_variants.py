@@ -1,9 +1,8 @@
 """The training report's measurement, repeated over model files and guidance scales of one work dir.
 
-Each variant samples one reconstruction-strategy image per real image (``configs/inference.json``, run ID
-``sample``) and evaluates them against those images (``configs/evaluate.json``: FD in DINO space and in pixels,
-with the reference FD of as many training images), as :func:`bundle.report.training_report` does at the end of
-a run. Used to choose the default run's guidance scale and stage shares (docs/results/first_run.md):
+Each variant is :func:`bundle.report.training_report`, the report at the end of a run: one reconstruction-strategy
+sample per real image, drawn beside it (``OUT/variant<N>/samples_grid.png``) and evaluated against those images
+(FD in DINO space and in pixels, with the reference FD of as many training images). Used to choose the default run's guidance scale and stage shares (docs/results/first_run.md):
 
     python -m evidence.report_variants --work_dir WORK --real LIST_OR_FOLDER --count 64 \\
         --variant guidance_scale=1 --variant guidance_scale=3 \\
@@ -23,9 +22,9 @@ from pathlib import Path
 import torch
 
 from bundle import data as bundle_data
-from bundle.cli import config_workflow
+from bundle.report import training_report
 
-SETTINGS = {"guidance_scale": float, "num_inference_steps": int, "sampler": str, "diffusion_path": str}
+SETTINGS = {"guidance_scale": float, "diffusion_path": str}
 
 
 def variant(text: str) -> dict:
@@ -54,17 +53,12 @@ def main() -> None:
     real = args.real or str(bundle_data.default_data("val"))
     train = args.train or str(bundle_data.default_data("train"))
     out_root = Path(args.out or Path(args.work_dir) / "report_variants")
-    common = {"bundle_root": ".", "work_dir": args.work_dir, "device": "cpu"}
     for number, settings in enumerate(args.variant or [{}]):
         out = out_root / f"variant{number}"
         shutil.rmtree(out, ignore_errors=True)
         started = time.perf_counter()
-        config_workflow("configs/inference.json", "sample", **common, input_dir=real, num_inputs=args.count,
-                        num_samples=1, strategy="reconstruction", output_dir=str(out / "samples"), **settings).run()
-        path = {k: v for k, v in settings.items() if k == "diffusion_path"}
-        result = config_workflow("configs/evaluate.json", "evaluate", **common, **path,
-                                 generated_dir=str(out / "samples/manifest.csv"), real_dir=real, train_dir=train,
-                                 max_images=args.count, prdc_k=5, evaluation_dir=str(out)).run()[-1]
+        result = training_report(".", args.work_dir, real, train_dir=train, count=args.count, report_dir=out,
+                                 **settings)
         row = {"work_dir": args.work_dir, "real": real, "count": args.count, **settings,
                "seconds": round(time.perf_counter() - started, 1)}
         for space, entry in result["feature_spaces"].items():
