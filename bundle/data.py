@@ -251,20 +251,48 @@ def hash_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def files_fingerprint(datalist: Sequence[dict[str, Any]]) -> str:
-    """Changes when any image is added, removed, renamed or rewritten (path, size, modification time), or when
-    another slice of a volume is chosen (a DICOM series folder counts by its files)."""
+def files_fingerprint(datalist: Sequence[dict[str, Any]], memo: str | os.PathLike | None = None) -> str:
+    """Changes when any image is added, removed, renamed or rewritten (path, size, contents), or when another
+    slice of a volume is chosen (a DICOM series folder counts by its files).
+
+    The contents count, not the modification time: a data folder copied or mounted anew (new times, same files)
+    keeps its caches. ``memo`` (a JSON file) keeps each file's digest under its size and time, so a file is read
+    again only when one of those changed."""
+    known = {}
+    if memo is not None and Path(memo).is_file():
+        try:
+            known = json.loads(Path(memo).read_text())
+        except (OSError, ValueError):
+            known = {}
+    seen = {}
+
+    def digest(path: Path):
+        try:
+            st = path.stat()
+        except OSError:
+            return -1, None
+        stamp = [st.st_size, st.st_mtime_ns]
+        entry = known.get(str(path))
+        value = entry[2] if isinstance(entry, list) and entry[:2] == stamp else hash_file(path)
+        seen[str(path)] = [*stamp, value]
+        return st.st_size, value
+
     stats = []
     for row in datalist:
-        path = str(row["image"])
-        st = os.stat(path) if os.path.exists(path) else None
-        entry = [path, st.st_size if st else -1, st.st_mtime_ns if st else -1]
+        path = Path(str(row["image"]))
+        folder = path.is_dir()  # a DICOM series: its files count
+        entry = [str(path), *([] if folder else digest(path))]
         if row.get("slice_index") not in (None, ""):
-            folder = Path(path)
-            files = sorted(folder.iterdir()) if folder.is_dir() else []
-            entry += [row.get("slice_axis"), int(row["slice_index"]),
-                      [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]]
+            entry += [row.get("slice_axis"), int(row["slice_index"])]
+        if folder:
+            entry.append([[f.name, *digest(f)] for f in sorted(path.iterdir()) if f.is_file()])
         stats.append(entry)
+    if memo is not None and seen != known:
+        try:
+            with atomic_path(memo) as tmp:
+                Path(tmp).write_text(json.dumps(seen))
+        except OSError:
+            pass  # a read-only cache folder: the digests are read again next time
     return hash_json(stats)
 
 
@@ -340,7 +368,7 @@ def preprocessed_images(datalist: Sequence[dict[str, Any]], transform: Callable,
     and out), which is what lets a large data set through on a small machine.
     """
     cache_path = Path(cache_path)
-    key = {"images": files_fingerprint(datalist), "transforms": hash_json(describe(transform))}
+    key = {"images": files_fingerprint(datalist, cache_path.with_suffix(".digests.json")), "transforms": hash_json(describe(transform))}
     pixels = _pixel_file(cache_path, key)  # named by the key: a cache whose key matches refers to this file
 
     def build() -> dict:

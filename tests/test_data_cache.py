@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -111,7 +112,7 @@ def test_hashes_do_not_depend_on_key_order_and_take_paths(tmp_path):
     assert hash_file(tmp_path / "blob") == hashlib.sha256(data).hexdigest() == hash_bytes(data)
 
 
-def test_files_fingerprint_notices_size_and_time_changes_and_missing_files(tmp_path):
+def test_files_fingerprint_follows_contents_not_modification_times(tmp_path):
     a, b = tmp_path / "a.png", tmp_path / "b.png"
     a.write_bytes(b"1234")
     b.write_bytes(b"5678")
@@ -121,12 +122,23 @@ def test_files_fingerprint_notices_size_and_time_changes_and_missing_files(tmp_p
     assert files_fingerprint(rows[::-1]) != base and files_fingerprint(rows[:1]) != base
 
     stat = a.stat()
-    a.write_bytes(b"12345")  # a different size, the same modification time
-    os.utime(a, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.utime(a, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # copied or mounted anew: a new time, same bytes
+    assert files_fingerprint(rows) == base
+    a.write_bytes(b"4321")  # rewritten: the same size, other bytes
+    assert files_fingerprint(rows) != base
+    a.write_bytes(b"12345")  # a different size
     grown = files_fingerprint(rows)
     assert grown != base
-    os.utime(a, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the same size, a later time
-    assert files_fingerprint(rows) not in (base, grown)
+
+    # the memo keeps each file's digest under its size and time: an unchanged file is not read again...
+    memo = tmp_path / "cache" / "images.digests.json"
+    assert files_fingerprint(rows, memo) == grown and memo.is_file()
+    digests = json.loads(memo.read_text())
+    digests[str(b)][2] = "0" * 64  # what the memo says is what counts while size and time match
+    memo.write_text(json.dumps(digests))
+    assert files_fingerprint(rows, memo) != grown
+    os.utime(b, ns=(b.stat().st_atime_ns, b.stat().st_mtime_ns + 10**9))  # ... a file with a new time is
+    assert files_fingerprint(rows, memo) == grown
 
     gone = [{"image": str(tmp_path / "missing.png")}]
     assert files_fingerprint(gone) == files_fingerprint(gone)  # a missing file fingerprints, it does not raise
