@@ -168,6 +168,30 @@ def write_manifest(rows: list[dict[str, Any]], path: str | os.PathLike, label_co
             writer.writerows(rows)
 
 
+# what an output kept from an earlier run must share with the run now asking for it
+KEPT_OUTPUT_SETTINGS = ("sources", "strategy", "params", "seed", "sampler", "num_inference_steps", "guidance_scale")
+
+
+def _manifest_rows(path: Path) -> dict[str, dict[str, str]]:
+    """The rows of an earlier run's manifest by output file name (none when there is no readable manifest)."""
+    try:
+        with open(path, newline="") as f:
+            return {row["image"]: row for row in csv.DictReader(f) if row.get("image")}
+    except (OSError, KeyError, csv.Error, UnicodeDecodeError):
+        return {}
+
+
+def _check_same_settings(before: Mapping[str, str], now: Mapping[str, Any], output_dir: Path) -> None:
+    """An output that exists is kept only when its manifest row says it was made as it would be now: a run with
+    another guidance scale, sampler, seed or source must not reuse it and then describe it with its own settings."""
+    changed = [f"{k} {before.get(k)!r} -> {str(now[k])!r}" for k in KEPT_OUTPUT_SETTINGS
+               if k in before and before[k] != str(now[k])]
+    if changed:
+        raise BundleInputError(
+            f"'{output_dir}' already holds {now['image']} made with other settings ({'; '.join(changed[:3])}): choose "
+            "another output folder, or delete the images there to make them anew.")
+
+
 @torch.no_grad()
 def generate(
     datalist: Sequence[dict[str, Any]],
@@ -225,6 +249,8 @@ def generate(
     # a pool of volume slices: the manifest names each source's slice, so the real slice can be found again
     slice_columns = ["slice_axis", "slice_index"] if any(r.get("slice_index") not in (None, "") for r in datalist) else []
     label_columns = [*label_columns, *(c for c in slice_columns if c not in label_columns)]
+    manifest = output_dir / "manifest.csv"
+    made_before = _manifest_rows(manifest)
     rows, pending = [], []
     for j, job in enumerate(jobs):
         paths = [output_dir / f"{job['name']}{FORMATS[f]}" for f in formats]
@@ -236,7 +262,8 @@ def generate(
                      **{c: ";".join(str(r.get(c, "")) for r in sources) for c in slice_columns}})
         if not all(p.exists() for p in paths):
             pending.append((j, job, paths))
-    manifest = output_dir / "manifest.csv"
+        elif paths[0].name in made_before:
+            _check_same_settings(made_before[paths[0].name], rows[-1], output_dir)
     if len(pending) < len(rows):
         logger.info("%d of %d outputs already exist in %s: generating the other %d.", len(rows) - len(pending),
                     len(rows), output_dir, len(pending))

@@ -57,6 +57,18 @@ def test_same_seed_same_image_and_finished_outputs_are_skipped(trained_tiny, tmp
     assert (tmp_path / "c" / first[1].name).read_bytes() != first[1].read_bytes()
 
 
+def test_outputs_made_with_other_settings_are_refused_not_relabelled(trained_tiny, tmp_path):
+    sample(trained_tiny, tmp_path, guidance_scale=1.0)
+    manifest = (tmp_path / "manifest.csv").read_bytes()
+    with pytest.raises(Exception) as err:
+        sample(trained_tiny, tmp_path, guidance_scale=2.0)
+    cause = err.value.__cause__ or err.value
+    assert isinstance(cause, BundleInputError) and "other settings (guidance_scale '1.0' -> '2.0')" in str(cause)
+    assert (tmp_path / "manifest.csv").read_bytes() == manifest  # still says how its images were made
+    sample(trained_tiny, tmp_path, guidance_scale=1.0)  # the same settings: kept as they are
+    assert (tmp_path / "manifest.csv").read_bytes() == manifest
+
+
 def test_missing_checkpoint_and_other_dino_are_refused(trained_tiny, tmp_path):
     with pytest.raises(Exception) as err:
         sample({**trained_tiny, "diffusion_path": str(tmp_path / "none.pt")}, tmp_path / "x")
