@@ -145,8 +145,11 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=256, help="samples per test set for the targets")
     parser.add_argument("--curve_samples", type=int, default=128, help="samples per test set per curve point")
     parser.add_argument("--memorisation_samples", type=int, default=128)
-    parser.add_argument("--ae_batch_size", type=int, default=16, help="to turn epochs into iterations")
-    parser.add_argument("--diffusion_batch_size", type=int, default=32)
+    parser.add_argument("--profile", default=None,
+                        help="the training profile (configs/profiles/NAME.json): its batch sizes turn epochs into iterations")
+    parser.add_argument("--ae_batch_size", type=int, default=None, help="to turn epochs into iterations (default: the "
+                        "profile's, else 16)")
+    parser.add_argument("--diffusion_batch_size", type=int, default=None, help="(default: the profile's, else 32)")
     parser.add_argument("--sampler", default="dpmpp_2m")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance_scale", type=float, default=3.0)
@@ -156,6 +159,9 @@ def main() -> None:
                         help="judge the targets on this diffusion snapshot (a run still under way) instead of the final model")
     args = parser.parse_args()
     tests = dict(t.split("=", 1) for t in args.test)
+    profile = json.loads((ROOT / "configs" / "profiles" / f"{args.profile}.json").read_text()) if args.profile else {}
+    args.ae_batch_size = args.ae_batch_size or int(profile.get("ae_batch_size", 16))
+    args.diffusion_batch_size = args.diffusion_batch_size or int(profile.get("diffusion_batch_size", 32))
     started = time.perf_counter()
     torch.manual_seed(0)
 

@@ -89,7 +89,7 @@ GUIDANCE=()
 case " $STAGES " in *" evaluate "*)
   SECONDS=0
   $PY -m evidence.evaluate_quality --work_dir "$WORK" --train "$DATA/train.csv" --test "jsrt=$DATA/test_jsrt.csv" \
-    --test "corpus=$DATA/test_corpus.csv" --out "${OUT:-docs/results/quality_$PROFILE}" "${GUIDANCE[@]}" \
+    --test "corpus=$DATA/test_corpus.csv" --profile "$PROFILE" --out "${OUT:-docs/results/quality_$PROFILE}" "${GUIDANCE[@]}" \
     > "$WORK/evaluate_quality.log" 2>&1
   echo "evaluate_quality $SECONDS" | tee -a "$WORK/stage_seconds.txt";;
 esac
