@@ -21,7 +21,11 @@ reused as conditions round-robin):
   closest real test image is to any (a copy), and the 5%-quantile rate of :func:`bundle.evaluation.memorisation`.
 
 Writes OUT/quality.json, OUT/quality.md (tables), OUT/curves.png and OUT/samples_<set>.png (samples beside their
-sources as thumbnails). Nothing is trained; reruns reuse the image caches in ``work_dir/cache``.
+sources as thumbnails). Nothing is trained; reruns reuse the image caches in ``work_dir/cache`` and every sample set
+already made by the same model files with the same conditions, seeds and sampler (``--sample_store``, default
+``work_dir/eval/samples``): at 128 px on a CPU the evaluation is hours of sampling, and an interrupted one, or one
+run on the snapshots while training goes on, does not make its samples twice. ``--profile`` takes the training
+profile's batch sizes to turn snapshot epochs into iterations.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 from bundle.cli import pyplot
-from bundle.data import build_datalist, modality_preprocessing, preprocessed_images
+from bundle.data import build_datalist, hash_bytes, hash_json, modality_preprocessing, preprocessed_images
 from bundle.diffusion import sample_latents, seeded_noise
 from bundle.errors import BundleInputError
 from bundle.evaluation import (divergent, extract, feature_space, frechet_distance, memorisation,
@@ -65,9 +69,35 @@ def image_set(source: str, preprocessing, cache: Path) -> torch.Tensor:
     return preprocessed_images(rows, preprocessing, cache)["images"].float()
 
 
+SAMPLE_STORE: Path | None = None  # where finished sample sets are kept (--sample_store), so a rerun skips them
+
+
+def model_key(*paths: Path) -> str:
+    """Names the model files by name, size and time: a snapshot never changes once written."""
+    return "|".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in paths)
+
+
 @torch.no_grad()
 def sample(generator, contexts: torch.Tensor, seeds: list[int], sampler: str, steps: int, guidance: float,
-           batch_size: int) -> torch.Tensor:
+           batch_size: int, key: str | None = None) -> torch.Tensor:
+    """Samples for ``contexts`` with one seed each; with ``key`` (the model files, :func:`model_key`) and a
+    SAMPLE_STORE, a set made before with the same model, contexts, seeds and sampler is read back instead: the
+    evaluation of a long run is hours of sampling on a CPU, and an interrupted one goes on where it stopped."""
+    stored = None
+    if key is not None and SAMPLE_STORE is not None:
+        name = hash_json([key, hash_bytes(contexts.float().numpy().tobytes()), list(seeds), sampler, steps, guidance])
+        stored = SAMPLE_STORE / f"{name[:24]}.pt"
+        if stored.is_file():
+            return torch.load(stored, weights_only=True).float()
+    images = _sample(generator, contexts, seeds, sampler, steps, guidance, batch_size)
+    if stored is not None:
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(stored, lambda tmp: torch.save(images.half(), tmp))
+        return images.half().float()  # the same precision whether made now or read back
+    return images
+
+
+def _sample(generator, contexts, seeds, sampler, steps, guidance, batch_size) -> torch.Tensor:
     scheduler = generator.sampler(sampler)
     out = []
     for i in range(0, len(contexts), batch_size):
@@ -154,11 +184,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance_scale", type=float, default=3.0)
     parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--torch_threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
     parser.add_argument("--final_only", action="store_true", help="skip the snapshots (targets only)")
+    parser.add_argument("--sample_store", type=Path, default=None,
+                        help="keep every sample set here and reuse it on a rerun (default: <work_dir>/eval/samples; "
+                        "'none': keep nothing)")
     parser.add_argument("--target_model", type=Path, default=None,
                         help="judge the targets on this diffusion snapshot (a run still under way) instead of the final model")
     args = parser.parse_args()
     tests = dict(t.split("=", 1) for t in args.test)
+    global SAMPLE_STORE
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    SAMPLE_STORE = (args.work_dir / "eval" / "samples" if args.sample_store is None
+                    else None if str(args.sample_store).lower() == "none" else args.sample_store)
     profile = json.loads((ROOT / "configs" / "profiles" / f"{args.profile}.json").read_text()) if args.profile else {}
     args.ae_batch_size = args.ae_batch_size or int(profile.get("ae_batch_size", 16))
     args.diffusion_batch_size = args.diffusion_batch_size or int(profile.get("diffusion_batch_size", 32))
@@ -215,6 +254,7 @@ def main() -> None:
     final_generator = None
     for epoch, path in (diffusion_points[-1:] if args.final_only else diffusion_points):
         generator = load_generator(ae_final, path, bundle_root=ROOT)
+        generator_key = model_key(ae_final, path)
         dino = feature_space("dino", generator.dino)
         if epoch is None and EPOCH.search(path.name):  # a snapshot judged as the target model
             epoch = int(EPOCH.search(path.name).group(1))
@@ -228,7 +268,8 @@ def main() -> None:
             x = x_all[curve_subsets[name]]
             n = len(x)
             contexts = embed(generator, x)
-            samples = sample(generator, contexts, list(range(n)), args.sampler, args.steps, args.guidance_scale, args.batch_size)
+            samples = sample(generator, contexts, list(range(n)), args.sampler, args.steps, args.guidance_scale, args.batch_size,
+                             key=generator_key)
             reference = curve_references[name]
             n = len(reference)
             samples = samples[:n]
@@ -241,13 +282,13 @@ def main() -> None:
             }
         result["diffusion_curve"].append(point)
         print(json.dumps(point), flush=True)
-        final_generator = generator if final else None
+        final_generator = (generator, generator_key) if final else None
     if result["diffusion_curve"] and result["diffusion_curve"][-1]["iterations"] is None:
         previous = [p["iterations"] for p in result["diffusion_curve"] if p["iterations"] is not None]
         result["diffusion_curve"][-1]["iterations"] = max(previous, default=0) or None
 
     if final_generator is not None:
-        generator = final_generator
+        generator, generator_key = final_generator
         dino = feature_space("dino", generator.dino)
         ae_final_quality = result["autoencoder_curve"][-1]["sets"]
         for name, x in real.items():
@@ -255,7 +296,7 @@ def main() -> None:
             sources = [i % len(x) for i in range(count)]
             contexts = embed(generator, x)[sources]
             samples = sample(generator, contexts, [10_000 + i for i in range(count)], args.sampler, args.steps,
-                             args.guidance_scale, args.batch_size)
+                             args.guidance_scale, args.batch_size, key=generator_key)
             n_ref = min(count, len(pools[name]))  # FD is biased by set size: both sets get n_ref images
             reference = train[pools[name][torch.as_tensor(rng.choice(len(pools[name]), n_ref, replace=False))]]
             pix_samples, dino_samples, dino_real = extract(pixels, samples), extract(dino, samples), extract(dino, x)
@@ -282,7 +323,7 @@ def main() -> None:
         m = min(args.memorisation_samples, len(train))
         picks = torch.as_tensor(np.random.default_rng([0, 2]).choice(len(train), m, replace=False))
         copies_of = sample(generator, embed(generator, train[picks]), [20_000 + i for i in range(m)], args.sampler,
-                           args.steps, args.guidance_scale, args.batch_size)
+                           args.steps, args.guidance_scale, args.batch_size, key=generator_key)
         pix_copies = extract(pixels, copies_of)
         all_test = torch.cat(list(pix_real.values()))
         mem = memorisation(pix_copies, pix_train, all_test, quantile=0.05)

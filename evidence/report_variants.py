@@ -8,7 +8,9 @@ sample per real image, drawn beside it (``OUT/variant<N>/samples_grid.png``) and
         --variant guidance_scale=1 --variant guidance_scale=3 \\
         --variant diffusion_path=WORK/models/snapshots/diffusion_epoch0032.pt,guidance_scale=1
 
-Prints one JSON line per variant and appends them to ``OUT/variants.jsonl``. Nothing is trained.
+Prints one JSON line per variant and appends them to ``OUT/variants.jsonl``. Nothing is trained. A variant already
+there (same model file, images, count and settings) is not measured again, so an interrupted run goes on where it
+stopped.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 
 from bundle import data as bundle_data
+from bundle.models import model_path
 from bundle.report import training_report
 
 SETTINGS = {"guidance_scale": float, "diffusion_path": str}
@@ -53,19 +56,26 @@ def main() -> None:
     real = args.real or str(bundle_data.default_data("val"))
     train = args.train or str(bundle_data.default_data("train"))
     out_root = Path(args.out or Path(args.work_dir) / "report_variants")
+    done = out_root / "variants.jsonl"
+    measured = [json.loads(line) for line in done.read_text().splitlines() if line.strip()] if done.is_file() else []
     for number, settings in enumerate(args.variant or [{}]):
+        model = Path(settings.get("diffusion_path") or model_path(args.work_dir, "diffusion"))
+        same = {"work_dir": args.work_dir, "real": real, "count": args.count, **settings,
+                "model": f"{model.name}:{model.stat().st_size}:{model.stat().st_mtime_ns}" if model.is_file() else None}
+        if any({k: r.get(k) for k in same} == same for r in measured):
+            print(f"variant {number} {settings} was measured already ({done}): kept", flush=True)
+            continue
         out = out_root / f"variant{number}"
         shutil.rmtree(out, ignore_errors=True)
         started = time.perf_counter()
         result = training_report(".", args.work_dir, real, train_dir=train, count=args.count, report_dir=out,
                                  **settings)
-        row = {"work_dir": args.work_dir, "real": real, "count": args.count, **settings,
-               "seconds": round(time.perf_counter() - started, 1)}
+        row = {**same, "seconds": round(time.perf_counter() - started, 1)}
         for space, entry in result["feature_spaces"].items():
             row[f"fd_{space}"] = round(entry["frechet_distance"], 3)
             row[f"fd_{space}_reference"] = round(entry["frechet_distance_train_reference"], 3)
         print(json.dumps(row), flush=True)
-        with open(out_root / "variants.jsonl", "a") as f:
+        with open(done, "a") as f:
             f.write(json.dumps(row) + "\n")
 
 

@@ -2,8 +2,9 @@
 # The generator at scale on a CPU profile (configs/profiles/<profile>.json, bf16 where the CPU has bf16 instructions):
 # in-domain DINO, autoencoder, latent cache and diffusion UNet on the unlabelled cxr_corpus train split + JSRT train,
 # with a model snapshot every few epochs, then evidence/evaluate_quality.py (curves over the snapshots and the
-# targets on the corpus and JSRT test splits). Every stage resumes from its last epoch checkpoint: after an
-# interruption, run the same command again and it goes on where it stopped (a finished stage is skipped).
+# targets on the corpus and JSRT test splits). Every stage resumes (training from its last epoch checkpoint, the guidance
+# and evaluation stages from the variants and sample sets already made): after an interruption, run the same command
+# again and it goes on where it stopped (a finished stage is skipped).
 #   bash evidence/run_quality_cpu.sh            (profile cpu64, WORK=runs/corpus_cpu64; about 3 h on two CPU cores)
 #   bash evidence/run_quality_cpu.sh cpu128     (WORK=runs/corpus_cpu128; about 12 h on two CPU cores)
 #   DATA=folder with train.csv, test_corpus.csv, test_jsrt.csv  (default: written by scripts/cxr_corpus_datalist.py)
@@ -64,15 +65,20 @@ case " $STAGES " in *" guidance "*)
         > "$DATA/.val.csv" && mv "$DATA/.val.csv" "$DATA/val.csv"
     fi
     VARIANTS=(); for g in ${GUIDANCE_SCALES:-1 1.5 2 3}; do VARIANTS+=(--variant "guidance_scale=$g"); done
-    rm -f "$WORK/guidance/variants.jsonl"
     $PY -m evidence.report_variants --work_dir "$WORK" --real "$DATA/val.csv" --train "$DATA/train.csv" --count 64 \
       "${VARIANTS[@]}" --out "$WORK/guidance" ${THREADS:+--torch_threads "$THREADS"} >> "$WORK/guidance.log" 2>&1 \
       || { tail -30 "$WORK/guidance.log"; exit 1; }
-    $PY - "$WORK" <<'PYEOF'
+    $PY - "$WORK" "${GUIDANCE_SCALES:-1 1.5 2 3}" <<'PYEOF'
 import json, sys
 from pathlib import Path
 work = Path(sys.argv[1])
-rows = [json.loads(line) for line in (work / "guidance" / "variants.jsonl").read_text().splitlines()]
+model = work / "models" / "model.pt"
+model = f"{model.name}:{model.stat().st_size}:{model.stat().st_mtime_ns}"
+scales = [float(g) for g in sys.argv[2].split()]
+# this model's rows at the scales asked (a rerun after an interruption appends only the ones that were missing)
+rows = {r["guidance_scale"]: r for r in map(json.loads, (work / "guidance" / "variants.jsonl").read_text().splitlines())
+        if r.get("model") == model and r.get("guidance_scale") in scales}
+rows = [rows[g] for g in scales]
 score = lambda r: (r["fd_dino"] / r["fd_dino_reference"] + r["fd_pixels"] / r["fd_pixels_reference"]) / 2
 best = min(rows, key=score)
 out = {"guidance_scale": best["guidance_scale"], "rule": "lowest mean of FD / reference FD over DINO space and pixels",
@@ -89,7 +95,7 @@ GUIDANCE=()
 case " $STAGES " in *" evaluate "*)
   SECONDS=0
   $PY -m evidence.evaluate_quality --work_dir "$WORK" --train "$DATA/train.csv" --test "jsrt=$DATA/test_jsrt.csv" \
-    --test "corpus=$DATA/test_corpus.csv" --profile "$PROFILE" --out "${OUT:-docs/results/quality_$PROFILE}" "${GUIDANCE[@]}" \
+    --test "corpus=$DATA/test_corpus.csv" --profile "$PROFILE" --out "${OUT:-docs/results/quality_$PROFILE}" "${GUIDANCE[@]}" ${THREADS:+--torch_threads "$THREADS"} \
     > "$WORK/evaluate_quality.log" 2>&1
   echo "evaluate_quality $SECONDS" | tee -a "$WORK/stage_seconds.txt";;
 esac
