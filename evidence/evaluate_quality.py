@@ -186,6 +186,8 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--torch_threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
     parser.add_argument("--final_only", action="store_true", help="skip the snapshots (targets only)")
+    parser.add_argument("--curves_only", action="store_true",
+                        help="the curves over the snapshots there are so far, no targets (while training goes on)")
     parser.add_argument("--sample_store", type=Path, default=None,
                         help="keep every sample set here and reuse it on a rerun (default: <work_dir>/eval/samples; "
                         "'none': keep nothing)")
@@ -287,7 +289,7 @@ def main() -> None:
         previous = [p["iterations"] for p in result["diffusion_curve"] if p["iterations"] is not None]
         result["diffusion_curve"][-1]["iterations"] = max(previous, default=0) or None
 
-    if final_generator is not None:
+    if final_generator is not None and not args.curves_only:
         generator, generator_key = final_generator
         dino = feature_space("dino", generator.dino)
         ae_final_quality = result["autoencoder_curve"][-1]["sets"]
