@@ -276,8 +276,10 @@ def source_retrieval(generated_features: torch.Tensor, pool_features: torch.Tens
 
 @torch.no_grad()
 def reconstruction_quality(images: torch.Tensor, codec: nn.Module, batch_size: int = 16,
-                           device: torch.device | str = "cpu") -> dict[str, dict[str, float]]:
-    """Autoencoder PSNR, SSIM and MS-SSIM on ``images`` (mean and std over images)."""
+                           device: torch.device | str = "cpu", features: Mapping[str, nn.Module] | None = None) -> dict:
+    """Autoencoder PSNR, SSIM and MS-SSIM on ``images`` (mean and std over images); with ``features`` (name ->
+    extractor, e.g. :func:`feature_space`), also ``fd_<name>``: the Fréchet distance of the reconstructions from
+    the originals, which says whether what the decoder adds looks like the real thing."""
     recon = torch.cat([codec.decode(codec.encode(images[i : i + batch_size].to(device))).cpu()
                        for i in range(0, len(images), batch_size)]).clamp(0, 1)
     metrics = {
@@ -289,6 +291,8 @@ def reconstruction_quality(images: torch.Tensor, codec: nn.Module, batch_size: i
     for name, metric in metrics.items():
         values = metric(recon, images.float()).flatten()
         out[name] = {"mean": float(values.mean()), "std": float(values.std())}
+    for name, extractor in (features or {}).items():
+        out[f"fd_{name}"] = frechet_distance(extract(extractor, images.float()), extract(extractor, recon))
     return out
 
 

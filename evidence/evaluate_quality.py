@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 from bundle.cli import pyplot
 from bundle.data import build_datalist, hash_bytes, hash_json, modality_preprocessing, preprocessed_images
 from bundle.diffusion import sample_latents, seeded_noise
+from bundle.dino import DinoFeatures
 from bundle.errors import BundleInputError
 from bundle.evaluation import (divergent, extract, feature_space, frechet_distance, memorisation,
                                reconstruction_quality, source_retrieval, two_rows_png)
@@ -150,11 +151,18 @@ def markdown(result: dict) -> str:
             f"({t['fd_dino_reference']:.2f}, {t['fd_dino'] / t['fd_dino_reference']:.2f}x) | {t['divergent']['count']} of "
             f"{t['divergent']['of']} | {c['top1']:.3f} ({c['chance_top1']:.3f}) | {c['top5']:.3f} ({c['chance_top5']:.3f}) "
             f"| {t['memorisation']['copies']} of {t['memorisation']['samples']} |")
-    lines += ["", "| model | iterations | " + " | ".join(f"{n} PSNR / MS-SSIM" for n in result["test_sets"]) + " |",
+    lines += ["", "| model | iterations | " + " | ".join(f"{n} PSNR / MS-SSIM (recon FD pixels / DINO)"
+                                                       for n in result["test_sets"]) + " |",
               "|---|---|" + "---|" * len(result["test_sets"])]
+
+    def recon_fd(q: dict) -> str:
+        found = [f"{q[k]:.2f}" if k in q else "-" for k in ("fd_pixels", "fd_dino")]
+        return f" ({' / '.join(found)})" if "fd_pixels" in q else ""
+
     for p in result["autoencoder_curve"]:
         lines.append(f"| {p['model']} | {p['iterations']} | " + " | ".join(
-            f"{p['sets'][n]['psnr_db']['mean']:.2f} / {p['sets'][n]['ms_ssim']['mean']:.4f}" for n in result["test_sets"]) + " |")
+            f"{p['sets'][n]['psnr_db']['mean']:.2f} / {p['sets'][n]['ms_ssim']['mean']:.4f}{recon_fd(p['sets'][n])}"
+            for n in result["test_sets"]) + " |")
     lines += ["", "| model | iterations | " + " | ".join(f"{n} FD pixels / DINO (x reference)" for n in result["test_sets"])
               + " |", "|---|---|" + "---|" * len(result["test_sets"])]
     for p in result["diffusion_curve"]:
@@ -231,11 +239,19 @@ def main() -> None:
     pix_real = {n: extract(pixels, x) for n, x in real.items()}
     rng = np.random.default_rng(0)
 
+    # the reconstructions' FD from their originals: in pixels, and in the DINO space of the work dir's own DINO
+    # teacher when the profile says how to build it
+    recon_spaces = {"pixels": pixels}
+    teacher = args.work_dir / "models" / "dino" / "teacher.safetensors"
+    if profile and teacher.is_file():
+        recon_spaces["dino"] = feature_space("dino", DinoFeatures(
+            profile["dino_model"], str(teacher), profile.get("dino_tokens", "cls"), profile["dino_input_size"],
+            profile.get("dino_kwargs") or {}, 0))
     ae_points = snapshots(args.work_dir, "autoencoder")
     for epoch, path in (ae_points[-1:] if args.final_only else ae_points):
         codec = load_codec(path)
         point = {"model": path.name, "epoch": epoch, "iterations": None if epoch is None else epoch * per_epoch["ae"],
-                 "sets": {n: reconstruction_quality(x, codec) for n, x in real.items()}}
+                 "sets": {n: reconstruction_quality(x, codec, features=recon_spaces) for n, x in real.items()}}
         result["autoencoder_curve"].append(point)
         print(json.dumps({k: v for k, v in point.items()}), flush=True)
     if result["autoencoder_curve"] and result["autoencoder_curve"][-1]["iterations"] is None:

@@ -41,6 +41,29 @@ def test_frechet_distance_is_zero_for_a_set_against_itself_and_grows_with_damage
         frechet_distance(real[:1], real)
 
 
+def test_reconstruction_quality_scores_a_blurring_decoder_below_a_faithful_one(jsrt_batch):
+    """PSNR and MS-SSIM fall, and the reconstructions' FD from the originals grows, as the decoder blurs more."""
+    from bundle.evaluation import reconstruction_quality
+
+    class Codec(torch.nn.Module):  # what the metric sees of an autoencoder: encode then decode
+        def __init__(self, sigma: float):
+            super().__init__()
+            self.sigma = sigma
+
+        def encode(self, x):
+            return x
+
+        def decode(self, z):
+            return blur(z, self.sigma) if self.sigma else z
+
+    spaces = {"pixels": PixelFeatures(16)}
+    faithful, soft, blurred = (reconstruction_quality(jsrt_batch, Codec(s), features=spaces) for s in (0, 1.0, 3.0))
+    assert faithful["psnr_db"]["mean"] > 60 and faithful["fd_pixels"] < 1e-6
+    assert soft["psnr_db"]["mean"] > blurred["psnr_db"]["mean"] and soft["ms_ssim"]["mean"] > blurred["ms_ssim"]["mean"]
+    assert 0 < soft["fd_pixels"] < blurred["fd_pixels"]
+    assert "fd_pixels" not in reconstruction_quality(jsrt_batch[:4], Codec(1.0))  # only when feature spaces are given
+
+
 def test_diversity_of_identical_images_is_one_and_of_real_images_less(jsrt_batch):
     assert diversity(jsrt_batch[:1].repeat(6, 1, 1, 1)) == pytest.approx(1.0, abs=1e-5)
     real = diversity(jsrt_batch[:12])
