@@ -117,7 +117,9 @@ def curves_png(result: dict, path: Path) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     for name in result["test_sets"]:
-        ae = [p for p in result["autoencoder_curve"] if name in p["sets"]]
+        # one point per iteration count, in order (a final model that is a chosen snapshot is that snapshot's point)
+        ae = sorted({p["iterations"]: p for p in result["autoencoder_curve"] if name in p["sets"]
+                     and p["iterations"] is not None}.values(), key=lambda p: p["iterations"])
         if ae:
             axes[0].plot([p["iterations"] for p in ae], [p["sets"][name]["psnr_db"]["mean"] for p in ae], "o-", label=name)
         dif = [p for p in result["diffusion_curve"] if name in p["sets"]]
@@ -248,8 +250,11 @@ def main() -> None:
             profile["dino_model"], str(teacher), profile.get("dino_tokens", "cls"), profile["dino_input_size"],
             profile.get("dino_kwargs") or {}, 0))
     ae_points = snapshots(args.work_dir, "autoencoder")
+    weights_of = {}  # a final model that is one of the snapshots (chosen on validation films) takes its iterations
     for epoch, path in (ae_points[-1:] if args.final_only else ae_points):
         codec = load_codec(path)
+        digest = hash_bytes(b"".join(t.detach().float().numpy().tobytes() for t in codec.state_dict().values()))
+        epoch = weights_of.get(digest) if epoch is None else weights_of.setdefault(digest, epoch)
         point = {"model": path.name, "epoch": epoch, "iterations": None if epoch is None else epoch * per_epoch["ae"],
                  "sets": {n: reconstruction_quality(x, codec, features=recon_spaces) for n, x in real.items()}}
         result["autoencoder_curve"].append(point)
