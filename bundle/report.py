@@ -4,6 +4,7 @@ evaluation (Fréchet distances, precision/recall, memorisation, the autoencoder'
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -54,6 +55,8 @@ def training_report(bundle_root: str | os.PathLike, work_dir: str | os.PathLike,
     common = {"bundle_root": str(root), "work_dir": str(work), "device": device,
               **({} if diffusion_path is None else {"diffusion_path": str(diffusion_path)})}
     guidance = {} if guidance_scale is None else {"guidance_scale": float(guidance_scale)}
+    # the report describes the model there now: samples of an earlier model or setting are not kept
+    shutil.rmtree(sample_dir, ignore_errors=True)
     sampling = config_workflow(str(root / "configs/inference.json"), "sample", **common, input_dir=str(real_dir),
                                num_inputs=count, num_samples=1, strategy="reconstruction", output_dir=str(sample_dir),
                                **guidance)

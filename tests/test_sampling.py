@@ -183,3 +183,15 @@ def test_the_pool_cache_is_rebuilt_when_an_input_image_changes(trained_tiny, tmp
     assert "was built from other images" in caplog.text
     after = torch.load(tmp_path / "out" / ".pool" / "latents.pt", weights_only=True)["latents"]
     assert not torch.allclose(before[0], after[0]) and torch.allclose(before[1], after[1], atol=1e-5)
+
+
+def test_the_report_samples_the_model_there_now_not_an_earlier_setting(trained_tiny, tmp_path):
+    """The report of a work dir is made anew each time: a second report with another guidance scale (or after more
+    training) shows its own samples, rather than stopping at, or reusing, the first one's."""
+    from bundle.report import training_report
+
+    for guidance in (1.0, 2.0):
+        training_report(ROOT, trained_tiny["work_dir"], trained_tiny["dataset_dir"], train_dir=trained_tiny["dataset_dir"],
+                        count=4, report_dir=tmp_path / "report", guidance_scale=guidance)
+        with open(tmp_path / "report" / "samples" / "manifest.csv", newline="") as f:
+            assert {float(r["guidance_scale"]) for r in csv.DictReader(f)} == {guidance}
