@@ -170,15 +170,21 @@ def test_the_pool_cache_is_rebuilt_when_an_input_image_changes(trained_tiny, tmp
     pool.mkdir()
     for r in rows:
         shutil.copy(r["image"], pool)
+    def made_anew():  # the images go (another seed would be refused beside them), the pool cache stays
+        for f in [*(tmp_path / "out").glob("*.png"), tmp_path / "out" / "manifest.csv"]:
+            f.unlink()
+
     with caplog.at_level(logging.INFO):
         sample(trained_tiny, tmp_path / "out", input_dir=str(pool))
         caplog.clear()
+        made_anew()
         sample(trained_tiny, tmp_path / "out", input_dir=str(pool), sample_seed=7)
         assert "latent cache" in caplog.text and "up to date: reusing it" in caplog.text and "rebuilding" not in caplog.text
         before = torch.load(tmp_path / "out" / ".pool" / "latents.pt", weights_only=True)["latents"].clone()
         first = sorted(pool.glob("*.png"))[0]
         Image.fromarray(255 - np.asarray(Image.open(first).convert("L"))).save(first)  # same name, other image
         caplog.clear()
+        made_anew()
         sample(trained_tiny, tmp_path / "out", input_dir=str(pool), sample_seed=8)
     assert "was built from other images" in caplog.text
     after = torch.load(tmp_path / "out" / ".pool" / "latents.pt", weights_only=True)["latents"]

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from ignite.engine import Events
@@ -15,6 +16,7 @@ from bundle.diffusion import LatentDiffusionPrepareBatch
 from bundle.errors import BundleInputError
 from bundle.models import read_record
 from monai.networks.schedulers import DDPMScheduler
+from PIL import Image
 
 from .conftest import run_bundle, tiny_settings, workflow
 
@@ -111,7 +113,16 @@ def test_latent_cache_is_reused_and_rebuilt_when_an_ingredient_changes(tmp_path,
     assert "built from other autoencoder, dino: rebuilding" in build()
     assert not torch.equal(torch.load(cache, weights_only=True)["latents"], first["latents"])
 
-    os.utime(tiny_dataset.read_text().splitlines()[1].split(",")[0])  # an image rewritten in place
+    # the images count by path and contents, not by time: touched, the cache stays; rewritten in place, it goes
+    rows = tiny_dataset.read_text().splitlines()
+    source, _, rest = rows[1].partition(",")
+    copy = tmp_path / "first.png"
+    shutil.copy(source, copy)
+    tiny_dataset.write_text("\n".join([rows[0], str(copy) + (f",{rest}" if rest else ""), *rows[2:]]) + "\n")
+    assert "built from other images: rebuilding" in build()  # another file in the list
+    os.utime(copy, ns=(copy.stat().st_atime_ns, copy.stat().st_mtime_ns + 10**9))  # copied or mounted anew
+    assert "up to date: reusing it" in build()
+    Image.fromarray(255 - np.asarray(Image.open(copy).convert("L"))).save(copy)  # rewritten in place
     assert "built from other images: rebuilding" in build()
 
 
