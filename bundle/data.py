@@ -251,6 +251,13 @@ def hash_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def file_stamp(path: str | os.PathLike) -> str:
+    """``name:size:mtime_ns`` of a file that is never rewritten once written (a model file, a snapshot): names what
+    made a stored result without reading the file."""
+    st = os.stat(path)
+    return f"{Path(path).name}:{st.st_size}:{st.st_mtime_ns}"
+
+
 def files_fingerprint(datalist: Sequence[dict[str, Any]], memo: str | os.PathLike | None = None) -> str:
     """Changes when any image is added, removed, renamed or rewritten (path, size, contents), or when another
     slice of a volume is chosen (a DICOM series folder counts by its files).

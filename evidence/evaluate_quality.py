@@ -43,14 +43,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 from bundle.cli import pyplot
-from bundle.data import build_datalist, hash_bytes, hash_json, modality_preprocessing, preprocessed_images
+from bundle.data import build_datalist, file_stamp, hash_bytes, hash_json, modality_preprocessing, preprocessed_images
 from bundle.diffusion import sample_latents, seeded_noise
 from bundle.dino import DinoFeatures
 from bundle.errors import BundleInputError
+from bundle.heads.encoders import dino_encoder_spec
 from bundle.evaluation import (divergent, extract, feature_space, frechet_distance, memorisation,
                                reconstruction_quality, source_retrieval, two_rows_png)
 from bundle.io import atomic_write
 from bundle.models import load_codec, load_generator, model_path, read_record
+from bundle.workflow import load_profile
 
 EPOCH = re.compile(r"_epoch(\d+)\.pt$")
 
@@ -74,8 +76,8 @@ SAMPLE_STORE: Path | None = None  # where finished sample sets are kept (--sampl
 
 
 def model_key(*paths: Path) -> str:
-    """Names the model files by name, size and time: a snapshot never changes once written."""
-    return "|".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in paths)
+    """Names the model files by name, size and time (:func:`bundle.data.file_stamp`)."""
+    return "|".join(file_stamp(p) for p in paths)
 
 
 @torch.no_grad()
@@ -210,7 +212,7 @@ def main() -> None:
         torch.set_num_threads(args.torch_threads)
     SAMPLE_STORE = (args.work_dir / "eval" / "samples" if args.sample_store is None
                     else None if str(args.sample_store).lower() == "none" else args.sample_store)
-    profile = json.loads((ROOT / "configs" / "profiles" / f"{args.profile}.json").read_text()) if args.profile else {}
+    profile = load_profile(ROOT, args.profile) if args.profile else {}
     args.ae_batch_size = args.ae_batch_size or int(profile.get("ae_batch_size", 16))
     args.diffusion_batch_size = args.diffusion_batch_size or int(profile.get("diffusion_batch_size", 32))
     started = time.perf_counter()
@@ -242,13 +244,13 @@ def main() -> None:
     rng = np.random.default_rng(0)
 
     # the reconstructions' FD from their originals: in pixels, and in the DINO space of the work dir's own DINO
-    # teacher when the profile says how to build it
+    # teacher when it has one (its sidecar names the architecture and input size)
     recon_spaces = {"pixels": pixels}
     teacher = args.work_dir / "models" / "dino" / "teacher.safetensors"
-    if profile and teacher.is_file():
-        recon_spaces["dino"] = feature_space("dino", DinoFeatures(
-            profile["dino_model"], str(teacher), profile.get("dino_tokens", "cls"), profile["dino_input_size"],
-            profile.get("dino_kwargs") or {}, 0))
+    if Path(f"{teacher}.json").is_file():
+        spec = dino_encoder_spec(teacher)
+        recon_spaces["dino"] = feature_space("dino", DinoFeatures(spec["model"], spec["weights"], "cls",
+                                                                  spec["input_size"], spec["kwargs"], 0))
     ae_points = snapshots(args.work_dir, "autoencoder")
     weights_of = {}  # a final model that is one of the snapshots (chosen on validation films) takes its iterations
     for epoch, path in (ae_points[-1:] if args.final_only else ae_points):

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from bundle import data as bundle_data
+from bundle.data import file_stamp
 from bundle.models import model_path
 from bundle.report import training_report
 
@@ -61,7 +62,7 @@ def main() -> None:
     for number, settings in enumerate(args.variant or [{}]):
         model = Path(settings.get("diffusion_path") or model_path(args.work_dir, "diffusion"))
         same = {"work_dir": args.work_dir, "real": real, "count": args.count, **settings,
-                "model": f"{model.name}:{model.stat().st_size}:{model.stat().st_mtime_ns}" if model.is_file() else None}
+                "model": file_stamp(model) if model.is_file() else None}
         if any({k: r.get(k) for k in same} == same for r in measured):
             print(f"variant {number} {settings} was measured already ({done}): kept", flush=True)
             continue

@@ -71,9 +71,9 @@ case " $STAGES " in *" guidance "*)
     $PY - "$WORK" "${GUIDANCE_SCALES:-1 1.5 2 3}" <<'PYEOF'
 import json, sys
 from pathlib import Path
+from bundle.data import file_stamp
 work = Path(sys.argv[1])
-model = work / "models" / "model.pt"
-model = f"{model.name}:{model.stat().st_size}:{model.stat().st_mtime_ns}"
+model = file_stamp(work / "models" / "model.pt")  # as evidence/report_variants.py names the model of each row
 scales = [float(g) for g in sys.argv[2].split()]
 # this model's rows at the scales asked (a rerun after an interruption appends only the ones that were missing)
 rows = {r["guidance_scale"]: r for r in map(json.loads, (work / "guidance" / "variants.jsonl").read_text().splitlines())

@@ -111,14 +111,16 @@ def build_encoder(model_name: str, weights: str | os.PathLike = "random", model_
 
 
 def dino_encoder_spec(weights: str | os.PathLike) -> dict[str, Any]:
-    """``{"model": name, "weights": file, "kwargs": ...}`` of a DINO ViT written by ``train_dino``, from the ``.json``
-    sidecar beside its weights (its architecture; the image size it was trained at is not needed)."""
+    """``{"model": name, "weights": file, "kwargs": ..., "input_size": ...}`` of a DINO ViT written by ``train_dino``,
+    from the ``.json`` sidecar beside its weights (its architecture, and the image size it was trained at, which a
+    head does not need but a DINO feature space does)."""
     sidecar = Path(f"{weights}.json")
     if not sidecar.is_file():
         raise BundleInputError(f"'{weights}' has no sidecar '{sidecar.name}' naming its architecture: give a DINO file "
                                "written by run ID train_dino, or name the model with encoder_model.")
     info = json.loads(sidecar.read_text())
-    return {"model": info["model_name"], "weights": str(weights), "kwargs": dict(info.get("model_kwargs") or {})}
+    return {"model": info["model_name"], "weights": str(weights), "kwargs": dict(info.get("model_kwargs") or {}),
+            "input_size": info.get("img_size")}
 
 
 def _block(channels_in: int, channels_out: int) -> nn.Sequential:
