@@ -134,12 +134,17 @@ def curves_png(result: dict, path: Path) -> None:
     for ax, space in ((axes[1], "pixels"), (axes[2], "DINO")):
         ax.axhline(2, color="grey", lw=0.8, ls=":")
         ax.set(title=f"FD / reference FD, {space}", xlabel="diffusion iterations", yscale="log")
+    save_curves(fig, axes, path)
+
+
+def save_curves(fig, axes, path: Path) -> None:
+    """Grid and legend on every panel, then the figure written atomically as PNG and closed."""
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def markdown(result: dict) -> str:

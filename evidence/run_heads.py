@@ -34,6 +34,7 @@ from bundle.data import find_images, read_datalist
 from bundle.model_files import read_record
 from bundle.models import build_network
 from bundle.io import append_jsonl
+from bundle.performance import autocast_dtype
 from bundle.heads.encoders import build_encoder_head, dino_encoder_spec
 from bundle.heads.inference import infer, predict
 from bundle.heads.landmarks import (SDR_THRESHOLDS_PX, HeatmapCrossEntropy, decode_heatmaps, landmark_layout,
@@ -113,6 +114,9 @@ def main() -> None:
                         "model, as one string: '--work_dir runs/foundation_dino --image_size 64 ...'")
     parser.add_argument("--work", type=Path, default=ROOT / "runs/heads")
     parser.add_argument("--out", type=Path, default=ROOT / "docs/results")
+    parser.add_argument("--amp", default="auto", help="fine-tuning precision as configs/heads/*.json run it: auto (bf16 "
+                        "where the CPU has bf16 instructions), none, bf16; only rows of that precision are reused or "
+                        "reported (the 64-px runs on record are float32: --amp none)")
     parser.add_argument("--report_only", action="store_true", help="train nothing: tables and plot from the runs on record")
     parser.add_argument("overrides", nargs=argparse.REMAINDER)
     args = parser.parse_args()
@@ -133,11 +137,20 @@ def main() -> None:
     train_rows, test_rows = read_datalist(args.train), read_datalist(args.test)
     args.work.mkdir(parents=True, exist_ok=True)
     results_path = args.work / "heads_results.jsonl"
-    done = {}
+    # rows made in another precision are not this run's (rows from before the setting existed were float32)
+    dtype = autocast_dtype(args.amp, "cpu")
+    precision = {torch.bfloat16: "bf16", None: "float32"}.get(dtype, str(dtype))
+    done, other = {}, 0
     if results_path.exists():
         for line in results_path.read_text().splitlines():
             r = json.loads(line)
+            if r.get("precision", "float32") != precision:
+                other += 1
+                continue
             done[(r["task"], r["size"], r["init"], r["seed"])] = r
+    if other:
+        print(f"{results_path}: {other} rows fine-tuned in another precision than {precision} are left out "
+              "(--amp chooses)", flush=True)
 
     data: dict = {}
     loaded = len(train_rows) if args.draws == "random" else max(args.sizes)
@@ -195,7 +208,7 @@ def main() -> None:
         loss = HeatmapCrossEntropy() if task == "landmarks" else DiceCELoss(sigmoid=True)
         t0 = time.perf_counter()
         picked = draw(len(train_items), n, seed, args.draws)
-        losses = fine_tune(head, [train_items[i] for i in picked], loss, args.iterations, lr=args.lr, seed=seed)
+        losses = fine_tune(head, [train_items[i] for i in picked], loss, args.iterations, lr=args.lr, seed=seed, amp=args.amp)
         outputs = predict(head, torch.stack([it["image"] for it in test_items]))
         if blind_rows and seed == 0 and n in args.blind_sizes:
             names = landmark_layout(train_rows[0]["landmark_file"]) if task == "landmarks" else STRUCTURES
@@ -207,6 +220,7 @@ def main() -> None:
                 "films": [Path(train_items[i]["source"]).stem for i in picked], "iterations": args.iterations,
                 "lr": args.lr, "image_size": size}}, out=args.blind_out.parent, merge=True)
         record = {"task": task, "size": n, "init": init, "seed": seed, "iterations": args.iterations,
+                  "precision": precision,
                   "first_loss": float(np.mean(losses[:10])), "last_loss": float(np.mean(losses[-10:])),
                   "seconds": time.perf_counter() - t0, "draws": args.draws,
                   "films": [Path(train_items[i]["source"]).stem for i in picked], **score(task, outputs, test_items)}
@@ -229,7 +243,7 @@ def main() -> None:
         baselines["segmentation_mean_mask"] = segmentation_scores(mean_mask.expand_as(test_masks), test_masks)
     records = [done[r] for r in runs if r in done]
     result = {"settings": {**overrides, "image_size": size, "heatmap_sigma_px": sigma, "iterations": args.iterations,
-                           "lr": args.lr, "sizes": args.sizes, "seeds": args.seeds, "denoiser": str(args.denoiser),
+                           "precision": precision, "lr": args.lr, "sizes": args.sizes, "seeds": args.seeds, "denoiser": str(args.denoiser),
                            "denoiser_large": str(args.denoiser_large) if args.denoiser_large else None,
                            "draws": args.draws, "dino_weights": str(args.dino_weights) if args.dino_weights else None,
                            "encoder_model": args.encoder_model,

@@ -180,3 +180,36 @@ def test_evaluate_from_the_command_line_names_a_missing_set(tmp_path):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: Image set '{tmp_path / 'nothing'}' does not exist")
     assert not (tmp_path / "out").exists()
+
+
+def test_quality_against_compute_counts_each_stage_at_its_benchmarked_cost(tmp_path):
+    # the 64/128-px figure's x-axis: DINO epochs, then the autoencoder epochs so far (or all it trained, for diffusion
+    # points), then the diffusion epochs so far, each at the benchmark's core-seconds per image
+    from evidence.quality_compute import main, points
+
+    bench = {"environment": {"profile": "cpu64"}, "stages": [
+        {"stage": "dino", "per": "iteration", "seconds_median": 3.6, "batch_size": 32, "threads": 2},
+        {"stage": "autoencoder", "per": "iteration", "seconds_median": 0.9, "batch_size": 16, "threads": 1},
+        {"stage": "diffusion", "per": "iteration", "seconds_median": 0.36, "batch_size": 32, "threads": 1},
+        {"stage": "image_cache", "per": "run", "seconds_median": 9.0, "batch_size": 1, "threads": 1}]}
+    ae = lambda e, db: {"model": f"autoencoder_epoch{e:04d}.pt", "epoch": e, "sets": {"a": {"psnr_db": {"mean": db}}}}  # noqa: E731
+    dif = {"model": "diffusion_epoch0010.pt", "epoch": 10, "sets": {"a": {
+        "fd_pixels": 3.0, "fd_pixels_reference": 2.0, "fd_dino": 8.0, "fd_dino_reference": 2.0}}}
+    final = {"model": "model_diffusion.pt", "epoch": None, "iterations": None, "sets": dif["sets"]}
+    quality = {"train_images": 1000, "autoencoder_curve": [ae(5, 27.0), ae(10, 28.0)], "diffusion_curve": [dif, final]}
+    run = points(quality, bench, dino_epochs=16)
+    dino_h = 16 * 1000 * (3.6 / 32 * 2) / 3600
+    assert run["core_hours"]["dino"] == pytest.approx(dino_h, abs=1e-3)
+    assert [p["core_hours"] for p in run["autoencoder"]] == pytest.approx(
+        [dino_h + e * 1000 * 0.9 / 16 / 3600 for e in (5, 10)], abs=1e-3)
+    # a diffusion snapshot comes after every autoencoder epoch trained (10), not only those before a chosen snapshot
+    assert len(run["diffusion"]) == 1 and run["diffusion"][0]["core_hours"] == pytest.approx(
+        dino_h + 10 * 1000 * 0.9 / 16 / 3600 + 10 * 1000 * 0.36 / 32 / 3600, abs=1e-3)
+    assert run["diffusion"][0]["sets"]["a"] == {"pixels": 1.5, "dino": 4.0}
+    # a benchmark without a training stage is named, not plotted at zero cost
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "quality.json").write_text(json.dumps(quality))
+    bench["stages"] = bench["stages"][1:]
+    (tmp_path / "b.json").write_text(json.dumps(bench))
+    with pytest.raises(SystemExit, match="no dino stage"):
+        main(["--run", f"x={tmp_path / 'q'},{tmp_path / 'b.json'}", "--out", str(tmp_path / "fig")])

@@ -253,6 +253,34 @@ def test_pretrain_then_fine_tune_heads_on_real_images_loss_falls(pretrained):
         build_head(unet, 2, pretrained["tmp"] / "missing.pt")
 
 
+@pytest.mark.skipif(not __import__("bundle.performance").performance.cpu_has_bf16(), reason="no bf16 instructions")
+def test_heads_fine_tune_in_bf16_where_the_cpu_has_it_and_keep_float32_weights(pretrained):
+    # at 128 px a fine-tuning step took 3.8 s in bf16 against 8.3 s in float32: the heads follow the amp setting
+    from bundle.data import modality_preprocessing
+    from bundle.heads.training import fine_tune, landmark_items
+    from bundle.performance import Autocast
+
+    from .conftest import workflow
+
+    pre = modality_preprocessing("configs/modality/cxr.json", image_size=32)
+    items = landmark_items(pretrained["rows"][:2], pre, 32, ["H"], sigma=1.0)
+    make = workflow("heads/pretrain.json", "training", pretrained["settings"]).parser.get_parsed_content("denoiser_def")
+    for amp, dtype in (("bf16", torch.bfloat16), ("none", torch.float32)):
+        head = build_head(make(), items[0]["label"].shape[0], pretrained["denoiser"])
+        seen = []
+        hook = head.unet.conv_in.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        losses = fine_tune(head, items, HeatmapCrossEntropy(), iterations=3, batch_size=2, lr=1e-3, amp=amp)
+        hook.remove()
+        assert seen == [dtype] * 3 and np.isfinite(losses).all(), amp
+        assert {p.dtype for p in head.parameters()} == {torch.float32}
+    # the configs' trainers run the head the same way
+    settings = {**pretrained["settings"], "labelled_dir": str(pretrained["datalist"]), "num_labelled": 2}
+    for config in ("heads/landmarks.json", "heads/segmentation.json"):
+        for amp, wrapped in (("bf16", True), ("none", False)):
+            trainer = workflow(config, "training", {**settings, "amp": amp}).parser.get_parsed_content("head_trainer")
+            assert isinstance(trainer.network, Autocast) is wrapped, (config, amp)
+
+
 def test_head_configs_fine_tune_then_write_landmarks_and_masks_for_a_folder(pretrained, tmp_path):
     import json
 

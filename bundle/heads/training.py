@@ -16,6 +16,7 @@ from torch.utils.data import RandomSampler
 
 from ..data import apply_to_file, read_datalist
 from ..errors import BundleInputError
+from ..performance import amp_enabled, amp_kwargs, training_network
 from ..workflow import optional_path
 from .frame import image_frame
 from .landmarks import gaussian_heatmaps, load_landmarks
@@ -85,15 +86,17 @@ def fixed_iteration_loader(items: Sequence[dict], iterations: int, batch_size: i
 
 
 def fine_tune(head: nn.Module, items: Sequence[dict], loss: nn.Module, iterations: int = 300, batch_size: int = 8,
-              lr: float = 1e-4, seed: int = 0, device: torch.device | str = "cpu") -> list[float]:
+              lr: float = 1e-4, seed: int = 0, device: torch.device | str = "cpu", amp: str | None = "auto") -> list[float]:
     """Train ``head`` for exactly ``iterations`` steps on ``items`` (sampled with replacement) with MONAI's
-    ``SupervisedTrainer``; returns the loss of every iteration."""
+    ``SupervisedTrainer``, under ``amp`` as the heads' configs run it (``auto``: bf16 autocast where the device
+    has bf16 arithmetic; weights and losses stay float32); returns the loss of every iteration."""
     torch.manual_seed(seed)
     loader = fixed_iteration_loader(items, iterations, batch_size, seed)
     head = head.to(device)
-    trainer = SupervisedTrainer(device=torch.device(device), max_epochs=1, train_data_loader=loader, network=head,
+    trainer = SupervisedTrainer(device=torch.device(device), max_epochs=1, train_data_loader=loader,
+                                network=training_network(head, amp, device),
                                 optimizer=torch.optim.AdamW(head.parameters(), lr=lr), loss_function=loss,
-                                decollate=False)
+                                decollate=False, amp=amp_enabled(amp, device), amp_kwargs=amp_kwargs(amp, device))
     losses: list[float] = []
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output["loss"].item()))
     trainer.run()
