@@ -218,7 +218,7 @@ def main() -> None:
             record_blind(f"{args.blind_out.name}/{folder}", {task: {
                 "what": f"{task} head, {INITS[init]}, fine-tuned on {n} JSRT train films (seed 0)", "images": len(blind_rows),
                 "films": [Path(train_items[i]["source"]).stem for i in picked], "iterations": args.iterations,
-                "lr": args.lr, "image_size": size}}, out=args.blind_out.parent, merge=True)
+                "lr": args.lr, "precision": precision, "image_size": size}}, out=args.blind_out.parent, merge=True)
         record = {"task": task, "size": n, "init": init, "seed": seed, "iterations": args.iterations, "lr": args.lr,
                   "precision": precision,
                   "first_loss": float(np.mean(losses[:10])), "last_loss": float(np.mean(losses[-10:])),
