@@ -19,7 +19,8 @@ about speed. Timed iterations follow warm-up iterations (which include any compi
 - ``sampling_monai``: MONAI's stock ``LatentDiffusionInferer.sample`` with its DDIM scheduler on the same networks
   and steps; ``sampling_monai_ddim50``: the same at 50 DDIM steps, which a 20-step DPM-Solver++ matches in
   accuracy (docs/results/samplers.md);
-- ``head``: one few-shot landmark fine-tuning step (needs $DINO_DIFFUSION_DATA/jsrt; skipped without it).
+- ``head``: one few-shot landmark fine-tuning step of the denoiser head at the profile's image size, under the
+  heads' ``amp`` setting (needs $DINO_DIFFUSION_DATA/jsrt; skipped without it).
 
 Prints a Markdown table and writes ``<out>.json`` and ``<out>.md``. Any ``--key value`` after ``--`` overrides
 the bundle config (e.g. ``--channels_last true --compile true``).
@@ -315,7 +316,11 @@ def stage_head(args) -> dict:
         return {"skipped": f"the landmark head needs the JSRT landmarks: {err}"}
     import csv
 
-    work = Path(args.work_dir) / "head"
+    from bundle.workflow import load_profile
+
+    # the denoiser head at the profile's image size (the pre-training config's own default is 64 px)
+    size = int(load_profile(ROOT, args.profile)["image_size"])
+    work = Path(args.work_dir) / f"head{size}"
     work.mkdir(parents=True, exist_ok=True)
     datalist = work / "jsrt_train.csv"
     rows = jsrt_rows(jsrt, "train")
@@ -325,7 +330,7 @@ def stage_head(args) -> dict:
         writer.writerows(rows)
     common = {"work_dir": str(work), **{k: v for k, v in parse_overrides(args.overrides).items()
                                         if k in ("device", "torch_threads")}}
-    pretrain = config_workflow("configs/heads/pretrain.json", "training", **common)
+    pretrain = config_workflow("configs/heads/pretrain.json", "training", image_size=size, **common)
     if not Path(pretrain.parser.get_parsed_content("denoiser_path")).is_file():
         pretrain.parser.get_parsed_content("denoiser_export")()
     wf = config_workflow("configs/heads/landmarks.json", "training", labelled_dir=str(datalist), num_labelled=10,
@@ -333,7 +338,7 @@ def stage_head(args) -> dict:
     get = wf.parser.get_parsed_content
     trainer = get("head_trainer")
     times = _run_trainer(trainer, args.warmup, args.iterations)
-    return {"batch_size": get("head_batch_size"), "seconds": times}
+    return {"batch_size": get("head_batch_size"), "image_size": size, "seconds": times}
 
 
 def run_stage(args) -> dict:
