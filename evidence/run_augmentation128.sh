@@ -10,7 +10,8 @@
 # Settings: GENERATOR (work dir of the trained generator, default runs/corpus_cpu128), GUIDANCE (the synthetic films'
 # guidance scale; default: $GENERATOR/guidance.json, chosen on validation films), WORK (default
 # runs/augmentation128), BLIND (the blind folder; default $DINO_DIFFUSION_DATA/blind, none: no scoring), THREADS,
-# SIZES / RATIOS / FOLDS / ARMS / RATIO_MAX_SIZE per run (defaults below: a provisional cut of the grid, since
+# STEPS (the sampler's steps for the synthetic films; default inference.json's 20: 10 halves the sampling cost, to be
+# checked against FD on validation films first), SIZES / RATIOS / FOLDS / ARMS / RATIO_MAX_SIZE per run (defaults below: a provisional cut of the grid, since
 # sampling at 128 px costs about 10 s per image on one core; to be set from a measured corner).
 { # the whole script is read before it runs: editing it while a long run is under way cannot change that run
 set -euo pipefail
@@ -36,9 +37,10 @@ THREAD_ARGS=()
 # the synthetic films' guidance scale: GUIDANCE, else the one the generator's evaluation chose on validation films
 # ($GENERATOR/guidance.json, written by evidence/run_quality_cpu.sh), else inference.json's
 GUIDANCE_ARGS=()
-if [ -n "${GUIDANCE:-}" ]; then GUIDANCE_ARGS=(--guidance_scale "$GUIDANCE")
+[ -z "${STEPS:-}" ] || GUIDANCE_ARGS+=(--num_inference_steps "$STEPS")
+if [ -n "${GUIDANCE:-}" ]; then GUIDANCE_ARGS+=(--guidance_scale "$GUIDANCE")
 elif [ -f "$GENERATOR/guidance.json" ]; then
-  GUIDANCE_ARGS=(--guidance_scale "$($PY -c 'import json,sys; print(json.load(open(sys.argv[1]))["guidance_scale"])' "$GENERATOR/guidance.json")")
+  GUIDANCE_ARGS+=(--guidance_scale "$($PY -c 'import json,sys; print(json.load(open(sys.argv[1]))["guidance_scale"])' "$GENERATOR/guidance.json")")
 fi
 for task in $TASKS; do
   case $task in
