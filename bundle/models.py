@@ -9,6 +9,7 @@ command line, and a setting that contradicts the record is refused.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -56,13 +57,17 @@ def network_record(factory: functools.partial) -> dict[str, Any]:
     return {"_target_": f"{func.__module__}.{func.__qualname__}", **factory.keywords}
 
 
-def build_network(record: Mapping[str, Any]) -> nn.Module:
-    """Instantiate the network a :func:`network_record` describes."""
+def build_network(record: Mapping[str, Any], **runtime: Any) -> nn.Module:
+    """Instantiate the network a :func:`network_record` describes. ``runtime`` settings that change how it computes
+    but not its weights (e.g. ``use_flash_attention``: PyTorch's fused attention in MONAI's diffusion UNet) override
+    the record where the network takes them and are ignored where it does not."""
     args = dict(record)
     target = locate(str(args.pop("_target_")))
     if not callable(target):
         raise BundleInputError(f"The network '{record['_target_']}' recorded in a model file cannot be imported here: "
                                "install the packages the model was trained with.")
+    accepted = inspect.signature(target).parameters
+    args.update({k: v for k, v in runtime.items() if k in accepted})
     return target(**args)
 
 

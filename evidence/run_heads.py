@@ -129,7 +129,8 @@ def main() -> None:
     size, preprocessing = int(get("image_size")), get("preprocessing")
     # the denoiser's network as its file records it (the scratch init is the same network, untrained)
     denoiser_record = read_record(args.denoiser, "denoiser", "pre-train it (configs/heads/pretrain.json)")["record"]
-    denoiser_def = lambda: build_network(denoiser_record["network"])  # noqa: E731 (a fresh network per run)
+    # a fresh network per run, with PyTorch's fused attention (as configs/heads/*.json run it: sdpa_attention)
+    denoiser_def = lambda: build_network(denoiser_record["network"], use_flash_attention=True)  # noqa: E731
     if int(denoiser_record["image_size"]) != size:
         raise SystemExit(f"--denoiser works at {denoiser_record['image_size']} px: pass -- --image_size "
                          f"{denoiser_record['image_size']}.")

@@ -281,6 +281,34 @@ def test_heads_fine_tune_in_bf16_where_the_cpu_has_it_and_keep_float32_weights(p
             assert isinstance(trainer.network, Autocast) is wrapped, (config, amp)
 
 
+def test_heads_build_the_denoiser_with_fused_attention_and_it_computes_what_the_plain_one_does(pretrained):
+    # sdpa_attention is a runtime choice (10% of a 128-px fine-tuning step): same weights, same outputs
+    from bundle.data import modality_preprocessing
+    from bundle.heads.training import landmark_items
+    from bundle.models import build_network
+
+    from .conftest import workflow
+
+    settings = {**pretrained["settings"], "labelled_dir": str(pretrained["datalist"]), "num_labelled": 2}
+    record = read_record(pretrained["denoiser"], "denoiser", "x")
+    plain = build_network(record["record"]["network"])
+    plain.load_state_dict(record["state_dict"])
+    items = landmark_items(pretrained["rows"][:3], modality_preprocessing("configs/modality/cxr.json", image_size=32),
+                           32, ["H"], sigma=1.0)
+    images = torch.stack([it["image"] for it in items]) * 2 - 1
+    t = torch.full((3,), 300)
+    for config in ("heads/landmarks.json", "heads/segmentation.json", "heads/zero_shot.json"):
+        for sdpa in (True, False):
+            net = workflow(config, "training", {**settings, "sdpa_attention": sdpa}).parser.get_parsed_content("denoiser_def")
+            flags = {m.use_flash_attention for m in net.modules() if hasattr(m, "use_flash_attention")}
+            assert flags == {sdpa}, (config, sdpa)
+            net.load_state_dict(record["state_dict"])
+            with torch.no_grad():
+                torch.testing.assert_close(net.eval()(images, t), plain.eval()(images, t), atol=1e-4, rtol=1e-4)
+    # a runtime setting the network does not take is ignored, not an error
+    assert isinstance(build_network(record["record"]["network"], no_such_setting=1), type(plain))
+
+
 def test_head_configs_fine_tune_then_write_landmarks_and_masks_for_a_folder(pretrained, tmp_path):
     import json
 
