@@ -11,9 +11,9 @@
         --out docs/results/quality_compute
 
 A snapshot's x-value is the compute of the recipe up to it, at the benchmark's measured cost per image of each stage
-(seconds per step / batch size x threads): for an autoencoder snapshot the DINO pre-training (the profile's epochs)
-plus the autoencoder epochs so far (DINO: ``--dino_epochs``, the 16 of ``run_quality_cpu.sh``); for a diffusion snapshot DINO, every autoencoder epoch trained (the last snapshot
-of the autoencoder curve) and the diffusion epochs so far, each epoch being one pass over the run's training images.
+(seconds per step / batch size x threads): for an autoencoder snapshot the DINO pre-training (``--dino_epochs``, the
+16 of ``run_quality_cpu.sh``) plus the autoencoder epochs so far; for a diffusion snapshot DINO, every autoencoder
+epoch trained (the last snapshot of the autoencoder curve) and the diffusion epochs so far, each epoch being one pass over the run's training images.
 The logged wall times of a run on a shared machine vary 2-4x with what else ran; the per-step benchmark, measured
 side by side, is the comparable figure. The benchmark's autoencoder step is the one after the adversarial warm-up, so
 the warm-up epochs are counted at that (higher) cost. Writes OUT.png and OUT.json (the points).
