@@ -12,23 +12,29 @@ a mask; :func:`oracle_clusters` uses the true mask and only gives an upper bound
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.metrics import compute_dice
 from monai.networks.blocks import SABlock
+from monai.networks.schedulers import DDPMScheduler
+from monai.transforms import FillHoles, KeepLargestConnectedComponent
 from torch import nn
 
 from .constants import LUNG_MASK_COLUMNS
-from .data import output_stems, preprocessed_stack
+from .data import modality_preprocessing, output_stems, preprocessed_stack
 from .errors import BundleInputError
 from .heads.frame import image_frame
+from .heads.networks import load_denoiser
 from .heads.segmentation import mask_suffix, read_masks, write_masks
 from .io import atomic_write_json
+from .models import build_network, load_generator, model_path, read_record, recorded_value
 
 
 class SelfAttentionRecorder:
@@ -74,18 +80,23 @@ def _noised(inputs: torch.Tensor, timestep: int, scheduler=None, seed: int = 0) 
 
 @torch.no_grad()
 def unet_internals(unet: nn.Module, inputs: torch.Tensor, timestep: int, scheduler=None, context=None, seed: int = 0,
-                   attention: bool = True, features: bool = True) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
+                   attention: bool = True, features: bool = True, feature_block: int = -1
+                   ) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
     """One UNet call on ``inputs`` noised to ``timestep`` (one seeded noise draw; ``timestep`` 0 uses the clean
     inputs), and what it shows: the head-averaged self-attention maps ``(B, N, N)`` of every layer in call order, and
-    the output of a MONAI ``DiffusionModelUNet``'s last up block ``(B, C, X, Y)`` (its finest decoder level, just
-    before the output convolution); either is ``None`` when not asked for."""
+    the output ``(B, C, X, Y)`` of the MONAI ``DiffusionModelUNet``'s up block ``feature_block`` (-1: the last, the
+    finest decoder level just before the output convolution, which mostly carries the predicted noise; -2: one
+    level coarser); either is ``None`` when not asked for."""
     blocks = getattr(unet, "up_blocks", None)
     if features and not blocks:
         raise BundleInputError("This network has no decoder blocks (up_blocks): feature clustering needs a MONAI "
                                "DiffusionModelUNet.")
+    if features and not -len(blocks) <= int(feature_block) < len(blocks):
+        raise BundleInputError(f"feature_block {feature_block} is not a decoder block of this UNet: it has "
+                               f"{len(blocks)}, so use -{len(blocks)} to {len(blocks) - 1} (-1 the finest).")
     inputs, t = _noised(inputs, timestep, scheduler, seed)
     kept: list[torch.Tensor] = []
-    hook = blocks[-1].register_forward_hook(lambda m, i, o: kept.append(o.float())) if features else None
+    hook = blocks[int(feature_block)].register_forward_hook(lambda m, i, o: kept.append(o.float())) if features else None
     try:
         with SelfAttentionRecorder(unet) if attention else contextlib.nullcontext() as recorder:
             unet(inputs, t, context=context) if context is not None else unet(inputs, t)
@@ -102,9 +113,71 @@ def self_attention(unet: nn.Module, inputs: torch.Tensor, timestep: int, schedul
 
 
 def decoder_features(unet: nn.Module, inputs: torch.Tensor, timestep: int, scheduler=None, context=None,
-                     seed: int = 0) -> torch.Tensor:
-    """The finest decoder features of :func:`unet_internals`."""
-    return unet_internals(unet, inputs, timestep, scheduler, context, seed, attention=False)[1]
+                     seed: int = 0, feature_block: int = -1) -> torch.Tensor:
+    """The decoder features of :func:`unet_internals`."""
+    return unet_internals(unet, inputs, timestep, scheduler, context, seed, attention=False,
+                          feature_block=feature_block)[1]
+
+
+@dataclasses.dataclass
+class ZeroShotUNet:
+    """A trained UNet whose internals zero-shot segmentation reads, and how an image batch reaches it.
+
+    ``encode`` takes preprocessed images in [0, 1] to the UNet's inputs; ``context`` is the cross-attention
+    condition (the generator's null condition, as DiffSeg runs Stable Diffusion without a prompt; ``None`` for an
+    unconditioned UNet). Made by :func:`load_zero_shot_unet`.
+    """
+
+    model: str
+    path: str
+    unet: nn.Module
+    scheduler: Any
+    preprocessing: Any
+    image_size: int
+    encode: Callable[[torch.Tensor], torch.Tensor]
+    context: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def internals(self, images: torch.Tensor, timestep: int, seed: int = 0, attention: bool = True,
+                  features: bool = True, feature_block: int = -1):
+        """:func:`unet_internals` of a batch of preprocessed images."""
+        inputs = self.encode(images)
+        context = None if self.context is None else self.context.to(inputs).expand(len(inputs), -1, -1)
+        return unet_internals(self.unet, inputs, timestep, self.scheduler, context, seed, attention, features,
+                              feature_block)
+
+
+ZERO_SHOT_MODELS = ("denoiser", "generator")
+
+
+def load_zero_shot_unet(model: str, work_dir: str | os.PathLike, bundle_root: str | os.PathLike = ".",
+                        device: torch.device | str = "cpu", sdpa_attention: bool = True,
+                        image_size: int | None = None, modality: str | None = None,
+                        path: str | os.PathLike | None = None) -> ZeroShotUNet:
+    """The UNet of ``work_dir`` that zero-shot segmentation reads: ``denoiser``, the label-free image-space
+    denoiser (configs/heads/pretrain.json; inputs scaled to [-1, 1]), or ``generator``, the latent UNet of the
+    trained generator (configs/train.json; inputs encoded by its autoencoder in ``work_dir``, null condition).
+    ``path``: the UNet's file (e.g. a snapshot); ``None`` takes the model's file in ``work_dir``. ``image_size`` and
+    ``modality``: ``None`` takes the model's; another value must match it."""
+    if model not in ZERO_SHOT_MODELS:
+        raise BundleInputError(f"zero_shot_model '{model}' is not known: use one of {ZERO_SHOT_MODELS}.")
+    if model == "generator":
+        path = str(path or model_path(work_dir, "diffusion"))
+        generator = load_generator(model_path(work_dir, "autoencoder"), path,
+                                   requested={"image_size": image_size, "modality": modality},
+                                   bundle_root=bundle_root, device=device)
+        null = torch.zeros(1, generator.dino.num_tokens, generator.dino.embed_dim, device=device)
+        return ZeroShotUNet(model, path, generator.unet.eval(), generator.sampler("ddpm"), generator.preprocessing,
+                            generator.image_size, lambda images: generator.codec.encode(images.to(device)), null)
+    path = str(path or model_path(work_dir, "denoiser"))
+    record = read_record(path, "denoiser", "pre-train it first: run training with configs/heads/pretrain.json")["record"]
+    size = recorded_value(record, "image_size", image_size, path, "denoiser")
+    modality = recorded_value(record, "modality", modality, path, "denoiser")
+    unet = load_denoiser(build_network(record["network"], use_flash_attention=sdpa_attention), path).to(device)
+    preprocessing = modality_preprocessing(str(Path(bundle_root) / "configs" / "modality" / f"{modality}.json"),
+                                           image_size=size)
+    return ZeroShotUNet(model, path, unet, DDPMScheduler(**record["noise_schedule"]), preprocessing, int(size),
+                        lambda images: images.to(device) * 2 - 1)
 
 
 def kmeans_labels(features: torch.Tensor, clusters: int = 6, iterations: int = 30, seed: int = 0,
@@ -254,37 +327,39 @@ def cluster_labels(proposals: torch.Tensor, size: Sequence[int]) -> torch.Tensor
     return maps.argmax(0)
 
 
-def lung_clusters(labels: torch.Tensor, image: torch.Tensor, border: float = 0.2) -> torch.Tensor:
+def lung_clusters(labels: torch.Tensor, image: torch.Tensor, border: float = 0.2, components: int | None = 2
+                  ) -> torch.Tensor:
     """The label-free lung choice: clusters darker than the image's mean intensity that lie mostly inside.
 
     A cluster is taken when its mean intensity is below the image's mean (air-filled lung is radiolucent,
     so dark in a radiograph with MONOCHROME2 display) and no more than ``border`` of its pixels lie in the
     outer eighth of the image on any side (dark air outside the body reaches the border; the lungs do not).
-    Returns a boolean ``(X, Y)`` mask.
+    Then the ``components`` largest connected regions are kept (two lungs; ``None`` keeps every region) and
+    their holes filled (MONAI's ``KeepLargestConnectedComponent`` and ``FillHoles``). Every cluster being one
+    pixel makes it the plain intensity rule. Returns a boolean ``(X, Y)`` mask.
     """
     image = image.reshape(labels.shape).float()
     x, y = labels.shape
     edge = torch.zeros_like(labels, dtype=torch.bool)
     ex, ey = max(1, x // 8), max(1, y // 8)
     edge[:ex], edge[-ex:], edge[:, :ey], edge[:, -ey:] = True, True, True, True
-    mean = image.mean()
-    mask = torch.zeros_like(labels, dtype=torch.bool)
-    for k in labels.unique():
-        cluster = labels == k
-        if image[cluster].mean() < mean and edge[cluster].float().mean() <= border:
-            mask |= cluster
-    return mask
+    _, index = labels.flatten().unique(return_inverse=True)
+    count = torch.bincount(index).double()
+    darkness = torch.bincount(index, weights=image.flatten().double()) / count
+    outer = torch.bincount(index, weights=edge.flatten().double()) / count
+    mask = ((darkness < image.double().mean()) & (outer <= border))[index].reshape(labels.shape)
+    if components and mask.any():
+        mask = KeepLargestConnectedComponent(num_components=int(components), connectivity=1)(mask[None])[0]
+        mask = FillHoles()(mask[None])[0]
+    return torch.as_tensor(mask).bool()
 
 
 def oracle_clusters(labels: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     """Upper bound that uses the true mask: the clusters with more than half of their pixels inside it."""
     truth = truth.reshape(labels.shape).bool()
-    mask = torch.zeros_like(truth)
-    for k in labels.unique():
-        cluster = labels == k
-        if truth[cluster].float().mean() > 0.5:
-            mask |= cluster
-    return mask
+    _, index = labels.flatten().unique(return_inverse=True)
+    inside = torch.bincount(index, weights=truth.flatten().double()) / torch.bincount(index).double()
+    return (inside > 0.5)[index].reshape(labels.shape)
 
 
 MERGES = ("relative", "diffseg")
@@ -320,36 +395,36 @@ def dice(predicted: torch.Tensor, truth: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def segment_folder(unet: nn.Module, rows: Sequence[dict], preprocessing, scheduler, output_dir, timestep: int = 100,
+def segment_folder(model: ZeroShotUNet, rows: Sequence[dict], output_dir, timestep: int = 100,
                    threshold: float = 0.1, grid: int = 16, mask_format: str = "png",
-                   truth_columns: Sequence[str] = LUNG_MASK_COLUMNS, batch_size: int = 8,
-                   seed: int = 0, device: torch.device | str = "cpu", merge: str = "relative",
-                   method: str = "attention", clusters: int = 6, grids: Sequence[int] | None = None) -> dict:
-    """Zero-shot lung masks for every row with the label-free image-space denoiser (inputs scaled to [-1, 1]).
+                   truth_columns: Sequence[str] = LUNG_MASK_COLUMNS, batch_size: int = 8, seed: int = 0,
+                   merge: str = "relative", method: str = "attention", clusters: int = 6,
+                   grids: Sequence[int] | None = None, feature_block: int = -1) -> dict:
+    """Zero-shot lung masks for every row from the internals of ``model`` (:func:`load_zero_shot_unet`).
 
     ``method``: ``attention`` (self-attention merged into clusters, :func:`segment`; ``grids`` picks its layers) or
-    ``features`` (k-means with ``clusters`` centres on the finest decoder features, :func:`feature_segment`); either
-    way the lungs are chosen by :func:`lung_clusters`.
+    ``features`` (k-means with ``clusters`` centres on the decoder features of up block ``feature_block``,
+    :func:`feature_segment`); either way the lungs are chosen by :func:`lung_clusters`.
 
     Writes ``<output_dir>/lungs/<stem>.png`` (0/255) or ``.nii.gz`` in each image's original frame. Rows that
     carry all ``truth_columns`` are scored at the model's image size: Dice of the label-free choice and, as an
-    upper bound that looks at the truth, of :func:`oracle_clusters`; scores go to ``<output_dir>/metrics.json``.
+    upper bound that looks at the truth, of :func:`oracle_clusters`; scores go to ``<output_dir>/metrics.json``
+    with the settings used.
     """
     mask_suffix(mask_format)
     if method not in METHODS:
         raise BundleInputError(f"zero_shot_method '{method}' is not known: use one of {METHODS}.")
     if not rows:
         raise BundleInputError("No images to segment: check input_dir.")
-    unet = unet.to(device).eval()
     out, stems, scores = Path(output_dir), output_stems(rows), []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        images = preprocessed_stack(chunk, preprocessing, desc="zero-shot")
+        images = preprocessed_stack(chunk, model.preprocessing, desc="zero-shot")
         if method == "features":
-            features = decoder_features(unet, (images * 2 - 1).to(device), timestep, scheduler, seed=seed)
+            features = model.internals(images, timestep, seed, attention=False, feature_block=feature_block)[1]
             labels, lungs = feature_segment(features, images, clusters, seed=seed)
         else:
-            maps = self_attention(unet, (images * 2 - 1).to(device), timestep, scheduler, seed=seed)
+            maps = model.internals(images, timestep, seed, features=False)[0]
             labels, lungs = segment(maps, images, grid, threshold, merge=merge, grids=grids)
         size = images.shape[-1]
         for row, stem, label, lung in zip(chunk, stems[start : start + batch_size], labels, lungs):
@@ -358,15 +433,16 @@ def segment_folder(unet: nn.Module, rows: Sequence[dict], preprocessing, schedul
                 truth = read_masks(row, truth_columns, (size, size)).amax(0).bool()
                 scores.append({"image": str(row["image"]), "clusters": int(label.unique().numel()),
                                "dice": dice(lung, truth), "oracle_dice": dice(oracle_clusters(label, truth), truth)})
-    metrics: dict = {}
+    settings = {"model": model.model, "model_path": str(model.path), "method": method, "timestep": int(timestep),
+                "image_size": int(model.image_size), "seed": int(seed),
+                **({"clusters": int(clusters), "feature_block": int(feature_block)} if method == "features" else
+                   {"merge": merge, "threshold": float(threshold), "grid": int(grid),
+                    "attention_grids": list(grids) if grids else "all"})}
+    metrics: dict = {"images": len(rows), "settings": settings}
     if scores:
-        metrics = {"images": len(scores), "dice": float(np.mean([s["dice"] for s in scores])),
-                   "dice_std": float(np.std([s["dice"] for s in scores])),
-                   "oracle_dice_upper_bound": float(np.mean([s["oracle_dice"] for s in scores])),
-                   "mean_clusters": float(np.mean([s["clusters"] for s in scores])), "per_image": scores,
-                   "settings": {"method": method, "timestep": int(timestep), "image_size": int(size),
-                                **({"clusters": int(clusters)} if method == "features" else
-                                   {"merge": merge, "threshold": float(threshold), "grid": int(grid),
-                                    "attention_grids": list(grids) if grids else "all"})}}
-        atomic_write_json(out / "metrics.json", metrics)
+        metrics.update({"scored_images": len(scores), "dice": float(np.mean([s["dice"] for s in scores])),
+                        "dice_std": float(np.std([s["dice"] for s in scores])),
+                        "oracle_dice_upper_bound": float(np.mean([s["oracle_dice"] for s in scores])),
+                        "mean_clusters": float(np.mean([s["clusters"] for s in scores])), "per_image": scores})
+    atomic_write_json(out / "metrics.json", metrics)
     return metrics

@@ -116,12 +116,10 @@ def zero_shot(args: argparse.Namespace) -> None:
         wf = config_workflow("configs/heads/zero_shot.json", "inference", **overrides, input_dir=str(listing),
                              output_dir=str(args.out / args.name))
         wf.run()
-        get = wf.parser.get_parsed_content
-        settings = {k: get(k) for k in ("zero_shot_method", "attention_timestep", "merge", "merge_threshold",
-                                        "anchor_grid", "attention_grids", "feature_clusters")}
-        record(args.name, out=args.out, entry={"what": "label-free lung masks (both lungs) of the served zero-shot method, 0/255 at each "
-                                   "film's own size", "images": len(rows),
-                           "model": {"denoiser": str(get("denoiser_path"))}, "settings": settings})
+    settings = json.loads((args.out / args.name / "metrics.json").read_text())["settings"]
+    record(args.name, out=args.out, entry={"what": "label-free lung masks (both lungs) of the served zero-shot method, 0/255 at "
+                                           "each film's own size", "images": len(rows),
+                                           "model": {settings["model"]: settings["model_path"]}, "settings": settings})
 
 
 def main() -> None:

@@ -1,23 +1,30 @@
-"""Zero-shot lung segmentation on JSRT without labels: DiffSeg on self-attention, and k-means on decoder features
-(docs/results/zero_shot.md; numbers in <out>/zero_shot.json, tables in <out>/zero_shot_table.md, figures).
+"""Zero-shot lung segmentation on JSRT without labels: DiffSeg on self-attention, and k-means on decoder features,
+from a diffusion UNet (docs/results/zero_shot.md; numbers in <out>/zero_shot.json, tables in
+<out>/zero_shot_table.md, figures).
 
     python -m evidence.zero_shot_evidence --train runs/heads128/train.csv --test runs/heads128/test.csv \\
         --denoiser_args "--work_dir runs/heads128/pretrain" --latent_args "--work_dir runs/corpus_cpu128" \\
         --out docs/results/zero_shot128
 
+Each UNet is loaded by configs/heads/zero_shot.json (zero_shot_model denoiser / generator; the args are that
+config's overrides, e.g. --model_path for a snapshot), so the sweep measures exactly what the config serves.
+
 1. **Sweep on train only** (the first --select_on JSRT train films; their masks are used for this choice and nothing
-   else), for each UNet (the label-free image-space denoiser of configs/heads/pretrain.json; the generator's latent
-   UNet, conditioned on the null context as DiffSeg runs Stable Diffusion without a prompt): attention clustering
-   with DiffSeg's merge as published (absolute symmetric-KL threshold) and the bundle's relative variant, over
-   timestep, merge threshold, anchor grid and attention layers (every layer weighted by its grid, or the finest
-   grid only); and k-means on the finest decoder features over timestep and number of clusters. One UNet call per
-   (UNet, timestep, image) serves every setting.
-2. **Test** (JSRT test) for the best setting of each method and UNet: (a) the label-free lung choice the bundle
-   serves (bundle.zero_shot.lung_clusters: clusters darker than the image's mean that stay off the image border;
-   right lung = the image's left half of that mask), Dice per lung and both lungs, HD95; (b) the matched reading
-   of the paper (clusters more than half inside the true lungs), an upper bound that looks at the truth.
-   Beside them: the same lung rule on plain 16 x 16 blocks, and the mean training mask (uses labels).
-3. Figures: clusters and masks over 8 test films for the winner of each UNet; attention entropy per layer.
+   else), for each UNet (the label-free image-space denoiser; the generator's latent UNet with the null condition,
+   as DiffSeg runs Stable Diffusion without a prompt): attention clustering with DiffSeg's merge as published
+   (absolute symmetric-KL thresholds: its 1.1, and thresholds on the scale of these models' anchor distances) and
+   the bundle's relative variant, over timestep, merge threshold, anchor grid and attention layers (every layer
+   weighted by its grid, or the finest grid only); and k-means on the last two decoder blocks' features over
+   timestep and number of clusters.
+2. **Test** (JSRT test) for the best setting of each UNet and method: (a) the label-free lung choice the bundle
+   serves (bundle.zero_shot.lung_clusters: clusters darker than the image's mean that stay off the image border,
+   then the two largest regions with holes filled; right lung = the image's left half of that mask), Dice per lung
+   and both lungs, HD95; (b) the matched reading of the paper (clusters more than half inside the true lungs), an
+   upper bound that looks at the truth, for that setting and for the setting that maximises it on train. Beside
+   them: the same lung rule with no network, on every pixel and on 16 x 16 blocks, and the mean training mask (uses
+   labels). The served method is the UNet and method with the best label-free Dice on train ("served").
+3. Figures: clusters and masks over 8 test films for the label-free setting of each UNet and method; attention
+   entropy per layer.
 """
 
 from __future__ import annotations
@@ -43,11 +50,15 @@ from bundle.data import preprocessed_stack, read_datalist
 from bundle.heads.segmentation import read_masks
 from bundle.workflow import set_threads
 
-TIMESTEPS = {"denoiser": [50, 150, 300], "latent": [100, 300, 500]}
-RELATIVE = [0.1, 0.2, 0.3]
-DIFFSEG = [0.6, 0.9, 1.1]  # nats; DiffSeg's default 1.1
+TIMESTEPS = {"denoiser": [50, 150, 300], "generator": [50, 100, 300]}  # DiffSeg reads Stable Diffusion at 300
+RELATIVE = [0.1, 0.2]
+# nats. DiffSeg's default is 1.1; the symmetric KL between two anchors of these small UNets is mostly below 0.15
+# (their attention is near uniform), so the published thresholds merge the whole image into one cluster and the
+# sweep also covers thresholds on the scale of these models' distances
+DIFFSEG = [0.005, 0.01, 0.02, 0.05, 1.1]
 ANCHORS = [16, 32]
-CLUSTERS = [4, 6, 8]
+CLUSTERS = [8, 16, 32]
+FEATURE_BLOCKS = [-1, -2]  # the finest decoder block, and the one above it
 
 
 def candidates(timesteps: list[int], finest: int) -> list[dict]:
@@ -58,7 +69,8 @@ def candidates(timesteps: list[int], finest: int) -> list[dict]:
                  "grids": layers} for th in DIFFSEG]
         out += [{"method": "attention", "merge": "relative", "timestep": t, "threshold": th, "grid": grid,
                  "grids": layers} for th in RELATIVE]
-    out += [{"method": "features", "timestep": t, "clusters": k} for t in timesteps for k in CLUSTERS]
+    out += [{"method": "features", "timestep": t, "feature_block": b, "clusters": k}
+            for t in timesteps for b in FEATURE_BLOCKS for k in CLUSTERS]
     return out
 
 
@@ -94,9 +106,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", type=Path, required=True)
     parser.add_argument("--test", type=Path, required=True)
-    parser.add_argument("--denoiser_args", default="", help="overrides naming the pre-trained denoiser "
-                        "(configs/heads/zero_shot.json), e.g. '--work_dir runs/heads128/pretrain'")
-    parser.add_argument("--latent_args", default="", help="overrides naming the trained generator (configs/inference.json)")
+    parser.add_argument("--denoiser_args", default="", help="overrides of configs/heads/zero_shot.json naming the "
+                        "pre-trained denoiser, e.g. '--work_dir runs/heads128/pretrain'")
+    parser.add_argument("--latent_args", default="", help="overrides of configs/heads/zero_shot.json naming the "
+                        "trained generator, e.g. '--work_dir runs/corpus_cpu128' (or '--model_path' a snapshot)")
     parser.add_argument("--select_on", type=int, default=16, help="train films used to choose the settings")
     parser.add_argument("--torch_threads", type=int)
     parser.add_argument("--out", type=Path, default=ROOT / "docs/results/zero_shot")
@@ -104,40 +117,33 @@ def main() -> None:
     os.chdir(ROOT)
     set_threads(args.torch_threads)
     start = time.perf_counter()
-    models = {}
     if not args.denoiser_args and not args.latent_args:
         raise SystemExit("Give --denoiser_args, --latent_args or both.")
-    size = preprocessing = None
-    if args.denoiser_args:
-        d = config_workflow("configs/heads/zero_shot.json", "inference",
-                            **parse_overrides(shlex.split(args.denoiser_args))).parser.get_parsed_content
-        size, preprocessing = int(d("model_image_size")), d("preprocessing")
-        models["denoiser"] = (d("trained_denoiser"), d("train_scheduler"), lambda images: (images * 2 - 1, None))
-    if args.latent_args:
-        g = config_workflow("configs/inference.json", "sample",
-                            **parse_overrides(shlex.split(args.latent_args))).parser.get_parsed_content
-        generator = g("generator")
-        if size is not None and generator.image_size != size:
-            raise SystemExit(f"The generator works at {generator.image_size} px and the denoiser at {size} px: compare "
-                             "models of one size.")
-        size, preprocessing = generator.image_size, generator.preprocessing
-        null = torch.zeros(1, generator.dino.num_tokens, generator.dino.embed_dim)  # the condition-dropout context
-        models["latent"] = (generator.unet, generator.sampler("ddpm"),
-                            lambda images: (generator.codec.encode(images), null.expand(len(images), -1, -1)))
+    models = {}
+    for name, overrides in (("denoiser", args.denoiser_args), ("generator", args.latent_args)):
+        if overrides:
+            models[name] = config_workflow("configs/heads/zero_shot.json", "inference", zero_shot_model=name,
+                                           **parse_overrides(shlex.split(overrides))).parser.get_parsed_content("zero_shot_unet")
+    if len({m.image_size for m in models.values()}) > 1:
+        raise SystemExit(f"The UNets work at different sizes ({ {k: m.image_size for k, m in models.items()} }): compare "
+                         "models of one size.")
+    first = next(iter(models.values()))
+    size, preprocessing = first.image_size, first.preprocessing
 
     def load(rows):
         images = preprocessed_stack(rows, preprocessing)
         truth = {c: torch.stack([read_masks(r, [c], (size, size))[0] for r in rows]).bool() for c in LUNG_MASK_COLUMNS}
         return images, truth
 
-    def run_unet(name, images, timestep):  # one UNet call gives both the attention maps and the decoder features
-        unet, scheduler, prepare = models[name]
-        inputs, context = prepare(images)
-        return zs.unet_internals(unet, inputs, timestep, scheduler, context)
+    def internals(name, images, timestep):
+        """One UNet call for the attention maps and the finest decoder features, one more for the block above."""
+        maps, finest = models[name].internals(images, timestep, feature_block=-1)
+        coarser = models[name].internals(images, timestep, attention=False, feature_block=-2)[1]
+        return maps, {-1: finest, -2: coarser}
 
     def apply(setting, maps, features, images):
         if setting["method"] == "features":
-            return zs.feature_segment(features, images, setting["clusters"])
+            return zs.feature_segment(features[setting["feature_block"]], images, setting["clusters"])
         return zs.segment(maps, images, setting["grid"], setting["threshold"], merge=setting["merge"],
                           grids=setting["grids"])
 
@@ -147,17 +153,19 @@ def main() -> None:
         return {**setting, "label_free": scores(lungs, truth), "matched_upper_bound": scores(matched, truth),
                 "mean_clusters": float(np.mean([lab.unique().numel() for lab in labels]))}
 
+    def settings_of(r):
+        return {k: v for k, v in r.items() if k not in ("label_free", "matched_upper_bound", "mean_clusters")}
+
     train_images, train_truth = load(read_datalist(args.train)[: args.select_on])
     test_rows = read_datalist(args.test)
     test_images, test_truth = load(test_rows)
-    result: dict = {"image_size": size, "select_on_train_images": args.select_on, "sweep": {}, "test": {},
-                    "seconds_per_image": {}, "attention_entropy": {}}
+    result: dict = {"image_size": size, "select_on_train_images": args.select_on,
+                    "models": {k: m.path for k, m in models.items()}, "sweep": {}, "test": {}, "attention_entropy": {}}
     kept = {}
     for name in models:
         sweep = []
-        finest = None
         for t in TIMESTEPS[name]:
-            maps, features = run_unet(name, train_images, t)
+            maps, features = internals(name, train_images, t)
             finest = max(int(round(m.shape[-1] ** 0.5)) for m in maps)
             settings = candidates([t], finest)
             for setting in settings:
@@ -167,30 +175,43 @@ def main() -> None:
         result["sweep"][name] = sweep
         for method in ("attention", "features"):
             runs = [r for r in sweep if r["method"] == method]
-            best = max(runs, key=lambda r: r["label_free"]["dice_both"])
-            chosen = {k: v for k, v in best.items() if k not in ("label_free", "matched_upper_bound", "mean_clusters")}
-            t0 = time.perf_counter()
-            maps, features = run_unet(name, test_images, chosen["timestep"])
-            labels, lungs = apply(chosen, maps, features, test_images)
-            seconds = (time.perf_counter() - t0) / len(test_images)
-            result["test"][f"{name}_{method}"] = {**evaluate(chosen, labels, lungs, test_truth),
-                                                  "train_dice_both": best["label_free"]["dice_both"],
-                                                  "seconds_per_image": seconds}
-            kept[f"{name}_{method}"] = (labels, lungs)
+            # (a) the setting with the best label-free Dice on train; (b) the paper-style reading's own best setting
+            for reading, key in (("label_free", f"{name}_{method}"), ("matched_upper_bound", f"{name}_{method}_matched")):
+                best = max(runs, key=lambda r: r[reading]["dice_both"])
+                chosen = settings_of(best)
+                t0 = time.perf_counter()
+                maps, features = internals(name, test_images, chosen["timestep"])
+                labels, lungs = apply(chosen, maps, features, test_images)
+                seconds = (time.perf_counter() - t0) / len(test_images)
+                result["test"][key] = {**evaluate(chosen, labels, lungs, test_truth), "chosen_by": reading,
+                                       "train_dice_both": best[reading]["dice_both"], "seconds_per_image": seconds}
+                if reading == "label_free":
+                    kept[key] = (labels, lungs)
+                print(key, json.dumps(result["test"][key][reading]), flush=True)
             if method == "attention":  # how far from uniform each layer's attention is (1 = uniform)
                 result["attention_entropy"][name] = [
                     {"grid": int(round(m.shape[-1] ** 0.5)),
                      "entropy_over_uniform": float(-(m * m.clamp_min(1e-12).log()).sum(-1).mean() / np.log(m.shape[-1]))}
                     for m in maps]
-            print(name, method, json.dumps(result["test"][f"{name}_{method}"]["label_free"]), flush=True)
-    # beside them, always: the lung rule on square blocks (no network), and the mean training mask (labels)
+    # the served method: the UNet and method with the best label-free Dice on train
+    served = max((k for k in result["test"] if not k.endswith("_matched")),
+                 key=lambda k: result["test"][k]["train_dice_both"])
+    result["served"] = {"name": served, "settings": settings_of({k: v for k, v in result["test"][served].items()
+                                                                 if k not in ("chosen_by", "train_dice_both",
+                                                                              "seconds_per_image")})}
+    # beside them, always: the lung rule with no network, on every pixel and on 16 x 16 square blocks, and the mean
+    # training mask (which uses labels)
     side = size // 16
-    blocks = (torch.arange(size)[:, None] // side * 16 + torch.arange(size)[None, :] // side).long()
-    block_lungs = torch.stack([zs.lung_clusters(blocks, im) for im in test_images])
-    block_matched = torch.stack([zs.oracle_clusters(blocks, t) for t in test_truth["mask_right_lung"] |
-                                 test_truth["mask_left_lung"]])
-    result["test"]["blocks_16x16_rule"] = {"label_free": scores(block_lungs, test_truth),
-                                           "matched_upper_bound": scores(block_matched, test_truth)}
+    grids = {"pixels_rule": torch.arange(size * size).reshape(size, size),
+             "blocks_16x16_rule": (torch.arange(size)[:, None] // side * 16 + torch.arange(size)[None, :] // side).long()}
+    for key, labels in grids.items():
+        train_lungs = torch.stack([zs.lung_clusters(labels, im) for im in train_images])
+        lungs = torch.stack([zs.lung_clusters(labels, im) for im in test_images])
+        matched = torch.stack([zs.oracle_clusters(labels, t) for t in test_truth["mask_right_lung"] |
+                               test_truth["mask_left_lung"]])
+        result["test"][key] = {"label_free": scores(lungs, test_truth), "matched_upper_bound": scores(matched, test_truth),
+                               "mean_clusters": float(labels.unique().numel()),
+                               "train_dice_both": scores(train_lungs, train_truth)["dice_both"]}
     train_all, train_all_truth = load(read_datalist(args.train))
     mean_mask = torch.stack([train_all_truth[c].float().mean(0) > 0.5 for c in LUNG_MASK_COLUMNS]).any(0)
     result["test"]["mean_training_mask"] = {"label_free": scores(mean_mask.expand(len(test_images), -1, -1), test_truth)}
@@ -205,7 +226,7 @@ def main() -> None:
 
 def _setting(r: dict) -> str:
     if r.get("method") == "features":
-        return f"k-means, {r['clusters']} clusters, t={r['timestep']}"
+        return f"k-means, {r['clusters']} clusters, decoder block {r['feature_block']}, t={r['timestep']}"
     if r.get("method") == "attention":
         layers = "all layers" if not r["grids"] else f"grid {r['grids'][0]} only"
         return f"{r['merge']} merge {r['threshold']:g}, anchors {r['grid']}, {layers}, t={r['timestep']}"
@@ -213,16 +234,21 @@ def _setting(r: dict) -> str:
 
 
 def table(result: dict) -> str:
-    lines = ["| method | setting (chosen on train) | right lung | left lung | both lungs | HD95 px | matched reading, both "
-             "(upper bound) | s / image |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | setting (chosen on train) | clusters | right lung | left lung | both lungs | HD95 px | "
+             "matched reading, both (upper bound) | s / image |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in result["test"].items():
         free, matched = r["label_free"], r.get("matched_upper_bound")
-        lines.append(f"| {name} | {_setting(r)} | {free['dice_right_lung']:.3f} | {free['dice_left_lung']:.3f} | "
-                     f"{free['dice_both']:.3f} ± {free['dice_both_std']:.3f} | {free['hd95_px']:.1f} | "
-                     f"{matched['dice_both']:.3f} |" if matched else f"| {name} | {_setting(r)} | "
-                     f"{free['dice_right_lung']:.3f} | {free['dice_left_lung']:.3f} | {free['dice_both']:.3f} ± "
-                     f"{free['dice_both_std']:.3f} | {free['hd95_px']:.1f} | - |")
+        chosen = " (setting chosen by the matched reading)" if r.get("chosen_by") == "matched_upper_bound" else ""
+        clusters = f"{r['mean_clusters']:.0f}" if "mean_clusters" in r else "-"
+        lines.append(f"| {name}{chosen} | {_setting(r)} | {clusters} | {free['dice_right_lung']:.3f} | "
+                     f"{free['dice_left_lung']:.3f} | {free['dice_both']:.3f} ± {free['dice_both_std']:.3f} | "
+                     f"{free['hd95_px']:.1f} | {matched['dice_both']:.3f} |" if matched else
+                     f"| {name} | - | - | {free['dice_right_lung']:.3f} | {free['dice_left_lung']:.3f} | "
+                     f"{free['dice_both']:.3f} ± {free['dice_both_std']:.3f} | {free['hd95_px']:.1f} | - |")
         lines[-1] += f" {r['seconds_per_image']:.2f} |" if "seconds_per_image" in r else " - |"
+    served = result.get("served")
+    if served:
+        lines.append(f"\nServed (best label-free Dice on train): **{served['name']}**.")
     return "\n".join(lines) + "\n"
 
 

@@ -370,7 +370,8 @@ def test_zero_shot_segmentation_writes_a_lung_mask_of_the_input_size(pretrained,
     assert mask.shape == (512, 512) and set(np.unique(mask)) <= {0, 255}
     metrics = json.loads((tmp_path / "zs" / "metrics.json").read_text())
     assert metrics["images"] == len(masks) and 0 <= metrics["dice"] <= 1 and 0 <= metrics["oracle_dice_upper_bound"] <= 1
-    assert metrics["mean_clusters"] >= 1
+    assert metrics["mean_clusters"] >= 1 and metrics["settings"]["model"] == "denoiser"
+    assert metrics["settings"]["method"] == "attention" and metrics["settings"]["model_path"].endswith("denoiser.pt")
     # the label-free alternative: k-means on the finest decoder features, through the same config
     run_bundle("heads/zero_shot.json", "inference", {**settings, "output_dir": str(tmp_path / "features"),
                                                      "zero_shot_method": "features", "feature_clusters": 4})
@@ -381,6 +382,43 @@ def test_zero_shot_segmentation_writes_a_lung_mask_of_the_input_size(pretrained,
     with pytest.raises(Exception) as err:
         run_bundle("heads/zero_shot.json", "inference", {**settings, "zero_shot_method": "kmeans"})
     assert "zero_shot_method 'kmeans' is not known" in str(err.value.__cause__ or err.value)
+
+
+def test_zero_shot_reads_the_generators_latent_unet_through_the_same_config_and_records_its_settings(
+        pretrained, trained_tiny, tmp_path):
+    import csv
+    import json
+
+    from monai.transforms import LoadImage
+
+    from .conftest import run_bundle
+
+    rows = pretrained["rows"][:3]
+    listing = tmp_path / "films.csv"
+    with open(listing, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    settings = {"work_dir": trained_tiny["work_dir"], "zero_shot_model": "generator", "input_dir": str(listing),
+                "output_dir": str(tmp_path / "zs"), "zero_shot_method": "features", "feature_clusters": 3,
+                "feature_block": -2, "attention_timestep": 50}
+    run_bundle("heads/zero_shot.json", "inference", settings)
+    masks = sorted((tmp_path / "zs" / "lungs").glob("*.png"))
+    assert len(masks) == 3 and np.asarray(LoadImage(image_only=True)(masks[0])).shape == (512, 512)
+    metrics = json.loads((tmp_path / "zs" / "metrics.json").read_text())
+    assert metrics["settings"]["model"] == "generator" and metrics["settings"]["model_path"].endswith("models/model.pt")
+    assert metrics["settings"]["feature_block"] == -2 and metrics["settings"]["timestep"] == 50
+    assert metrics["scored_images"] == 3 and 0 <= metrics["dice"] <= 1 and 1 <= metrics["mean_clusters"] <= 3
+    # attention of the same UNet (the tiny generator attends at its coarser latent level)
+    run_bundle("heads/zero_shot.json", "inference", {**settings, "zero_shot_method": "attention",
+                                                      "output_dir": str(tmp_path / "att")})
+    assert json.loads((tmp_path / "att" / "metrics.json").read_text())["settings"]["merge"] == "relative"
+    for bad, message in (({"zero_shot_model": "vae"}, "zero_shot_model 'vae' is not known"),
+                         ({"feature_block": 5}, "feature_block 5 is not a decoder block"),
+                         ({"work_dir": str(tmp_path / "empty")}, "train it")):
+        with pytest.raises(Exception) as err:
+            run_bundle("heads/zero_shot.json", "inference", {**settings, **bad})
+        assert message in str(err.value.__cause__ or err.value)
 
 
 def test_latent_head_maps_at_image_size_and_keeps_the_autoencoder_frozen():

@@ -138,6 +138,8 @@ def test_monai_label_own_client_decodes_every_task_and_hears_404_for_an_unknown_
         label_file, result = client.infer(task, image_id, {})
         label = np.asarray(Image.open(label_file))
         assert isinstance(result, dict) and label.shape == size and set(np.unique(label)) <= values
+        if task == "zero_shot_lungs":  # the answer names the UNet and the method that made the mask
+            assert result["settings"]["model"] == "denoiser" and result["settings"]["method"] == "attention"
     image_file, result = client.infer("generation", image_id, {})
     assert np.asarray(Image.open(image_file)).shape == size and result["generated_size"] == [32, 32]
     # the server deletes each answer file after sending it; the client, beside it on this machine, saved its copies
@@ -236,6 +238,28 @@ def test_train_fine_tunes_the_head_on_a_saved_label_and_inference_uses_it(server
     image_id = Path(server["rows"][2]["image"]).stem
     after = png(requests.post(f"{url}/infer/segmentation", params={"image": image_id, "output": "image"}, timeout=300))
     assert set(np.unique(after)) <= {0, 1, 2}
+
+
+def test_zero_shot_task_reads_the_generator_when_the_app_is_told_to(server):
+    """--conf zero_shot_model generator: the task reads the generator's work dir and says so in its answer."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("dinodiffusion_app", ROOT / "apps/monailabel/main.py")
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    import dinodiffusion_tasks as tasks
+
+    assert tasks.config_default("heads/zero_shot.json", "zero_shot_model") in app.ZERO_SHOT
+    where = SimpleNamespace(heads_dir=str(server["heads"]), generator_dir=str(server["tmp"] / "generator"))
+    work_dir, model, remedy = app.ZERO_SHOT["generator"](where)
+    task = tasks.BundleInfer("heads/zero_shot.json", "inference", work_dir, model, remedy, "segmentation",
+                             {"lungs": 1}, "zero-shot lungs", tasks.lung_mask, {"zero_shot_model": "generator"})
+    assert task.is_valid()
+    label_file, result = task({"image": str(server["rows"][0]["image"]), "model": "zero_shot_lungs"})
+    label = np.asarray(Image.open(label_file))
+    assert label.shape == Image.open(server["rows"][0]["image"]).size[::-1] and set(np.unique(label)) <= {0, 1}
+    assert result["settings"]["model"] == "generator" and result["settings"]["model_path"].endswith("models/model.pt")
 
 
 def test_a_task_without_its_model_is_hidden_and_answers_503_naming_what_to_train(tmp_path):

@@ -88,6 +88,24 @@ def test_lung_rule_takes_dark_inner_clusters_and_the_oracle_uses_the_truth():
     assert dice(labels == 1, truth) == pytest.approx(2 * 32 / (32 + 64)) and dice(truth & False, truth & False) == 1.0
 
 
+def test_lung_rule_keeps_the_two_largest_regions_fills_their_holes_and_never_reads_a_mask():
+    import inspect
+
+    labels = torch.arange(20 * 20).reshape(20, 20)  # every pixel its own cluster: the plain intensity rule
+    image = torch.full((20, 20), 0.9)
+    image[4:16, 3:9], image[4:16, 11:17] = 0.1, 0.1  # two dark lungs
+    image[8, 5] = 0.95  # a bright vessel inside the right lung
+    image[17, 10] = 0.1  # a dark speck between them (not lung)
+    lungs = lung_clusters(labels, image)
+    expected = torch.zeros(20, 20, dtype=torch.bool)
+    expected[4:16, 3:9], expected[4:16, 11:17] = True, True
+    assert torch.equal(lungs, expected)  # the speck dropped, the vessel's hole filled
+    kept_all = lung_clusters(labels, image, components=None)
+    assert kept_all[17, 10] and not kept_all[8, 5]
+    assert "truth" not in inspect.signature(lung_clusters).parameters and "mask" not in str(
+        inspect.signature(lung_clusters))  # the rule sees the labels and the image, nothing else
+
+
 def test_recorder_collects_every_self_attention_call_and_restores_the_network():
     from monai.networks.nets import DiffusionModelUNet
 
@@ -138,6 +156,10 @@ def test_feature_clustering_finds_planted_regions_and_reads_the_decoder():
     images = torch.rand(2, 1, 16, 16)
     features = decoder_features(unet, images, 0)
     assert features.shape == (2, 8, 16, 16)  # finest level, full size
+    before = decoder_features(unet, images, 0, feature_block=-2)  # the block before the last: 16 channels
+    assert before.shape == (2, 16, 16, 16) and decoder_features(unet, images, 0, feature_block=0).shape == before.shape
+    with pytest.raises(BundleInputError, match="feature_block -3 is not a decoder block"):
+        decoder_features(unet, images, 0, feature_block=-3)
     maps, both = unet_internals(unet, images, 0)  # one call gives what the two calls give
     torch.testing.assert_close(both, features)
     assert all(torch.equal(a, b) for a, b in zip(maps, self_attention(unet, images, 0)))

@@ -1,5 +1,5 @@
-"""MONAI Label app of the DiNO-Diffusion bundle: few-shot segmentation and landmark heads, zero-shot lungs from the
-denoiser's attention, and synthetic images from a study's DINO embedding, plus a train task that fine-tunes the
+"""MONAI Label app of the DiNO-Diffusion bundle: few-shot segmentation and landmark heads, zero-shot lungs from a
+diffusion UNet, and synthetic images from a study's DINO embedding, plus a train task that fine-tunes the
 segmentation head on the label maps users save.
 
     monailabel start_server --app apps/monailabel --studies STUDIES \\
@@ -10,7 +10,9 @@ Settings (``--conf key value``):
 - ``generator_dir``: work dir of the generator (models/model.pt, models/model_autoencoder.pt); default heads_dir;
 - ``structures``: comma-separated mask columns of the segmentation head (default the five JSRT structures);
 - ``train_iterations``: fine-tuning steps of the train task (default 200);
-- ``sample_steps``: sampler steps of the generation task (default 20).
+- ``sample_steps``: sampler steps of the generation task (default 20);
+- ``zero_shot_model``: the UNet the zero-shot lungs task reads, ``denoiser`` (in heads_dir) or ``generator`` (in
+  generator_dir); default the one configs/heads/zero_shot.json serves.
 A task whose model file is missing is left out of /info and answers 503 with what to train.
 """
 
@@ -36,6 +38,10 @@ import dinodiffusion_tasks as tasks  # noqa: E402
 logger = logging.getLogger(__name__)
 
 PRETRAIN = "pre-train it with configs/heads/pretrain.json (run training) into this heads_dir"
+GENERATOR = "train the generator (configs/train.json) into this generator_dir"
+# the zero-shot task's (work dir, model file, what to do when it is missing) for each UNet it can read
+ZERO_SHOT = {"denoiser": lambda app: (app.heads_dir, "denoiser", PRETRAIN),
+             "generator": lambda app: (app.generator_dir, "diffusion", GENERATOR)}
 FINE_TUNE = "fine-tune it with configs/heads/{} (run training) into this heads_dir, or POST /train/segmentation"
 
 
@@ -47,6 +53,10 @@ class DinoDiffusionApp(MONAILabelApp):
         self.structures = structures.split(",") if structures else tasks.STRUCTURES
         self.train_iterations = int(conf.get("train_iterations", 200))
         self.sample_steps = int(conf.get("sample_steps", 20))
+        self.zero_shot_model = conf.get("zero_shot_model") or tasks.config_default("heads/zero_shot.json",
+                                                                                   "zero_shot_model")
+        if self.zero_shot_model not in ZERO_SHOT:
+            raise ValueError(f"--conf zero_shot_model '{self.zero_shot_model}' is not known: use one of {sorted(ZERO_SHOT)}.")
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="DiNO-Diffusion",
                          description="Label-free diffusion for radiographs: few-shot heads, zero-shot lungs, synthesis",
                          version="1.0")
@@ -63,11 +73,11 @@ class DinoDiffusionApp(MONAILabelApp):
                 InferType.DETECTION, [], "Few-shot landmark head: points per landmark group as JSON in the image's "
                 "pixel frame", tasks.landmark_points),
             "zero_shot_lungs": tasks.BundleInfer(
-                "heads/zero_shot.json", "inference", heads, "denoiser", PRETRAIN, InferType.SEGMENTATION,
-                {"lungs": 1}, "Zero-shot lungs from the denoiser's self-attention (no labels)", tasks.lung_mask),
+                "heads/zero_shot.json", "inference", *ZERO_SHOT[self.zero_shot_model](self), InferType.SEGMENTATION,
+                {"lungs": 1}, f"Zero-shot lungs from the {self.zero_shot_model}'s UNet (no labels); the result names "
+                "the method and settings", tasks.lung_mask, {"zero_shot_model": self.zero_shot_model}),
             "generation": tasks.BundleInfer(
-                "inference.json", "sample", self.generator_dir, "diffusion", "train the generator (configs/train.json) "
-                "into this generator_dir", InferType.OTHERS, [], "A synthetic radiograph generated from the study's "
+                "inference.json", "sample", self.generator_dir, "diffusion", GENERATOR, InferType.OTHERS, [], "A synthetic radiograph generated from the study's "
                 "DINO embedding (reconstruction strategy; params strategy/strategy_params pick another, e.g. a concept)", tasks.generated_image,
                 {"num_samples": 1, "strategy": "reconstruction", "num_inference_steps": self.sample_steps,
                  "output_formats": ["png"]},

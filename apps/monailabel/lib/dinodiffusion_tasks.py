@@ -73,6 +73,11 @@ def run_bundle_config(config: str, run_id: str, overrides: dict[str, Any]) -> An
 _RESULTS: Path | None = None
 
 
+def config_default(config: str, key: str) -> Any:
+    """The value ``key`` has in the bundle config ``configs/<config>`` as shipped (the served default)."""
+    return json.loads((ROOT / "configs" / config).read_text())[key]
+
+
 def result_path(suffix: str) -> str:
     """A fresh file for one answer, in a folder this server owns. MONAI Label deletes the file once it is sent, and
     its client saves what it receives as ``<client tmpdir>/<the same file name>``: were the answer in the system
@@ -248,7 +253,8 @@ def lung_mask(out: Path, image: str) -> tuple[str, dict]:
     label = (np.asarray(Image.open(mask_file)) > 127).astype(np.uint8)
     path = result_path(".png")
     Image.fromarray(label).save(path)
-    return path, {"label_names": {"lungs": 1}, "pixels": {"lungs": int(label.sum())}}
+    settings = json.loads((out / "metrics.json").read_text())["settings"]  # the method and model that made it
+    return path, {"label_names": {"lungs": 1}, "pixels": {"lungs": int(label.sum())}, "settings": settings}
 
 
 def generated_image(out: Path, image: str) -> tuple[str, dict]:
