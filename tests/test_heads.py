@@ -309,6 +309,29 @@ def test_heads_build_the_denoiser_with_fused_attention_and_it_computes_what_the_
     assert isinstance(build_network(record["record"]["network"], no_such_setting=1), type(plain))
 
 
+def test_fine_tuning_follows_the_recipe_for_the_number_of_labelled_films_unless_told_otherwise(pretrained, tmp_path):
+    from bundle.heads.training import recipe_setting
+
+    from .conftest import run_bundle
+
+    recipe = [{"up_to": 2, "lr": 0.01, "iterations": 3}, {"up_to": None, "lr": 0.0001, "iterations": 2}]
+    assert recipe_setting(recipe, 2, "lr") == 0.01 and recipe_setting(recipe, 3, "lr") == 0.0001
+    assert recipe_setting(recipe, 150, "iterations") == 2 and recipe_setting(recipe, 1, "lr", given=0.5) == 0.5
+    with pytest.raises(BundleInputError, match="no entry for 20 labelled films"):
+        recipe_setting(recipe[:1], 20, "lr")
+    settings = {**pretrained["settings"], "labelled_dir": str(pretrained["datalist"]), "head_batch_size": 2,
+                "structures": ["mask_left_lung"], "head_recipe": recipe}
+    for n, lr, iterations, overrides in ((2, 0.01, 3, {}), (3, 0.0001, 2, {}), (3, 0.001, 4, {"head_lr": 0.001,
+                                                                                               "head_iterations": 4})):
+        head = tmp_path / f"head_{n}_{iterations}.pt"
+        wf = run_bundle("heads/segmentation.json", "training", {**settings, "num_labelled": n, "head_path": str(head),
+                                                               **overrides})
+        record = read_record(head, "head", "x")["record"]
+        assert (record["lr"], record["iterations"]) == (lr, iterations)
+        assert wf.parser.get_parsed_content("head_trainer").state.iteration == iterations
+        assert wf.parser.get_parsed_content("head_optimizer").param_groups[0]["lr"] == lr
+
+
 def test_head_configs_fine_tune_then_write_landmarks_and_masks_for_a_folder(pretrained, tmp_path):
     import json
 

@@ -227,6 +227,7 @@ def test_train_fine_tunes_the_head_on_a_saved_label_and_inference_uses_it(server
     stats = requests.post(f"{url}/train/segmentation", params={"run_sync": True}, json={"iterations": 3},
                           timeout=600).json()
     assert stats["images"] == 1 and stats["iterations"] == 3 and np.isfinite(stats["final_loss"])
+    assert stats["lr"] == 0.001  # head_recipe's learning rate for one labelled film
     assert head.stat().st_mtime_ns > before
     assert not list(head.parent.glob(".segmentation.pt.*"))  # nothing half-written beside it
     # the head trained before is kept beside it (one version), with its record; the new record is portable

@@ -42,6 +42,20 @@ def labelled_rows(datalist: str | os.PathLike | None, num_labelled: int | str | 
     return rows
 
 
+def recipe_setting(recipe: Sequence[dict], labelled: int, key: str, given=None):
+    """The fine-tuning setting ``key`` for ``labelled`` films: ``given`` when it is set (a user's choice wins), else
+    ``key`` of the first ``recipe`` entry whose ``up_to`` (``None``: no limit) is at least ``labelled``."""
+    if given is not None:
+        return given
+    for entry in recipe:
+        if entry.get("up_to") is None or int(labelled) <= int(entry["up_to"]):
+            if key not in entry:
+                raise BundleInputError(f"head_recipe entry {entry} has no '{key}': give it one, or set head_{key}.")
+            return entry[key]
+    raise BundleInputError(f"head_recipe has no entry for {labelled} labelled films: end it with an entry whose "
+                           "up_to is null, or set head_lr and head_iterations.")
+
+
 def _preprocessed(row: dict, preprocessing) -> torch.Tensor:
     return torch.as_tensor(np.asarray(apply_to_file(preprocessing, dict(row))["image"])).float()
 

@@ -324,7 +324,7 @@ class HeadTrain(TrainTask):
         self._stats: dict[str, Any] = {}
 
     def config(self):
-        return {"iterations": self.iterations, "batch_size": 8, "lr": 1e-3}
+        return {"iterations": self.iterations, "batch_size": 8}  # the learning rate follows head_recipe
 
     def stats(self):
         return self._stats
@@ -371,9 +371,10 @@ class HeadTrain(TrainTask):
             # weights and record written atomically; the head trained before stays beside it (segmentation.previous.pt)
             previous = install_model(trained, head_path)
             losses = workflow.parser.get_parsed_content("head_trainer").state.output
+            lr = float(workflow.parser.get_parsed_content("fine_tune_lr"))
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         self._stats = {"images": len(rows), "skipped": skipped, "iterations": int(request.get("iterations", self.iterations)),
-                       "final_loss": float(losses["loss"]) if isinstance(losses, dict) else float(losses),
+                       "lr": lr, "final_loss": float(losses["loss"]) if isinstance(losses, dict) else float(losses),
                        "head": head_path, "previous_head": str(previous) if previous else None, "seconds": round(time.time() - start, 1)}
         return self._stats
