@@ -297,9 +297,11 @@ def test_heads_build_the_denoiser_with_fused_attention_and_it_computes_what_the_
                            32, ["H"], sigma=1.0)
     images = torch.stack([it["image"] for it in items]) * 2 - 1
     t = torch.full((3,), 300)
-    for config in ("heads/landmarks.json", "heads/segmentation.json", "heads/zero_shot.json"):
+    for config, key in (("heads/landmarks.json", "denoiser_def"), ("heads/segmentation.json", "denoiser_def"),
+                        ("heads/zero_shot.json", "zero_shot_unet")):
         for sdpa in (True, False):
-            net = workflow(config, "training", {**settings, "sdpa_attention": sdpa}).parser.get_parsed_content("denoiser_def")
+            net = workflow(config, "training", {**settings, "sdpa_attention": sdpa}).parser.get_parsed_content(key)
+            net = getattr(net, "unet", net)  # zero-shot: the loaded denoiser inside its ZeroShotUNet
             flags = {m.use_flash_attention for m in net.modules() if hasattr(m, "use_flash_attention")}
             assert flags == {sdpa}, (config, sdpa)
             net.load_state_dict(record["state_dict"])
