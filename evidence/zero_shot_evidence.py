@@ -233,6 +233,21 @@ def _setting(r: dict) -> str:
     return "-"
 
 
+CONFIG_KEYS = {"method": "zero_shot_method", "timestep": "attention_timestep", "clusters": "feature_clusters",
+               "feature_block": "feature_block", "merge": "merge", "threshold": "merge_threshold", "grid": "anchor_grid",
+               "grids": "attention_grids"}
+
+
+def served_overrides(served: dict) -> str:
+    """The served method as overrides of configs/heads/zero_shot.json."""
+    model = served["name"].split("_")[0]
+    pairs = [("zero_shot_model", model)] + [(CONFIG_KEYS[k], v) for k, v in served["settings"].items() if k in CONFIG_KEYS]
+    def shell(v):  # as `python -m monai.bundle run` (fire) reads it: None for null
+        return v if isinstance(v, str) else "None" if v is None else shlex.quote(json.dumps(v).replace(" ", ""))
+
+    return " ".join(f"--{k} {shell(v)}" for k, v in pairs)
+
+
 def table(result: dict) -> str:
     lines = ["| method | setting (chosen on train) | clusters | right lung | left lung | both lungs | HD95 px | "
              "matched reading, both (upper bound) | s / image |", "|---|---|---|---|---|---|---|---|---|"]
@@ -248,7 +263,8 @@ def table(result: dict) -> str:
         lines[-1] += f" {r['seconds_per_image']:.2f} |" if "seconds_per_image" in r else " - |"
     served = result.get("served")
     if served:
-        lines.append(f"\nServed (best label-free Dice on train): **{served['name']}**.")
+        lines.append(f"\nServed (best label-free Dice on train): **{served['name']}**, i.e. configs/heads/zero_shot.json "
+                     f"with `{served_overrides(served)}`.")
     return "\n".join(lines) + "\n"
 
 
