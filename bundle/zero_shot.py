@@ -85,8 +85,9 @@ def unet_internals(unet: nn.Module, inputs: torch.Tensor, timestep: int, schedul
     """One UNet call on ``inputs`` noised to ``timestep`` (one seeded noise draw; ``timestep`` 0 uses the clean
     inputs), and what it shows: the head-averaged self-attention maps ``(B, N, N)`` of every layer in call order, and
     the output ``(B, C, X, Y)`` of the MONAI ``DiffusionModelUNet``'s up block ``feature_block`` (-1: the last, the
-    finest decoder level just before the output convolution, which mostly carries the predicted noise; -2: one
-    level coarser); either is ``None`` when not asked for."""
+    finest decoder level just before the output convolution, which mostly carries the predicted noise; -2: the
+    block before it, whose output is already upsampled to the same grid, with more channels); either is ``None`` when
+    not asked for."""
     blocks = getattr(unet, "up_blocks", None)
     if features and not blocks:
         raise BundleInputError("This network has no decoder blocks (up_blocks): feature clustering needs a MONAI "
@@ -137,7 +138,6 @@ class ZeroShotUNet:
     encode: Callable[[torch.Tensor], torch.Tensor]
     context: torch.Tensor | None = None
 
-    @torch.no_grad()
     def internals(self, images: torch.Tensor, timestep: int, seed: int = 0, attention: bool = True,
                   features: bool = True, feature_block: int = -1):
         """:func:`unet_internals` of a batch of preprocessed images."""
