@@ -243,8 +243,11 @@ def main() -> None:
         test_masks = torch.stack([it["label"] for it in data["segmentation"][1]])
         baselines["segmentation_mean_mask"] = segmentation_scores(mean_mask.expand_as(test_masks), test_masks)
     records = [done[r] for r in runs if r in done]
-    result = {"settings": {**overrides, "image_size": size, "heatmap_sigma_px": sigma, "iterations": args.iterations,
-                           "precision": precision, "lr": args.lr, "sizes": args.sizes, "seeds": args.seeds, "denoiser": str(args.denoiser),
+    # a report over runs made with several settings names each one the runs used (every row keeps its own)
+    used = lambda key, given: sorted({r.get(key) for r in records}) if args.report_only else given  # noqa: E731
+    result = {"settings": {**overrides, "image_size": size, "heatmap_sigma_px": sigma,
+                           "iterations": used("iterations", args.iterations),
+                           "precision": precision, "lr": used("lr", args.lr), "sizes": args.sizes, "seeds": args.seeds, "denoiser": str(args.denoiser),
                            "denoiser_large": str(args.denoiser_large) if args.denoiser_large else None,
                            "draws": args.draws, "dino_weights": str(args.dino_weights) if args.dino_weights else None,
                            "encoder_model": args.encoder_model,
@@ -308,13 +311,19 @@ def intervals_markdown(comparisons: list) -> str:
     return "\n".join(lines)
 
 
+def fine_tuning(rows: list) -> str:
+    """The fine-tuning settings of a table row's runs, e.g. ``1e-3 x 400`` (several when its seeds differed)."""
+    return ", ".join(("-" if lr is None else f"{lr:.0e}".replace("e-0", "e-")) + f" x {it}"
+                     for lr, it in sorted({(r.get("lr"), r.get("iterations")) for r in rows}, key=str))
+
+
 def table(records: list, baselines: dict) -> str:
     """Markdown: landmark MRE/SDR and segmentation Dice per N, pre-trained vs scratch (mean over seeds), baselines."""
     lines = []
     marks = [r for r in records if r["task"] == "landmarks"]
     if marks:
-        lines += ["| landmarks | N | seeds | MRE px (512 frame) | MRE mm | " + " | ".join(f"SDR {t:g} px" for t in SDR) + " |",
-                  "|---|---|---|---|---|" + "---|" * len(SDR)]
+        lines += ["| landmarks | N | seeds | lr x iterations | MRE px (512 frame) | MRE mm | "
+                  + " | ".join(f"SDR {t:g} px" for t in SDR) + " |", "|---|---|---|---|---|---|" + "---|" * len(SDR)]
         for n in sorted({r["size"] for r in marks}):
             for init in INITS:
                 rows = [r for r in marks if r["size"] == n and r["init"] == init]
@@ -322,18 +331,18 @@ def table(records: list, baselines: dict) -> str:
                     continue
                 mean = {k: np.mean([r.get(k, np.nan) for r in rows]) for k in ("mre_px", "mre_mm", *SDR_KEYS)}
                 spread = f" ± {np.std([r['mre_px'] for r in rows]):.1f}" if len(rows) > 1 else ""
-                lines.append(f"| {init} | {n} | {len(rows)} | {mean['mre_px']:.1f}{spread} | {mean['mre_mm']:.1f} | "
+                lines.append(f"| {init} | {n} | {len(rows)} | {fine_tuning(rows)} | {mean['mre_px']:.1f}{spread} | {mean['mre_mm']:.1f} | "
                              + " | ".join(f"{mean[k]:.3f}" for k in SDR_KEYS) + " |")
         if "landmarks_mean_shape" in baselines:
             b = baselines["landmarks_mean_shape"]
-            lines.append(f"| mean training shape | all | - | {b['mre_px']:.1f} | {b['mre_mm']:.1f} | "
+            lines.append(f"| mean training shape | all | - | - | {b['mre_px']:.1f} | {b['mre_mm']:.1f} | "
                          + " | ".join(f"{b[k]:.3f}" for k in SDR_KEYS) + " |")
         lines.append("")
     segs = [r for r in records if r["task"] == "segmentation"]
     if segs:
         names = list(segs[0]["per_structure"])
-        lines += ["| segmentation | N | seeds | " + " | ".join(n.removeprefix(MASK_COLUMN_PREFIX) for n in names) + " | mean Dice |",
-                  "|---|---|---|" + "---|" * (len(names) + 1)]
+        lines += ["| segmentation | N | seeds | lr x iterations | " + " | ".join(n.removeprefix(MASK_COLUMN_PREFIX) for n in names)
+                  + " | mean Dice |", "|---|---|---|---|" + "---|" * (len(names) + 1)]
         for n in sorted({r["size"] for r in segs}):
             for init in INITS:
                 rows = [r for r in segs if r["size"] == n and r["init"] == init]
@@ -341,11 +350,11 @@ def table(records: list, baselines: dict) -> str:
                     continue
                 cells = [np.mean([r["per_structure"][k]["dice"] for r in rows]) for k in names]
                 spread = f" ± {np.std([r['mean_dice'] for r in rows]):.3f}" if len(rows) > 1 else ""
-                lines.append(f"| {init} | {n} | {len(rows)} | " + " | ".join(f"{c:.3f}" for c in cells) +
+                lines.append(f"| {init} | {n} | {len(rows)} | {fine_tuning(rows)} | " + " | ".join(f"{c:.3f}" for c in cells) +
                              f" | {np.mean([r['mean_dice'] for r in rows]):.3f}{spread} |")
         if "segmentation_mean_mask" in baselines:
             b = baselines["segmentation_mean_mask"]
-            lines.append("| mean training mask | all | - | " + " | ".join(f"{b['per_structure'][k]['dice']:.3f}" for k in names)
+            lines.append("| mean training mask | all | - | - | " + " | ".join(f"{b['per_structure'][k]['dice']:.3f}" for k in names)
                          + f" | {b['mean_dice']:.3f} |")
     return "\n".join(lines) + "\n"
 

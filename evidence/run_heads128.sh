@@ -3,7 +3,8 @@
 #   pretrain  the label-free image-space denoiser (configs/heads/pretrain.json) at 128 px on the 2,139 unlabelled
 #             films of the generator (cxr_corpus train + JSRT train); resumable: run again to go on, a larger
 #             DENOISER_EPOCHS continues a finished run
-#   tune      the fine-tuning learning rate at N = 5 and 50, on JSRT val only (LR_SMALL / LR_LARGE for the grid)
+#   tune      the fine-tuning learning rate at N = 5 and 50, on JSRT val only; evidence/heads_tune.py writes the choice per
+#             initialisation and range of N to $WORK/tune/recipe.json (and .md), which the grid follows
 #   grid      landmark and segmentation heads fine-tuned on N = 1, 5, 10, 25, 50, 150 JSRT train films from each
 #             initialisation (evidence/run_heads.py; results appended to $WORK/heads_results.jsonl, so it resumes)
 #   zero_shot zero-shot lungs from both 128-px UNets (evidence/zero_shot_evidence.py) into docs/results/zero_shot128
@@ -56,19 +57,37 @@ case " $STAGES " in *" tune "*)
   done; done
   echo "tune $SECONDS" | tee -a "$WORK/stage_seconds.txt";;
 esac
-# grid: every initialisation on JSRT test, the tune stage's learning rate for N <= 10 (LR_SMALL) and N >= 25 (LR_LARGE)
-GRID=("${COMMON[@]}" --test "$WORK/test.csv" --iterations "${ITERATIONS:-400}" --draws random
-      --work "$WORK/grid" --out "$WORK/grid")
+# the tune stage's choice per initialisation and range of N, and the heads' head_recipe (evidence/heads_tune.py)
+RECIPE=$WORK/tune/recipe.json
+case " $STAGES " in *" tune "*|*" grid "*)
+  if [ -z "${LR_SMALL:-}${LR_LARGE:-}" ] && ls "$WORK"/tune/*/heads_results.jsonl > /dev/null 2>&1; then
+    $PY -m evidence.heads_tune "$WORK"/tune/*/ --out "$RECIPE" >> "$WORK/tune.log" 2>&1 \
+        || { tail -30 "$WORK/tune.log"; exit 1; }
+  fi;;
+esac
+# grid: every initialisation on JSRT test, each with the tune stage's setting (iterations, learning rate) for its range
+# of N (N <= 10, N >= 25): its own where it was tuned, else the recipe's; LR_SMALL / LR_LARGE (and ITERATIONS) override
+GRID=("${COMMON[@]}" --test "$WORK/test.csv" --draws random --work "$WORK/grid" --out "$WORK/grid")
 # the seed-0 heads at N = 5, 25 and 150 predict the blind JSRT films (docs/results/blind/heads/<init>_n<N>/)
 BLIND_JSRT=${BLIND:-${DINO_DIFFUSION_DATA:-}/blind}/jsrt/images
 [ -d "$BLIND_JSRT" ] && GRID+=(--blind_dir "$BLIND_JSRT" --blind_sizes 5 25 150)
-grid() {  # task, inits, sizes, seeds: each size with its range's learning rate
-  local small=() large=() n
-  for n in $3; do if [ "$n" -le 10 ]; then small+=("$n"); else large+=("$n"); fi; done
-  [ ${#small[@]} -eq 0 ] || $PY -m evidence.run_heads "${GRID[@]}" --tasks "$1" --inits $2 --sizes "${small[@]}" \
-      --seeds $4 --lr "${LR_SMALL:-0.001}" -- "${DENOISER[@]}" "${THREAD_ARGS[@]}" >> "$WORK/grid.log" 2>&1
-  [ ${#large[@]} -eq 0 ] || $PY -m evidence.run_heads "${GRID[@]}" --tasks "$1" --inits $2 --sizes "${large[@]}" \
-      --seeds $4 --lr "${LR_LARGE:-0.001}" -- "${DENOISER[@]}" "${THREAD_ARGS[@]}" >> "$WORK/grid.log" 2>&1
+tuned() {  # init, N, lr|iterations: the override, else the tune stage's choice, else the 64-px setting
+  local given
+  if [ "$3" = lr ]; then given=$([ "$2" -le 10 ] && echo "${LR_SMALL:-}" || echo "${LR_LARGE:-}"); else given=${ITERATIONS:-}; fi
+  if [ -n "$given" ]; then echo "$given"
+  elif [ -f "$RECIPE" ]; then $PY -m evidence.heads_tune --out "$RECIPE" --get "$1" "$2" "$3"
+  elif [ "$3" = lr ]; then echo 0.001; else echo 400; fi
+}
+grid() {  # task, inits, sizes, seeds: each initialisation and range of N with its own setting
+  local init n sizes
+  for init in $2; do for range in small large; do
+    sizes=()
+    for n in $3; do if { [ "$range" = small ] && [ "$n" -le 10 ]; } || { [ "$range" = large ] && [ "$n" -gt 10 ]; }; then sizes+=("$n"); fi; done
+    [ ${#sizes[@]} -eq 0 ] && continue
+    $PY -m evidence.run_heads "${GRID[@]}" --tasks "$1" --inits "$init" --sizes "${sizes[@]}" --seeds $4 \
+        --lr "$(tuned "$init" "${sizes[0]}" lr)" --iterations "$(tuned "$init" "${sizes[0]}" iterations)" \
+        -- "${DENOISER[@]}" "${THREAD_ARGS[@]}" >> "$WORK/grid.log" 2>&1 || { tail -30 "$WORK/grid.log"; exit 1; }
+  done; done
 }
 case " $STAGES " in *" grid "*)
   SECONDS=0
@@ -89,7 +108,7 @@ case " $STAGES " in *" zero_shot "*)
 esac
 case " $STAGES " in *" report "*)
   $PY -m evidence.run_heads "${GRID[@]}" --inits pretrained scratch dino latent --sizes 1 5 10 25 50 150 --seeds 0 1 2 \
-      --lr "${LR_SMALL:-0.001}" --report_only --out docs/results/heads128 -- "${DENOISER[@]}" >> "$WORK/grid.log" 2>&1;;
+      --report_only --out docs/results/heads128 -- "${DENOISER[@]}" >> "$WORK/grid.log" 2>&1;;
 esac
 exit
 }

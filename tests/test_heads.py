@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -586,3 +587,40 @@ def test_paired_intervals_call_a_clear_gain_a_win_and_noise_a_tie():
     found = {c["other"]: c for c in paired_intervals(records, "landmarks", boots=300)}
     assert found["scratch"]["reading"] == "win" and found["scratch"]["ci95"][1] < 0
     assert found["dino"]["reading"] in ("tie", "loss") and found["dino"]["seeds"] == 3
+
+
+def test_tune_choice_takes_each_ranges_best_setting_per_initialisation_and_the_recipe_from_the_denoiser(tmp_path):
+    import subprocess
+    import sys
+
+    from evidence.heads_tune import choose, read_runs, setting
+
+    # validation MRE of a tune stage: lr 1e-3 wins at N = 5 and lr 3e-4 at N = 50 for the denoiser; scratch the reverse
+    mre = {(0.001, 5, "pretrained"): 14.0, (0.0003, 5, "pretrained"): 16.0, (0.001, 50, "pretrained"): 9.0,
+           (0.0003, 50, "pretrained"): 8.0, (0.001, 5, "scratch"): 20.0, (0.0003, 5, "scratch"): 18.0,
+           (0.001, 50, "scratch"): 10.0, (0.0003, 50, "scratch"): 11.0}
+    folders = []
+    for lr in (0.001, 0.0003):
+        folder = tmp_path / f"it400_lr{lr}"
+        folder.mkdir()
+        rows = [{"task": "landmarks", "size": n, "init": init, "seed": 0, "iterations": 400, "lr": lr, "mre_px": v}
+                for (l, n, init), v in mre.items() if l == lr]
+        rows.append({"task": "segmentation", "size": 5, "init": "pretrained", "seed": 0, "iterations": 400, "lr": lr,
+                     "mre_px": 0.0})  # another task never decides the landmark recipe
+        (folder / "heads_results.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
+        folders.append(folder)
+    choice = choose(read_runs(folders), small_max=10)
+    assert choice["head_recipe"] == [{"up_to": 10, "lr": 0.001, "iterations": 400},
+                                     {"up_to": None, "lr": 0.0003, "iterations": 400}]
+    assert setting(choice, "scratch", 5, "lr") == 0.0003 and setting(choice, "scratch", 150, "lr") == 0.001
+    assert setting(choice, "dino", 1, "lr") == 0.001 and setting(choice, "latent", 25, "lr") == 0.0003  # untuned: the recipe's
+
+    out = tmp_path / "recipe.json"
+    run = lambda *a: subprocess.run([sys.executable, "-m", "evidence.heads_tune", *map(str, a)], capture_output=True,  # noqa: E731
+                                    text=True, cwd=Path(__file__).resolve().parents[1])
+    assert run(*folders, "--out", out).returncode == 0 and json.loads(out.read_text())["head_recipe"] == choice["head_recipe"]
+    assert "| pretrained | large | 400 | 0.0003 |" in out.with_suffix(".md").read_text()
+    got = run("--out", out, "--get", "scratch", 50, "lr")
+    assert got.stdout.strip() == "0.001"
+    missing = run(tmp_path / "nothing", "--out", tmp_path / "r.json")
+    assert missing.returncode != 0 and "does not exist" in missing.stderr and not (tmp_path / "r.json").exists()
