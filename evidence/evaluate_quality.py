@@ -203,6 +203,8 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--torch_threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
     parser.add_argument("--final_only", action="store_true", help="skip the snapshots (targets only)")
+    parser.add_argument("--curve_every", type=int, default=1, help="the diffusion curve's points: the snapshots whose "
+                        "epoch is a multiple of this, and the final model (each point samples every test set)")
     parser.add_argument("--curves_only", action="store_true",
                         help="the curves over the snapshots there are so far, no targets (while training goes on)")
     parser.add_argument("--sample_store", type=Path, default=None,
@@ -277,7 +279,7 @@ def main() -> None:
     curve_rng = np.random.default_rng([0, 1])
     curve_references = {name: train[pools[name][torch.as_tensor(curve_rng.choice(
         len(pools[name]), min(len(curve_subsets[name]), len(pools[name])), replace=False))]] for name in real}
-    diffusion_points = snapshots(args.work_dir, "diffusion")
+    diffusion_points = [p for p in snapshots(args.work_dir, "diffusion") if p[0] is None or p[0] % args.curve_every == 0]
     if args.target_model is not None:
         diffusion_points = [p for p in diffusion_points if p[1] != args.target_model and p[0] is not None
                             and p[0] < int(EPOCH.search(args.target_model.name).group(1))] + [(None, args.target_model)]

@@ -10,6 +10,7 @@
 #   DATA=folder with train.csv, test_corpus.csv, test_jsrt.csv  (default: written by scripts/cxr_corpus_datalist.py)
 #   DINO_WEIGHTS=a DINO teacher file to condition on instead of training one (e.g. the cpu64 run's, which cpu128 shares)
 #   THREADS=torch threads per stage (default: all cores); any further --key value is a bundle override.
+#   CURVE_EVERY=K: the evaluation's diffusion curve samples the snapshots of every K-th epoch only (and the final model)
 #   STAGES="train_dino train_autoencoder cache train_diffusion guidance evaluate" (the default): some stages only. DINO and
 #   the autoencoder need nothing of each other: on two cores, THREADS=1 STAGES=train_dino and THREADS=1
 #   STAGES=train_autoencoder side by side, then the command without STAGES for the rest.
@@ -95,7 +96,8 @@ GUIDANCE=()
 case " $STAGES " in *" evaluate "*)
   SECONDS=0
   $PY -m evidence.evaluate_quality --work_dir "$WORK" --train "$DATA/train.csv" --test "jsrt=$DATA/test_jsrt.csv" \
-    --test "corpus=$DATA/test_corpus.csv" --profile "$PROFILE" --out "${OUT:-docs/results/quality_$PROFILE}" "${GUIDANCE[@]}" ${THREADS:+--torch_threads "$THREADS"} \
+    --test "corpus=$DATA/test_corpus.csv" --profile "$PROFILE" --out "${OUT:-docs/results/quality_$PROFILE}" "${GUIDANCE[@]}" \
+    --curve_every "${CURVE_EVERY:-1}" ${THREADS:+--torch_threads "$THREADS"} \
     > "$WORK/evaluate_quality.log" 2>&1
   echo "evaluate_quality $SECONDS" | tee -a "$WORK/stage_seconds.txt";;
 esac
