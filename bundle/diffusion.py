@@ -175,8 +175,12 @@ def sample_latents(
     mask: torch.Tensor | None = None,
     generators: Sequence[torch.Generator] | None = None,
     weights: Sequence[float] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Denoise ``noise`` into latents conditioned on ``context`` with classifier-free guidance.
+
+    ``dtype`` (e.g. ``torch.bfloat16``): the UNet runs under autocast to it, while the guidance arithmetic and the
+    sampler's steps stay in float32 (:func:`bundle.performance.autocast_dtype` gives it from an ``amp`` setting).
 
     ``context`` may also be a list of contexts (each ``(B, K_i, D)``) with ``weights``: their guidance directions
     are summed, ``null + guidance_scale * sum_i w_i (prediction_i - null)`` (composable diffusion).
@@ -204,19 +208,26 @@ def sample_latents(
         raise BundleInputError("Composed sampling needs one weight per context.")
     null = null_context(context[0][:, :1] if composed else context)
     guided = guidance_scale != 1.0
+
+    def unet_call(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        if dtype is None:
+            return unet(x, t, context=c)
+        with torch.autocast(x.device.type, dtype=dtype):
+            return unet(x, t, context=c).float()
+
     steps = tqdm(timesteps, desc="sampling", leave=False, disable=None if progress else True, dynamic_ncols=True)
     for i, t in enumerate(steps):
         t_batch = torch.full((batch,), int(t), device=latents.device, dtype=torch.long)
         if composed:
-            unconditional = unet(latents, t_batch, context=null)
-            directions = [w * (unet(latents, t_batch, context=c) - unconditional) for w, c in zip(weights, context)]
+            unconditional = unet_call(latents, t_batch, null)
+            directions = [w * (unet_call(latents, t_batch, c) - unconditional) for w, c in zip(weights, context)]
             prediction = unconditional + guidance_scale * sum(directions)
         elif guided:
-            both = unet(torch.cat([latents, latents]), torch.cat([t_batch, t_batch]), context=torch.cat([context, null]))
+            both = unet_call(torch.cat([latents, latents]), torch.cat([t_batch, t_batch]), torch.cat([context, null]))
             conditional, unconditional = both.chunk(2)
             prediction = unconditional + guidance_scale * (conditional - unconditional)
         else:
-            prediction = unet(latents, t_batch, context=context)
+            prediction = unet_call(latents, t_batch, context)
         latents = _step(scheduler, prediction, t, latents, generators)
         if mask is not None:
             if i + 1 < len(timesteps):

@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 _WARNED: set = set()
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION_NAMES = {None: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # as outputs record it
 
 
 def amp_dtype(amp: str | None, device: Any = "cpu") -> torch.dtype | None:
@@ -62,7 +63,7 @@ def autocast_dtype(amp: str | None, device: Any) -> torch.dtype | None:
     if amp not in _WARNED:
         _WARNED.add(amp)
         logger.warning("amp '%s' cannot run on %s (fp16 is a GPU setting; bf16 needs a GPU or a CPU with bf16 "
-                       "instructions): training in float32.", amp, device)
+                       "instructions): running in float32.", amp, device)
     return None
 
 

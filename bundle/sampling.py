@@ -30,6 +30,7 @@ from .errors import BundleInputError
 from .validation import check_sampling_values
 from .volumes import output_affine, source_modality
 from .io import atomic_path
+from .performance import PRECISION_NAMES, autocast_dtype
 from .strategies import STRATEGIES, Plan, Pool, strategy_params, with_concepts
 from .writers import FORMATS, dicom_uid, write_image
 
@@ -37,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 VOLUME_MODALITIES = {"ct": "CT", "mri": "MR"}  # the DICOM Modality of synthetic slices of NIfTI volumes
 MANIFEST_FIELDS = ["image", "source_ids", "sources", "strategy", "params", "seed", "sampler", "num_inference_steps",
-                   "guidance_scale"]
+                   "guidance_scale", "precision"]
 
 
 # ---- planning --------------------------------------------------------------------------------------------
@@ -169,7 +170,10 @@ def write_manifest(rows: list[dict[str, Any]], path: str | os.PathLike, label_co
 
 
 # what an output kept from an earlier run must share with the run now asking for it
-KEPT_OUTPUT_SETTINGS = ("sources", "strategy", "params", "seed", "sampler", "num_inference_steps", "guidance_scale")
+KEPT_OUTPUT_SETTINGS = ("sources", "strategy", "params", "seed", "sampler", "num_inference_steps", "guidance_scale",
+                        "precision")
+# a manifest written before a setting existed made its outputs with the setting's value of that time
+SETTING_BEFORE_IT_EXISTED = {"precision": "float32"}
 
 
 def _manifest_rows(path: Path) -> dict[str, dict[str, str]]:
@@ -184,6 +188,7 @@ def _manifest_rows(path: Path) -> dict[str, dict[str, str]]:
 def _check_same_settings(before: Mapping[str, str], now: Mapping[str, Any], output_dir: Path) -> None:
     """An output that exists is kept only when its manifest row says it was made as it would be now: a run with
     another guidance scale, sampler, seed or source must not reuse it and then describe it with its own settings."""
+    before = {**SETTING_BEFORE_IT_EXISTED, **before}
     changed = [f"{k} {before.get(k)!r} -> {str(now[k])!r}" for k in KEPT_OUTPUT_SETTINGS
                if k in before and before[k] != str(now[k])]
     if changed:
@@ -211,6 +216,7 @@ def generate(
     device: torch.device | str = "cpu",
     jobs: Sequence[dict[str, Any]] | None = None,
     concepts: Any = None,
+    amp: str | None = "none",
 ) -> list[dict[str, Any]]:
     """Generate images with ``generator`` (a :class:`bundle.models.Generator`: its autoencoder, UNet, DINO,
     preprocessing and modality) from a pool of real images and write them with ``manifest.csv`` into ``output_dir``.
@@ -219,7 +225,8 @@ def generate(
     when the images, preprocessing, autoencoder or DINO model change). Outputs that already exist are kept.
     ``jobs`` replaces the planned jobs (e.g. :func:`interpolation_jobs`). An output made from a slice of a volume
     is written as NIfTI where its source slice lies (its affine) and as DICOM with the source's Modality
-    (the volume's own, or the generator's modality's: ct -> CT, mri -> MR).
+    (the volume's own, or the generator's modality's: ct -> CT, mri -> MR). ``amp`` runs the UNet in bf16 where
+    ``device`` has it (``auto``; :func:`bundle.performance.autocast_dtype`); the manifest records the precision.
     """
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
@@ -229,6 +236,8 @@ def generate(
     if not datalist:
         raise BundleInputError("No input images were given for sampling: pass --input_dir with at least one image.")
     check_sampling_values(num_inference_steps, guidance_scale, batch_size, getattr(scheduler, "num_train_timesteps", None))
+    dtype = autocast_dtype(amp, device)
+    precision = PRECISION_NAMES.get(dtype, str(dtype))
     label_columns = list(label_columns or [])
     if jobs is None:  # before the pool cache is written: a wrong setting costs nothing
         checked_plan(datalist, strategy, num_samples, total_samples, params, concepts)
@@ -258,7 +267,8 @@ def generate(
         rows.append({"image": paths[0].name, "source_ids": ";".join(source_id(r) for r in sources),
                      "sources": ";".join(str(r["image"]) for r in sources), "strategy": job["strategy"],
                      "params": json.dumps(job["params"], sort_keys=True), "seed": job["seed"], "sampler": sampler,
-                     "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, **job["labels"],
+                     "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
+                     "precision": precision, **job["labels"],
                      **{c: ";".join(str(r.get(c, "")) for r in sources) for c in slice_columns}})
         if not all(p.exists() for p in paths):
             pending.append((j, job, paths))
@@ -293,7 +303,7 @@ def generate(
             def sample(**start: Any) -> torch.Tensor:
                 start = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in start.items()}
                 latents = sample_latents(unet, scheduler, context, noise, num_inference_steps, guidance_scale,
-                                         generators=generators, weights=weights, **start)
+                                         generators=generators, weights=weights, dtype=dtype, **start)
                 return codec.decode(latents).clamp(0, 1).cpu()
 
             out = STRATEGIES[batch_jobs[0]["strategy"]].render(batch_jobs, sample, pool["latents"], images["images"])

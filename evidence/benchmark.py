@@ -264,17 +264,20 @@ def stage_sampling(args) -> dict:
     import torch
 
     from bundle.diffusion import sample_latents, seeded_noise
+    from bundle.performance import PRECISION_NAMES, autocast_dtype
 
     get, device, codec, unet, batch, context = _sampling_parts(args)
     scheduler, steps, guidance = get("sampling_scheduler"), get("num_inference_steps"), get("guidance_scale")
+    dtype = autocast_dtype(args.sampling_amp, device)
 
     @torch.no_grad()
     def step():
         noise = seeded_noise(range(batch), get("latent_shape"), device)
-        codec.decode(sample_latents(unet, scheduler, context, noise, steps, guidance))
+        codec.decode(sample_latents(unet, scheduler, context, noise, steps, guidance, dtype=dtype))
 
     times = _timed_loop(step, 1, max(1, args.iterations // 4))
-    return {"batch_size": batch, "seconds": times, "num_inference_steps": steps, "sampler": get("sampler")}
+    return {"batch_size": batch, "seconds": times, "num_inference_steps": steps, "sampler": get("sampler"),
+            "precision": PRECISION_NAMES.get(dtype, str(dtype))}
 
 
 def stage_sampling_monai(args, steps: int | None = None) -> dict:
@@ -416,6 +419,8 @@ def main() -> None:
     parser.add_argument("--sample_batch_size", type=int, default=None, help="images per sampling call "
                         "(default: the diffusion batch size)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
+    parser.add_argument("--sampling_amp", default="auto", help="the sampling stage's UNet precision, as inference.json's "
+                        "sampling_amp: auto (bf16 where the device has it), none (float32), bf16")
     parser.add_argument("--work_dir", default=None, help="where caches and untrained models go (default: a "
                         "temporary folder)")
     parser.add_argument("--out", type=Path, default=None, help="writes OUT.json and OUT.md")

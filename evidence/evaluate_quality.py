@@ -52,6 +52,7 @@ from bundle.evaluation import (divergent, extract, feature_space, frechet_distan
                                reconstruction_quality, source_retrieval, two_rows_png)
 from bundle.io import atomic_write
 from bundle.models import load_codec, load_generator, model_path, read_record
+from bundle.performance import PRECISION_NAMES, autocast_dtype
 from bundle.workflow import load_profile
 
 EPOCH = re.compile(r"_epoch(\d+)\.pt$")
@@ -73,6 +74,7 @@ def image_set(source: str, preprocessing, cache: Path) -> torch.Tensor:
 
 
 SAMPLE_STORE: Path | None = None  # where finished sample sets are kept (--sample_store), so a rerun skips them
+SAMPLE_DTYPE: torch.dtype | None = None  # the UNet's precision while sampling (--sampling_amp)
 
 
 def model_key(*paths: Path) -> str:
@@ -88,7 +90,10 @@ def sample(generator, contexts: torch.Tensor, seeds: list[int], sampler: str, st
     evaluation of a long run is hours of sampling on a CPU, and an interrupted one goes on where it stopped."""
     stored = None
     if key is not None and SAMPLE_STORE is not None:
-        name = hash_json([key, hash_bytes(contexts.float().numpy().tobytes()), list(seeds), sampler, steps, guidance])
+        # sets made in float32 keep the names they had before precision was a setting
+        precision = [] if SAMPLE_DTYPE is None else [str(SAMPLE_DTYPE)]
+        name = hash_json([key, hash_bytes(contexts.float().numpy().tobytes()), list(seeds), sampler, steps, guidance,
+                          *precision])
         stored = SAMPLE_STORE / f"{name[:24]}.pt"
         if stored.is_file():
             return torch.load(stored, weights_only=True).float()
@@ -105,7 +110,8 @@ def _sample(generator, contexts, seeds, sampler, steps, guidance, batch_size) ->
     out = []
     for i in range(0, len(contexts), batch_size):
         noise = seeded_noise(seeds[i : i + batch_size], generator.latent_shape, "cpu")
-        latents = sample_latents(generator.unet, scheduler, contexts[i : i + batch_size], noise, steps, guidance)
+        latents = sample_latents(generator.unet, scheduler, contexts[i : i + batch_size], noise, steps, guidance,
+                                 dtype=SAMPLE_DTYPE)
         out.append(generator.codec.decode(latents).clamp(0, 1))
     return torch.cat(out)
 
@@ -200,6 +206,8 @@ def main() -> None:
     parser.add_argument("--sampler", default="dpmpp_2m")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance_scale", type=float, default=3.0)
+    parser.add_argument("--sampling_amp", default="auto", help="the UNet's precision while sampling, as inference.json's "
+                        "sampling_amp: auto (bf16 where the CPU has bf16 instructions), none (float32), bf16")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--torch_threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
     parser.add_argument("--final_only", action="store_true", help="skip the snapshots (targets only)")
@@ -214,7 +222,8 @@ def main() -> None:
                         help="judge the targets on this diffusion snapshot (a run still under way) instead of the final model")
     args = parser.parse_args()
     tests = dict(t.split("=", 1) for t in args.test)
-    global SAMPLE_STORE
+    global SAMPLE_STORE, SAMPLE_DTYPE
+    SAMPLE_DTYPE = autocast_dtype(args.sampling_amp, "cpu")
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     SAMPLE_STORE = (args.work_dir / "eval" / "samples" if args.sample_store is None
@@ -243,7 +252,8 @@ def main() -> None:
     per_epoch = {"ae": math.ceil(len(train) / args.ae_batch_size), "diffusion": math.ceil(len(train) / args.diffusion_batch_size)}
     result: dict = {"work_dir": str(args.work_dir), "target_model": str(args.target_model or "final"),
                     "train_images": len(train), "test_sets": {n: len(x) for n, x in real.items()},
-                    "sampler": {"name": args.sampler, "steps": args.steps, "guidance_scale": args.guidance_scale},
+                    "sampler": {"name": args.sampler, "steps": args.steps, "guidance_scale": args.guidance_scale,
+                                "precision": PRECISION_NAMES.get(SAMPLE_DTYPE, str(SAMPLE_DTYPE))},
                     "autoencoder_curve": [], "diffusion_curve": [], "targets": {}}
     pixels = feature_space("pixels")
     pix_train = extract(pixels, train)

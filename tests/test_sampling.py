@@ -13,6 +13,7 @@ import torch
 from monai.transforms import LoadImage
 
 from bundle.errors import BundleInputError
+from bundle.performance import cpu_has_bf16
 
 from .conftest import ROOT, run_bundle, write_datalist
 
@@ -67,6 +68,37 @@ def test_outputs_made_with_other_settings_are_refused_not_relabelled(trained_tin
     assert (tmp_path / "manifest.csv").read_bytes() == manifest  # still says how its images were made
     sample(trained_tiny, tmp_path, guidance_scale=1.0)  # the same settings: kept as they are
     assert (tmp_path / "manifest.csv").read_bytes() == manifest
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="bf16 sampling needs a CPU with bf16 instructions")
+def test_bf16_sampling_runs_the_unet_in_bf16_records_it_and_matches_float32(trained_tiny, tmp_path, monkeypatch):
+    from monai.networks.nets import DiffusionModelUNet
+
+    seen = []
+    forward = DiffusionModelUNet.forward
+
+    def recording(self, x, *args, **kwargs):
+        out = forward(self, x, *args, **kwargs)
+        seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(DiffusionModelUNet, "forward", recording)
+    sample(trained_tiny, tmp_path / "float32", sampling_amp="none")
+    assert seen and set(seen) == {torch.float32}
+    seen.clear()
+    sample(trained_tiny, tmp_path / "auto")  # the default: bf16 on this CPU
+    assert seen and set(seen) == {torch.bfloat16}
+    images = {}
+    for run in ("float32", "auto"):
+        with open(tmp_path / run / "manifest.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert {r["precision"] for r in rows} == {"float32" if run == "float32" else "bf16"}
+        images[run] = np.stack([np.asarray(LoadImage(image_only=True)(str(tmp_path / run / r["image"])), float) for r in rows])
+    # the same seeds give the same images up to bf16 rounding, far closer than two seeds of one source are
+    assert np.abs(images["float32"] - images["auto"]).mean() < 0.1 * np.abs(images["float32"][0] - images["float32"][1]).mean()
+    with pytest.raises(Exception) as err:  # a folder of float32 images is not passed off as bf16 ones
+        sample(trained_tiny, tmp_path / "float32")
+    assert "precision 'float32' -> 'bf16'" in str(err.value.__cause__ or err.value)
 
 
 def test_missing_checkpoint_and_other_dino_are_refused(trained_tiny, tmp_path):
