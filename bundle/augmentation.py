@@ -34,6 +34,7 @@ from .concepts import ConceptBank, concept_path
 from .data import preprocessed_stack, read_datalist
 from .errors import BundleInputError
 from .io import append_jsonl, atomic_write
+from .performance import PRECISION_NAMES, autocast, autocast_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -103,10 +104,12 @@ def classic_augmentation(seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, seed: int, iterations: int = 300,
                      batch_size: int = 32, lr: float = 1e-3, device: torch.device | str = "cpu",
-                     augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> nn.Module:
+                     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                     dtype: torch.dtype | None = None) -> nn.Module:
     """The same recipe every time: AdamW, a fixed number of iterations, class-balanced BCE and no early stopping
     (no validation set is spent); ``augment`` (e.g. :func:`classic_augmentation`) changes every batch it trains
-    on, the classic-augmentation baseline; without it, no augmentation."""
+    on, the classic-augmentation baseline; without it, no augmentation. ``dtype`` (bf16): the forward pass under
+    autocast, the loss and the weights in float32."""
     torch.manual_seed(seed)
     model = make_classifier().to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
@@ -119,7 +122,9 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, seed: int, iter
         index = torch.randint(len(images), (min(batch_size, len(images)),), generator=generator)
         x, y = images[index], labels[index].float().to(device)
         x = (augment(x) if augment is not None else x).to(device)
-        loss = loss_fn(model(x).squeeze(1), y)
+        with autocast(device, dtype):
+            logits = model(x).squeeze(1)
+        loss = loss_fn(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -136,14 +141,17 @@ def auc(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: to
     return float(compute_roc_auc(classifier_scores(model, images, device), labels.float()))
 
 
-def _done(path: Path) -> dict[tuple, dict]:
+def _done(path: Path, precision: str | None = None) -> dict[tuple, dict]:
+    """The cells of ``results.jsonl``, the last row of each (the classifier on disk), or with ``precision`` only those
+    trained in it (rows from before the setting existed: float32)."""
     if not path.exists():
         return {}
     results = {}
     for line in path.read_text().splitlines():
         if line.strip():
             r = json.loads(line)
-            results[(r["size"], r["ratio"], r["fold"], r["arm"])] = r
+            if precision is None or r.get("precision", "float32") == precision:
+                results[(r["size"], r["ratio"], r["fold"], r["arm"])] = r
     return results
 
 
@@ -263,11 +271,13 @@ def run_experiment(
     learn_concept: Callable[..., Any] | None = None,
     ratio_max_size: Mapping[Any, int] | None = None,
     reference: str = "real+classic",
+    amp: str | None = "none",
 ) -> list[dict[str, Any]]:
     """Run (or continue) the experiment over :func:`experiment_cells`; returns one record per cell and writes
     ``results.jsonl``, ``results.md``, ``summary.json`` and ``augmentation_auc.png`` in ``output_dir``. The concept
     arms need ``learn_concept(rows, name, folder)`` (learns a concept, returns the ConceptBank of ``folder``);
-    ``reference`` is the arm every other one is compared with, fold by fold."""
+    ``reference`` is the arm every other one is compared with, fold by fold. ``amp``: the classifiers' training
+    precision (``auto``: bf16 where the device has it); cells trained in another precision are trained again."""
     if not label:
         raise BundleInputError("No label column is set: give --label, the datalist column that holds the class.")
     output_dir = Path(output_dir)
@@ -289,7 +299,9 @@ def run_experiment(
     x_test = preprocessed_stack(test_rows, preprocessing)
     x_train = preprocessed_stack(train_rows, preprocessing)
     results_path = output_dir / "results.jsonl"
-    done = _done(results_path)
+    dtype = autocast_dtype(amp, device)
+    precision = PRECISION_NAMES.get(dtype, str(dtype))
+    done = _done(results_path, precision)
     bar = tqdm(total=len(cells), desc=f"augmentation ({label})", dynamic_ncols=True)
     bar.update(sum(1 for c in cells if c in done))
     for n in sizes:
@@ -324,14 +336,15 @@ def run_experiment(
                     parts_y.append(y_syn[:count])
                 x, y = torch.cat(parts_x), torch.cat(parts_y)
                 augment = classic_augmentation(seed=fold) if classic else None
-                model = train_classifier(x, y, seed=fold, iterations=iterations, device=device, augment=augment)
+                model = train_classifier(x, y, seed=fold, iterations=iterations, device=device, augment=augment,
+                                         dtype=dtype)
                 atomic_write(classifier_path(output_dir, size, ratio, f, arm),
                              lambda tmp: torch.save(model.state_dict(), tmp))  # before its record: scored later
                 scores = classifier_scores(model, x_test, device)
                 record = {"size": size, "ratio": ratio, "fold": f, "arm": arm, "label": label,
                           "real_images": len(pool) if real else 0, "per_class": per_class, "synthetic_images": count,
                           "test_auc": float(compute_roc_auc(scores, torch.as_tensor(y_test).float())),
-                          "test_images": len(test_rows), "iterations": iterations,
+                          "test_images": len(test_rows), "iterations": iterations, "precision": precision,
                           "test_scores": [round(float(v), 5) for v in scores]}
                 append_jsonl(results_path, record)
                 done[(size, ratio, f, arm)] = record

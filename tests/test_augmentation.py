@@ -192,6 +192,8 @@ def test_augment_run_id_writes_every_arm_through_monai_bundle_and_refuses_missin
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["arm"] for r in rows] == ["real", "real+classic", "real+synthetic"] and rows[2]["synthetic_images"] == 4
+    from bundle.performance import cpu_has_bf16
+    assert {r["precision"] for r in rows} == {"bf16" if cpu_has_bf16() else "float32"}  # classifier_amp: auto
     assert "| real + synthetic 1:1 |" in (out / "results.md").read_text()
     # run ID score: the kept classifiers applied to other films (as to a blind set), one scores.csv per cell
     unseen = tmp_path / "unseen"
@@ -207,6 +209,12 @@ def test_augment_run_id_writes_every_arm_through_monai_bundle_and_refuses_missin
     assert lines[0] == "id,score" and sorted(line.split(",")[0] for line in lines[1:]) == sorted(
         positives[6:8] + negatives[6:7])
     assert all(np.isfinite(float(line.split(",")[1])) for line in lines[1:])
+    if cpu_has_bf16():  # cells trained in another precision are trained again, not mixed into the table
+        again = subprocess.run(base + settings + ["--arms", "['real']", "--classifier_amp", "none"], capture_output=True,
+                               text=True, cwd=ROOT)
+        assert again.returncode == 0, again.stderr[-3000:]
+        rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+        assert [(r["arm"], r["precision"]) for r in rows[3:]] == [("real", "float32")]
     missing = subprocess.run(base + [s for s in settings if s not in ("--label", "nodule")], capture_output=True,
                              text=True, cwd=ROOT)
     assert missing.returncode != 0 and "No label column is set: give --label" in missing.stderr
@@ -275,3 +283,32 @@ def test_classic_augmentation_changes_every_batch_it_trains_on_within_range():
 
     train_classifier(films, torch.tensor([0, 1, 0, 1]), seed=0, iterations=2, batch_size=4, augment=recording)
     assert len(seen) == 2 and all(not torch.equal(a, b) for a, b in seen)
+
+
+def test_classifiers_train_under_bf16_autocast_when_asked_and_keep_float32_weights():
+    from bundle.augmentation import make_classifier, train_classifier
+    from bundle.performance import cpu_has_bf16
+
+    if not cpu_has_bf16():
+        pytest.skip("bf16 training needs a CPU with bf16 instructions")
+    from monai.networks.nets import DenseNet
+
+    seen = []
+    forward = DenseNet.forward
+
+    def recording(self, x):
+        out = forward(self, x)
+        seen.append(out.dtype)
+        return out
+
+    films, labels = torch.rand(4, 1, 32, 32), torch.tensor([0, 1, 0, 1])
+    try:
+        DenseNet.forward = recording
+        model = train_classifier(films, labels, seed=0, iterations=2, batch_size=4, dtype=torch.bfloat16)
+        assert seen == [torch.bfloat16] * 2 and all(p.dtype == torch.float32 for p in model.parameters())
+        seen.clear()
+        plain = train_classifier(films, labels, seed=0, iterations=2, batch_size=4)
+        assert seen == [torch.float32] * 2
+    finally:
+        DenseNet.forward = forward
+    assert type(model) is type(plain) is type(make_classifier())
