@@ -128,6 +128,10 @@ def test_learning_a_concept_lowers_its_loss_on_real_images(trained_tiny, jsrt_im
     assert after < before, f"learning did not lower the concept's diffusion loss ({before:.5f} -> {after:.5f})"
     assert before - after > 3 * abs(before - moved), f"a random move of the same size changed it as much ({before:.5f} -> {moved:.5f}, learned {after:.5f})"
     assert (tmp_path / "concepts" / ".work" / "nodules" / "logs").is_dir()
+    # learned under bf16 autocast where the CPU has it (concept_amp: auto), the tokens float32
+    from bundle.performance import Autocast, cpu_has_bf16
+    network = wf.parser.get_parsed_content("concept_trainer").network
+    assert isinstance(network, Autocast) == cpu_has_bf16() and tokens.dtype == torch.float32
     # the command-line listing and inspection
     run_bundle("concept.json", "list_concepts", {"concept_dir": str(tmp_path / "concepts")})
     run_bundle("concept.json", "inspect_concept", {"concept_dir": str(tmp_path / "concepts"), "concept_name": "nodules"})
