@@ -230,13 +230,20 @@ def _per_size(value: int | Mapping[Any, int], size: int, what: str) -> int:
 
 
 def experiment_cells(arms: Sequence[str], sizes: Sequence[int], ratios: Sequence[float], folds: int | Mapping,
-                     ratio_max_size: Mapping[Any, int] | None = None) -> list[tuple[int, float, int, str]]:
+                     ratio_max_size: Mapping[Any, int] | None = None,
+                     arm_max_size: Mapping[str, int] | None = None) -> list[tuple[int, float, int, str]]:
     """Every (N, ratio, fold, arm) the experiment trains: the arms without synthetic images at ratio 0; real plus
     synthetic at every ratio above 0 that is allowed at that N (``ratio_max_size``: ratio -> the largest N it is
-    used at, e.g. ``{50: 25}``); synthetic images alone at the largest allowed ratio."""
-    unknown = [a for a in arms if a not in ARMS]
+    used at, e.g. ``{50: 25}``); synthetic images alone at the largest allowed ratio. ``arm_max_size``: arm -> the
+    largest N it runs at (e.g. ``{"real+concept": 10}``: an arm whose images are costly only for small pools)."""
+    unknown = [a for a in [*arms, *(arm_max_size or {})] if a not in ARMS]
     if unknown:
         raise BundleInputError(f"Unknown augmentation arm(s) {unknown}: use any of {list(ARMS)}.")
+    try:
+        arm_caps = {str(k): int(v) for k, v in (arm_max_size or {}).items()}
+    except (AttributeError, TypeError, ValueError):
+        raise BundleInputError(f"arm_max_size {arm_max_size!r} is not a mapping of arms to the largest pool size each "
+                               "runs at, e.g. {'real+concept': 10}.") from None
     try:
         caps = {float(k): int(v) for k, v in (ratio_max_size or {}).items()}
     except (AttributeError, TypeError, ValueError):
@@ -246,6 +253,8 @@ def experiment_cells(arms: Sequence[str], sizes: Sequence[int], ratios: Sequence
     for n in sizes:
         allowed = [float(r) for r in sorted(set(ratios)) if float(r) > 0 and n <= caps.get(float(r), n)]
         for arm in sorted(dict.fromkeys(arms), key=ARM_ORDER.index):
+            if n > arm_caps.get(arm, n):
+                continue
             real, _, kind = ARMS[arm]
             arm_ratios = [0.0] if kind is None else allowed if real else allowed[-1:]
             cells += [(n, r, f, arm) for r in arm_ratios for f in range(_per_size(folds, n, "folds"))]
@@ -272,6 +281,7 @@ def run_experiment(
     ratio_max_size: Mapping[Any, int] | None = None,
     reference: str = "real+classic",
     amp: str | None = "none",
+    arm_max_size: Mapping[str, int] | None = None,
 ) -> list[dict[str, Any]]:
     """Run (or continue) the experiment over :func:`experiment_cells`; returns one record per cell and writes
     ``results.jsonl``, ``results.md``, ``summary.json`` and ``augmentation_auc.png`` in ``output_dir``. The concept
@@ -282,7 +292,7 @@ def run_experiment(
         raise BundleInputError("No label column is set: give --label, the datalist column that holds the class.")
     output_dir = Path(output_dir)
     sizes = sorted({min(int(s), len(train_rows)) for s in sizes})
-    cells = experiment_cells(arms, sizes, ratios, folds, ratio_max_size)
+    cells = experiment_cells(arms, sizes, ratios, folds, ratio_max_size, arm_max_size)
     if learn_concept is None and any(ARMS[a][2] == "concept" for a in arms):
         raise BundleInputError("The concept arms need concept settings (concept_tokens): give them, or leave the "
                                "concept arms out.")

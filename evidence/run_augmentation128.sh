@@ -11,8 +11,12 @@
 # guidance scale; default: $GENERATOR/guidance.json, chosen on validation films), WORK (default
 # runs/augmentation128), BLIND (the blind folder; default $DINO_DIFFUSION_DATA/blind, none: no scoring), THREADS,
 # STEPS (the sampler's steps for the synthetic films; default inference.json's 20: 10 halves the sampling cost, to be
-# checked against FD on validation films first), SIZES / RATIOS / FOLDS / ARMS / RATIO_MAX_SIZE per run (defaults below: a provisional cut of the grid, since
-# sampling at 128 px costs about 10 s per image on one core; to be set from a measured corner).
+# checked against FD on validation films first), SIZES / RATIOS / FOLDS / ARMS / RATIO_MAX_SIZE / ARM_MAX_SIZE per run.
+# Defaults: the grid cut to about 20 core-hours from unit costs measured at 128 px on one thread beside one other job
+# (docs/results/augmentation.md): a synthetic film 1.8 s at guidance 1 and 3.5 s at 2 (bf16, 20 steps), a classifier
+# 60-80 s (+40 s with classic augmentation), a concept about 10-15 min (300 steps). So 1:50 is cut (2,500 films per fold
+# at N = 25 per class), 1:10 runs at N <= 10 and 1:5 at N <= 25, 1:1 everywhere; 5 folds to N = 25, 3 at 50; the concept
+# arm (two concepts per fold) only at the smallest N (5 for Kermany, 10 otherwise).
 { # the whole script is read before it runs: editing it while a long run is under way cannot change that run
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,18 +49,19 @@ fi
 for task in $TASKS; do
   case $task in
     nodule)  args=(--labelled_list "$L/jsrt_train.csv" --test_list "$L/jsrt_val_test.csv" --label nodule --per_class False)
-             sizes=${SIZES:-"[10,25,50]"}; blind=jsrt;;
+             sizes=${SIZES:-"[10,25,50]"}; concept_max=10; blind=jsrt;;
     nih)     args=(--labelled_list "$L/nih_train.csv" --test_list "$L/nih_test.csv" --label label --positive pneumonia
-                   --per_class True); sizes=${SIZES:-"[10,25,50]"}; blind=cxr_corpus;;
+                   --per_class True); sizes=${SIZES:-"[10,25,50]"}; concept_max=10; blind=cxr_corpus;;
     kermany) args=(--labelled_list "$L/kermany_train.csv" --test_list "$L/kermany_test.csv" --label label
-                   --positive pneumonia --per_class True); sizes=${SIZES:-"[5,10,25]"}; blind=cxr_corpus;;
+                   --positive pneumonia --per_class True); sizes=${SIZES:-"[5,10,25]"}; concept_max=5; blind=cxr_corpus;;
     *) echo "unknown task $task (nodule, nih, kermany)"; exit 1;;
   esac
   SECONDS=0
   $PY -m monai.bundle run augment --config_file "$CONFIGS" --work_dir "$GENERATOR" "${args[@]}" \
       --augmentation_dir "$WORK/$task" --pool_sizes "$sizes" --ratios "${RATIOS:-[1,5,10]}" \
-      --ratio_max_size "${RATIO_MAX_SIZE:-{'10': 10}}" --folds "${FOLDS:-3}" \
+      --ratio_max_size "${RATIO_MAX_SIZE:-{'10': 10, '5': 25}}" --folds "${FOLDS:-{'25': 5, '50': 3}}" \
       --arms "${ARMS:-['real','real+classic','real+synthetic','classic+synthetic','real+concept']}" \
+      --arm_max_size "${ARM_MAX_SIZE:-{'real+concept': $concept_max}}" \
       "${GUIDANCE_ARGS[@]}" "${THREAD_ARGS[@]}" >> "$WORK/$task.log" 2>&1 || { tail -30 "$WORK/$task.log"; exit 1; }
   echo "augment_$task $SECONDS" | tee -a "$WORK/stage_seconds.txt"
   if [ -d "$BLIND/$blind/images" ]; then

@@ -146,6 +146,13 @@ def test_cells_follow_the_arms_ratio_caps_and_fold_counts():
     assert [c[3] for c in cells[:3]] == ["real", "real", "real+synthetic"]  # real first, both folds
     with pytest.raises(BundleInputError, match="Unknown augmentation arm"):
         experiment_cells(["real+mixup"], [10], [1], 1)
+    # a costly arm only for small pools; the others at every N
+    capped = experiment_cells(["real", "real+concept"], [10, 25], [1, 5], 1, arm_max_size={"real+concept": 10})
+    assert capped == [(10, 0.0, 0, "real"), (10, 1.0, 0, "real+concept"), (10, 5.0, 0, "real+concept"), (25, 0.0, 0, "real")]
+    with pytest.raises(BundleInputError, match="Unknown augmentation arm"):
+        experiment_cells(["real"], [10], [1], 1, arm_max_size={"real+mixup": 10})
+    with pytest.raises(BundleInputError, match="arm_max_size"):
+        experiment_cells(["real"], [10], [1], 1, arm_max_size={"real": "ten"})
     with pytest.raises(BundleInputError, match="folds"):
         experiment_cells(["real"], [10], [1], {"ten": 5})
 
