@@ -12,7 +12,7 @@
 # runs/augmentation128), BLIND (the blind folder; default $DINO_DIFFUSION_DATA/blind, none: no scoring), THREADS,
 # STEPS (the sampler's steps for the synthetic films; default inference.json's 20: 10 halves the sampling cost, to be
 # checked against FD on validation films first), SIZES / RATIOS / FOLDS / ARMS / RATIO_MAX_SIZE / ARM_MAX_SIZE per run.
-# Defaults: the grid cut to about 20 core-hours from unit costs measured at 128 px on one thread beside one other job
+# Defaults: the grid cut to about 17-21 core-hours from unit costs measured at 128 px on one thread beside one other job
 # (docs/results/augmentation.md): a synthetic film 1.8 s at guidance 1 and 3.5 s at 2 (bf16, 20 steps), a classifier
 # 60-80 s (+40 s with classic augmentation), a concept about 10-15 min (300 steps). So 1:50 is cut (2,500 films per fold
 # at N = 25 per class), 1:10 runs at N <= 10 and 1:5 at N <= 25, 1:1 everywhere; 5 folds to N = 25, 3 at 50; the concept
