@@ -33,6 +33,16 @@ def load_png(path: Path) -> np.ndarray:
     return array / (65535.0 if array.max() > 255 else 255.0)
 
 
+def shown(params):
+    """Strategy parameters as a figure or JSON shows them: a file path by its folder and name only (where the data
+    lie on this machine is not part of the result)."""
+    if isinstance(params, dict):
+        return {k: shown(v) for k, v in params.items()}
+    if isinstance(params, str) and ("/" in params or os.sep in params):
+        return f"{Path(params).parent.name}/{Path(params).name}"
+    return params
+
+
 def grid(rows: list[list[np.ndarray | None]], path: Path, row_titles: list[str], col_titles: list[str], title: str) -> None:
     plt = pyplot()
 
@@ -96,8 +106,8 @@ def main() -> None:
         by_anchor = [[load_png(out / r["image"]) for r in rows if r["image"].startswith(f"{i}_")] for i in ids]
         grid([[real[i]] + by_anchor[i] for i in range(len(ids))], args.out / f"sampling_{strategy}.png",
              ids, ["real (anchor)"] + [f"seed {k}" for k in range(args.num_samples)],
-             f"{strategy}: {json.loads(rows[0]['params']) or 'embedding of the real image'}")
-        result["strategies"][strategy] = {"images": len(rows), "params": json.loads(rows[0]["params"])}
+             f"{strategy}: {shown(json.loads(rows[0]['params'])) or 'embedding of the real image'}")
+        result["strategies"][strategy] = {"images": len(rows), "params": shown(json.loads(rows[0]["params"]))}
 
     # interpolation strip through three held-out images, one seed
     strip_dir = work / "interpolation_strip"
