@@ -36,6 +36,16 @@ def amp_dtype(amp: str | None, device: Any = "cpu") -> torch.dtype | None:
     return AMP_DTYPES[key]
 
 
+def checked_amp(amp: str | None, setting: str = "amp") -> str:
+    """``amp`` as a precision setting's name (``auto``, ``none``, ``bf16``, ``fp16``), or one sentence naming
+    ``setting`` when it is none of them."""
+    key = "none" if amp in (None, False) else str(amp).strip().lower()
+    if key != "auto" and key not in AMP_DTYPES:
+        raise BundleInputError(f"--{setting} {amp!r} is not a precision: choose auto (bf16 where the device has it), "
+                               "none (float32), bf16 or fp16.")
+    return key
+
+
 @functools.cache
 def cpu_has_bf16() -> bool:
     """Whether this CPU has bf16 instructions (AVX512-BF16 / AMX) that oneDNN uses for bf16 convolutions and GEMMs."""

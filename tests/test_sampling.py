@@ -133,6 +133,7 @@ def test_missing_checkpoint_and_other_dino_are_refused(trained_tiny, tmp_path):
     ({"strategy": "concept"}, "The concept strategy needs concepts"),
     ({"strategy": "img2img", "strategy_params": {"img2img": {"concepts": {"nowhere": 1.0}}}}, "nowhere"),
     ({"label_columns": ["sex"]}, "Label column 'sex' is missing"),
+    ({"sampling_amp": "fp8"}, "--sampling_amp 'fp8' is not a precision: choose auto"),
 ])
 def test_impossible_sampling_values_are_refused_before_any_work(trained_tiny, tmp_path, overrides, message):
     """Every setting is checked before the pool cache (preprocessed images, latents, embeddings) is written."""
