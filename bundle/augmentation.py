@@ -34,7 +34,7 @@ from .concepts import ConceptBank, concept_path
 from .data import preprocessed_stack, read_datalist
 from .errors import BundleInputError
 from .io import append_jsonl, atomic_write
-from .performance import PRECISION_NAMES, autocast, autocast_dtype
+from .performance import autocast, autocast_dtype, precision_name
 
 logger = logging.getLogger(__name__)
 
@@ -310,7 +310,7 @@ def run_experiment(
     x_train = preprocessed_stack(train_rows, preprocessing)
     results_path = output_dir / "results.jsonl"
     dtype = autocast_dtype(amp, device)
-    precision = PRECISION_NAMES.get(dtype, str(dtype))
+    precision = precision_name(dtype)
     done = _done(results_path, precision)
     bar = tqdm(total=len(cells), desc=f"augmentation ({label})", dynamic_ncols=True)
     bar.update(sum(1 for c in cells if c in done))

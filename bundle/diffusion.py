@@ -14,6 +14,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .errors import BundleInputError
+from .performance import Autocast
 
 
 def null_context(context: torch.Tensor) -> torch.Tensor:
@@ -209,25 +210,21 @@ def sample_latents(
     null = null_context(context[0][:, :1] if composed else context)
     guided = guidance_scale != 1.0
 
-    def unet_call(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        if dtype is None:
-            return unet(x, t, context=c)
-        with torch.autocast(x.device.type, dtype=dtype):
-            return unet(x, t, context=c).float()
+    network = unet if dtype is None else Autocast(unet, dtype)  # float32 outputs for guidance and the sampler
 
     steps = tqdm(timesteps, desc="sampling", leave=False, disable=None if progress else True, dynamic_ncols=True)
     for i, t in enumerate(steps):
         t_batch = torch.full((batch,), int(t), device=latents.device, dtype=torch.long)
         if composed:
-            unconditional = unet_call(latents, t_batch, null)
-            directions = [w * (unet_call(latents, t_batch, c) - unconditional) for w, c in zip(weights, context)]
+            unconditional = network(latents, t_batch, context=null)
+            directions = [w * (network(latents, t_batch, context=c) - unconditional) for w, c in zip(weights, context)]
             prediction = unconditional + guidance_scale * sum(directions)
         elif guided:
-            both = unet_call(torch.cat([latents, latents]), torch.cat([t_batch, t_batch]), torch.cat([context, null]))
+            both = network(torch.cat([latents, latents]), torch.cat([t_batch, t_batch]), context=torch.cat([context, null]))
             conditional, unconditional = both.chunk(2)
             prediction = unconditional + guidance_scale * (conditional - unconditional)
         else:
-            prediction = unet_call(latents, t_batch, context)
+            prediction = network(latents, t_batch, context=context)
         latents = _step(scheduler, prediction, t, latents, generators)
         if mask is not None:
             if i + 1 < len(timesteps):

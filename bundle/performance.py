@@ -25,14 +25,17 @@ AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISION_NAMES = {None: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # as outputs record it
 
 
+def precision_name(dtype: torch.dtype | None) -> str:
+    """How results and manifests record an autocast dtype: ``float32`` (None), ``bf16`` or ``fp16``."""
+    return PRECISION_NAMES.get(dtype, str(dtype))
+
+
 def amp_dtype(amp: str | None, device: Any = "cpu") -> torch.dtype | None:
     """The autocast dtype of an ``amp`` setting: ``none`` (float32), ``bf16``, ``fp16``, or ``auto`` (bf16 where
     ``device`` has bf16 arithmetic, a GPU that supports it or a CPU with bf16 instructions; float32 elsewhere)."""
-    key = "none" if amp in (None, False) else str(amp).strip().lower()
+    key = checked_amp(amp)
     if key == "auto":
         return torch.bfloat16 if device_has_bf16(device) else None
-    if key not in AMP_DTYPES:
-        raise BundleInputError(f"amp '{amp}' is not known: choose auto, none, bf16 or fp16.")
     return AMP_DTYPES[key]
 
 

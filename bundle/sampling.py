@@ -30,7 +30,7 @@ from .errors import BundleInputError
 from .validation import check_sampling_values
 from .volumes import output_affine, source_modality
 from .io import atomic_path
-from .performance import PRECISION_NAMES, autocast_dtype
+from .performance import autocast_dtype, precision_name
 from .strategies import STRATEGIES, Plan, Pool, strategy_params, with_concepts
 from .writers import FORMATS, dicom_uid, write_image
 
@@ -237,7 +237,7 @@ def generate(
         raise BundleInputError("No input images were given for sampling: pass --input_dir with at least one image.")
     check_sampling_values(num_inference_steps, guidance_scale, batch_size, getattr(scheduler, "num_train_timesteps", None))
     dtype = autocast_dtype(amp, device)
-    precision = PRECISION_NAMES.get(dtype, str(dtype))
+    precision = precision_name(dtype)
     label_columns = list(label_columns or [])
     if jobs is None:  # before the pool cache is written: a wrong setting costs nothing
         checked_plan(datalist, strategy, num_samples, total_samples, params, concepts)

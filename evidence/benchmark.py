@@ -264,7 +264,7 @@ def stage_sampling(args) -> dict:
     import torch
 
     from bundle.diffusion import sample_latents, seeded_noise
-    from bundle.performance import PRECISION_NAMES, autocast_dtype
+    from bundle.performance import autocast_dtype, precision_name
 
     get, device, codec, unet, batch, context = _sampling_parts(args)
     scheduler, steps, guidance = get("sampling_scheduler"), get("num_inference_steps"), get("guidance_scale")
@@ -277,7 +277,7 @@ def stage_sampling(args) -> dict:
 
     times = _timed_loop(step, 1, max(1, args.iterations // 4))
     return {"batch_size": batch, "seconds": times, "num_inference_steps": steps, "sampler": get("sampler"),
-            "precision": PRECISION_NAMES.get(dtype, str(dtype))}
+            "precision": precision_name(dtype)}
 
 
 def stage_sampling_monai(args, steps: int | None = None) -> dict:

@@ -52,7 +52,7 @@ from bundle.evaluation import (divergent, extract, feature_space, frechet_distan
                                reconstruction_quality, source_retrieval, two_rows_png)
 from bundle.io import atomic_write
 from bundle.models import load_codec, load_generator, model_path, read_record
-from bundle.performance import PRECISION_NAMES, autocast_dtype
+from bundle.performance import autocast_dtype, precision_name
 from bundle.workflow import load_profile
 
 EPOCH = re.compile(r"_epoch(\d+)\.pt$")
@@ -253,7 +253,7 @@ def main() -> None:
     result: dict = {"work_dir": str(args.work_dir), "target_model": str(args.target_model or "final"),
                     "train_images": len(train), "test_sets": {n: len(x) for n, x in real.items()},
                     "sampler": {"name": args.sampler, "steps": args.steps, "guidance_scale": args.guidance_scale,
-                                "precision": PRECISION_NAMES.get(SAMPLE_DTYPE, str(SAMPLE_DTYPE))},
+                                "precision": precision_name(SAMPLE_DTYPE)},
                     "autoencoder_curve": [], "diffusion_curve": [], "targets": {}}
     pixels = feature_space("pixels")
     pix_train = extract(pixels, train)

@@ -18,6 +18,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from bundle.heads.training import recipe_setting
 from bundle.io import atomic_write, atomic_write_json
 
 RECIPE_INIT = "pretrained"
@@ -72,14 +73,14 @@ def setting(choice: dict, init: str, size: int, key: str):
     own = choice["per_init"].get(init, {}).get(span)
     if own is not None:
         return own[key]
-    return next(e[key] for e in choice["head_recipe"] if e["up_to"] is None or size <= e["up_to"])
+    return recipe_setting(choice["head_recipe"], size, key)
 
 
 def markdown(choice: dict) -> str:
     metric = choice["metric"]
     lines = [f"Fine-tuning settings on the validation films ({metric}, lower is better; chosen per range of N, "
              f"N <= {choice['small_max']} and above):", "",
-             "| initialisation | range | iterations | lr | " + " | ".join(["per tuned N"]) + " | chosen |",
+             "| initialisation | range | iterations | lr | per tuned N | chosen |",
              "|---|---|---|---|---|---|"]
     for init, spans in choice["per_init"].items():
         for span, c in spans.items():

@@ -14,7 +14,7 @@
 # checked against FD on validation films first), SIZES / RATIOS / FOLDS / ARMS / RATIO_MAX_SIZE / ARM_MAX_SIZE per run.
 # Defaults: the grid cut to about 17-21 core-hours from unit costs measured at 128 px on one thread beside one other job
 # (docs/results/augmentation.md): a synthetic film 1.8 s at guidance 1 and 3.5 s at 2 (bf16, 20 steps), a classifier
-# 60-80 s (+40 s with classic augmentation), a concept about 10-15 min (300 steps). So 1:50 is cut (2,500 films per fold
+# about 80 s (+40 s with classic augmentation), a concept about 14.5 min at batch 16 (300 steps of 2.9 s). So 1:50 is cut (2,500 films per fold
 # at N = 25 per class), 1:10 runs at N <= 10 and 1:5 at N <= 25, 1:1 everywhere; 5 folds to N = 25, 3 at 50; the concept
 # arm (two concepts per fold) only at the smallest N (5 for Kermany, 10 otherwise).
 { # the whole script is read before it runs: editing it while a long run is under way cannot change that run

@@ -34,7 +34,7 @@ from bundle.data import find_images, read_datalist
 from bundle.model_files import read_record
 from bundle.models import build_network
 from bundle.io import append_jsonl
-from bundle.performance import autocast_dtype
+from bundle.performance import autocast_dtype, precision_name
 from bundle.heads.encoders import build_encoder_head, dino_encoder_spec
 from bundle.heads.inference import infer, predict
 from bundle.heads.landmarks import (SDR_THRESHOLDS_PX, HeatmapCrossEntropy, decode_heatmaps, landmark_layout,
@@ -140,7 +140,7 @@ def main() -> None:
     results_path = args.work / "heads_results.jsonl"
     # rows made in another precision are not this run's (rows from before the setting existed were float32)
     dtype = autocast_dtype(args.amp, "cpu")
-    precision = {torch.bfloat16: "bf16", None: "float32"}.get(dtype, str(dtype))
+    precision = precision_name(dtype)
     done, other = {}, 0
     if results_path.exists():
         for line in results_path.read_text().splitlines():
