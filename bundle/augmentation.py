@@ -261,6 +261,20 @@ def experiment_cells(arms: Sequence[str], sizes: Sequence[int], ratios: Sequence
     return cells
 
 
+def check_concept_pools(cells: Sequence[tuple[int, float, int, str]], labels: np.ndarray, per_class: bool,
+                        minimum: int) -> None:
+    """Refuse, before any work, a concept cell whose pool has fewer than ``minimum`` films of a class (one concept
+    is learned per class from the pool's films of it)."""
+    for n, fold in sorted({(c[0], c[2]) for c in cells if ARMS[c[3]][2] == "concept"}):
+        pool_labels = labels[stratified_pool(labels, n, seed=1000 * fold + n, per_class=per_class)]
+        fewest = min(int((pool_labels == 1).sum()), int((pool_labels == 0).sum()))
+        if fewest < minimum:
+            raise BundleInputError(
+                f"The concept arms at N = {n} (fold {fold}) would learn a concept from {fewest} films of one class, "
+                f"fewer than augmentation_concept_min_images = {minimum}: leave them out at this N with arm_max_size, "
+                "draw N of each class with per_class, or lower the minimum.")
+
+
 def run_experiment(
     generation: Callable[..., list[dict[str, Any]]],
     train_rows: Sequence[dict[str, Any]],
@@ -282,12 +296,15 @@ def run_experiment(
     reference: str = "real+classic",
     amp: str | None = "none",
     arm_max_size: Mapping[str, int] | None = None,
+    concept_min_images: int = 3,
 ) -> list[dict[str, Any]]:
     """Run (or continue) the experiment over :func:`experiment_cells`; returns one record per cell and writes
     ``results.jsonl``, ``results.md``, ``summary.json`` and ``augmentation_auc.png`` in ``output_dir``. The concept
     arms need ``learn_concept(rows, name, folder)`` (learns a concept, returns the ConceptBank of ``folder``);
     ``reference`` is the arm every other one is compared with, fold by fold. ``amp``: the classifiers' training
-    precision (``auto``: bf16 where the device has it); cells trained in another precision are trained again."""
+    precision (``auto``: bf16 where the device has it); cells trained in another precision are trained again.
+    ``concept_min_images``: the fewest films of a class a concept is learned from; every fold's pool is checked
+    against it before any work, so a concept cell cannot stop the experiment hours in."""
     if not label:
         raise BundleInputError("No label column is set: give --label, the datalist column that holds the class.")
     output_dir = Path(output_dir)
@@ -298,6 +315,11 @@ def run_experiment(
                                "concept arms out.")
     y_train = binary_labels(train_rows, label, positive)
     y_test = binary_labels(test_rows, label, positive)
+    for name, y in (("labelled_list", y_train), ("test_list", y_test)):
+        if y.min() == y.max():
+            raise BundleInputError(f"Every film of {name} has the same {label} ({'positive' if y[0] else 'negative'}): "
+                                   "pools and AUC need both classes, so give a datalist with films of each.")
+    check_concept_pools(cells, y_train, per_class, concept_min_images)
     test_set = {"label": label, "positive": positive, "images": [str(r["image"]) for r in test_rows],
                 "labels": y_test.tolist()}
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -434,6 +456,8 @@ def paired_differences(records: Sequence[Mapping[str, Any]], labels: Sequence[in
     with replacement, the same draw for both arms) and the smallest difference this design could detect
     (:data:`DETECTABLE_Z` bootstrap standard errors). Records without per-image scores are left out."""
     labels = np.asarray(labels)
+    if labels.size == 0 or labels.min() == labels.max():
+        return []  # no AUC on a single class, so nothing to bootstrap
     by = {(r["size"], r["arm"], float(r["ratio"]), r["fold"]): r for r in records if r.get("test_scores")}
     rng = np.random.default_rng(seed)
     out = []

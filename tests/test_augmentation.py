@@ -157,6 +157,30 @@ def test_cells_follow_the_arms_ratio_caps_and_fold_counts():
         experiment_cells(["real"], [10], [1], {"ten": 5})
 
 
+def test_a_concept_pool_too_small_for_a_class_is_refused_before_any_work(tmp_path):
+    """JSRT nodule at N = 10 draws 6 nodule and 4 normal films: a concept of 4 films passes a minimum of 3, fails 5,
+    and the refusal comes before a single image is made or classifier trained."""
+    ids = sorted(p.stem for p in (JSRT / "images").glob("*.png"))
+    rows = labelled([i for i in ids if i.startswith("JPCLN")][:12] + [i for i in ids if i.startswith("JPCNN")][:8])
+
+    def generation(*args, **kwargs):
+        raise AssertionError("no image may be made before the pools are checked")
+
+    common = dict(label="nodule", sizes=[10], ratios=[1], folds=2, arms=["real", "real+concept"], learn_concept=print)
+    with pytest.raises(BundleInputError, match="N = 10 .fold 0. would learn a concept from 4 films of one class, "
+                                               "fewer than augmentation_concept_min_images = 5"):
+        run_experiment(generation, rows, rows, None, output_dir=tmp_path / "out", concept_min_images=5, **common)
+    assert not (tmp_path / "out").exists()
+    # a test list of one class has no AUC: refused at once (its bootstrap would draw forever)
+    with pytest.raises(BundleInputError, match="Every film of test_list has the same nodule .positive.: pools and AUC"):
+        run_experiment(generation, rows, rows[:5], None, output_dir=tmp_path / "one", **common)
+    assert paired_differences([{"size": 10, "arm": a, "ratio": 0, "fold": 0, "test_scores": [0.1, 0.2]}
+                               for a in ("real", "real+classic")], [1, 1]) == []
+    with pytest.raises(AssertionError, match="no image may be made"):  # passes the check, then starts to work
+        run_experiment(generation, rows, rows, lambda row: {"image": torch.zeros(1, 8, 8)}, output_dir=tmp_path / "ok",
+                       concept_min_images=3, **common)
+
+
 def test_paired_differences_find_a_real_gain_and_not_a_null_one():
     """Bootstrap over folds and test films: an arm that separates the classes better than the reference on every
     fold is significant; an arm equal to the reference up to noise is not, and its detectable difference is given."""
