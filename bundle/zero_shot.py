@@ -16,7 +16,7 @@ import dataclasses
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -210,10 +210,11 @@ def kmeans_labels(features: torch.Tensor, clusters: int = 6, iterations: int = 3
     return best.reshape(x, y)
 
 
-def feature_segment(features: torch.Tensor, images: torch.Tensor, clusters: int = 6,
-                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def feature_segment(features: torch.Tensor, images: torch.Tensor, clusters: int = 6, seed: int = 0,
+                    rule: Mapping[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Decoder features ``(B, C, x, y)`` and the ``(B, 1, X, Y)`` images -> (k-means cluster labels ``(B, X, Y)``,
-    lung masks by :func:`lung_clusters`): the label-free alternative to attention clustering."""
+    lung masks by :func:`lung_clusters` with the keywords of ``rule``): the label-free alternative to attention
+    clustering."""
     size = images.shape[-2:]
     labels = []
     for f in features.cpu():
@@ -222,7 +223,14 @@ def feature_segment(features: torch.Tensor, images: torch.Tensor, clusters: int 
             label = F.interpolate(label[None, None].float(), size=tuple(size), mode="nearest")[0, 0].long()
         labels.append(label)
     labels = torch.stack(labels)
-    return labels, torch.stack([lung_clusters(l, im.cpu()) for l, im in zip(labels, images)])
+    return labels, torch.stack([lung_clusters(l, im.cpu(), **(rule or {})) for l, im in zip(labels, images)])
+
+
+def pixel_labels(images: torch.Tensor) -> torch.Tensor:
+    """``(B, 1, X, Y)`` images -> ``(B, X, Y)`` labels with every pixel its own cluster: the ``intensity`` method,
+    :func:`lung_clusters` on single pixels with no network."""
+    b, _, x, y = images.shape
+    return torch.arange(x * y).reshape(1, x, y).expand(b, -1, -1)
 
 
 def aggregate_attention(maps: Sequence[torch.Tensor], grids: Sequence[int] | None = None) -> torch.Tensor:
@@ -327,16 +335,34 @@ def cluster_labels(proposals: torch.Tensor, size: Sequence[int]) -> torch.Tensor
     return maps.argmax(0)
 
 
-def lung_clusters(labels: torch.Tensor, image: torch.Tensor, border: float = 0.2, components: int | None = 2
-                  ) -> torch.Tensor:
-    """The label-free lung choice: clusters darker than the image's mean intensity that lie mostly inside.
+LUNG_THRESHOLDS = ("mean", "otsu")
 
-    A cluster is taken when its mean intensity is below the image's mean (air-filled lung is radiolucent,
-    so dark in a radiograph with MONOCHROME2 display) and no more than ``border`` of its pixels lie in the
-    outer eighth of the image on any side (dark air outside the body reaches the border; the lungs do not).
-    Then the ``components`` largest connected regions are kept (two lungs; ``None`` keeps every region) and
-    their holes filled (MONAI's ``KeepLargestConnectedComponent`` and ``FillHoles``). Every cluster being one
-    pixel makes it the plain intensity rule. Returns a boolean ``(X, Y)`` mask.
+
+def lung_threshold(image: torch.Tensor, edge: torch.Tensor, threshold: str = "mean", scale: float = 1.0) -> float:
+    """The intensity below which a cluster counts as dark: ``scale`` times the image's mean (``mean``) or times
+    Otsu's threshold of the pixels inside the outer band (``otsu``, scikit-image's ``threshold_otsu``; the band
+    is mostly collimation and air, which would pull the split away from lung against soft tissue)."""
+    if threshold not in LUNG_THRESHOLDS:
+        raise BundleInputError(f"lung_threshold '{threshold}' is not known: use one of {LUNG_THRESHOLDS}.")
+    if threshold == "mean":
+        return float(scale) * float(image.double().mean())
+    from skimage.filters import threshold_otsu
+
+    inner = image[~edge].double().numpy()
+    return float(scale) * float(threshold_otsu(inner) if inner.min() < inner.max() else inner.mean())
+
+
+def lung_clusters(labels: torch.Tensor, image: torch.Tensor, border: float = 0.2, components: int | None = 2,
+                  threshold: str = "mean", scale: float = 1.0) -> torch.Tensor:
+    """The label-free lung choice: dark clusters that lie mostly inside.
+
+    A cluster is taken when its mean intensity is below :func:`lung_threshold` (``threshold``: the image's mean
+    or Otsu's threshold inside the outer band, times ``scale``; air-filled lung is radiolucent, so dark in a
+    radiograph with MONOCHROME2 display) and no more than ``border`` of its pixels lie in the outer eighth of
+    the image on any side (dark air outside the body reaches the border; the lungs do not). Then the
+    ``components`` largest connected regions are kept (two lungs; ``None`` keeps every region) and their holes
+    filled (MONAI's ``KeepLargestConnectedComponent`` and ``FillHoles``). Every cluster being one pixel
+    (:func:`pixel_labels`) makes it a plain intensity rule. Returns a boolean ``(X, Y)`` mask.
     """
     image = image.reshape(labels.shape).float()
     x, y = labels.shape
@@ -347,7 +373,7 @@ def lung_clusters(labels: torch.Tensor, image: torch.Tensor, border: float = 0.2
     count = torch.bincount(index).double()
     darkness = torch.bincount(index, weights=image.flatten().double()) / count
     outer = torch.bincount(index, weights=edge.flatten().double()) / count
-    mask = ((darkness < image.double().mean()) & (outer <= border))[index].reshape(labels.shape)
+    mask = ((darkness < lung_threshold(image, edge, threshold, scale)) & (outer <= border))[index].reshape(labels.shape)
     if components and mask.any():
         mask = KeepLargestConnectedComponent(num_components=int(components), connectivity=1)(mask[None])[0]
         mask = FillHoles()(mask[None])[0]
@@ -363,16 +389,17 @@ def oracle_clusters(labels: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
 
 
 MERGES = ("relative", "diffseg")
-METHODS = ("attention", "features")
+METHODS = ("attention", "features", "intensity")
 
 
 def segment(maps: Sequence[torch.Tensor], images: torch.Tensor, grid: int = 16, threshold: float = 0.2,
-            iterations: int = 3, merge: str = "relative", grids: Sequence[int] | None = None
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+            iterations: int = 3, merge: str = "relative", grids: Sequence[int] | None = None,
+            rule: Mapping[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Self-attention maps of a batch and its ``(B, 1, X, Y)`` images -> (cluster labels ``(B, X, Y)``,
     lung masks ``(B, X, Y)`` by :func:`lung_clusters`). ``merge``: ``relative`` (:func:`merge_attention`,
     ``threshold`` a fraction of the median KL) or ``diffseg`` (:func:`merge_attention_diffseg`, ``threshold`` in
-    nats, the same at each of the ``iterations``); ``grids``: the attention layers used (:func:`aggregate_attention`)."""
+    nats, the same at each of the ``iterations``); ``grids``: the attention layers used (:func:`aggregate_attention`);
+    ``rule``: keywords of :func:`lung_clusters`."""
     if merge not in MERGES:
         raise BundleInputError(f"merge '{merge}' is not known: use one of {MERGES}.")
     attention = aggregate_attention(maps, grids)
@@ -384,7 +411,7 @@ def segment(maps: Sequence[torch.Tensor], images: torch.Tensor, grid: int = 16, 
         return merge_attention(a, grid, threshold, iterations)
 
     labels = torch.stack([cluster_labels(proposals(a), size) for a in attention])
-    lungs = torch.stack([lung_clusters(l, im.cpu()) for l, im in zip(labels, images)])
+    lungs = torch.stack([lung_clusters(l, im.cpu(), **(rule or {})) for l, im in zip(labels, images)])
     return labels, lungs
 
 
@@ -399,12 +426,15 @@ def segment_folder(model: ZeroShotUNet, rows: Sequence[dict], output_dir, timest
                    threshold: float = 0.1, grid: int = 16, mask_format: str = "png",
                    truth_columns: Sequence[str] = LUNG_MASK_COLUMNS, batch_size: int = 8, seed: int = 0,
                    merge: str = "relative", method: str = "attention", clusters: int = 6,
-                   grids: Sequence[int] | None = None, feature_block: int = -1) -> dict:
+                   grids: Sequence[int] | None = None, feature_block: int = -1, lung_threshold: str = "mean",
+                   lung_scale: float = 1.0) -> dict:
     """Zero-shot lung masks for every row from the internals of ``model`` (:func:`load_zero_shot_unet`).
 
-    ``method``: ``attention`` (self-attention merged into clusters, :func:`segment`; ``grids`` picks its layers) or
+    ``method``: ``attention`` (self-attention merged into clusters, :func:`segment`; ``grids`` picks its layers),
     ``features`` (k-means with ``clusters`` centres on the decoder features of up block ``feature_block``,
-    :func:`feature_segment`); either way the lungs are chosen by :func:`lung_clusters`.
+    :func:`feature_segment`) or ``intensity`` (every pixel its own cluster, no UNet call: the rule alone, at the
+    model's image size and preprocessing); either way the lungs are chosen by :func:`lung_clusters` with
+    ``lung_threshold`` and ``lung_scale``.
 
     Writes ``<output_dir>/lungs/<stem>.png`` (0/255) or ``.nii.gz`` in each image's original frame. Rows that
     carry all ``truth_columns`` are scored at the model's image size: Dice of the label-free choice and, as an
@@ -416,16 +446,22 @@ def segment_folder(model: ZeroShotUNet, rows: Sequence[dict], output_dir, timest
         raise BundleInputError(f"zero_shot_method '{method}' is not known: use one of {METHODS}.")
     if not rows:
         raise BundleInputError("No images to segment: check input_dir.")
+    if lung_threshold not in LUNG_THRESHOLDS:
+        raise BundleInputError(f"lung_threshold '{lung_threshold}' is not known: use one of {LUNG_THRESHOLDS}.")
+    rule = {"threshold": lung_threshold, "scale": float(lung_scale)}
     out, stems, scores = Path(output_dir), output_stems(rows), []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         images = preprocessed_stack(chunk, model.preprocessing, desc="zero-shot")
         if method == "features":
             features = model.internals(images, timestep, seed, attention=False, feature_block=feature_block)[1]
-            labels, lungs = feature_segment(features, images, clusters, seed=seed)
+            labels, lungs = feature_segment(features, images, clusters, seed=seed, rule=rule)
+        elif method == "intensity":
+            labels = pixel_labels(images)
+            lungs = torch.stack([lung_clusters(l, im, **rule) for l, im in zip(labels, images.cpu())])
         else:
             maps = model.internals(images, timestep, seed, features=False)[0]
-            labels, lungs = segment(maps, images, grid, threshold, merge=merge, grids=grids)
+            labels, lungs = segment(maps, images, grid, threshold, merge=merge, grids=grids, rule=rule)
         size = images.shape[-1]
         for row, stem, label, lung in zip(chunk, stems[start : start + batch_size], labels, lungs):
             write_masks(lung[None].float(), image_frame(row, size), ["lungs"], stem, out, mask_format)
@@ -433,11 +469,13 @@ def segment_folder(model: ZeroShotUNet, rows: Sequence[dict], output_dir, timest
                 truth = read_masks(row, truth_columns, (size, size)).amax(0).bool()
                 scores.append({"image": str(row["image"]), "clusters": int(label.unique().numel()),
                                "dice": dice(lung, truth), "oracle_dice": dice(oracle_clusters(label, truth), truth)})
-    settings = {"model": model.model, "model_path": str(model.path), "method": method, "timestep": int(timestep),
-                "image_size": int(model.image_size), "seed": int(seed),
-                **({"clusters": int(clusters), "feature_block": int(feature_block)} if method == "features" else
-                   {"merge": merge, "threshold": float(threshold), "grid": int(grid),
-                    "attention_grids": list(grids) if grids else "all"})}
+    by_method = {"features": {"timestep": int(timestep), "clusters": int(clusters), "feature_block": int(feature_block)},
+                 "attention": {"timestep": int(timestep), "merge": merge, "threshold": float(threshold),
+                               "grid": int(grid), "attention_grids": list(grids) if grids else "all"},
+                 "intensity": {}}
+    settings = {"model": model.model, "model_path": str(model.path), "method": method,
+                "image_size": int(model.image_size), "seed": int(seed), **by_method[method],
+                "lung_threshold": lung_threshold, "lung_scale": float(lung_scale)}
     metrics: dict = {"images": len(rows), "settings": settings}
     if scores:
         metrics.update({"scored_images": len(scores), "dice": float(np.mean([s["dice"] for s in scores])),

@@ -15,14 +15,17 @@ config's overrides, e.g. --model_path for a snapshot), so the sweep measures exa
    (absolute symmetric-KL thresholds: its 1.1, and thresholds on the scale of these models' anchor distances) and
    the bundle's relative variant, over timestep, merge threshold, anchor grid and attention layers (every layer
    weighted by its grid, or the finest grid only); and k-means on the last two decoder blocks' features over
-   timestep and number of clusters.
+   timestep and number of clusters; each of them with the lung rule's threshold (the image's mean or Otsu's
+   threshold inside the border band, times 1, 1.05 or 1.1), and the rule alone on single pixels with no UNet
+   (method ``intensity``) under the same thresholds.
 2. **Test** (JSRT test) for the best setting of each UNet and method: (a) the label-free lung choice the bundle
-   serves (bundle.zero_shot.lung_clusters: clusters darker than the image's mean that stay off the image border,
+   serves (bundle.zero_shot.lung_clusters: clusters darker than the swept threshold that stay off the image border,
    then the two largest regions with holes filled; right lung = the image's left half of that mask), Dice per lung
    and both lungs, HD95; (b) the matched reading of the paper (clusters more than half inside the true lungs), an
    upper bound that looks at the truth, for that setting and for the setting that maximises it on train. Beside
-   them: the same lung rule with no network, on every pixel and on 16 x 16 blocks, and the mean training mask (uses
-   labels). The served method is the UNet and method with the best label-free Dice on train ("served").
+   them: the untuned lung rule (image mean x 1) with no network, on every pixel and on 16 x 16 blocks, and the mean
+   training mask (uses labels). The served method is the UNet and method (or the rule alone) with the best
+   label-free Dice on train ("served").
 3. Figures: clusters and masks over 8 test films for the label-free setting of each UNet and method; attention
    entropy per layer.
 """
@@ -59,6 +62,9 @@ DIFFSEG = [0.005, 0.01, 0.02, 0.05, 1.1]
 ANCHORS = [16, 32]
 CLUSTERS = [8, 16, 32]
 FEATURE_BLOCKS = [-1, -2]  # the finest decoder block, and the one above it
+# the lung rule's threshold (bundle.zero_shot.lung_clusters): the image's mean or Otsu's threshold inside the border
+# band, times a scale; swept with every clustering setting, since the clusters are made once and the rule is cheap
+RULES = [{"lung_threshold": t, "lung_scale": k} for t in ("mean", "otsu") for k in (1.0, 1.05, 1.1)]
 
 
 def candidates(timesteps: list[int], finest: int) -> list[dict]:
@@ -88,16 +94,18 @@ def hd95(predicted: torch.Tensor, truth: torch.Tensor) -> float:
     return float(value.reshape(-1)[0])
 
 
-def scores(masks: torch.Tensor, truth: dict[str, torch.Tensor]) -> dict:
-    """Dice per lung and both lungs, HD95 of both lungs (pixels of the model's image size), over a batch."""
+def scores(masks: torch.Tensor, truth: dict[str, torch.Tensor], distances: bool = True) -> dict:
+    """Dice per lung and both lungs, HD95 of both lungs (pixels of the model's image size; ``distances=False``
+    leaves it out, as the sweep does), over a batch."""
     both = truth["mask_right_lung"] | truth["mask_left_lung"]
     per = {"both": [zs.dice(m, t) for m, t in zip(masks, both)]}
     for column in LUNG_MASK_COLUMNS:
         per[column] = [zs.dice(split_lungs(m)[column], t) for m, t in zip(masks, truth[column])]
     out = {f"dice_{k.removeprefix('mask_')}": float(np.mean(v)) for k, v in per.items()}
     out["dice_both_std"] = float(np.std(per["both"]))
-    distances = [hd95(m, t) for m, t in zip(masks, both) if m.any()]
-    out["hd95_px"] = float(np.nanmean(distances)) if distances else float("nan")
+    if distances:
+        values = [hd95(m, t) for m, t in zip(masks, both) if m.any()]
+        out["hd95_px"] = float(np.nanmean(values)) if values else float("nan")
     out["empty_masks"] = int(sum(not m.any() for m in masks))
     return out
 
@@ -142,16 +150,34 @@ def main() -> None:
         return maps, {-1: finest, -2: coarser}
 
     def apply(setting, maps, features, images):
+        """The cluster labels of a setting (its lung rule is applied by lungs_of)."""
+        if setting["method"] == "intensity":
+            return zs.pixel_labels(images)
         if setting["method"] == "features":
-            return zs.feature_segment(features[setting["feature_block"]], images, setting["clusters"])
+            return zs.feature_segment(features[setting["feature_block"]], images, setting["clusters"])[0]
         return zs.segment(maps, images, setting["grid"], setting["threshold"], merge=setting["merge"],
-                          grids=setting["grids"])
+                          grids=setting["grids"])[0]
 
-    def evaluate(setting, labels, lungs, truth):
+    def lungs_of(setting, labels, images):
+        rule = {"threshold": setting["lung_threshold"], "scale": setting["lung_scale"]}
+        return torch.stack([zs.lung_clusters(lab, im, **rule) for lab, im in zip(labels, images)])
+
+    def evaluate(setting, labels, lungs, truth, distances=True):
         both = truth["mask_right_lung"] | truth["mask_left_lung"]
         matched = torch.stack([zs.oracle_clusters(lab, t) for lab, t in zip(labels, both)])
-        return {**setting, "label_free": scores(lungs, truth), "matched_upper_bound": scores(matched, truth),
+        return {**setting, "label_free": scores(lungs, truth, distances),
+                "matched_upper_bound": scores(matched, truth, distances),
                 "mean_clusters": float(np.mean([lab.unique().numel() for lab in labels]))}
+
+    def sweep_settings(settings, maps, features, images, truth):
+        """Every setting with every lung rule: its clusters once, the rule on them per variant."""
+        rows = []
+        for setting in settings:
+            labels = apply(setting, maps, features, images)
+            for rule in RULES:
+                full = {**setting, **rule}
+                rows.append(evaluate(full, labels, lungs_of(full, labels, images), truth, distances=False))
+        return rows
 
     def settings_of(r):
         return {k: v for k, v in r.items() if k not in ("label_free", "matched_upper_bound", "mean_clusters")}
@@ -162,31 +188,33 @@ def main() -> None:
     result: dict = {"image_size": size, "select_on_train_images": args.select_on,
                     "models": {k: m.path for k, m in models.items()}, "sweep": {}, "test": {}, "attention_entropy": {}}
     kept = {}
-    for name in models:
+    for name in [*models, "intensity"]:  # intensity: the lung rule on single pixels, no UNet (its preprocessing only)
         sweep = []
-        for t in TIMESTEPS[name]:
-            maps, features = internals(name, train_images, t)
-            finest = max(int(round(m.shape[-1] ** 0.5)) for m in maps)
-            settings = candidates([t], finest)
-            for setting in settings:
-                labels, lungs = apply(setting, maps, features, train_images)
-                sweep.append(evaluate(setting, labels, lungs, train_truth))
-            print(f"{name} t={t}: {len(settings)} settings on train", flush=True)
+        for t in ([None] if name == "intensity" else TIMESTEPS[name]):
+            maps, features = internals(name, train_images, t) if t is not None else (None, None)
+            settings = [{"method": "intensity"}] if t is None else candidates(
+                [t], max(int(round(m.shape[-1] ** 0.5)) for m in maps))
+            sweep += sweep_settings(settings, maps, features, train_images, train_truth)
+            print(f"{name} t={t}: {len(settings)} settings x {len(RULES)} lung rules on train", flush=True)
         result["sweep"][name] = sweep
-        for method in ("attention", "features"):
+        for method in ("intensity",) if name == "intensity" else ("attention", "features"):
             runs = [r for r in sweep if r["method"] == method]
             # (a) the setting with the best label-free Dice on train; (b) the paper-style reading's own best setting
-            for reading, key in (("label_free", f"{name}_{method}"), ("matched_upper_bound", f"{name}_{method}_matched")):
+            readings = [("label_free", name if name == "intensity" else f"{name}_{method}")]
+            if method != "intensity":  # the matched reading of single pixels is the truth itself
+                readings.append(("matched_upper_bound", f"{name}_{method}_matched"))
+            for reading, key in readings:
                 best = max(runs, key=lambda r: r[reading]["dice_both"])
                 chosen = settings_of(best)
                 t0 = time.perf_counter()  # only the UNet call this setting needs, as the config makes it
+                maps = features = None
                 if chosen["method"] == "features":
-                    maps = None
                     features = {chosen["feature_block"]: models[name].internals(
                         test_images, chosen["timestep"], attention=False, feature_block=chosen["feature_block"])[1]}
-                else:
-                    maps, features = models[name].internals(test_images, chosen["timestep"], features=False)[0], None
-                labels, lungs = apply(chosen, maps, features, test_images)
+                elif chosen["method"] == "attention":
+                    maps = models[name].internals(test_images, chosen["timestep"], features=False)[0]
+                labels = apply(chosen, maps, features, test_images)
+                lungs = lungs_of(chosen, labels, test_images)
                 seconds = (time.perf_counter() - t0) / len(test_images)
                 result["test"][key] = {**evaluate(chosen, labels, lungs, test_truth), "chosen_by": reading,
                                        "train_dice_both": best[reading]["dice_both"], "seconds_per_image": seconds}
@@ -201,7 +229,8 @@ def main() -> None:
     # the served method: the UNet and method with the best label-free Dice on train
     served = max((k for k in result["test"] if not k.endswith("_matched")),
                  key=lambda k: result["test"][k]["train_dice_both"])
-    result["served"] = {"name": served, "settings": settings_of({k: v for k, v in result["test"][served].items()
+    result["served"] = {"name": served, "model": served.split("_")[0] if served != "intensity" else first.model,
+                        "settings": settings_of({k: v for k, v in result["test"][served].items()
                                                                  if k not in ("chosen_by", "train_dice_both",
                                                                               "seconds_per_image")})}
     # beside them, always: the lung rule with no network, on every pixel and on 16 x 16 square blocks, and the mean
@@ -214,7 +243,9 @@ def main() -> None:
         lungs = torch.stack([zs.lung_clusters(labels, im) for im in test_images])
         matched = torch.stack([zs.oracle_clusters(labels, t) for t in test_truth["mask_right_lung"] |
                                test_truth["mask_left_lung"]])
-        result["test"][key] = {"label_free": scores(lungs, test_truth), "matched_upper_bound": scores(matched, test_truth),
+        result["test"][key] = {"lung_threshold": "mean", "lung_scale": 1.0, "description": (
+                                   "single pixels" if key == "pixels_rule" else "16 x 16 square blocks") + ", no UNet",
+                               "label_free": scores(lungs, test_truth), "matched_upper_bound": scores(matched, test_truth),
                                "mean_clusters": float(labels.unique().numel()),
                                "train_dice_both": scores(train_lungs, train_truth)["dice_both"]}
     train_all, train_all_truth = load(read_datalist(args.train))
@@ -230,22 +261,24 @@ def main() -> None:
 
 
 def _setting(r: dict) -> str:
+    rule = (f"lung rule: {'Otsu' if r['lung_threshold'] == 'otsu' else 'image mean'} x {r['lung_scale']:g}"
+            if "lung_threshold" in r else "")
     if r.get("method") == "features":
-        return f"k-means, {r['clusters']} clusters, decoder block {r['feature_block']}, t={r['timestep']}"
+        return f"k-means, {r['clusters']} clusters, decoder block {r['feature_block']}, t={r['timestep']}; {rule}"
     if r.get("method") == "attention":
         layers = "all layers" if not r["grids"] else f"grid {r['grids'][0]} only"
-        return f"{r['merge']} merge {r['threshold']:g}, anchors {r['grid']}, {layers}, t={r['timestep']}"
-    return "-"
+        return f"{r['merge']} merge {r['threshold']:g}, anchors {r['grid']}, {layers}, t={r['timestep']}; {rule}"
+    return f"{r.get('description', 'single pixels, no UNet')}; {rule}" if rule else "-"
 
 
 CONFIG_KEYS = {"method": "zero_shot_method", "timestep": "attention_timestep", "clusters": "feature_clusters",
                "feature_block": "feature_block", "merge": "merge", "threshold": "merge_threshold", "grid": "anchor_grid",
-               "grids": "attention_grids"}
+               "grids": "attention_grids", "lung_threshold": "lung_threshold", "lung_scale": "lung_scale"}
 
 
 def served_overrides(served: dict) -> str:
     """The served method as overrides of configs/heads/zero_shot.json."""
-    model = served["name"].split("_")[0]
+    model = served.get("model") or served["name"].split("_")[0]
     pairs = [("zero_shot_model", model)] + [(CONFIG_KEYS[k], v) for k, v in served["settings"].items() if k in CONFIG_KEYS]
     def shell(v):  # as `python -m monai.bundle run` (fire) reads it: None for null
         return v if isinstance(v, str) else "None" if v is None else shlex.quote(json.dumps(v).replace(" ", ""))
@@ -258,12 +291,14 @@ def table(result: dict) -> str:
              "matched reading, both (upper bound) | s / image |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in result["test"].items():
         free, matched = r["label_free"], r.get("matched_upper_bound")
+        if r.get("method") == "intensity" or name == "pixels_rule":
+            matched = None  # single pixels matched to the truth are the truth
         chosen = " (setting chosen by the matched reading)" if r.get("chosen_by") == "matched_upper_bound" else ""
         clusters = f"{r['mean_clusters']:.0f}" if "mean_clusters" in r else "-"
         lines.append(f"| {name}{chosen} | {_setting(r)} | {clusters} | {free['dice_right_lung']:.3f} | "
                      f"{free['dice_left_lung']:.3f} | {free['dice_both']:.3f} ± {free['dice_both_std']:.3f} | "
                      f"{free['hd95_px']:.1f} | {matched['dice_both']:.3f} |" if matched else
-                     f"| {name} | - | - | {free['dice_right_lung']:.3f} | {free['dice_left_lung']:.3f} | "
+                     f"| {name} | {_setting(r)} | - | {free['dice_right_lung']:.3f} | {free['dice_left_lung']:.3f} | "
                      f"{free['dice_both']:.3f} ± {free['dice_both_std']:.3f} | {free['hd95_px']:.1f} | - |")
         lines[-1] += f" {r['seconds_per_image']:.2f} |" if "seconds_per_image" in r else " - |"
     served = result.get("served")
@@ -286,11 +321,12 @@ def overlay(images, truth, kept, path: Path, count: int = 8) -> None:
             ax = axes[2 * row, j]
             ax.imshow(image, cmap="gray")
             lab = labels[j].numpy().T
-            edges = np.zeros_like(lab, dtype=bool)
-            edges[1:] |= lab[1:] != lab[:-1]
-            edges[:, 1:] |= lab[:, 1:] != lab[:, :-1]
-            ax.imshow(np.ma.masked_where(~edges, np.ones_like(image)), cmap="autumn", alpha=0.9)
-            ax.set_title(f"{name}: clusters", fontsize=6)
+            if np.unique(lab).size < lab.size:  # single pixels (intensity) have no cluster edges to draw
+                edges = np.zeros_like(lab, dtype=bool)
+                edges[1:] |= lab[1:] != lab[:-1]
+                edges[:, 1:] |= lab[:, 1:] != lab[:, :-1]
+                ax.imshow(np.ma.masked_where(~edges, np.ones_like(image)), cmap="autumn", alpha=0.9)
+            ax.set_title(f"{name}: clusters" if np.unique(lab).size < lab.size else f"{name}: image", fontsize=6)
             ax = axes[2 * row + 1, j]
             ax.imshow(image, cmap="gray")
             ax.contour(both[j].numpy().T.astype(float), levels=[0.5], colors="lime", linewidths=0.8)

@@ -408,6 +408,23 @@ def test_zero_shot_segmentation_writes_a_lung_mask_of_the_input_size(pretrained,
     with pytest.raises(Exception) as err:
         run_bundle("heads/zero_shot.json", "inference", {**settings, "zero_shot_method": "kmeans"})
     assert "zero_shot_method 'kmeans' is not known" in str(err.value.__cause__ or err.value)
+    # the lung rule alone on single pixels (no UNet call), with Otsu's threshold: settings on record, a mask per film
+    rule = {"zero_shot_method": "intensity", "lung_threshold": "otsu", "lung_scale": 1.05}
+    run_bundle("heads/zero_shot.json", "inference", {**settings, **rule, "output_dir": str(tmp_path / "rule")})
+    alone = json.loads((tmp_path / "rule" / "metrics.json").read_text())
+    assert (alone["settings"]["method"], alone["settings"]["lung_threshold"], alone["settings"]["lung_scale"]) == (
+        "intensity", "otsu", 1.05) and "timestep" not in alone["settings"]
+    assert alone["mean_clusters"] == alone["settings"]["image_size"] ** 2 and alone["dice"] > 0.6
+    assert len(list((tmp_path / "rule" / "lungs").glob("*.png"))) == len(masks)
+    run_bundle("heads/zero_shot.json", "inference", {**settings, **rule, "lung_scale": 0.9,
+                                                     "output_dir": str(tmp_path / "lower")})
+    area = lambda folder: sum(float(np.asarray(LoadImage(image_only=True)(p)).mean())  # noqa: E731
+                              for p in (tmp_path / folder / "lungs").glob("*.png"))
+    assert area("lower") < area("rule")  # a lower threshold takes fewer pixels: the setting reaches the rule
+    assert metrics["settings"]["lung_threshold"] == "mean" and metrics["settings"]["lung_scale"] == 1.0  # defaults
+    with pytest.raises(Exception) as err:
+        run_bundle("heads/zero_shot.json", "inference", {**settings, "lung_threshold": "median"})
+    assert "lung_threshold 'median' is not known" in str(err.value.__cause__ or err.value)
 
 
 def test_zero_shot_reads_the_generators_latent_unet_through_the_same_config_and_records_its_settings(

@@ -106,6 +106,39 @@ def test_lung_rule_keeps_the_two_largest_regions_fills_their_holes_and_never_rea
         inspect.signature(lung_clusters))  # the rule sees the labels and the image, nothing else
 
 
+def test_otsu_threshold_inside_the_border_band_finds_lungs_that_a_dark_border_hides_from_the_mean():
+    labels = torch.arange(32 * 32).reshape(32, 32)
+    image = torch.full((32, 32), 0.8)  # soft tissue
+    image[:4], image[-4:], image[:, :4], image[:, -4:] = 0.0, 0.0, 0.0, 0.0  # a wide black collimation border
+    image[10:22, 7:13], image[10:22, 19:25] = 0.5, 0.5  # two lungs, darker than tissue but brighter than the border
+    lungs = torch.zeros(32, 32, dtype=torch.bool)
+    lungs[10:22, 7:13], lungs[10:22, 19:25] = True, True
+    assert not lung_clusters(labels, image).any()  # the border drags the image's mean (0.42) below the lungs
+    assert torch.equal(lung_clusters(labels, image, threshold="otsu"), lungs)  # Otsu of the inner pixels: 0.5 | 0.8
+    assert not lung_clusters(labels, image, threshold="otsu", scale=0.7).any()  # scale moves the threshold
+    with pytest.raises(BundleInputError, match="lung_threshold 'median' is not known"):
+        lung_clusters(labels, image, threshold="median")
+
+
+def test_lung_rule_on_a_real_film_grows_with_its_scale_and_follows_the_lungs():
+    from monai.transforms import LoadImage, Resize
+
+    from bundle.zero_shot import dice
+
+    from .conftest import JSRT, require
+
+    load, resize = LoadImage(image_only=True, ensure_channel_first=True), Resize((128, 128))
+    image = resize(load(require(JSRT / "images" / "JPCLN001.png")))[0].float()
+    image = (image - image.min()) / (image.max() - image.min())
+    truth = torch.zeros(128, 128, dtype=torch.bool)
+    for side in ("left_lung", "right_lung"):
+        truth |= resize(load(JSRT / "masks" / side / "JPCLN001.png"))[0] > 0.5 * load(JSRT / "masks" / side / "JPCLN001.png").max()
+    labels = torch.arange(128 * 128).reshape(128, 128)
+    sizes = [int(lung_clusters(labels, image, threshold="otsu", scale=s).sum()) for s in (0.9, 1.0, 1.05, 1.1)]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+    assert dice(lung_clusters(labels, image, threshold="otsu", scale=1.05), truth) > 0.8
+
+
 def test_recorder_collects_every_self_attention_call_and_restores_the_network():
     from monai.networks.nets import DiffusionModelUNet
 
