@@ -91,6 +91,8 @@ def test_info_lists_every_task_and_the_datastore_the_studies(server):
     info = requests.get(f"{url}/info/", timeout=30).json()
     assert sorted(info["models"]) == ["generation", "landmarks", "segmentation", "zero_shot_lungs"]
     assert info["models"]["segmentation"]["labels"] == {"left_lung": 1, "heart": 2}
+    method = json.loads((ROOT / "configs/heads/zero_shot.json").read_text())["zero_shot_method"]
+    assert method in info["models"]["zero_shot_lungs"]["description"]  # says what it serves
     assert list(info["trainers"]) == ["segmentation"]
     datastore = requests.get(f"{url}/datastore/", params={"output": "all"}, timeout=30).json()
     assert sorted(datastore["objects"]) == sorted(Path(r["image"]).stem for r in server["rows"])
@@ -138,8 +140,11 @@ def test_monai_label_own_client_decodes_every_task_and_hears_404_for_an_unknown_
         label_file, result = client.infer(task, image_id, {})
         label = np.asarray(Image.open(label_file))
         assert isinstance(result, dict) and label.shape == size and set(np.unique(label)) <= values
-        if task == "zero_shot_lungs":  # the answer names the UNet and the method that made the mask
-            assert result["settings"]["model"] == "denoiser" and result["settings"]["method"] == "attention"
+        if task == "zero_shot_lungs":  # the answer names the UNet and the method that made the mask: the served ones
+            served = json.loads((ROOT / "configs/heads/zero_shot.json").read_text())
+            assert result["settings"]["model"] == served["zero_shot_model"] == "denoiser"
+            assert [result["settings"][k] for k in ("method", "lung_threshold", "lung_scale")] == [
+                served[k] for k in ("zero_shot_method", "lung_threshold", "lung_scale")]
     image_file, result = client.infer("generation", image_id, {})
     assert np.asarray(Image.open(image_file)).shape == size and result["generated_size"] == [32, 32]
     # the server deletes each answer file after sending it; the client, beside it on this machine, saved its copies

@@ -61,6 +61,13 @@ class DinoDiffusionApp(MONAILabelApp):
                          description="Label-free diffusion for radiographs: few-shot heads, zero-shot lungs, synthesis",
                          version="1.0")
 
+    def zero_shot_description(self) -> str:
+        """What the zero-shot task serves, from configs/heads/zero_shot.json's method."""
+        method = tasks.config_default("heads/zero_shot.json", "zero_shot_method")
+        source = ("the label-free lung rule on single pixels (no UNet call)" if method == "intensity" else
+                  f"{method} clusters of the {self.zero_shot_model}'s UNet and the label-free lung rule")
+        return f"Zero-shot lungs from {source}, no labels; the result names the method and settings"
+
     def init_infers(self):
         heads, labels = self.heads_dir, tasks.label_names(self.structures)
         return {
@@ -74,8 +81,7 @@ class DinoDiffusionApp(MONAILabelApp):
                 "pixel frame", tasks.landmark_points),
             "zero_shot_lungs": tasks.BundleInfer(
                 "heads/zero_shot.json", "inference", *ZERO_SHOT[self.zero_shot_model](self), InferType.SEGMENTATION,
-                {"lungs": 1}, f"Zero-shot lungs from the {self.zero_shot_model}'s UNet (no labels); the result names "
-                "the method and settings", tasks.lung_mask, {"zero_shot_model": self.zero_shot_model}),
+                {"lungs": 1}, self.zero_shot_description(), tasks.lung_mask, {"zero_shot_model": self.zero_shot_model}),
             "generation": tasks.BundleInfer(
                 "inference.json", "sample", self.generator_dir, "diffusion", GENERATOR, InferType.OTHERS, [], "A synthetic radiograph generated from the study's "
                 "DINO embedding (reconstruction strategy; params strategy/strategy_params pick another, e.g. a concept)", tasks.generated_image,
