@@ -338,18 +338,31 @@ def cluster_labels(proposals: torch.Tensor, size: Sequence[int]) -> torch.Tensor
 LUNG_THRESHOLDS = ("mean", "otsu")
 
 
+def lung_rule(threshold: str, scale: Any) -> dict[str, Any]:
+    """The lung rule's settings, checked: ``{"threshold": one of LUNG_THRESHOLDS, "scale": a positive float}``."""
+    if threshold not in LUNG_THRESHOLDS:
+        raise BundleInputError(f"lung_threshold '{threshold}' is not known: use one of {LUNG_THRESHOLDS}.")
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not math.isfinite(value) or value <= 0:
+        raise BundleInputError(f"lung_scale {scale!r} is not a positive number: give a factor on the threshold such "
+                               "as 1.05.")
+    return {"threshold": threshold, "scale": value}
+
+
 def lung_threshold(image: torch.Tensor, edge: torch.Tensor, threshold: str = "mean", scale: float = 1.0) -> float:
     """The intensity below which a cluster counts as dark: ``scale`` times the image's mean (``mean``) or times
     Otsu's threshold of the pixels inside the outer band (``otsu``, scikit-image's ``threshold_otsu``; the band
     is mostly collimation and air, which would pull the split away from lung against soft tissue)."""
-    if threshold not in LUNG_THRESHOLDS:
-        raise BundleInputError(f"lung_threshold '{threshold}' is not known: use one of {LUNG_THRESHOLDS}.")
+    threshold, scale = lung_rule(threshold, scale).values()
     if threshold == "mean":
-        return float(scale) * float(image.double().mean())
+        return scale * float(image.double().mean())
     from skimage.filters import threshold_otsu
 
     inner = image[~edge].double().numpy()
-    return float(scale) * float(threshold_otsu(inner) if inner.min() < inner.max() else inner.mean())
+    return scale * float(threshold_otsu(inner) if inner.min() < inner.max() else inner.mean())
 
 
 def lung_clusters(labels: torch.Tensor, image: torch.Tensor, border: float = 0.2, components: int | None = 2,
@@ -446,9 +459,7 @@ def segment_folder(model: ZeroShotUNet, rows: Sequence[dict], output_dir, timest
         raise BundleInputError(f"zero_shot_method '{method}' is not known: use one of {METHODS}.")
     if not rows:
         raise BundleInputError("No images to segment: check input_dir.")
-    if lung_threshold not in LUNG_THRESHOLDS:
-        raise BundleInputError(f"lung_threshold '{lung_threshold}' is not known: use one of {LUNG_THRESHOLDS}.")
-    rule = {"threshold": lung_threshold, "scale": float(lung_scale)}
+    rule = lung_rule(lung_threshold, lung_scale)
     out, stems, scores = Path(output_dir), output_stems(rows), []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
@@ -475,7 +486,7 @@ def segment_folder(model: ZeroShotUNet, rows: Sequence[dict], output_dir, timest
                  "intensity": {}}
     settings = {"model": model.model, "model_path": str(model.path), "method": method,
                 "image_size": int(model.image_size), "seed": int(seed), **by_method[method],
-                "lung_threshold": lung_threshold, "lung_scale": float(lung_scale)}
+                "lung_threshold": rule["threshold"], "lung_scale": rule["scale"]}
     metrics: dict = {"images": len(rows), "settings": settings}
     if scores:
         metrics.update({"scored_images": len(scores), "dice": float(np.mean([s["dice"] for s in scores])),

@@ -118,6 +118,9 @@ def test_otsu_threshold_inside_the_border_band_finds_lungs_that_a_dark_border_hi
     assert not lung_clusters(labels, image, threshold="otsu", scale=0.7).any()  # scale moves the threshold
     with pytest.raises(BundleInputError, match="lung_threshold 'median' is not known"):
         lung_clusters(labels, image, threshold="median")
+    for scale in (0, -1, "high", float("nan")):
+        with pytest.raises(BundleInputError, match="lung_scale .* is not a positive number"):
+            lung_clusters(labels, image, threshold="otsu", scale=scale)
 
 
 def test_lung_rule_on_a_real_film_grows_with_its_scale_and_follows_the_lungs():
