@@ -98,10 +98,10 @@ case " $STAGES " in *" grid "*)
   echo "grid $SECONDS" | tee -a "$WORK/stage_seconds.txt";;
 esac
 # zero_shot: DiffSeg and decoder-feature clustering on both 128-px UNets, and the lung rule alone, each with the rule's
-# threshold, swept on the first SELECT_ON (default 32) JSRT train films, scored on test
+# threshold, swept on the first SELECT_ON (default 16, about 30 s per film, timestep and UNet) JSRT train films, scored on test
 case " $STAGES " in *" zero_shot "*)
   SECONDS=0
-  $PY -m evidence.zero_shot_evidence --train "$WORK/train.csv" --test "$WORK/test.csv" --select_on "${SELECT_ON:-32}" \
+  $PY -m evidence.zero_shot_evidence --train "$WORK/train.csv" --test "$WORK/test.csv" --select_on "${SELECT_ON:-16}" \
       --denoiser_args "--work_dir $WORK/pretrain" --latent_args "--work_dir $GENERATOR" \
       --out docs/results/zero_shot128 ${THREADS:+--torch_threads $THREADS} >> "$WORK/zero_shot.log" 2>&1 \
       || { tail -30 "$WORK/zero_shot.log"; exit 1; }
