@@ -38,19 +38,24 @@ from .performance import autocast, autocast_dtype, precision_name
 
 logger = logging.getLogger(__name__)
 
-def binary_labels(rows: Sequence[Mapping[str, Any]], column: str, positive: str | None = None) -> np.ndarray:
-    """0/1 labels from ``column``: numeric 0/1 values as they are, otherwise 1 where the value is ``positive``."""
+def binary_labels(rows: Sequence[Mapping[str, Any]], column: str, positive: str | None = None,
+                  what: str = "the datalist") -> np.ndarray:
+    """0/1 labels from ``column``: numeric 0/1 values as they are, otherwise 1 where the value is ``positive``.
+    Both classes must be there (pools, classifiers and AUC need them); ``what`` names the rows in the message."""
     if not rows or column not in rows[0]:
         raise BundleInputError(f"Label column '{column}' is not in the datalist (columns: {sorted(rows[0]) if rows else []}).")
     values = [str(r[column]) for r in rows]
     if positive is None:
-        if set(values) <= {"0", "1", "0.0", "1.0"}:
-            return np.array([int(float(v)) for v in values])
-        raise BundleInputError(f"Label column '{column}' has values {sorted(set(values))[:5]}: pass --positive with the "
-                               "value that counts as the positive class.")
-    labels = np.array([int(v == str(positive)) for v in values])
+        if not set(values) <= {"0", "1", "0.0", "1.0"}:
+            raise BundleInputError(f"Label column '{column}' has values {sorted(set(values))[:5]}: pass --positive with "
+                                   "the value that counts as the positive class.")
+        labels = np.array([int(float(v)) for v in values])
+    else:
+        labels = np.array([int(v == str(positive)) for v in values])
     if labels.min() == labels.max():
-        raise BundleInputError(f"Label column '{column}' has a single class with positive '{positive}': check --positive.")
+        fix = (f"check --positive '{positive}'" if positive is not None else "give a datalist with films of each")
+        raise BundleInputError(f"Every row of {what} is {'positive' if labels[0] else 'negative'} in label column "
+                               f"'{column}': pools, classifiers and AUC need both classes, so {fix}.")
     return labels
 
 
@@ -261,12 +266,17 @@ def experiment_cells(arms: Sequence[str], sizes: Sequence[int], ratios: Sequence
     return cells
 
 
+def fold_pool(labels: np.ndarray, size: int, fold: int, per_class: bool = False) -> list[int]:
+    """The real films of pool size ``size`` and ``fold`` (:func:`stratified_pool` with the fold's own seed)."""
+    return stratified_pool(labels, size, seed=1000 * fold + size, per_class=per_class)
+
+
 def check_concept_pools(cells: Sequence[tuple[int, float, int, str]], labels: np.ndarray, per_class: bool,
                         minimum: int) -> None:
     """Refuse, before any work, a concept cell whose pool has fewer than ``minimum`` films of a class (one concept
     is learned per class from the pool's films of it)."""
     for n, fold in sorted({(c[0], c[2]) for c in cells if ARMS[c[3]][2] == "concept"}):
-        pool_labels = labels[stratified_pool(labels, n, seed=1000 * fold + n, per_class=per_class)]
+        pool_labels = labels[fold_pool(labels, n, fold, per_class)]
         fewest = min(int((pool_labels == 1).sum()), int((pool_labels == 0).sum()))
         if fewest < minimum:
             raise BundleInputError(
@@ -313,12 +323,8 @@ def run_experiment(
     if learn_concept is None and any(ARMS[a][2] == "concept" for a in arms):
         raise BundleInputError("The concept arms need concept settings (concept_tokens): give them, or leave the "
                                "concept arms out.")
-    y_train = binary_labels(train_rows, label, positive)
-    y_test = binary_labels(test_rows, label, positive)
-    for name, y in (("labelled_list", y_train), ("test_list", y_test)):
-        if y.min() == y.max():
-            raise BundleInputError(f"Every film of {name} has the same {label} ({'positive' if y[0] else 'negative'}): "
-                                   "pools and AUC need both classes, so give a datalist with films of each.")
+    y_train = binary_labels(train_rows, label, positive, "labelled_list")
+    y_test = binary_labels(test_rows, label, positive, "test_list")
     check_concept_pools(cells, y_train, per_class, concept_min_images)
     test_set = {"label": label, "positive": positive, "images": [str(r["image"]) for r in test_rows],
                 "labels": y_test.tolist()}
@@ -341,7 +347,7 @@ def run_experiment(
             todo = [c for c in cells if c[0] == n and c[2] == fold and c not in done]
             if not todo:
                 continue
-            pool = stratified_pool(y_train, n, seed=1000 * fold + n, per_class=per_class)
+            pool = fold_pool(y_train, n, fold, per_class)
             fold_dir = output_dir / f"n{n:03d}_fold{fold}"
             pool_rows = [{**train_rows[i], label: str(train_rows[i][label])} for i in pool]
             need = int(round(max(c[1] for c in cells if c[0] == n) * len(pool)))

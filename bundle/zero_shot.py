@@ -223,7 +223,7 @@ def feature_segment(features: torch.Tensor, images: torch.Tensor, clusters: int 
             label = F.interpolate(label[None, None].float(), size=tuple(size), mode="nearest")[0, 0].long()
         labels.append(label)
     labels = torch.stack(labels)
-    return labels, torch.stack([lung_clusters(l, im.cpu(), **(rule or {})) for l, im in zip(labels, images)])
+    return labels, lung_masks(labels, images, rule)
 
 
 def pixel_labels(images: torch.Tensor) -> torch.Tensor:
@@ -393,6 +393,12 @@ def lung_clusters(labels: torch.Tensor, image: torch.Tensor, border: float = 0.2
     return torch.as_tensor(mask).bool()
 
 
+def lung_masks(labels: torch.Tensor, images: torch.Tensor, rule: Mapping[str, Any] | None = None) -> torch.Tensor:
+    """``(B, X, Y)`` cluster labels and their ``(B, 1, X, Y)`` images -> ``(B, X, Y)`` lung masks by
+    :func:`lung_clusters` with the keywords of ``rule`` (``threshold``, ``scale``)."""
+    return torch.stack([lung_clusters(l, im.cpu(), **(rule or {})) for l, im in zip(labels, images)])
+
+
 def oracle_clusters(labels: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     """Upper bound that uses the true mask: the clusters with more than half of their pixels inside it."""
     truth = truth.reshape(labels.shape).bool()
@@ -424,8 +430,7 @@ def segment(maps: Sequence[torch.Tensor], images: torch.Tensor, grid: int = 16, 
         return merge_attention(a, grid, threshold, iterations)
 
     labels = torch.stack([cluster_labels(proposals(a), size) for a in attention])
-    lungs = torch.stack([lung_clusters(l, im.cpu(), **(rule or {})) for l, im in zip(labels, images)])
-    return labels, lungs
+    return labels, lung_masks(labels, images, rule)
 
 
 def dice(predicted: torch.Tensor, truth: torch.Tensor) -> float:
@@ -469,7 +474,7 @@ def segment_folder(model: ZeroShotUNet, rows: Sequence[dict], output_dir, timest
             labels, lungs = feature_segment(features, images, clusters, seed=seed, rule=rule)
         elif method == "intensity":
             labels = pixel_labels(images)
-            lungs = torch.stack([lung_clusters(l, im, **rule) for l, im in zip(labels, images.cpu())])
+            lungs = lung_masks(labels, images, rule)
         else:
             maps = model.internals(images, timestep, seed, features=False)[0]
             labels, lungs = segment(maps, images, grid, threshold, merge=merge, grids=grids, rule=rule)

@@ -159,8 +159,7 @@ def main() -> None:
                           grids=setting["grids"])[0]
 
     def lungs_of(setting, labels, images):
-        rule = {"threshold": setting["lung_threshold"], "scale": setting["lung_scale"]}
-        return torch.stack([zs.lung_clusters(lab, im, **rule) for lab, im in zip(labels, images)])
+        return zs.lung_masks(labels, images, zs.lung_rule(setting["lung_threshold"], setting["lung_scale"]))
 
     def evaluate(setting, labels, lungs, truth, distances=True):
         both = truth["mask_right_lung"] | truth["mask_left_lung"]
@@ -239,8 +238,8 @@ def main() -> None:
     grids = {"pixels_rule": torch.arange(size * size).reshape(size, size),
              "blocks_16x16_rule": (torch.arange(size)[:, None] // side * 16 + torch.arange(size)[None, :] // side).long()}
     for key, labels in grids.items():
-        train_lungs = torch.stack([zs.lung_clusters(labels, im) for im in train_images])
-        lungs = torch.stack([zs.lung_clusters(labels, im) for im in test_images])
+        train_lungs = zs.lung_masks(labels.expand(len(train_images), -1, -1), train_images)
+        lungs = zs.lung_masks(labels.expand(len(test_images), -1, -1), test_images)
         matched = torch.stack([zs.oracle_clusters(labels, t) for t in test_truth["mask_right_lung"] |
                                test_truth["mask_left_lung"]])
         result["test"][key] = {"lung_threshold": "mean", "lung_scale": 1.0, "description": (

@@ -10,7 +10,8 @@ import torch
 
 from bundle.data import read_datalist
 from bundle.errors import BundleInputError
-from bundle.augmentation import binary_labels, experiment_cells, paired_differences, run_experiment, stratified_pool
+from bundle.augmentation import (binary_labels, experiment_cells, fold_pool, paired_differences, run_experiment,
+                                 stratified_pool)
 
 from .conftest import JSRT, workflow
 
@@ -28,6 +29,9 @@ def test_labels_and_stratified_pools():
         binary_labels(rows, "sex")
     with pytest.raises(BundleInputError, match="not in the datalist"):
         binary_labels(rows, "age")
+    with pytest.raises(BundleInputError, match="Every row of the datalist is negative in label column 'sex'.*check "
+                                               "--positive 'm'"):  # a positive value no row has
+        binary_labels(rows, "sex", positive="m")
     labels = np.array([1] * 30 + [0] * 70)
     pool = stratified_pool(labels, 10, seed=0)
     assert len(set(pool)) == 10 and labels[pool].sum() == 3 and pool == stratified_pool(labels, 10, seed=0)
@@ -172,7 +176,7 @@ def test_a_concept_pool_too_small_for_a_class_is_refused_before_any_work(tmp_pat
         run_experiment(generation, rows, rows, None, output_dir=tmp_path / "out", concept_min_images=5, **common)
     assert not (tmp_path / "out").exists()
     # a test list of one class has no AUC: refused at once (its bootstrap would draw forever)
-    with pytest.raises(BundleInputError, match="Every film of test_list has the same nodule .positive.: pools and AUC"):
+    with pytest.raises(BundleInputError, match="Every row of test_list is positive in label column 'nodule': pools"):
         run_experiment(generation, rows, rows[:5], None, output_dir=tmp_path / "one", **common)
     assert paired_differences([{"size": 10, "arm": a, "ratio": 0, "fold": 0, "test_scores": [0.1, 0.2]}
                                for a in ("real", "real+classic")], [1, 1]) == []
@@ -278,7 +282,7 @@ def test_concept_arms_learn_one_concept_per_class_from_the_pool_only(trained_tin
         ("real", 10, 0), ("real+synthetic", 10, 20), ("real+concept", 10, 20), ("synthetic", 0, 20), ("concept", 0, 20)]
     fold = out / "n005_fold0" / "concept"
     labels = binary_labels(train, "nodule")
-    pool = stratified_pool(labels, 5, seed=5, per_class=True)  # the experiment's pool of fold 0
+    pool = fold_pool(labels, 5, 0, per_class=True)  # the experiment's pool of fold 0
     for cls in (1, 0):
         learned_from = (fold / "concepts" / f"class{cls}.csv").read_text().splitlines()[1:]
         assert learned_from == [train[i]["image"] for i in pool if labels[i] == cls]
