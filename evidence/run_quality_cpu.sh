@@ -6,7 +6,7 @@
 # and evaluation stages from the variants and sample sets already made): after an interruption, run the same command
 # again and it goes on where it stopped (a finished stage is skipped).
 #   bash evidence/run_quality_cpu.sh            (profile cpu64, WORK=runs/corpus_cpu64; about 3 h on two CPU cores)
-#   bash evidence/run_quality_cpu.sh cpu128     (WORK=runs/corpus_cpu128; about 12 h on two CPU cores)
+#   bash evidence/run_quality_cpu.sh cpu128     (WORK=runs/corpus_cpu128; about 8-10 h on two CPU cores)
 #   DATA=folder with train.csv, test_corpus.csv, test_jsrt.csv  (default: written by scripts/cxr_corpus_datalist.py)
 #   DINO_WEIGHTS=a DINO teacher file to condition on instead of training one (e.g. the cpu64 run's, which cpu128 shares)
 #   THREADS=torch threads per stage (default: all cores); any further --key value is a bundle override.
