@@ -51,9 +51,12 @@ def checked_amp(amp: str | None, setting: str = "amp") -> str:
 
 @functools.cache
 def cpu_has_bf16() -> bool:
-    """Whether this CPU has bf16 instructions (AVX512-BF16 / AMX) that oneDNN uses for bf16 convolutions and GEMMs."""
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX) for oneDNN's bf16 convolutions and GEMMs.
+
+    Not oneDNN's own ``_is_mkldnn_bf16_supported``: that is true on any AVX-512 CPU, where bf16 is emulated and a
+    128-px diffusion training step took 1.9x as long as in float32 (docs/results/performance.md)."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except (AttributeError, RuntimeError):
         return False
 

@@ -42,7 +42,7 @@ def test_resume_restores_every_weight_of_the_last_checkpoint(stage, tmp_path, ti
                 "dino_batch_size": 4, "num_local_crops": 2}
     for earlier in before:
         run_bundle("train.json", earlier, settings)
-    settings = {**settings, "ae_epochs": 3}
+    settings = {**settings, "ae_epochs": 3, "torch_threads": 1}  # each stage's run ID applies the thread setting
     wf = workflow("train.json", run_id, settings)
     trainer = wf.parser.get_parsed_content(state_key)["trainer"]
     trainer.add_event_handler(Events.ITERATION_COMPLETED(once=3), lambda e: (_ for _ in ()).throw(KeyboardInterrupt()))
@@ -59,6 +59,7 @@ def test_resume_restores_every_weight_of_the_last_checkpoint(stage, tmp_path, ti
     def compare(engine):  # after the resume handler, before the first step changes anything
         if compared:
             return
+        threads.append(torch.get_num_threads())
         for key, obj in state.items():
             if key == "trainer":
                 # Ignite has counted the new epoch and iteration by now
@@ -71,7 +72,13 @@ def test_resume_restores_every_weight_of_the_last_checkpoint(stage, tmp_path, ti
             compared.append(key)
 
     state["trainer"].add_event_handler(Events.ITERATION_STARTED, compare)
-    wf.run()
+    threads, before_run = [], torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        wf.run()
+    finally:
+        torch.set_num_threads(before_run)
+    assert threads == [1], f"{run_id} trained on {threads} threads with torch_threads 1"
     expected = {"autoencoder": {"autoencoder", "discriminator", "ae_optimizer", "d_optimizer"},
                 "diffusion": {"unet", "optimizer", "ema"},
                 "dino": {"student", "teacher", "optimizer", "dino_loss"}}[stage]
