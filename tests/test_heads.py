@@ -349,7 +349,14 @@ def test_head_configs_fine_tune_then_write_landmarks_and_masks_for_a_folder(pret
     run_bundle("heads/landmarks.json", "training", marks)
     head_file = pretrained["tmp"] / "work" / "models" / "heads" / "landmarks.pt"
     assert read_record(head_file, "head", "x")["record"]["names"] == [["RL", 44], ["H", 26]]
-    run_bundle("heads/landmarks.json", "inference", {**marks, "input_dir": str(pretrained["datalist"])})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:  # the inference run ID applies torch_threads as the training ones do
+        run_bundle("heads/landmarks.json", "inference",
+                   {**marks, "input_dir": str(pretrained["datalist"]), "torch_threads": 1})
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     written = sorted((tmp_path / "marks" / "landmarks").glob("*.json"))
     first = json.loads(written[0].read_text())
     assert len(written) >= 6 and list(first) == ["RL", "H"] and len(first["RL"]) == 44 and len(first["H"]) == 26
