@@ -12,11 +12,15 @@
 # runs/augmentation128), BLIND (the blind folder; default $DINO_DIFFUSION_DATA/blind, none: no scoring), THREADS,
 # STEPS (the sampler's steps for the synthetic films; default inference.json's 20: 10 halves the sampling cost, to be
 # checked against FD on validation films first), SIZES / RATIOS / FOLDS / ARMS / RATIO_MAX_SIZE / ARM_MAX_SIZE per run.
-# Defaults: the grid cut to about 17-21 core-hours from unit costs measured at 128 px on one thread beside one other job
-# (docs/results/augmentation.md): a synthetic film 1.8 s at guidance 1 and 3.5 s at 2 (bf16, 20 steps), a classifier
-# about 80 s (+40 s with classic augmentation), a concept about 14.5 min at batch 16 (300 steps of 2.9 s). So 1:50 is cut (2,500 films per fold
-# at N = 25 per class), 1:10 runs at N <= 10 and 1:5 at N <= 25, 1:1 everywhere; 5 folds to N = 25, 3 at 50; the concept
-# arm (two concepts per fold) only at the smallest N (5 for Kermany, 10 otherwise).
+# Defaults: the grid cut to fit about 10 hours of the two cores from unit costs measured at 128 px on one thread beside
+# one other job (docs/results/augmentation.md): a classifier about 130 s in float32 (+40 s with classic augmentation;
+# 80 s in bf16), a synthetic film 1.8 s at guidance 1 and 3.5 s at 2 in bf16 (about 1.7x that in float32, on a CPU
+# without bf16 instructions), a concept 300 steps of 2.9 s (bf16) or 4.3 s (float32) at batch 16, less for smaller
+# pools. So 1:50 is cut (2,500 films per fold at N = 25 per class), 1:10 runs at N <= 10 and 1:5 at N <= 25, 1:1
+# everywhere; 5 folds to N = 25, 3 at 50; the concept arm (two concepts per fold) only at the smallest N (5 for
+# Kermany, 10 otherwise); Kermany at N = 5 and 10 per class only (the headroom is at small N). In all 289
+# classifiers, about 5,300 DINO-manifold films, 2,000 concept films and 30 concepts: about 22 core-hours in float32 at
+# guidance 1 (27 at 2), 19-22 with STEPS=10.
 { # the whole script is read before it runs: editing it while a long run is under way cannot change that run
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -53,7 +57,7 @@ for task in $TASKS; do
     nih)     args=(--labelled_list "$L/nih_train.csv" --test_list "$L/nih_test.csv" --label label --positive pneumonia
                    --per_class True); sizes=${SIZES:-"[10,25,50]"}; concept_max=10; blind=cxr_corpus;;
     kermany) args=(--labelled_list "$L/kermany_train.csv" --test_list "$L/kermany_test.csv" --label label
-                   --positive pneumonia --per_class True); sizes=${SIZES:-"[5,10,25]"}; concept_max=5; blind=cxr_corpus;;
+                   --positive pneumonia --per_class True); sizes=${SIZES:-"[5,10]"}; concept_max=5; blind=cxr_corpus;;
     *) echo "unknown task $task (nodule, nih, kermany)"; exit 1;;
   esac
   SECONDS=0
