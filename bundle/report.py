@@ -42,11 +42,13 @@ def pairs_grid(reals: Sequence[np.ndarray], samples: Sequence[np.ndarray], path:
 def training_report(bundle_root: str | os.PathLike, work_dir: str | os.PathLike, real_dir: str | os.PathLike,
                     train_dir: str | os.PathLike | None = None, count: int = 32, device: Any = "cpu",
                     report_dir: str | os.PathLike | None = None, guidance_scale: float | None = None,
-                    diffusion_path: str | os.PathLike | None = None) -> dict[str, Any]:
+                    diffusion_path: str | os.PathLike | None = None,
+                    num_inference_steps: int | None = None) -> dict[str, Any]:
     """Sample once from each of ``count`` real images' embeddings with the trained work dir, draw them beside
     those images, and evaluate them against the real images (and ``train_dir``, for the reference FD and the
-    memorisation check) with the bundle's own ``inference.json`` and ``evaluate.json``; ``guidance_scale``
-    replaces inference.json's, and ``diffusion_path`` the work dir's UNet (a snapshot), when given."""
+    memorisation check) with the bundle's own ``inference.json`` and ``evaluate.json``; ``guidance_scale`` and
+    ``num_inference_steps`` replace inference.json's, and ``diffusion_path`` the work dir's UNet (a snapshot), when
+    given."""
     from .cli import config_workflow
 
     root, work = Path(str(bundle_root)), Path(str(work_dir))
@@ -55,6 +57,8 @@ def training_report(bundle_root: str | os.PathLike, work_dir: str | os.PathLike,
     common = {"bundle_root": str(root), "work_dir": str(work), "device": device,
               **({} if diffusion_path is None else {"diffusion_path": str(diffusion_path)})}
     guidance = {} if guidance_scale is None else {"guidance_scale": float(guidance_scale)}
+    if num_inference_steps is not None:
+        guidance["num_inference_steps"] = int(num_inference_steps)
     # the report describes the model there now: samples of an earlier model or setting are not kept
     shutil.rmtree(sample_dir, ignore_errors=True)
     sampling = config_workflow(str(root / "configs/inference.json"), "sample", **common, input_dir=str(real_dir),

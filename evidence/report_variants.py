@@ -6,7 +6,8 @@ sample per real image, drawn beside it (``OUT/variant<N>/samples_grid.png``) and
 
     python -m evidence.report_variants --work_dir WORK --real LIST_OR_FOLDER --count 64 \\
         --variant guidance_scale=1 --variant guidance_scale=3 \\
-        --variant diffusion_path=WORK/models/snapshots/diffusion_epoch0032.pt,guidance_scale=1
+        --variant diffusion_path=WORK/models/snapshots/diffusion_epoch0032.pt,guidance_scale=1 \\
+        --variant guidance_scale=1,num_inference_steps=10
 
 Prints one JSON line per variant and appends them to ``OUT/variants.jsonl``. Nothing is trained. A variant already
 there (same model file, images, count and settings) is not measured again, so an interrupted run goes on where it
@@ -28,7 +29,7 @@ from bundle.data import file_stamp
 from bundle.models import model_path
 from bundle.report import training_report
 
-SETTINGS = {"guidance_scale": float, "diffusion_path": str}
+SETTINGS = {"guidance_scale": float, "diffusion_path": str, "num_inference_steps": int}
 
 
 def variant(text: str) -> dict:
@@ -61,7 +62,9 @@ def main() -> None:
     measured = [json.loads(line) for line in done.read_text().splitlines() if line.strip()] if done.is_file() else []
     for number, settings in enumerate(args.variant or [{}]):
         model = Path(settings.get("diffusion_path") or model_path(args.work_dir, "diffusion"))
-        same = {"work_dir": args.work_dir, "real": real, "count": args.count, **settings,
+        # every setting named, None where the variant leaves it to the config: a row measured with another setting
+        # (say 10 sampler steps) never stands for one without it
+        same = {"work_dir": args.work_dir, "real": real, "count": args.count, **{k: settings.get(k) for k in SETTINGS},
                 "model": file_stamp(model) if model.is_file() else None}
         if any({k: r.get(k) for k in same} == same for r in measured):
             print(f"variant {number} {settings} was measured already ({done}): kept", flush=True)

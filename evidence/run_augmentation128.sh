@@ -11,7 +11,10 @@
 # guidance scale; default: $GENERATOR/guidance.json, chosen on validation films), WORK (default
 # runs/augmentation128), BLIND (the blind folder; default $DINO_DIFFUSION_DATA/blind, none: no scoring), THREADS,
 # STEPS (the sampler's steps for the synthetic films; default inference.json's 20: 10 halves the sampling cost, to be
-# checked against FD on validation films first), SIZES / RATIOS / FOLDS / ARMS / RATIO_MAX_SIZE / ARM_MAX_SIZE per run.
+# checked against FD on validation films first, beside the guidance stage's rows: python -m evidence.report_variants
+# --work_dir runs/corpus_cpu128 --real runs/corpus_cpu128/lists/val.csv --train runs/corpus_cpu128/lists/train.csv
+# --count 64 --variant guidance_scale=G,num_inference_steps=10 --out runs/corpus_cpu128/guidance),
+# SIZES / RATIOS / FOLDS / ARMS / RATIO_MAX_SIZE / ARM_MAX_SIZE per run.
 # Defaults: the grid cut to fit about 10 hours of the two cores from unit costs measured at 128 px on one thread beside
 # one other job (docs/results/augmentation.md): a classifier about 130 s in float32 (+40 s with classic augmentation;
 # 80 s in bf16), a synthetic film 1.8 s at guidance 1 and 3.5 s at 2 in bf16 (about 1.7x that in float32, on a CPU

@@ -76,9 +76,9 @@ from bundle.data import file_stamp
 work = Path(sys.argv[1])
 model = file_stamp(work / "models" / "model.pt")  # as evidence/report_variants.py names the model of each row
 scales = [float(g) for g in sys.argv[2].split()]
-# this model's rows at the scales asked (a rerun after an interruption appends only the ones that were missing)
+# this model's rows at the scales asked, at the config's sampler steps (a rerun after an interruption appends only the ones that were missing)
 rows = {r["guidance_scale"]: r for r in map(json.loads, (work / "guidance" / "variants.jsonl").read_text().splitlines())
-        if r.get("model") == model and r.get("guidance_scale") in scales}
+        if r.get("model") == model and r.get("guidance_scale") in scales and r.get("num_inference_steps") is None}
 rows = [rows[g] for g in scales]
 score = lambda r: (r["fd_dino"] / r["fd_dino_reference"] + r["fd_pixels"] / r["fd_pixels_reference"]) / 2
 best = min(rows, key=score)

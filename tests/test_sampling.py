@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -234,3 +235,30 @@ def test_the_report_samples_the_model_there_now_not_an_earlier_setting(trained_t
                         count=4, report_dir=tmp_path / "report", guidance_scale=guidance)
         with open(tmp_path / "report" / "samples" / "manifest.csv", newline="") as f:
             assert {float(r["guidance_scale"]) for r in csv.DictReader(f)} == {guidance}
+
+
+def test_report_variants_measure_each_setting_once_and_sample_with_the_steps_asked(trained_tiny, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """evidence/report_variants.py, which chooses the guidance scale (and checks fewer sampler steps) on validation
+    films: a variant with 2 sampler steps samples with 2 steps; the same guidance without it is a row of its own, and
+    run again it is recognised as measured and not sampled again."""
+    from evidence import report_variants
+
+    out = tmp_path / "variants"
+
+    def run(*variants):
+        argv = ["report_variants", "--work_dir", trained_tiny["work_dir"], "--real", trained_tiny["dataset_dir"],
+                "--train", trained_tiny["dataset_dir"], "--count", "2", "--out", str(out)]
+        for v in variants:
+            argv += ["--variant", v]
+        monkeypatch.setattr("sys.argv", argv)
+        report_variants.main()
+        return capsys.readouterr().out
+
+    run("guidance_scale=1,num_inference_steps=2")
+    with open(out / "variant0" / "samples" / "manifest.csv", newline="") as f:
+        assert {int(r["num_inference_steps"]) for r in csv.DictReader(f)} == {2}
+    assert "measured already" not in run("guidance_scale=1")  # the 2-step row does not stand for the config's steps
+    assert "measured already" in run("guidance_scale=1")
+    rows = [json.loads(line) for line in (out / "variants.jsonl").read_text().splitlines()]
+    assert [(r["guidance_scale"], r["num_inference_steps"]) for r in rows] == [(1.0, 2), (1.0, None)]
