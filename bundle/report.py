@@ -56,14 +56,14 @@ def training_report(bundle_root: str | os.PathLike, work_dir: str | os.PathLike,
     sample_dir = out / "samples"
     common = {"bundle_root": str(root), "work_dir": str(work), "device": device,
               **({} if diffusion_path is None else {"diffusion_path": str(diffusion_path)})}
-    guidance = {} if guidance_scale is None else {"guidance_scale": float(guidance_scale)}
+    settings = {} if guidance_scale is None else {"guidance_scale": float(guidance_scale)}
     if num_inference_steps is not None:
-        guidance["num_inference_steps"] = int(num_inference_steps)
+        settings["num_inference_steps"] = int(num_inference_steps)
     # the report describes the model there now: samples of an earlier model or setting are not kept
     shutil.rmtree(sample_dir, ignore_errors=True)
     sampling = config_workflow(str(root / "configs/inference.json"), "sample", **common, input_dir=str(real_dir),
                                num_inputs=count, num_samples=1, strategy="reconstruction", output_dir=str(sample_dir),
-                               **guidance)
+                               **settings)
     rows = sampling.run()[-1]
     preprocessing = sampling.parser.get_parsed_content("preprocessing")
     reals = [to_display(apply_to_file(preprocessing, {"image": r["sources"], **{k: r[k] for k in ("slice_axis", "slice_index")

@@ -23,7 +23,7 @@
 # everywhere; 5 folds to N = 25, 3 at 50; the concept arm (two concepts per fold) only at the smallest N (5 for
 # Kermany, 10 otherwise); Kermany at N = 5 and 10 per class only (the headroom is at small N). In all 289
 # classifiers, about 5,300 DINO-manifold films, 2,000 concept films and 30 concepts: about 22 core-hours in float32 at
-# guidance 1 (27 at 2), 19-22 with STEPS=10.
+# guidance 1 (28 at 2), 19-22 with STEPS=10.
 { # the whole script is read before it runs: editing it while a long run is under way cannot change that run
 set -euo pipefail
 cd "$(dirname "$0")/.."

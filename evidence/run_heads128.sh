@@ -44,8 +44,9 @@ $PY -m scripts.jsrt_datalist --split test --out "$WORK/test.csv" > /dev/null
 COMMON=(--train "$WORK/train.csv" --denoiser "$DENOISER_FILE" --dino_weights "$DINO" --latent_args "--work_dir $GENERATOR")
 # Budget (measured: a 128-px landmark step of batch 8 takes 6.4 s in float32 on one thread beside one other job, on a
 # CPU without bf16 instructions; a fine-tune is 400 steps of batch min(8, N)): about 6 min at N = 1, 27 at N = 5 and
-# 45 from N = 8 up. The full ~100-run grid (about 60 core-hours) is cut to 29 runs, about 17 core-hours, which with
-# the 8 core-hours of pre-training is the ~12 hours of two cores planned for the study: landmarks from the pre-trained
+# 45 from N = 8 up. The full ~100-run grid (about 60 core-hours) is cut to 33 runs, about 20 core-hours (29 runs and
+# 17 core-hours without the last four), which with the 8 core-hours of pre-training is 12.5-14 hours of the two
+# cores, against the ~12 planned for the study: landmarks from the pre-trained
 # denoiser, scratch and the DINO ViT at every N, seed 0; the generator's latent UNet at N = 5, 25 and 150; segmentation
 # diffusion against scratch at N = 5 and 150; seeds 1 and 2 (other draws) at N = 5 for diffusion and scratch, then, if
 # there is time, at N = 25 (last, so a cut run loses only those). The tune stage (learning rates 1e-3 and 3e-4 at
