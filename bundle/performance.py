@@ -74,6 +74,11 @@ def autocast_dtype(amp: str | None, device: Any) -> torch.dtype | None:
     ignored."""
     dtype = amp_dtype(amp, device)
     kind = torch.device(device).type
+    if checked_amp(amp) == "auto" and ("auto", kind) not in _WARNED:
+        _WARNED.add(("auto", kind))
+        logger.info("Precision (amp auto) on %s: %s.", kind, precision_name(dtype) if dtype is not None or kind != "cpu"
+                    else "float32, because this CPU has no bf16 instructions (where it has them, bf16 trains about "
+                    "1.5x faster; docs/results/performance.md)")
     if dtype is None or kind == "cuda" or (kind == "cpu" and dtype is torch.bfloat16 and cpu_has_bf16()):
         return dtype
     if amp not in _WARNED:
