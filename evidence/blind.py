@@ -36,7 +36,12 @@ def blind_rows(blind: Path, subset: str) -> list[dict[str, str]]:
 
     if not (blind / "manifest.csv").is_file():
         raise SystemExit(f"error: {blind / 'manifest.csv'} does not exist: pass --blind to the blind folder.")
-    return [r for r in read_datalist(blind / "manifest.csv") if subset in ("all", r["set"])]
+    rows = [r for r in read_datalist(blind / "manifest.csv") if subset in ("all", r["set"])]
+    for r in rows:  # predictions are named by the files' own names, which the scoring reads as ids
+        if Path(r["image"]).stem != r["id"]:
+            raise SystemExit(f"error: {blind / 'manifest.csv'} names {r['image']} as id {r['id']}: the blind set's "
+                             "files are named by their ids; restore that layout.")
+    return rows
 
 
 def _module() -> str:
@@ -50,13 +55,21 @@ def _module() -> str:
 def record(folder: str, entry: dict[str, Any], out: Path = OUT, merge: bool = False) -> None:
     """Add or replace ``folder``'s entry in ``<out>/index.json`` (with today's date and the command line); with
     ``merge``, the entry's keys are added to the ones already there (e.g. one key per task of a folder)."""
+    import fcntl
+
     index_path = out / "index.json"
-    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
-    index[folder] = {**(index.get(folder, {}) if merge else {}), **entry, "date": datetime.date.today().isoformat(),
-                     "command": entry.get("command") or " ".join(shlex.quote(a) for a in ["python", "-m", _module(),
-                                                                                           *sys.argv[1:]])}
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(index_path, lambda tmp: Path(tmp).write_text(json.dumps(dict(sorted(index.items())), indent=1) + "\n"))
+    folder_fd = os.open(out, os.O_RDONLY)
+    try:  # the grids of several scripts record into one index at once: read, change and write it under a lock
+        fcntl.flock(folder_fd, fcntl.LOCK_EX)
+        index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+        index[folder] = {**(index.get(folder, {}) if merge else {}), **entry, "date": datetime.date.today().isoformat(),
+                         "command": entry.get("command") or " ".join(shlex.quote(a) for a in ["python", "-m", _module(),
+                                                                                               *sys.argv[1:]])}
+        atomic_write(index_path,
+                     lambda tmp: Path(tmp).write_text(json.dumps(dict(sorted(index.items())), indent=1) + "\n"))
+    finally:
+        os.close(folder_fd)  # closing releases the lock
 
 
 def model_files(work_dir: Path) -> dict[str, Any]:

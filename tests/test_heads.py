@@ -648,3 +648,37 @@ def test_tune_choice_takes_each_ranges_best_setting_per_initialisation_and_the_r
     assert got.stdout.strip() == "0.001"
     missing = run(tmp_path / "nothing", "--out", tmp_path / "r.json")
     assert missing.returncode != 0 and "does not exist" in missing.stderr and not (tmp_path / "r.json").exists()
+
+
+def test_grid_heads_predict_the_blind_films_in_their_frame_and_list_both_tasks_in_the_index(pretrained, tmp_path,
+                                                                                          monkeypatch):
+    # evidence/run_heads.py --blind_dir: the seed-0 heads at the sizes asked predict every blind film (named by id)
+    import sys
+
+    from PIL import Image
+
+    from evidence import run_heads
+
+    lines = pretrained["datalist"].read_text().splitlines()
+    (tmp_path / "test.csv").write_text("\n".join(lines[:3]) + "\n")
+    blind = tmp_path / "blind"
+    blind.mkdir()
+    sources = [Path(r["image"]) for r in pretrained["rows"][-2:]]
+    for i, source in enumerate(sources):
+        (blind / f"bj{i:04d}.png").symlink_to(source)
+    out = tmp_path / "results" / "heads"
+    monkeypatch.setattr(sys, "argv", [
+        "evidence/run_heads.py", "--train", str(pretrained["datalist"]), "--test", str(tmp_path / "test.csv"),
+        "--denoiser", str(pretrained["denoiser"]), "--sizes", "1", "2", "--iterations", "2", "--inits", "pretrained",
+        "--blind_dir", str(blind), "--blind_sizes", "2", "--blind_out", str(out), "--work", str(tmp_path / "work"),
+        "--out", str(tmp_path / "tables"), "--", "--image_size", "32"])
+    run_heads.main()
+    assert sorted(p.name for p in out.iterdir()) == ["pretrained_n2"], "only the sizes asked for the blind films"
+    points = json.loads((out / "pretrained_n2" / "landmarks" / "bj0001.json").read_text())
+    xy = np.concatenate([np.asarray(v, float) for v in points.values()])
+    assert len(xy) == 166 and (xy >= 0).all() and (xy < 512).all(), "the JSRT landmarks, in the 512-px frame"
+    mask = np.asarray(Image.open(out / "pretrained_n2" / "left_lung" / "bj0000.png"))
+    assert mask.shape == (512, 512) and set(np.unique(mask)) <= {0, 255}
+    entry = json.loads((tmp_path / "results" / "index.json").read_text())["heads/pretrained_n2"]
+    assert set(entry) >= {"landmarks", "segmentation"}, "both tasks of one folder, merged"
+    assert entry["landmarks"]["films"] == [Path(pretrained["rows"][i]["image"]).stem for i in range(2)]
