@@ -2,8 +2,8 @@
 and the index that names, for each prediction folder, the model, its settings, the exact command and the date.
 
     python -m evidence.blind generator --work_dir runs/corpus_cpu128 --name generator_128
-        (one reconstruction-strategy sample conditioned on each blind film's own DINO embedding, saved at 64 px as
-        docs/results/blind/<name>/samples/<id>.png)
+        (one reconstruction-strategy sample conditioned on each blind film's own DINO embedding, saved at the
+        generator's own size, or --size, as docs/results/blind/<name>/samples/<id>.png)
     python -m evidence.blind zero_shot --name zero_shot -- --work_dir runs/heads128/pretrain --zero_shot_method ...
         (the served zero-shot method's lung masks for the blind JSRT films: <name>/lungs/<id>.png)
 
@@ -107,11 +107,13 @@ def generator(args: argparse.Namespace) -> None:
         sample = by_id.get(row["id"])
         if sample is None:
             raise SystemExit(f"error: no sample conditioned on {row['image']} in {scratch / 'manifest.csv'}.")
-        image = Image.open(sample["image"]).convert("L").resize((args.size, args.size), Image.BILINEAR)
+        image = Image.open(sample["image"]).convert("L")
+        if args.size:
+            image = image.resize((args.size, args.size), Image.BILINEAR)
         atomic_write(folder / f"{row['id']}.png", lambda tmp: image.save(tmp, format="PNG"))
     settings = {k: get(k) for k in ("sampler", "num_inference_steps", "guidance_scale")}
     record(args.name, out=args.out, entry={"what": "one reconstruction-strategy sample per blind film, conditioned on its own DINO "
-                               f"embedding, saved at {args.size} px", "images": len(rows),
+                               f"embedding, saved at {image.width} px", "images": len(rows),
                        "model": model_files(args.work_dir), "settings": {**settings, "seed": args.seed}})
     print(f"{len(rows)} samples -> {folder}")
 
@@ -142,7 +144,7 @@ def main() -> None:
     parser.add_argument("--work_dir", type=Path, help="the generator's work dir (generator)")
     parser.add_argument("--blind", type=Path, default=None, help="the blind folder (default: $DINO_DIFFUSION_DATA/blind)")
     parser.add_argument("--out", type=Path, default=OUT, help="where prediction folders and index.json go")
-    parser.add_argument("--size", type=int, default=64, help="side of the saved samples")
+    parser.add_argument("--size", type=int, default=None, help="side of the saved samples (default: as generated)")
     parser.add_argument("--seed", type=int, default=0)
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)  # after --: overrides of the config

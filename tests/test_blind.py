@@ -45,6 +45,7 @@ def test_blind_generator_writes_one_sample_per_film_and_the_index_names_model_an
     assert pixels.shape == (48, 48) and pixels.std() > 0, "a grey image at the size asked, not a blank"
     entry = json.loads((out / "index.json").read_text())["generator_tiny"]
     assert entry["images"] == len(rows) and len(entry["model"]["diffusion"]["sha256"]) == 64
+    assert "saved at 48 px" in entry["what"]
     assert entry["settings"]["num_inference_steps"] == 3 and entry["command"].startswith("python -m evidence.blind")
 
     monkeypatch.setattr(sys, "argv", [*argv[:4], "--name", "../outside", *argv[6:]])  # a name outside the folder
