@@ -77,7 +77,7 @@ def autocast_dtype(amp: str | None, device: Any) -> torch.dtype | None:
     if checked_amp(amp) == "auto" and ("auto", kind) not in _WARNED:
         _WARNED.add(("auto", kind))
         logger.info("Precision (amp auto) on %s: %s.", kind, precision_name(dtype) if dtype is not None or kind != "cpu"
-                    else "float32, because this CPU has no bf16 instructions (where it has them, bf16 trains about "
+                    else "float32, because this CPU has no bf16 instructions (where it has them, bf16 runs about "
                     "1.5x faster; docs/results/performance.md)")
     if dtype is None or kind == "cuda" or (kind == "cpu" and dtype is torch.bfloat16 and cpu_has_bf16()):
         return dtype

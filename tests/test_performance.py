@@ -76,7 +76,7 @@ def test_amp_auto_is_bf16_where_the_device_has_bf16_arithmetic_and_float32_elsew
         "auto without bf16 instructions is float32 by design, not a setting ignored"
     said = [r.getMessage() for r in caplog.records if "amp auto" in r.getMessage()]
     assert said == ["Precision (amp auto) on cpu: float32, because this CPU has no bf16 instructions (where it has "
-                    "them, bf16 trains about 1.5x faster; docs/results/performance.md)."], "said once, with the reason"
+                    "them, bf16 runs about 1.5x faster; docs/results/performance.md)."], "said once, with the reason"
     network = torch.nn.Linear(4, 4)
     assert training_network(network, "auto", "cpu") is network
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
