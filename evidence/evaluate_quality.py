@@ -97,12 +97,25 @@ def sample(generator, contexts: torch.Tensor, seeds: list[int], sampler: str, st
         stored = SAMPLE_STORE / f"{name[:24]}.pt"
         if stored.is_file():
             return torch.load(stored, weights_only=True).float()
-    images = _sample(generator, contexts, seeds, sampler, steps, guidance, batch_size)
-    if stored is not None:
-        stored.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(stored, lambda tmp: torch.save(images.half(), tmp))
-        return images.half().float()  # the same precision whether made now or read back
-    return images
+    if stored is None:
+        return _sample(generator, contexts, seeds, sampler, steps, guidance, batch_size)
+    # batch by batch, each kept as it is made: a 128-px set of 256 is about an hour of one CPU thread, and an
+    # interrupted set goes on from its last finished batch (each sample's noise comes from its own seed, and the
+    # batches are the ones _sample would make, so the set is the same either way)
+    stored.parent.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for i in range(0, len(contexts), batch_size):
+        part = stored.with_name(f"{stored.stem}.batch{i}.pt")
+        if not part.is_file():
+            images = _sample(generator, contexts[i : i + batch_size], seeds[i : i + batch_size], sampler, steps,
+                             guidance, batch_size)
+            atomic_write(part, lambda tmp: torch.save(images.half(), tmp))
+        parts.append(part)
+    images = torch.cat([torch.load(part, weights_only=True) for part in parts])
+    atomic_write(stored, lambda tmp: torch.save(images, tmp))
+    for part in parts:
+        part.unlink()
+    return images.float()  # the same precision whether made now or read back
 
 
 def _sample(generator, contexts, seeds, sampler, steps, guidance, batch_size) -> torch.Tensor:
