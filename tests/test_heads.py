@@ -404,7 +404,15 @@ def test_zero_shot_segmentation_writes_a_lung_mask_of_the_input_size(pretrained,
     metrics = json.loads((tmp_path / "zs" / "metrics.json").read_text())
     assert metrics["images"] == len(masks) and 0 <= metrics["dice"] <= 1 and 0 <= metrics["oracle_dice_upper_bound"] <= 1
     assert metrics["mean_clusters"] >= 1 and metrics["settings"]["model"] == "denoiser"
-    assert metrics["settings"]["method"] == "attention" and metrics["settings"]["model_path"].endswith("denoiser.pt")
+    # the served default: the lung rule alone on single pixels, with Otsu's threshold x 1.05 (it won on JSRT train)
+    assert (metrics["settings"]["method"], metrics["settings"]["lung_threshold"], metrics["settings"]["lung_scale"]) == (
+        "intensity", "otsu", 1.05) and metrics["settings"]["model_path"].endswith("denoiser.pt")
+    # DiffSeg-style attention clusters of the same UNet, through the same config
+    run_bundle("heads/zero_shot.json", "inference", {**settings, "output_dir": str(tmp_path / "attention"),
+                                                     "zero_shot_method": "attention"})
+    attention = json.loads((tmp_path / "attention" / "metrics.json").read_text())
+    assert attention["settings"]["method"] == "attention" and attention["settings"]["timestep"] == 50
+    assert 1 <= attention["mean_clusters"] < metrics["mean_clusters"] and 0 <= attention["dice"] <= 1
     # the label-free alternative: k-means on the finest decoder features, through the same config
     run_bundle("heads/zero_shot.json", "inference", {**settings, "output_dir": str(tmp_path / "features"),
                                                      "zero_shot_method": "features", "feature_clusters": 4})
@@ -428,7 +436,9 @@ def test_zero_shot_segmentation_writes_a_lung_mask_of_the_input_size(pretrained,
     area = lambda folder: sum(float(np.asarray(LoadImage(image_only=True)(p)).mean())  # noqa: E731
                               for p in (tmp_path / folder / "lungs").glob("*.png"))
     assert area("lower") < area("rule")  # a lower threshold takes fewer pixels: the setting reaches the rule
-    assert metrics["settings"]["lung_threshold"] == "mean" and metrics["settings"]["lung_scale"] == 1.0  # defaults
+    run_bundle("heads/zero_shot.json", "inference", {**settings, **rule, "lung_threshold": "mean", "lung_scale": 1.0,
+                                                     "output_dir": str(tmp_path / "mean")})
+    assert json.loads((tmp_path / "mean" / "metrics.json").read_text())["settings"]["lung_threshold"] == "mean"
     with pytest.raises(Exception) as err:
         run_bundle("heads/zero_shot.json", "inference", {**settings, "lung_threshold": "median"})
     assert "lung_threshold 'median' is not known" in str(err.value.__cause__ or err.value)

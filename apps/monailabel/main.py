@@ -64,7 +64,7 @@ class DinoDiffusionApp(MONAILabelApp):
     def zero_shot_description(self) -> str:
         """What the zero-shot task serves, from configs/heads/zero_shot.json's method."""
         method = tasks.config_default("heads/zero_shot.json", "zero_shot_method")
-        source = ("the label-free lung rule on single pixels (no UNet call)" if method == "intensity" else
+        source = ("the label-free lung rule on single pixels (method intensity, no UNet call)" if method == "intensity" else
                   f"{method} clusters of the {self.zero_shot_model}'s UNet and the label-free lung rule")
         return f"Zero-shot lungs from {source}, no labels; the result names the method and settings"
 
