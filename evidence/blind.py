@@ -66,8 +66,12 @@ def record(folder: str, entry: dict[str, Any], out: Path = OUT, merge: bool = Fa
         index[folder] = {**(index.get(folder, {}) if merge else {}), **entry, "date": datetime.date.today().isoformat(),
                          "command": entry.get("command") or " ".join(shlex.quote(a) for a in ["python", "-m", _module(),
                                                                                                *sys.argv[1:]])}
-        atomic_write(index_path,
-                     lambda tmp: Path(tmp).write_text(json.dumps(dict(sorted(index.items())), indent=1) + "\n"))
+        text = json.dumps(dict(sorted(index.items())), indent=1) + "\n"
+        data = os.environ.get("DINO_DIFFUSION_DATA")
+        if data:  # commands name the data folder as users set it, not where it lies on this machine
+            for location in {data.rstrip("/"), str(Path(data).resolve())}:
+                text = text.replace(location + "/", "$DINO_DIFFUSION_DATA/").replace(f'"{location}"', '"$DINO_DIFFUSION_DATA"')
+        atomic_write(index_path, lambda tmp: Path(tmp).write_text(text))
     finally:
         os.close(folder_fd)  # closing releases the lock
 

@@ -66,6 +66,14 @@ def snapshots(work_dir: Path, name: str) -> list[tuple[int | None, Path]]:
     return found + ([(None, final)] if final.is_file() else [])
 
 
+def trained_epochs(work_dir: Path, name: str) -> int | None:
+    """The last epoch training checkpointed for ``name`` (``models/checkpoints/<name>/*_epoch=N.pt``): how long the
+    final model trained, where it is none of the snapshots (a run that stopped past its last snapshot)."""
+    epochs = [int(p.stem.rsplit("=", 1)[1]) for p in (work_dir / "models" / "checkpoints" / name).glob("*_epoch=*.pt")
+              if p.stem.rsplit("=", 1)[1].isdigit()]
+    return max(epochs, default=None)
+
+
 def image_set(source: str, preprocessing, cache: Path) -> torch.Tensor:
     rows = build_datalist(source, None)
     if not rows:
@@ -291,9 +299,10 @@ def main() -> None:
                  "sets": {n: reconstruction_quality(x, codec, features=recon_spaces) for n, x in real.items()}}
         result["autoencoder_curve"].append(point)
         print(json.dumps({k: v for k, v in point.items()}), flush=True)
-    if result["autoencoder_curve"] and result["autoencoder_curve"][-1]["iterations"] is None:
+    if result["autoencoder_curve"] and result["autoencoder_curve"][-1]["iterations"] is None:  # the final model, none of the snapshots
         previous = [p["iterations"] for p in result["autoencoder_curve"] if p["iterations"] is not None]
-        result["autoencoder_curve"][-1]["iterations"] = max(previous, default=0) or None
+        last = trained_epochs(args.work_dir, "autoencoder")
+        result["autoencoder_curve"][-1]["iterations"] = (last * per_epoch["ae"] if last else max(previous, default=0) or None)
 
     curve_subsets = {name: torch.as_tensor(np.sort(np.random.default_rng(1).choice(len(x), min(args.curve_samples, len(x)),
                                                                                     replace=False))) for name, x in real.items()}
@@ -338,9 +347,10 @@ def main() -> None:
         result["diffusion_curve"].append(point)
         print(json.dumps(point), flush=True)
         final_generator = (generator, generator_key) if final else None
-    if result["diffusion_curve"] and result["diffusion_curve"][-1]["iterations"] is None:
+    if result["diffusion_curve"] and result["diffusion_curve"][-1]["iterations"] is None:  # the final model, none of the snapshots
         previous = [p["iterations"] for p in result["diffusion_curve"] if p["iterations"] is not None]
-        result["diffusion_curve"][-1]["iterations"] = max(previous, default=0) or None
+        last = trained_epochs(args.work_dir, "diffusion")
+        result["diffusion_curve"][-1]["iterations"] = (last * per_epoch["diffusion"] if last else max(previous, default=0) or None)
 
     if final_generator is not None and not args.curves_only:
         generator, generator_key = final_generator

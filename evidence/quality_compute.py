@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from bundle.cli import pyplot
@@ -50,21 +51,31 @@ def points(quality: dict, benchmark: dict, dino_epochs: int) -> dict:
     n = int(quality["train_images"])
     hours = lambda stage, epochs: epochs * n * cost[stage] / 3600  # noqa: E731
     dino = hours("dino", dino_epochs)
-    ae_epochs = [p["epoch"] for p in quality["autoencoder_curve"] if p.get("epoch")]
-    ae_total = hours("autoencoder", max(ae_epochs, default=int(profile["ae_epochs"])))
+
+    def epochs_of(curve: list[dict], stage: str) -> list[tuple[float, dict]]:
+        """(epochs trained, point) of every point, the final model included (its epochs from its iterations), once
+        per epoch count: a final model that is one of the snapshots is not drawn twice."""
+        per_epoch = math.ceil(n / int(profile[f"{stage}_batch_size"]))
+        found = {}
+        for p in curve:
+            epochs = p.get("epoch") or (p["iterations"] / per_epoch if p.get("iterations") else None)
+            if epochs:
+                found.setdefault(round(epochs, 3), p)
+        return sorted(found.items(), key=lambda item: item[0])
+
+    ae_points, diffusion_points = epochs_of(quality["autoencoder_curve"], "ae"), epochs_of(quality["diffusion_curve"], "diffusion")
+    ae_total = hours("autoencoder", max((e for e, _ in ae_points), default=int(profile["ae_epochs"])))
     out = {"profile": benchmark["environment"]["profile"], "train_images": n,
            "core_seconds_per_image": {k: round(v, 4) for k, v in cost.items()},
            "core_hours": {"dino": round(dino, 3), "autoencoder": round(ae_total, 3)}, "autoencoder": [], "diffusion": []}
-    for p in quality["autoencoder_curve"]:
-        if p.get("epoch"):
-            out["autoencoder"].append({"epoch": p["epoch"], "core_hours": round(dino + hours("autoencoder", p["epoch"]), 3),
-                                       "sets": {k: v["psnr_db"]["mean"] for k, v in p["sets"].items()}})
-    for p in quality["diffusion_curve"]:
-        if p.get("epoch"):
-            out["diffusion"].append({
-                "epoch": p["epoch"], "core_hours": round(dino + ae_total + hours("diffusion", p["epoch"]), 3),
-                "sets": {k: {space: v[f"fd_{space}"] / v[f"fd_{space}_reference"] for space in ("pixels", "dino")}
-                         for k, v in p["sets"].items()}})
+    for epochs, p in ae_points:
+        out["autoencoder"].append({"epoch": epochs, "core_hours": round(dino + hours("autoencoder", epochs), 3),
+                                   "sets": {k: v["psnr_db"]["mean"] for k, v in p["sets"].items()}})
+    for epochs, p in diffusion_points:
+        out["diffusion"].append({
+            "epoch": epochs, "core_hours": round(dino + ae_total + hours("diffusion", epochs), 3),
+            "sets": {k: {space: v[f"fd_{space}"] / v[f"fd_{space}_reference"] for space in ("pixels", "dino")}
+                     for k, v in p["sets"].items()}})
     return out
 
 

@@ -72,6 +72,18 @@ def test_index_keeps_every_entry_when_two_scripts_record_at_once(tmp_path):
     assert len(index) == 80, sorted(index)
 
 
+def test_index_names_the_data_folder_by_its_setting_not_by_where_it_lies(tmp_path, monkeypatch):
+    from evidence.blind import record
+
+    data = tmp_path / "where" / "data"
+    monkeypatch.setenv("DINO_DIFFUSION_DATA", str(data))
+    record("heads/x", {"what": "w", "command": f"python -m evidence.run_heads --blind_dir {data}/blind/jsrt/images"},
+           out=tmp_path / "out")
+    text = (tmp_path / "out" / "index.json").read_text()
+    assert str(tmp_path) not in text
+    assert json.loads(text)["heads/x"]["command"].endswith("--blind_dir $DINO_DIFFUSION_DATA/blind/jsrt/images")
+
+
 def test_blind_zero_shot_masks_the_jsrt_films_only_and_records_the_served_settings(
         trained_tiny, tmp_path, jsrt_images, cxr_samples, monkeypatch):
     folder, rows = _blind_folder(tmp_path, jsrt_images, cxr_samples)

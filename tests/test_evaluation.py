@@ -206,6 +206,14 @@ def test_quality_against_compute_counts_each_stage_at_its_benchmarked_cost(tmp_p
     assert len(run["diffusion"]) == 1 and run["diffusion"][0]["core_hours"] == pytest.approx(
         dino_h + 10 * 1000 * 0.9 / 16 / 3600 + 10 * 1000 * 0.36 / 32 / 3600, abs=1e-3)
     assert run["diffusion"][0]["sets"]["a"] == {"pixels": 1.5, "dino": 4.0}
+    # a final model trained past its last snapshot counts every epoch it trained (its iterations), and a final model
+    # that is a snapshot is drawn once
+    last_ae = {"model": "model_autoencoder.pt", "epoch": None, "iterations": 10 * 63, "sets": {"a": {"psnr_db": {"mean": 28.5}}}}
+    run = points({**quality, "autoencoder_curve": [ae(5, 27.0), last_ae],
+                  "diffusion_curve": [dif, {**final, "iterations": 10 * 32}]}, bench, dino_epochs=16)
+    assert [(p["epoch"], p["sets"]["a"]) for p in run["autoencoder"]] == [(5, 27.0), (10, 28.5)]
+    assert run["core_hours"]["autoencoder"] == pytest.approx(10 * 1000 * 0.9 / 16 / 3600, abs=1e-3)
+    assert len(run["diffusion"]) == 1
     # a benchmark without a training stage is named, not plotted at zero cost
     (tmp_path / "q").mkdir()
     (tmp_path / "q" / "quality.json").write_text(json.dumps(quality))
