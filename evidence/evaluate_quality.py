@@ -156,10 +156,11 @@ def curves_png(result: dict, path: Path) -> None:
             if dif:
                 ratio = [p["sets"][name][f"fd_{space}"] / p["sets"][name][f"fd_{space}_reference"] for p in dif]
                 axes[1 if space == "pixels" else 2].plot([p["iterations"] for p in dif], ratio, style, label=name)
-    axes[0].axhline(30, color="grey", lw=0.8, ls=":")
+    lines = result.get("target_lines", {})  # the targets, as dotted lines (results written before they were recorded: 64 px's)
+    axes[0].axhline(lines.get("psnr_db", 30.0), color="grey", lw=0.8, ls=":")
     axes[0].set(title="autoencoder PSNR on test (dB)", xlabel="autoencoder iterations")
     for ax, space in ((axes[1], "pixels"), (axes[2], "DINO")):
-        ax.axhline(2, color="grey", lw=0.8, ls=":")
+        ax.axhline(lines.get("fd_ratio", 2.0), color="grey", lw=0.8, ls=":")
         ax.set(title=f"FD / reference FD, {space}", xlabel="diffusion iterations", yscale="log")
     save_curves(fig, axes, path)
 
@@ -232,6 +233,10 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--torch_threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
     parser.add_argument("--final_only", action="store_true", help="skip the snapshots (targets only)")
+    parser.add_argument("--target_psnr", type=float, default=30.0,
+                        help="the autoencoder's PSNR target, drawn on the curves (64 px: 30 dB; 128 px: 31)")
+    parser.add_argument("--target_fd_ratio", type=float, default=2.0,
+                        help="the FD / reference FD target, drawn on the curves (64 px: 2; 128 px: 1.5)")
     parser.add_argument("--curve_every", type=int, default=1, help="the diffusion curve's points: the snapshots whose "
                         "epoch is a multiple of this, and the final model (each point samples every test set)")
     parser.add_argument("--curves_only", action="store_true",
@@ -272,6 +277,7 @@ def main() -> None:
         pools[name] = torch.as_tensor(same if "" not in sources and same else list(range(len(train_rows))))
     per_epoch = {"ae": math.ceil(len(train) / args.ae_batch_size), "diffusion": math.ceil(len(train) / args.diffusion_batch_size)}
     result: dict = {"work_dir": str(args.work_dir), "target_model": str(args.target_model or "final"),
+                    "target_lines": {"psnr_db": args.target_psnr, "fd_ratio": args.target_fd_ratio},
                     "train_images": len(train), "test_sets": {n: len(x) for n, x in real.items()},
                     "sampler": {"name": args.sampler, "steps": args.steps, "guidance_scale": args.guidance_scale,
                                 "precision": precision_name(SAMPLE_DTYPE)},

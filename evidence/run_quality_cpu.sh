@@ -97,7 +97,7 @@ case " $STAGES " in *" evaluate "*)
   SECONDS=0
   $PY -m evidence.evaluate_quality --work_dir "$WORK" --train "$DATA/train.csv" --test "jsrt=$DATA/test_jsrt.csv" \
     --test "corpus=$DATA/test_corpus.csv" --profile "$PROFILE" --out "${OUT:-docs/results/quality_$PROFILE}" "${GUIDANCE[@]}" \
-    --curve_every "${CURVE_EVERY:-1}" ${THREADS:+--torch_threads "$THREADS"} \
+    --curve_every "${CURVE_EVERY:-1}" ${THREADS:+--torch_threads "$THREADS"} $([ "$PROFILE" = cpu128 ] && echo --target_psnr 31 --target_fd_ratio 1.5) \
     > "$WORK/evaluate_quality.log" 2>&1
   echo "evaluate_quality $SECONDS" | tee -a "$WORK/stage_seconds.txt";;
 esac
