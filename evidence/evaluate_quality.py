@@ -74,6 +74,15 @@ def trained_epochs(work_dir: Path, name: str) -> int | None:
     return max(epochs, default=None)
 
 
+def date_final_model(curve: list[dict], last_epoch: int | None, per_epoch: int) -> None:
+    """Give the curve's last point, when it is the final model and none of the snapshots, the iterations it trained:
+    its checkpointed epochs (``last_epoch``), else the last snapshot's."""
+    if not curve or curve[-1]["iterations"] is not None:
+        return
+    previous = [p["iterations"] for p in curve if p["iterations"] is not None]
+    curve[-1]["iterations"] = last_epoch * per_epoch if last_epoch else max(previous, default=0) or None
+
+
 def image_set(source: str, preprocessing, cache: Path) -> torch.Tensor:
     rows = build_datalist(source, None)
     if not rows:
@@ -305,10 +314,7 @@ def main() -> None:
                  "sets": {n: reconstruction_quality(x, codec, features=recon_spaces) for n, x in real.items()}}
         result["autoencoder_curve"].append(point)
         print(json.dumps({k: v for k, v in point.items()}), flush=True)
-    if result["autoencoder_curve"] and result["autoencoder_curve"][-1]["iterations"] is None:  # the final model, none of the snapshots
-        previous = [p["iterations"] for p in result["autoencoder_curve"] if p["iterations"] is not None]
-        last = trained_epochs(args.work_dir, "autoencoder")
-        result["autoencoder_curve"][-1]["iterations"] = (last * per_epoch["ae"] if last else max(previous, default=0) or None)
+    date_final_model(result["autoencoder_curve"], trained_epochs(args.work_dir, "autoencoder"), per_epoch["ae"])
 
     curve_subsets = {name: torch.as_tensor(np.sort(np.random.default_rng(1).choice(len(x), min(args.curve_samples, len(x)),
                                                                                     replace=False))) for name, x in real.items()}
@@ -353,10 +359,7 @@ def main() -> None:
         result["diffusion_curve"].append(point)
         print(json.dumps(point), flush=True)
         final_generator = (generator, generator_key) if final else None
-    if result["diffusion_curve"] and result["diffusion_curve"][-1]["iterations"] is None:  # the final model, none of the snapshots
-        previous = [p["iterations"] for p in result["diffusion_curve"] if p["iterations"] is not None]
-        last = trained_epochs(args.work_dir, "diffusion")
-        result["diffusion_curve"][-1]["iterations"] = (last * per_epoch["diffusion"] if last else max(previous, default=0) or None)
+    date_final_model(result["diffusion_curve"], trained_epochs(args.work_dir, "diffusion"), per_epoch["diffusion"])
 
     if final_generator is not None and not args.curves_only:
         generator, generator_key = final_generator

@@ -221,3 +221,26 @@ def test_quality_against_compute_counts_each_stage_at_its_benchmarked_cost(tmp_p
     (tmp_path / "b.json").write_text(json.dumps(bench))
     with pytest.raises(SystemExit, match="no dino stage"):
         main(["--run", f"x={tmp_path / 'q'},{tmp_path / 'b.json'}", "--out", str(tmp_path / "fig")])
+
+
+def test_quality_curve_dates_a_final_model_by_its_checkpointed_epochs(tmp_path):
+    # the final model of a run that stopped past its last snapshot trained as long as its last checkpoint says, not
+    # as long as that snapshot
+    from evidence.evaluate_quality import date_final_model, trained_epochs
+
+    checkpoints = tmp_path / "models" / "checkpoints" / "autoencoder"
+    checkpoints.mkdir(parents=True)
+    for epoch in (5, 10, 40):
+        (checkpoints / f"checkpoint_epoch={epoch}.pt").write_bytes(b"")
+    (checkpoints / "checkpoint_epoch=final.pt").write_bytes(b"")
+    assert trained_epochs(tmp_path, "autoencoder") == 40
+    assert trained_epochs(tmp_path, "diffusion") is None
+    curve = [{"epoch": 20, "iterations": 20 * 67}, {"epoch": None, "iterations": None}]
+    date_final_model(curve, trained_epochs(tmp_path, "autoencoder"), 67)
+    assert curve[-1]["iterations"] == 40 * 67
+    curve[-1]["iterations"] = None  # no checkpoints: the last snapshot's iterations
+    date_final_model(curve, None, 67)
+    assert curve[-1]["iterations"] == 20 * 67
+    snapshot_final = [{"epoch": 20, "iterations": 20 * 67}]  # a final model that is a snapshot keeps its own
+    date_final_model(snapshot_final, 40, 67)
+    assert snapshot_final[0]["iterations"] == 20 * 67
