@@ -62,7 +62,8 @@ def config_workflow(config_file: str | Sequence[str], run_id: str, **overrides: 
     configs expect) for ``run_id``, exactly as ``python -m monai.bundle run`` builds it, without a log file.
 
     MONAI's notes on building it ("No workflow type ... default to 'meta' properties", "Logging file is set to
-    False") say what is asked here on purpose, so they are switched off for the construction alone."""
+    False") say what is asked here on purpose, so they are switched off for the construction alone. The config's
+    ``torch_threads`` is applied at once, since callers use its parts without its run list (which would set it)."""
     notes = logging.getLogger("monai.bundle.workflows")
     level = notes.level
     notes.setLevel(logging.ERROR)
@@ -71,6 +72,10 @@ def config_workflow(config_file: str | Sequence[str], run_id: str, **overrides: 
     finally:
         notes.setLevel(level)
     wf.initialize()
+    if "torch_threads" in wf.parser.config:  # a caller that runs parts of the config, not its run list, still gets them
+        from bundle.workflow import set_threads
+
+        set_threads(wf.parser.get_parsed_content("torch_threads"))
     return wf
 
 

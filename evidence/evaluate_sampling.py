@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import os
 import resource
@@ -59,7 +60,7 @@ def grid(rows: list[list[np.ndarray | None]], path: Path, row_titles: list[str],
                 ax.set_title(col_titles[j], fontsize=7)
         axes[i, 0].set_ylabel(row_titles[i], fontsize=6)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout(pad=0.2)
+    fig.tight_layout(pad=0.2, rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))  # the title above the column titles
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -74,13 +75,17 @@ def main() -> None:
     parser.add_argument("--num_samples", type=int, default=4)
     parser.add_argument("--speed_images", type=int, default=32)
     parser.add_argument("--no_speed", action="store_true", help="keep the speed figures of sampling.json as they are")
+    parser.add_argument("--strategies", nargs="+", choices=[s for s in STRATEGIES if s != "concept"],
+                        help="only these strategies' grids (nothing else: no strip, inpainting, sweep or speed)")
+    parser.add_argument("--strip_guidance", type=float, nargs="*", default=[],
+                        help="also draw the interpolation strip at these guidance scales (how hard the condition pulls)")
     parser.add_argument("overrides", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     overrides = parse_overrides(args.overrides)
     os.chdir(ROOT)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    work = args.work_dir / "sampling_evidence"
+    work = args.work_dir / "sampling_evidence" / args.test.stem  # one folder per list of conditions
     test_rows = build_datalist(args.test, work)[: args.num_conditions]
     if args.masks:
         for row in test_rows:
@@ -100,7 +105,8 @@ def main() -> None:
     ids = [Path(r["image"]).stem for r in inputs]
     result: dict = {"settings": overrides, "conditions": ids, "strategies": {}}
 
-    for strategy in (s for s in STRATEGIES if s != "concept"):  # concepts need learning first: docs/results/concepts.md
+    strategies = args.strategies or [s for s in STRATEGIES if s != "concept"]  # concepts need learning first: concepts.md
+    for strategy in strategies:
         out = work / strategy
         rows = generation(inputs, output_dir=out, strategy=strategy, num_samples=args.num_samples, seed=0)
         by_anchor = [[load_png(out / r["image"]) for r in rows if r["image"].startswith(f"{i}_")] for i in ids]
@@ -109,13 +115,25 @@ def main() -> None:
              f"{strategy}: {shown(json.loads(rows[0]['params'])) or 'embedding of the real image'}")
         result["strategies"][strategy] = {"images": len(rows), "params": shown(json.loads(rows[0]["params"]))}
 
+    if args.strategies:
+        report_json(result, args.out / "sampling.json")
+        return
+
     # interpolation strip through three held-out images, one seed
     strip_dir = work / "interpolation_strip"
     rows = interpolate(inputs[:3], 7, strip_dir, seed=0, generate=generation)
     frames = [load_png(strip_dir / r["image"]) for r in rows]
-    grid([[real[0]] + [None] * 5 + [real[1]] + [None] * 5 + [real[2]], frames],
-         args.out / "sampling_interpolation_strip.png", ["real", "generated"],
-         [ids[0]] + [""] * 5 + [ids[1]] + [""] * 5 + [ids[2]], "slerp through three test embeddings, one seed")
+    strip_titles = [ids[0]] + [""] * 5 + [ids[1]] + [""] * 5 + [ids[2]]
+    strip_real = [real[0]] + [None] * 5 + [real[1]] + [None] * 5 + [real[2]]
+    grid([strip_real, frames], args.out / "sampling_interpolation_strip.png", ["real", "generated"], strip_titles,
+         f"slerp through three test embeddings, one seed, guidance {get('guidance_scale'):g}")
+    for scale in args.strip_guidance:
+        strip_dir = work / f"interpolation_strip_guidance{scale:g}"
+        rows = interpolate(inputs[:3], 7, strip_dir, seed=0, generate=functools.partial(generation, guidance_scale=scale))
+        grid([strip_real, [load_png(strip_dir / r["image"]) for r in rows]],
+             args.out / f"sampling_interpolation_strip_guidance{scale:g}.png", ["real", "generated"], strip_titles,
+             f"slerp through three test embeddings, one seed, guidance {scale:g}")
+    result["strip_guidance"] = args.strip_guidance
 
     # inpainting: real image, mask, three results
     if args.masks:

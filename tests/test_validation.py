@@ -80,3 +80,18 @@ def test_good_sampling_values_pass():
     check_sampling_values(1000, 3, 1, 1000)  # as many steps as training steps: allowed
     check_sampling_values(5000, 7.5, 64)  # no schedule given: no upper bound on the steps
     check_sampling_values(1, 1)  # one image at a time by default
+
+
+def test_config_parts_run_on_the_threads_the_config_names(tmp_path):
+    # scripts that use a config's parts (its generation, its heads) without its run list still get --torch_threads
+    import torch
+
+    from bundle.cli import config_workflow
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        config_workflow("configs/inference.json", "sample", work_dir=str(tmp_path), torch_threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
