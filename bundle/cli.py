@@ -20,6 +20,7 @@ from monai.bundle import ConfigWorkflow
 from .constants import JSRT_STRUCTURES, MASK_COLUMN_PREFIX
 from .errors import BundleInputError
 from .io import atomic_write
+from .performance import set_threads
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 JSRT_SPLITS = ("train", "val", "test", "all")
@@ -73,8 +74,6 @@ def config_workflow(config_file: str | Sequence[str], run_id: str, **overrides: 
         notes.setLevel(level)
     wf.initialize()
     if "torch_threads" in wf.parser.config:  # a caller that runs parts of the config, not its run list, still gets them
-        from bundle.workflow import set_threads
-
         set_threads(wf.parser.get_parsed_content("torch_threads"))
     return wf
 

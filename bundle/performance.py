@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .errors import BundleInputError
-from .validation import flag
+from .validation import flag, number, optional_path
 
 logger = logging.getLogger(__name__)
 
@@ -197,3 +197,11 @@ class GradScalers(dict):
         if name not in self:
             self[name] = grad_scaler(dtype, device)
         return self[name]
+
+
+def set_threads(threads: int | str | None) -> None:
+    """CPU threads for this process (``None`` keeps torch's default of all cores)."""
+    value = optional_path(threads)
+    if value is None:
+        return
+    torch.set_num_threads(number("torch_threads", value, int, 1, "1, 2 or null"))

@@ -63,3 +63,10 @@ def flag(value: Any) -> bool:
     if text in ("false", "no", "off", "0", "0.0", "none", "null", ""):
         return False
     raise BundleInputError(f"'{value}' is not a yes/no value: use true or false.")
+
+
+def optional_path(value: Any) -> str | None:
+    """A path setting that may be switched off: ``None``, or the command line's ``null``/``none``/empty string."""
+    if value is None or str(value).strip().lower() in ("", "none", "null"):
+        return None
+    return str(value)

@@ -17,16 +17,10 @@ from ignite.handlers import ProgressBar
 
 from . import distributed
 from .errors import BundleInputError
-from .validation import flag, number  # noqa: F401 (flag: the configs' bundle.workflow.flag)
+from .performance import set_threads  # noqa: F401 (the configs' bundle.workflow.set_threads)
+from .validation import flag, number, optional_path  # noqa: F401 (the configs' bundle.workflow.flag)
 
 logger = logging.getLogger(__name__)
-
-
-def optional_path(value: Any) -> str | None:
-    """A path setting that may be switched off: ``None``, or the command line's ``null``/``none``/empty string."""
-    if value is None or str(value).strip().lower() in ("", "none", "null"):
-        return None
-    return str(value)
 
 
 def loss_terms(output: dict[str, Any]) -> dict[str, float]:
@@ -174,14 +168,6 @@ def stage_seconds(minutes: float | str | None, stage: str, pretrain_dino: bool =
         return None
     total = 60 * number("time_budget_minutes", value, float, 0, "25, or null", strictly=True)
     return total * STAGE_SHARES[bool(pretrain_dino)][stage]
-
-
-def set_threads(threads: int | str | None) -> None:
-    """CPU threads for this process (``None`` keeps torch's default of all cores)."""
-    value = optional_path(threads)
-    if value is None:
-        return
-    torch.set_num_threads(number("torch_threads", value, int, 1, "1, 2 or null"))
 
 
 def stage_handlers(name: str, checkpoint_dir: str | os.PathLike, state: dict[str, Any], writer: Any,
