@@ -74,6 +74,10 @@ def trained_epochs(work_dir: Path, name: str) -> int | None:
     return max(epochs, default=None)
 
 
+def copies_cell(memorisation: dict | None) -> str:
+    return "not checked" if memorisation is None else f"{memorisation['copies']} of {memorisation['samples']}"
+
+
 def date_final_model(curve: list[dict], last_epoch: int | None, per_epoch: int) -> None:
     """Give the curve's last point, when it is the final model and none of the snapshots, the iterations it trained:
     its checkpointed epochs (``last_epoch``), else the last snapshot's."""
@@ -196,7 +200,7 @@ def markdown(result: dict) -> str:
             f"({t['fd_pixels_reference']:.2f}, {t['fd_pixels'] / t['fd_pixels_reference']:.2f}x) | {t['fd_dino']:.2f} "
             f"({t['fd_dino_reference']:.2f}, {t['fd_dino'] / t['fd_dino_reference']:.2f}x) | {t['divergent']['count']} of "
             f"{t['divergent']['of']} | {c['top1']:.3f} ({c['chance_top1']:.3f}) | {c['top5']:.3f} ({c['chance_top5']:.3f}) "
-            f"| {t['memorisation']['copies']} of {t['memorisation']['samples']} |")
+            f"| {copies_cell(t.get('memorisation'))} |")
     lines += ["", "| model | iterations | " + " | ".join(f"{n} PSNR / MS-SSIM (recon FD pixels / DINO)"
                                                        for n in result["test_sets"]) + " |",
               "|---|---|" + "---|" * len(result["test_sets"])]
@@ -228,7 +232,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--samples", type=int, default=256, help="samples per test set for the targets")
     parser.add_argument("--curve_samples", type=int, default=128, help="samples per test set per curve point")
-    parser.add_argument("--memorisation_samples", type=int, default=128)
+    parser.add_argument("--memorisation_samples", type=int, default=128,
+                        help="samples conditioned on training images for the copy check (0: no check)")
     parser.add_argument("--profile", default=None,
                         help="the training profile (configs/profiles/NAME.json): its batch sizes turn epochs into iterations")
     parser.add_argument("--ae_batch_size", type=int, default=None, help="to turn epochs into iterations (default: the "
@@ -393,6 +398,8 @@ def main() -> None:
                              args.out / f"divergent_{name}.png")
             result["targets"][name] = target
             print(json.dumps({name: {k: v for k, v in target.items() if k != "divergent"}}), flush=True)
+    if final_generator is not None and not args.curves_only and args.memorisation_samples > 0:
+        generator, generator_key = final_generator
         # memorisation: samples conditioned on training images, the ones a copying model would reproduce
         m = min(args.memorisation_samples, len(train))
         picks = torch.as_tensor(np.random.default_rng([0, 2]).choice(len(train), m, replace=False))
