@@ -398,33 +398,33 @@ def main() -> None:
                              args.out / f"divergent_{name}.png")
             result["targets"][name] = target
             print(json.dumps({name: {k: v for k, v in target.items() if k != "divergent"}}), flush=True)
-    if final_generator is not None and not args.curves_only and args.memorisation_samples > 0:
-        generator, generator_key = final_generator
-        # memorisation: samples conditioned on training images, the ones a copying model would reproduce
-        m = min(args.memorisation_samples, len(train))
-        picks = torch.as_tensor(np.random.default_rng([0, 2]).choice(len(train), m, replace=False))
-        copies_of = sample(generator, embed(generator, train[picks]), [20_000 + i for i in range(m)], args.sampler,
-                           args.steps, args.guidance_scale, args.batch_size, key=generator_key)
-        pix_copies = extract(pixels, copies_of)
-        all_test = torch.cat(list(pix_real.values()))
-        mem = memorisation(pix_copies, pix_train, all_test, quantile=0.05)
-        closest_real = float(torch.cdist(all_test.double(), pix_train.double()).min())
-        flagged = (torch.as_tensor(mem["distance"]) < closest_real).nonzero().flatten()
-        copies = len(flagged)
-        if copies:  # each flagged sample beside the training image it is closest to
-            nearest = torch.as_tensor(mem["nearest_train"])[flagged[:8]]
-            two_rows_png(copies_of[flagged[:8]], train[nearest], ("sample", "nearest train"), args.out / "copies.png")
-        summary = {"samples": m, "copies": copies, "closest_test_to_train": closest_real,
-                   "flagged": [{"distance": mem["distance"][i], "nearest_train": int(mem["nearest_train"][i]),
-                                "own_source": int(mem["nearest_train"][i]) == int(picks[i])} for i in flagged.tolist()],
-                   "closest_sample_to_train": mem["generated_to_train"]["min"],
-                   "median_sample_to_train": mem["generated_to_train"]["median"],
-                   "median_test_to_train": mem["test_to_train"]["median"],
-                   "quantile_0.05_flagged_fraction": mem["flagged_fraction"],
-                   "nearest_is_own_source": float((torch.as_tensor(mem["nearest_train"]) == picks).double().mean())}
-        for name in result["targets"]:
-            result["targets"][name]["memorisation"] = summary
-        result["memorisation"] = summary
+        # memorisation (--memorisation_samples 0: none): samples conditioned on training images, the ones a copying
+        # model would reproduce
+        if args.memorisation_samples > 0:
+            m = min(args.memorisation_samples, len(train))
+            picks = torch.as_tensor(np.random.default_rng([0, 2]).choice(len(train), m, replace=False))
+            copies_of = sample(generator, embed(generator, train[picks]), [20_000 + i for i in range(m)], args.sampler,
+                               args.steps, args.guidance_scale, args.batch_size, key=generator_key)
+            pix_copies = extract(pixels, copies_of)
+            all_test = torch.cat(list(pix_real.values()))
+            mem = memorisation(pix_copies, pix_train, all_test, quantile=0.05)
+            closest_real = float(torch.cdist(all_test.double(), pix_train.double()).min())
+            flagged = (torch.as_tensor(mem["distance"]) < closest_real).nonzero().flatten()
+            copies = len(flagged)
+            if copies:  # each flagged sample beside the training image it is closest to
+                nearest = torch.as_tensor(mem["nearest_train"])[flagged[:8]]
+                two_rows_png(copies_of[flagged[:8]], train[nearest], ("sample", "nearest train"), args.out / "copies.png")
+            summary = {"samples": m, "copies": copies, "closest_test_to_train": closest_real,
+                       "flagged": [{"distance": mem["distance"][i], "nearest_train": int(mem["nearest_train"][i]),
+                                    "own_source": int(mem["nearest_train"][i]) == int(picks[i])} for i in flagged.tolist()],
+                       "closest_sample_to_train": mem["generated_to_train"]["min"],
+                       "median_sample_to_train": mem["generated_to_train"]["median"],
+                       "median_test_to_train": mem["test_to_train"]["median"],
+                       "quantile_0.05_flagged_fraction": mem["flagged_fraction"],
+                       "nearest_is_own_source": float((torch.as_tensor(mem["nearest_train"]) == picks).double().mean())}
+            for name in result["targets"]:
+                result["targets"][name]["memorisation"] = summary
+            result["memorisation"] = summary
     result["seconds"] = round(time.perf_counter() - started, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write(args.out / "quality.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
