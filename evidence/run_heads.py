@@ -7,7 +7,8 @@ scratch, for several numbers N of labelled training images (the first N), scored
 
 Trivial baselines from all training images, scored on test: the mean landmark shape (MRE/SDR) and the mean
 mask per structure (Dice). Results per run are appended to <work>/heads_results.jsonl, so an interrupted
-run continues.
+run continues; a fine-tune killed on the way goes on from its last checkpoint (<work>/checkpoints, every 25
+iterations, deleted once the run's row is written).
 """
 
 from __future__ import annotations
@@ -209,7 +210,11 @@ def main() -> None:
         loss = HeatmapCrossEntropy() if task == "landmarks" else DiceCELoss(sigmoid=True)
         t0 = time.perf_counter()
         picked = draw(len(train_items), n, seed, args.draws)
-        losses = fine_tune(head, [train_items[i] for i in picked], loss, args.iterations, lr=args.lr, seed=seed, amp=args.amp)
+        # a killed run goes on from its last checkpoint (every 25 iterations) when the grid is started again
+        checkpoint = args.work / "checkpoints" / f"{task}_{init}_n{n}_seed{seed}.pt"
+        resumed = len(torch.load(checkpoint, weights_only=True)["losses"]) if checkpoint.is_file() else 0
+        losses = fine_tune(head, [train_items[i] for i in picked], loss, args.iterations, lr=args.lr, seed=seed,
+                           amp=args.amp, checkpoint=checkpoint)
         outputs = predict(head, torch.stack([it["image"] for it in test_items]))
         if blind_rows and seed == 0 and n in args.blind_sizes:
             names = landmark_layout(train_rows[0]["landmark_file"]) if task == "landmarks" else STRUCTURES
@@ -224,8 +229,11 @@ def main() -> None:
                   "precision": precision,
                   "first_loss": float(np.mean(losses[:10])), "last_loss": float(np.mean(losses[-10:])),
                   "seconds": time.perf_counter() - t0, "draws": args.draws,
+                  # seconds counts this process only: a resumed run had done this many iterations before
+                  "resumed_at_iteration": resumed,
                   "films": [Path(train_items[i]["source"]).stem for i in picked], **score(task, outputs, test_items)}
         append_jsonl(results_path, record)
+        checkpoint.unlink(missing_ok=True)
         done[(task, n, init, seed)] = record
         print(f"[{i + 1}/{len(runs)}] {task} N={n} {init} seed {seed}: "
               f"{record.get('mre_px', record.get('mean_dice')):.4g} ({record['seconds']:.0f} s)", flush=True)

@@ -7,7 +7,8 @@
 #             evidence/heads_tune.py writes the choice per initialisation and range of N to $WORK/tune/recipe.json
 #             (and .md), which the grid follows
 #   grid      landmark and segmentation heads fine-tuned on N = 1, 5, 10, 25, 50, 150 JSRT train films from each
-#             initialisation (evidence/run_heads.py; results appended to $WORK/heads_results.jsonl, so it resumes)
+#             initialisation (evidence/run_heads.py; results appended to $WORK/heads_results.jsonl, so it resumes;
+#             a fine-tune killed on the way goes on from its checkpoint of every 25 iterations in $WORK/grid/checkpoints)
 #   zero_shot zero-shot lungs from both 128-px UNets (evidence/zero_shot_evidence.py) into docs/results/zero_shot128
 #   report    tables and figures into docs/results/heads128
 #   bash evidence/run_heads128.sh                       (every stage but tune)

@@ -312,6 +312,57 @@ def test_heads_build_the_denoiser_with_fused_attention_and_it_computes_what_the_
     assert isinstance(build_network(record["record"]["network"], no_such_setting=1), type(plain))
 
 
+def test_a_killed_fine_tune_resumes_from_its_checkpoint_and_ends_where_an_unbroken_one_does(pretrained, tmp_path):
+    # a 128-px fine-tune is most of an hour on a CPU: a run killed on the way goes on from its last checkpoint
+    from bundle.data import modality_preprocessing
+    from bundle.heads.training import fine_tune, landmark_items
+
+    from .conftest import workflow
+
+    pre = modality_preprocessing("configs/modality/cxr.json", image_size=32)
+    items = landmark_items(pretrained["rows"][:3], pre, 32, ["H"], sigma=1.0)
+    make = workflow("heads/pretrain.json", "training", pretrained["settings"]).parser.get_parsed_content("denoiser_def")
+
+    def fresh():
+        torch.manual_seed(0)
+        return build_head(make(), items[0]["label"].shape[0], pretrained["denoiser"])
+
+    class Killed(RuntimeError):
+        pass
+
+    class KilledAfter(torch.nn.Module):  # the process dies during the step after `steps` finished ones
+        def __init__(self, steps):
+            super().__init__()
+            self.steps, self.loss = steps, HeatmapCrossEntropy()
+
+        def forward(self, output, target):
+            if self.steps == 0:
+                raise Killed("killed")
+            self.steps -= 1
+            return self.loss(output, target)
+
+    kwargs = dict(iterations=6, batch_size=2, lr=1e-3, seed=3, amp="none")
+    unbroken_head = fresh()
+    unbroken = fine_tune(unbroken_head, items, HeatmapCrossEntropy(), **kwargs)
+    checkpoint = tmp_path / "run" / "head.pt"
+    with pytest.raises(Killed):
+        fine_tune(fresh(), items, KilledAfter(5), checkpoint=checkpoint, checkpoint_every=2, **kwargs)
+    assert len(torch.load(checkpoint, weights_only=True)["losses"]) == 4  # the last checkpoint, whole
+    assert not list(checkpoint.parent.glob("*.tmp"))
+    resumed_head = fresh()
+    resumed = fine_tune(resumed_head, items, KilledAfter(2), checkpoint=checkpoint, checkpoint_every=2, **kwargs)
+    # the resumed run saw the batches the unbroken one saw after step 4, from the same weights and optimiser state
+    np.testing.assert_allclose(resumed, unbroken, rtol=1e-5)
+    for a, b in zip(resumed_head.state_dict().values(), unbroken_head.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # a finished checkpoint gives the trained head back without a step; other settings are refused
+    again = fresh()
+    assert fine_tune(again, items, KilledAfter(0), checkpoint=checkpoint, **kwargs) == resumed
+    torch.testing.assert_close(again.state_dict(), resumed_head.state_dict())
+    with pytest.raises(BundleInputError, match="other settings or images: delete it"):
+        fine_tune(fresh(), items, HeatmapCrossEntropy(), checkpoint=checkpoint, **{**kwargs, "lr": 1e-4})
+
+
 def test_fine_tuning_follows_the_recipe_for_the_number_of_labelled_films_unless_told_otherwise(pretrained, tmp_path):
     from bundle.heads.training import recipe_setting
 

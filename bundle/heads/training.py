@@ -4,6 +4,7 @@ whatever the number of labelled images."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -87,32 +88,66 @@ def mask_items(rows: Sequence[dict], preprocessing, size: int, columns: Sequence
     return items
 
 
-def fixed_iteration_loader(items: Sequence[dict], iterations: int, batch_size: int = 8, seed: int = 0) -> DataLoader:
+def fixed_iteration_loader(items: Sequence[dict], iterations: int, batch_size: int = 8, seed: int = 0,
+                           skip: int = 0) -> DataLoader:
     """A loader of exactly ``iterations`` batches of ``min(batch_size, len(items))`` image/label pairs drawn
-    with replacement (seeded): one "epoch" is the whole fine-tuning budget, whatever N is."""
+    with replacement (seeded): one "epoch" is the whole fine-tuning budget, whatever N is. ``skip`` leaves out the
+    first batches of that same draw (a resumed fine-tune sees the batches it would have seen)."""
     if not items:
         raise BundleInputError("No labelled images to fine-tune on: give at least one (num_labelled >= 1).")
     data = [{"image": it["image"], "label": it["label"], "source": it.get("source", "")} for it in items]
     batch = min(int(batch_size), len(data))
     sampler = RandomSampler(data, replacement=True, num_samples=int(iterations) * batch,
                             generator=torch.Generator().manual_seed(int(seed)))
+    if skip:
+        sampler = list(sampler)[int(skip) * batch:]
     return DataLoader(Dataset(data), batch_size=batch, sampler=sampler, num_workers=0)
 
 
 def fine_tune(head: nn.Module, items: Sequence[dict], loss: nn.Module, iterations: int = 300, batch_size: int = 8,
-              lr: float = 1e-4, seed: int = 0, device: torch.device | str = "cpu", amp: str | None = "auto") -> list[float]:
+              lr: float = 1e-4, seed: int = 0, device: torch.device | str = "cpu", amp: str | None = "auto",
+              checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 25) -> list[float]:
     """Train ``head`` for exactly ``iterations`` steps on ``items`` (sampled with replacement) with MONAI's
     ``SupervisedTrainer``, under ``amp`` as the heads' configs run it (``auto``: bf16 autocast where the device
-    has bf16 arithmetic; weights and losses stay float32); returns the loss of every iteration."""
+    has bf16 arithmetic; weights and losses stay float32); returns the loss of every iteration.
+
+    With ``checkpoint`` (a file path), the head, the optimiser and the losses so far are written there every
+    ``checkpoint_every`` iterations and at the end, and a fine-tune that finds the file goes on from it with the
+    batches it had not yet seen: an interrupted run resumes instead of starting again. The file names the
+    settings it was written with; other settings are refused. The caller deletes it once the head is kept."""
     torch.manual_seed(seed)
-    loader = fixed_iteration_loader(items, iterations, batch_size, seed)
     head = head.to(device)
-    trainer = SupervisedTrainer(device=torch.device(device), max_epochs=1, train_data_loader=loader,
-                                network=training_network(head, amp, device),
-                                optimizer=torch.optim.AdamW(head.parameters(), lr=lr), loss_function=loss,
-                                decollate=False, amp=amp_enabled(amp, device), amp_kwargs=amp_kwargs(amp, device))
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr)
+    settings = {"iterations": int(iterations), "batch_size": int(batch_size), "lr": float(lr), "seed": int(seed),
+                "amp": str(amp), "images": [str(it.get("source", "")) for it in items]}
     losses: list[float] = []
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output["loss"].item()))
-    trainer.run()
+    checkpoint = Path(optional_path(checkpoint)) if optional_path(checkpoint) else None
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        if state.get("settings") != settings:
+            raise BundleInputError(f"Fine-tuning checkpoint '{checkpoint}' was written with other settings or "
+                                   "images: delete it to start this fine-tune again.")
+        head.load_state_dict(state["head"])
+        optimizer.load_state_dict(state["optimizer"])
+        losses = [float(v) for v in state["losses"]]
+
+    def save(engine=None) -> None:
+        tmp = checkpoint.with_name(checkpoint.name + ".tmp")
+        torch.save({"settings": settings, "head": head.state_dict(), "optimizer": optimizer.state_dict(),
+                    "losses": losses}, tmp)
+        os.replace(tmp, checkpoint)  # whole or absent, never half-written
+
+    if len(losses) < int(iterations):
+        loader = fixed_iteration_loader(items, iterations, batch_size, seed, skip=len(losses))
+        trainer = SupervisedTrainer(device=torch.device(device), max_epochs=1, train_data_loader=loader,
+                                    network=training_network(head, amp, device), optimizer=optimizer,
+                                    loss_function=loss, decollate=False, amp=amp_enabled(amp, device),
+                                    amp_kwargs=amp_kwargs(amp, device))
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(e.state.output["loss"].item()))
+        if checkpoint is not None:
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            trainer.add_event_handler(Events.ITERATION_COMPLETED(every=max(1, int(checkpoint_every))), save)
+            trainer.add_event_handler(Events.COMPLETED, save)
+        trainer.run()
     head.eval()
     return losses
