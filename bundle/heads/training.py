@@ -121,7 +121,7 @@ def fine_tune(head: nn.Module, items: Sequence[dict], loss: nn.Module, iteration
     settings = {"iterations": int(iterations), "batch_size": int(batch_size), "lr": float(lr), "seed": int(seed),
                 "amp": str(amp), "images": [str(it.get("source", "")) for it in items]}
     losses: list[float] = []
-    checkpoint = Path(optional_path(checkpoint)) if optional_path(checkpoint) else None
+    checkpoint = Path(checkpoint) if checkpoint is not None else None
     if checkpoint is not None and checkpoint.is_file():
         state = torch.load(checkpoint, map_location=device, weights_only=True)
         if state.get("settings") != settings:
