@@ -6,9 +6,10 @@ scratch, for several numbers N of labelled training images (the first N), scored
         -- --image_size 64          (the overrides configs/heads/pretrain.json was run with)
 
 Trivial baselines from all training images, scored on test: the mean landmark shape (MRE/SDR) and the mean
-mask per structure (Dice). Results per run are appended to <work>/heads_results.jsonl, so an interrupted
-run continues; a fine-tune killed on the way goes on from its last checkpoint (<work>/checkpoints, every 25
-iterations, deleted once the run's row is written).
+mask per structure (Dice). Results per run are appended to <work>/heads_results.jsonl (or --results), so an
+interrupted run continues; a fine-tune killed on the way goes on from its last checkpoint (<work>/checkpoints,
+every 25 iterations, deleted once the run's row is written). Each row names the pre-trained files it started from
+by content, and a row made from other weights than the ones given now is run again.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from bundle.cli import config_workflow, parse_overrides, pyplot
 from bundle.workflow import set_threads
 from evidence.blind import record as record_blind
 from bundle.constants import JSRT_MASK_COLUMNS, LUNG_MASK_COLUMNS, MASK_COLUMN_PREFIX
-from bundle.data import find_images, read_datalist
+from bundle.data import find_images, hash_file, read_datalist
 from bundle.model_files import read_record
 from bundle.models import build_network
 from bundle.io import append_jsonl
@@ -82,6 +83,18 @@ def encoder_spec(init: str, args: argparse.Namespace) -> dict:
     return {"model": args.encoder_model, "weights": str(args.encoder_weights)}
 
 
+def start_weights(init: str, args: argparse.Namespace, latent=None) -> str | None:
+    """What a run of ``init`` starts from, by content: ``name:sha256[:16]`` of each pre-trained file (None for the
+    untrained initialisations). A row records it, so rows fine-tuned from other weights (a denoiser trained again,
+    a row file carried over from another machine) are run again rather than reported beside the new ones."""
+    files = {"pretrained": [args.denoiser], "pretrained_large": [args.denoiser_large], "dino": [args.dino_weights],
+             "supervised": [args.encoder_weights]}.get(init, [])
+    if init == "latent" and latent is not None:
+        files = [Path(latent.get_parsed_content(key)) for key in ("autoencoder_path", "diffusion_path")]
+    files = [Path(f) for f in files if f is not None and Path(f).is_file()]
+    return "|".join(f"{f.name}:{hash_file(f)[:16]}" for f in files) or None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", type=Path, required=True)
@@ -114,6 +127,9 @@ def main() -> None:
     parser.add_argument("--latent_args", default="", help="overrides for configs/inference.json naming the trained latent "
                         "model, as one string: '--work_dir runs/foundation_dino --image_size 64 ...'")
     parser.add_argument("--work", type=Path, default=ROOT / "runs/heads")
+    parser.add_argument("--results", type=Path, help="the rows file (default <work>/heads_results.jsonl): every finished "
+                        "run is appended to it and skipped when the grid runs again, so a copy kept with the results "
+                        "lets a new machine go on where the last one stopped")
     parser.add_argument("--out", type=Path, default=ROOT / "docs/results")
     parser.add_argument("--amp", default="auto", help="fine-tuning precision as configs/heads/*.json run it: auto (bf16 "
                         "where the CPU has bf16 instructions), none, bf16; only rows of that precision are reused or "
@@ -138,7 +154,8 @@ def main() -> None:
     sigma = 5.0 * size / 256  # Di Via et al.: sigma 5 at 256 pixels
     train_rows, test_rows = read_datalist(args.train), read_datalist(args.test)
     args.work.mkdir(parents=True, exist_ok=True)
-    results_path = args.work / "heads_results.jsonl"
+    results_path = args.results or args.work / "heads_results.jsonl"
+    results_path.parent.mkdir(parents=True, exist_ok=True)
     # rows made in another precision are not this run's (rows from before the setting existed were float32)
     dtype = autocast_dtype(args.amp, "cpu")
     precision = precision_name(dtype)
@@ -187,6 +204,13 @@ def main() -> None:
         if lwf.parser.get_parsed_content("generator").image_size != size:
             raise SystemExit("--latent_args must give the same --image_size as the heads.")
         latent = lwf.parser
+    starts = {} if args.report_only else {init: start_weights(init, args, latent) for init in args.inits}
+    stale = [key for key, r in done.items() if "weights" in r and key[2] in starts and r["weights"] != starts[key[2]]]
+    for key in stale:
+        del done[key]
+    if stale:
+        print(f"{results_path}: {len(stale)} rows were fine-tuned from other pre-trained weights than the files given "
+              "now: they run again", flush=True)
     blind_rows = find_images(args.blind_dir) if args.blind_dir else []
     start = time.perf_counter()
     for i, (task, n, init, seed) in enumerate(runs):
@@ -226,7 +250,7 @@ def main() -> None:
                 "films": [Path(train_items[i]["source"]).stem for i in picked], "iterations": args.iterations,
                 "lr": args.lr, "precision": precision, "image_size": size}}, out=args.blind_out.parent, merge=True)
         record = {"task": task, "size": n, "init": init, "seed": seed, "iterations": args.iterations, "lr": args.lr,
-                  "precision": precision,
+                  "precision": precision, "weights": starts[init],
                   "first_loss": float(np.mean(losses[:10])), "last_loss": float(np.mean(losses[-10:])),
                   "seconds": time.perf_counter() - t0, "draws": args.draws,
                   # seconds counts this process only: a resumed run had done this many iterations before

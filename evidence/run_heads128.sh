@@ -7,7 +7,9 @@
 #             evidence/heads_tune.py writes the choice per initialisation and range of N to $WORK/tune/recipe.json
 #             (and .md), which the grid follows
 #   grid      landmark and segmentation heads fine-tuned on N = 1, 5, 10, 25, 50, 150 JSRT train films from each
-#             initialisation (evidence/run_heads.py; results appended to $WORK/heads_results.jsonl, so it resumes;
+#             initialisation (evidence/run_heads.py; one row per finished run appended to $RESULTS, kept with the
+#             results so that the grid resumes on any machine: a row is run again only if the weights it started from
+#             changed, e.g. a denoiser pre-trained again;
 #             a fine-tune killed on the way goes on from its checkpoint of every 25 iterations in $WORK/grid/checkpoints)
 #   zero_shot zero-shot lungs from both 128-px UNets (evidence/zero_shot_evidence.py) into docs/results/zero_shot128
 #   report    tables and figures into docs/results/heads128
@@ -16,7 +18,8 @@
 # Settings: LIST (unlabelled datalist, default runs/corpus_cpu128/lists/train.csv, written by
 # scripts/cxr_corpus_datalist.py), WORK (default runs/heads128), DENOISER_EPOCHS (default 12: 1,608 steps of batch 16, against
 # 2,000 for the 64-px denoiser on the same films, as a 128-px step costs about 4x; a larger value continues), GENERATOR (the
-# 128-px generator's work dir, default runs/corpus_cpu128), THREADS.
+# 128-px generator's work dir, default runs/corpus_cpu128), RESULTS (the grid's rows, default
+# docs/results/heads128/heads_results.jsonl), THREADS.
 { # the whole script is read before it runs: editing it while a long run is under way cannot change that run
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -74,7 +77,8 @@ case " $STAGES " in *" tune "*|*" grid "*)
 esac
 # grid: every initialisation on JSRT test, each with the tune stage's setting (iterations, learning rate) for its range
 # of N (N <= 10, N >= 25): its own where it was tuned, else the recipe's; LR_SMALL / LR_LARGE (and ITERATIONS) override
-GRID=("${COMMON[@]}" --test "$WORK/test.csv" --draws random --work "$WORK/grid" --out "$WORK/grid")
+GRID=("${COMMON[@]}" --test "$WORK/test.csv" --draws random --work "$WORK/grid" --out "$WORK/grid"
+      --results "${RESULTS:-docs/results/heads128/heads_results.jsonl}")
 # the seed-0 heads at N = 5, 25 and 150 predict the blind JSRT films (docs/results/blind/heads/<init>_n<N>/)
 BLIND_JSRT=${BLIND:-${DINO_DIFFUSION_DATA:-}/blind}/jsrt/images
 [ -d "$BLIND_JSRT" ] && GRID+=(--blind_dir "$BLIND_JSRT" --blind_sizes 5 25 150)

@@ -743,3 +743,40 @@ def test_grid_heads_predict_the_blind_films_in_their_frame_and_list_both_tasks_i
     entry = json.loads((tmp_path / "results" / "index.json").read_text())["heads/pretrained_n2"]
     assert set(entry) >= {"landmarks", "segmentation"}, "both tasks of one folder, merged"
     assert entry["landmarks"]["films"] == [Path(pretrained["rows"][i]["image"]).stem for i in range(2)]
+
+
+def test_grid_rows_resume_from_their_file_and_run_again_from_other_pre_trained_weights(pretrained, tmp_path, monkeypatch):
+    # evidence/run_heads.py --results: a finished run is not repeated, whatever folder or file name its weights have
+    # now; a denoiser trained again (other weights) runs its rows again, the untrained baseline keeps its row
+    import shutil
+    import sys
+
+    from evidence import run_heads
+
+    from .conftest import run_bundle
+
+    lines = pretrained["datalist"].read_text().splitlines()
+    (tmp_path / "test.csv").write_text("\n".join(lines[:3]) + "\n")
+    rows_file = tmp_path / "record" / "rows.jsonl"
+
+    def grid(denoiser):
+        monkeypatch.setattr(sys, "argv", [
+            "evidence/run_heads.py", "--train", str(pretrained["datalist"]), "--test", str(tmp_path / "test.csv"),
+            "--denoiser", str(denoiser), "--sizes", "1", "--iterations", "2", "--tasks", "landmarks",
+            "--inits", "pretrained", "scratch", "--work", str(tmp_path / "work"), "--results", str(rows_file),
+            "--out", str(tmp_path / "tables"), "--", "--image_size", "32"])
+        run_heads.main()
+        return [json.loads(line) for line in rows_file.read_text().splitlines()]
+
+    first = grid(pretrained["denoiser"])
+    assert [(r["init"], r["weights"] is None) for r in first] == [("pretrained", False), ("scratch", True)]
+    assert not (tmp_path / "work" / "heads_results.jsonl").exists(), "the rows go to --results only"
+    copy = tmp_path / "elsewhere" / "denoiser.pt"
+    shutil.copytree(pretrained["denoiser"].parent, copy.parent)  # the weights with their record
+    assert grid(copy) == first, "the same weights under another path: nothing runs again"
+
+    run_bundle("heads/pretrain.json", "training", {**pretrained["settings"], "work_dir": str(tmp_path / "again"),
+                                                   "denoiser_epochs": 1})
+    again = grid(tmp_path / "again" / "models" / "heads" / "denoiser.pt")
+    assert len(again) == 3 and again[2]["init"] == "pretrained" and again[2]["weights"] != first[0]["weights"]
+    assert json.loads((tmp_path / "tables" / "heads.json").read_text())["runs"][0]["weights"] == again[2]["weights"]
