@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from .cli import config_workflow, pyplot
 from .concepts import ConceptBank, concept_path
-from .data import preprocessed_stack, read_datalist
+from .data import hash_file, preprocessed_stack, read_datalist
 from .errors import BundleInputError
 from .io import append_jsonl, atomic_write
 from .performance import autocast, autocast_dtype, precision_name
@@ -180,17 +180,29 @@ def concept_learner(overrides: Mapping[str, Any], autoencoder_path: str, diffusi
 
 
 def samples_once(generation: Callable[..., list[dict[str, Any]]], rows: Sequence[dict], out: Path, count: int,
-                 **settings: Any) -> list[dict[str, Any]]:
+                 generator: str | None = None, **settings: Any) -> list[dict[str, Any]]:
     """The first ``count`` rows of ``<out>/manifest.csv``, generating from ``rows`` only when fewer are there: a fold's
-    synthetic images are made once and reused by every arm and ratio (and by arms added later)."""
-    made = out / "manifest.csv"
+    synthetic images are made once and reused by every arm and ratio (and by arms added later). With ``generator``
+    (:func:`generator_id`), images another generator made are made again."""
+    made, made_by = out / "manifest.csv", out / "generator.txt"
+    if generator and made.is_file() and (not made_by.is_file() or made_by.read_text() != generator):
+        made.unlink()
     if not made.is_file() or len(read_datalist(made)) < count:
         generation(rows, output_dir=out, total_samples=count, **settings)
+        if generator:
+            atomic_write(made_by, lambda tmp: Path(tmp).write_text(generator))
     return read_datalist(made)[:count]
 
 
+def generator_id(*model_files: str | os.PathLike) -> str:
+    """The generator by content: ``name:sha256[:16]`` of each model file. A results row of a synthetic arm records
+    it, so rows and images of a generator trained again are made again rather than mixed with the new ones."""
+    return "|".join(f"{Path(f).name}:{hash_file(f)[:16]}" for f in model_files)
+
+
 def concept_samples(generation: Callable[..., list[dict[str, Any]]], learn: Callable[..., Any], pool_rows: Sequence[dict],
-                    label: str, positive: str | None, count: int, out: Path, seed: int) -> list[dict[str, Any]]:
+                    label: str, positive: str | None, count: int, out: Path, seed: int,
+                    generator: str | None = None) -> list[dict[str, Any]]:
     """Learn one concept per class from that class's pool rows only (``learn(rows, name, folder)``), then sample
     each concept in proportion to its class's share of the pool; the manifest rows carry the class label."""
     classes = binary_labels(pool_rows, label, positive)
@@ -200,7 +212,7 @@ def concept_samples(generation: Callable[..., list[dict[str, Any]]], learn: Call
         name = f"class{cls}"
         bank = learn(members, name, out / "concepts")
         n = int(round(count * len(members) / len(pool_rows)))
-        rows += samples_once(generation, members, out / name, n, strategy="concept", label_columns=[label],
+        rows += samples_once(generation, members, out / name, n, generator, strategy="concept", label_columns=[label],
                              params={"concept": {"concepts": {name: 1.0}}}, seed=seed + 50000 * cls, concepts=bank)
     order = np.random.default_rng(seed).permutation(len(rows))  # the first k of them mix both classes
     return [rows[i] for i in order]
@@ -307,6 +319,11 @@ def run_experiment(
     amp: str | None = "none",
     arm_max_size: Mapping[str, int] | None = None,
     concept_min_images: int = 3,
+    results: str | os.PathLike | None = None,
+    generator: str | None = None,
+    score_rows: Sequence[dict[str, Any]] | None = None,
+    scores_dir: str | os.PathLike | None = None,
+    score_sizes: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Run (or continue) the experiment over :func:`experiment_cells`; returns one record per cell and writes
     ``results.jsonl``, ``results.md``, ``summary.json`` and ``augmentation_auc.png`` in ``output_dir``. The concept
@@ -314,7 +331,11 @@ def run_experiment(
     ``reference`` is the arm every other one is compared with, fold by fold. ``amp``: the classifiers' training
     precision (``auto``: bf16 where the device has it); cells trained in another precision are trained again.
     ``concept_min_images``: the fewest films of a class a concept is learned from; every fold's pool is checked
-    against it before any work, so a concept cell cannot stop the experiment hours in."""
+    against it before any work, so a concept cell cannot stop the experiment hours in. ``results``: the rows file
+    (default ``<output_dir>/results.jsonl``; one kept with the results lets another machine go on from the rows on
+    record). ``generator`` (:func:`generator_id`): rows and images of the synthetic and concept arms made by another
+    generator are made again. ``score_rows``: films each new classifier (at ``score_sizes``, when given) scores as
+    soon as it is trained, into ``<scores_dir>/<cell>/scores.csv`` as run ID score writes them."""
     if not label:
         raise BundleInputError("No label column is set: give --label, the datalist column that holds the class.")
     output_dir = Path(output_dir)
@@ -329,17 +350,26 @@ def run_experiment(
     test_set = {"label": label, "positive": positive, "images": [str(r["image"]) for r in test_rows],
                 "labels": y_test.tolist()}
     output_dir.mkdir(parents=True, exist_ok=True)
-    known = output_dir / "test_set.json"
+    results_path = Path(results) if results else output_dir / "results.jsonl"
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    known = results_path.parent / "test_set.json"  # beside the rows it was measured with
     if known.is_file() and json.loads(known.read_text()) != test_set:
-        raise BundleInputError(f"The results in '{output_dir}' were measured on another test set or label: choose "
-                               "another output folder, or the test datalist and label they used.")
+        raise BundleInputError(f"The results in '{results_path.parent}' were measured on another test set or label: "
+                               "choose another output folder, or the test datalist and label they used.")
     atomic_write(known, lambda tmp: Path(tmp).write_text(json.dumps(test_set)))
     x_test = preprocessed_stack(test_rows, preprocessing)
     x_train = preprocessed_stack(train_rows, preprocessing)
-    results_path = output_dir / "results.jsonl"
     dtype = autocast_dtype(amp, device)
     precision = precision_name(dtype)
     done = _done(results_path, precision)
+    stale = [c for c, r in done.items() if ARMS[c[3]][2] and r.get("generator", generator) != generator]
+    for cell in stale:
+        del done[cell]
+    if stale:
+        logger.info("%d cells of %s were made with another generator: they are made again.", len(stale), results_path)
+    if score_rows:
+        score_images_x = preprocessed_stack(score_rows, preprocessing)
+        score_ids = _score_ids(score_rows)
     bar = tqdm(total=len(cells), desc=f"augmentation ({label})", dynamic_ncols=True)
     bar.update(sum(1 for c in cells if c in done))
     for n in sizes:
@@ -354,11 +384,11 @@ def run_experiment(
             synthetic: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
             for kind in sorted({ARMS[c[3]][2] for c in todo} - {None}):
                 if kind == "synthetic":
-                    manifest = samples_once(generation, pool_rows, fold_dir / "synthetic", need, strategy=strategy,
-                                            label_columns=[label], seed=fold * 100000)
+                    manifest = samples_once(generation, pool_rows, fold_dir / "synthetic", need, generator,
+                                            strategy=strategy, label_columns=[label], seed=fold * 100000)
                 else:
                     manifest = concept_samples(generation, learn_concept, pool_rows, label, positive, need,
-                                               fold_dir / "concept", seed=fold * 100000)
+                                               fold_dir / "concept", seed=fold * 100000, generator=generator)
                 synthetic[kind] = (preprocessed_stack(manifest, preprocessing),
                                    torch.as_tensor(binary_labels(manifest, label, positive)))
             for size, ratio, f, arm in todo:
@@ -379,10 +409,14 @@ def run_experiment(
                 atomic_write(classifier_path(output_dir, size, ratio, f, arm),
                              lambda tmp: torch.save(model.state_dict(), tmp))  # before its record: scored later
                 scores = classifier_scores(model, x_test, device)
+                if score_rows and (score_sizes is None or size in {int(k) for k in score_sizes}):
+                    _write_scores(Path(scores_dir or output_dir / "scores") / cell_name(size, ratio, f, arm), score_ids,
+                                  classifier_scores(model, score_images_x, device))
                 record = {"size": size, "ratio": ratio, "fold": f, "arm": arm, "label": label,
                           "real_images": len(pool) if real else 0, "per_class": per_class, "synthetic_images": count,
                           "test_auc": float(compute_roc_auc(scores, torch.as_tensor(y_test).float())),
                           "test_images": len(test_rows), "iterations": iterations, "precision": precision,
+                          "generator": generator if kind else None,
                           "test_scores": [round(float(v), 5) for v in scores]}
                 append_jsonl(results_path, record)
                 done[(size, ratio, f, arm)] = record
@@ -405,19 +439,20 @@ def classifier_path(output_dir: str | os.PathLike, size: int, ratio: float, fold
 @torch.no_grad()
 def score_images(output_dir: str | os.PathLike, rows: Sequence[dict[str, Any]], preprocessing: Callable,
                  scores_dir: str | os.PathLike, sizes: Sequence[int] | None = None,
-                 device: torch.device | str = "cpu") -> list[Path]:
+                 device: torch.device | str = "cpu", results: str | os.PathLike | None = None) -> list[Path]:
     """Apply every classifier an experiment in ``output_dir`` trained (those at ``sizes`` only, when given) to the
     images of ``rows``: ``<scores_dir>/<arm>_r<ratio>_n<N>_f<fold>/scores.csv`` with ``id,score`` (the logit, higher
     = positive class; ``id`` the row's ``id`` column or the file name's stem). Returns the files written."""
-    records = list(_done(Path(output_dir) / "results.jsonl").values())
+    results_path = Path(results) if results else Path(output_dir) / "results.jsonl"
+    records = list(_done(results_path).values())
     if not records:
-        raise BundleInputError(f"No results in '{Path(output_dir) / 'results.jsonl'}': run the experiment (run ID "
+        raise BundleInputError(f"No results in '{results_path}': run the experiment (run ID "
                                "augment) before scoring images with its classifiers.")
     if not rows:
         raise BundleInputError("No images to score: give a datalist or folder with at least one image.")
     wanted = [r for r in records if sizes is None or int(r["size"]) in {int(s) for s in sizes}]
     images = preprocessed_stack(rows, preprocessing)
-    ids = [str(r.get("id") or Path(str(r["image"])).stem) for r in rows]
+    ids = _score_ids(rows)
     written = []
     for r in wanted:
         path = classifier_path(output_dir, r["size"], r["ratio"], r["fold"], r["arm"])
@@ -426,12 +461,22 @@ def score_images(output_dir: str | os.PathLike, rows: Sequence[dict[str, Any]], 
             continue
         model = make_classifier()
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        values = classifier_scores(model.to(device).eval(), images, device)
-        out = Path(scores_dir) / path.stem / "scores.csv"
-        atomic_write(out, lambda tmp: Path(tmp).write_text(
-            "id,score\n" + "".join(f"{i},{float(v):.6g}\n" for i, v in zip(ids, values))))
-        written.append(out)
+        written.append(_write_scores(Path(scores_dir) / path.stem, ids,
+                                     classifier_scores(model.to(device).eval(), images, device)))
     return written
+
+
+def _score_ids(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Each scored film's ``id`` column, else its file name's stem."""
+    return [str(r.get("id") or Path(str(r["image"])).stem) for r in rows]
+
+
+def _write_scores(folder: Path, ids: Sequence[str], values: torch.Tensor) -> Path:
+    """``<folder>/scores.csv``: ``id,score`` per film, written whole or not at all."""
+    out = folder / "scores.csv"
+    atomic_write(out, lambda tmp: Path(tmp).write_text(
+        "id,score\n" + "".join(f"{i},{float(v):.6g}\n" for i, v in zip(ids, values))))
+    return out
 
 
 def labelled_rows(path: str | os.PathLike | None, setting: str) -> list[dict[str, Any]]:

@@ -4,12 +4,16 @@
 #   nih       cxr_corpus NIH adults, normal vs pneumonia, N per class; test: the NIH films of corpus test
 #   nodule    JSRT nodule present vs absent, N in all; test: JSRT val + test together (50 films; tuned on nothing)
 #   kermany   cxr_corpus Kermany children, normal vs pneumonia, N per class (small N); test: Kermany corpus test
-# then every kept classifier at the smallest and the largest N scores the matching blind set (run ID score).
+# every classifier at the smallest and the largest N scores the matching blind set as soon as it is trained
+# (docs/results/blind/augmentation/<task>/), and every finished cell's row goes to $RESULTS/<task>/results.jsonl, kept
+# with the results: on another machine the grid goes on from the rows on record (the cells of the synthetic and
+# concept arms only where the generator is the same, by content).
 #   bash evidence/run_augmentation128.sh                  (every task; resumes: run it again after an interruption)
 #   TASKS="nodule" SIZES="10 25" bash evidence/run_augmentation128.sh
 # Settings: GENERATOR (work dir of the trained generator, default runs/corpus_cpu128), GUIDANCE (the synthetic films'
 # guidance scale; default: $GENERATOR/guidance.json, chosen on validation films), WORK (default
-# runs/augmentation128), BLIND (the blind folder; default $DINO_DIFFUSION_DATA/blind, none: no scoring), THREADS,
+# runs/augmentation128), RESULTS (default docs/results/augmentation128), BLIND (the blind folder; default
+# $DINO_DIFFUSION_DATA/blind, none: no scoring), THREADS,
 # STEPS (the sampler's steps for the synthetic films; default inference.json's 20: 10 halves the sampling cost, to be
 # checked against FD on validation films first, beside the guidance stage's rows: python -m evidence.report_variants
 # --work_dir runs/corpus_cpu128 --real runs/corpus_cpu128/lists/val.csv --train runs/corpus_cpu128/lists/train.csv
@@ -30,6 +34,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 GENERATOR=${GENERATOR:-runs/corpus_cpu128}
 WORK=${WORK:-runs/augmentation128}
+RESULTS=${RESULTS:-docs/results/augmentation128}
 BLIND=${BLIND:-${DINO_DIFFUSION_DATA:-}/blind}
 TASKS=${TASKS:-nodule nih kermany}
 mkdir -p "$WORK/lists"
@@ -63,19 +68,21 @@ for task in $TASKS; do
                    --positive pneumonia --per_class True); sizes=${SIZES:-"[5,10]"}; concept_max=5; blind=cxr_corpus;;
     *) echo "unknown task $task (nodule, nih, kermany)"; exit 1;;
   esac
+  SCORE_ARGS=()
+  if [ -d "$BLIND/$blind/images" ]; then
+    ends=$($PY -c "import ast,sys; s=ast.literal_eval(sys.argv[1]); print([min(s), max(s)])" "$sizes")
+    SCORE_ARGS=(--score_list "$BLIND/$blind/images" --score_sizes "$ends" --scores_dir "docs/results/blind/augmentation/$task")
+  fi
   SECONDS=0
   $PY -m monai.bundle run augment --config_file "$CONFIGS" --work_dir "$GENERATOR" "${args[@]}" \
-      --augmentation_dir "$WORK/$task" --pool_sizes "$sizes" --ratios "${RATIOS:-[1,5,10]}" \
+      --augmentation_dir "$WORK/$task" --augmentation_results "$RESULTS/$task/results.jsonl" "${SCORE_ARGS[@]}" \
+      --pool_sizes "$sizes" --ratios "${RATIOS:-[1,5,10]}" \
       --ratio_max_size "${RATIO_MAX_SIZE:-{'10': 10, '5': 25}}" --folds "${FOLDS:-{'25': 5, '50': 3}}" \
       --arms "${ARMS:-['real','real+classic','real+synthetic','classic+synthetic','real+concept']}" \
       --arm_max_size "${ARM_MAX_SIZE:-{'real+concept': $concept_max}}" \
       "${GUIDANCE_ARGS[@]}" "${THREAD_ARGS[@]}" >> "$WORK/$task.log" 2>&1 || { tail -30 "$WORK/$task.log"; exit 1; }
   echo "augment_$task $SECONDS" | tee -a "$WORK/stage_seconds.txt"
-  if [ -d "$BLIND/$blind/images" ]; then
-    ends=$($PY -c "import ast,sys; s=ast.literal_eval(sys.argv[1]); print([min(s), max(s)])" "$sizes")
-    $PY -m monai.bundle run score --config_file "$CONFIGS" --work_dir "$GENERATOR" --augmentation_dir "$WORK/$task" \
-        --score_list "$BLIND/$blind/images" --score_sizes "$ends" --scores_dir "docs/results/blind/augmentation/$task" \
-        "${THREAD_ARGS[@]}" >> "$WORK/$task.log" 2>&1
+  if [ ${#SCORE_ARGS[@]} -gt 0 ]; then
     $PY -c "import sys; from evidence.blind import record; record(f'augmentation/{sys.argv[1]}', {'what': 'scores of every kept classifier at the smallest and largest N (one scores.csv per arm, ratio, N and fold)', 'generator': sys.argv[2], 'experiment': sys.argv[3], 'command': 'bash evidence/run_augmentation128.sh'})" "$task" "$GENERATOR" \
         "$WORK/$task"
   fi

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,6 +139,45 @@ def test_experiment_runs_end_to_end_writes_table_and_plot_and_resumes(trained_ti
     # another test set or label in the same folder is refused, not mixed into these results
     with pytest.raises(BundleInputError, match="another test set"):
         run_experiment(generation, train, test[:6], preprocessing, output_dir=out, arms=["real"], **kwargs)
+
+
+def test_rows_kept_elsewhere_resume_score_new_classifiers_at_once_and_remake_another_generators_cells(trained_tiny,
+                                                                                                      tmp_path):
+    # results=: the rows file kept with the results; score_rows: each new classifier scores the films at once;
+    # generator=: the synthetic cells (rows and images) of another generator are made again, the real ones are kept
+    from bundle.augmentation import generator_id
+
+    images = sorted(p.stem for p in (JSRT / "images").glob("*.png"))
+    positives, negatives = [i for i in images if i.startswith("JPCLN")], [i for i in images if i.startswith("JPCNN")]
+    train, test = labelled(positives[:3] + negatives[:3]), labelled(positives[3:6] + negatives[3:6])
+    unseen = labelled(positives[6:8] + negatives[6:7])
+    wf = workflow("inference.json", "sample", {**trained_tiny})
+    generation, preprocessing = wf.parser.get_parsed_content("generation"), wf.parser.get_parsed_content("preprocessing")
+    out, rows_file, scores = tmp_path / "work", tmp_path / "record" / "rows.jsonl", tmp_path / "scores"
+    models = [wf.parser.get_parsed_content(k) for k in ("autoencoder_path", "diffusion_path")]
+    first_id = generator_id(*models)
+    assert first_id == generator_id(*models) and [part.split(":")[0] for part in first_id.split("|")] == [
+        Path(m).name for m in models]
+
+    def run(generator):
+        run_experiment(generation, train, test, preprocessing, output_dir=out, label="nodule", sizes=[4], ratios=[1],
+                       folds=1, iterations=2, arms=["real", "real+synthetic"], results=rows_file, generator=generator,
+                       score_rows=unseen, scores_dir=scores, score_sizes=[4])
+        return [json.loads(line) for line in rows_file.read_text().splitlines()]
+
+    rows = run(first_id)
+    assert [(r["arm"], r["generator"]) for r in rows] == [("real", None), ("real+synthetic", first_id)]
+    assert not (out / "results.jsonl").exists(), "the rows go to the file given"
+    written = {p.parent.name: p.read_text().splitlines() for p in scores.glob("*/scores.csv")}
+    assert sorted(written) == ["real-synthetic_r1_n4_f0", "real_r0_n4_f0"]
+    assert all([line.split(",")[0] for line in v[1:]] == [r["id"] for r in unseen] for v in written.values())
+    made = out / "n004_fold0" / "synthetic" / "manifest.csv"
+    stamp = made.stat().st_mtime_ns
+    assert run(first_id) == rows and made.stat().st_mtime_ns == stamp, "the same generator: nothing is made again"
+
+    again = run("other.pt:0123456789abcdef")
+    assert len(again) == 3 and (again[2]["arm"], again[2]["generator"]) == ("real+synthetic", "other.pt:0123456789abcdef")
+    assert made.stat().st_mtime_ns != stamp and (made.parent / "generator.txt").read_text() == again[2]["generator"]
 
 
 def test_cells_follow_the_arms_ratio_caps_and_fold_counts():
