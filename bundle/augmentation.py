@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -206,6 +207,12 @@ def concept_samples(generation: Callable[..., list[dict[str, Any]]], learn: Call
     """Learn one concept per class from that class's pool rows only (``learn(rows, name, folder)``), then sample
     each concept in proportion to its class's share of the pool; the manifest rows carry the class label."""
     classes = binary_labels(pool_rows, label, positive)
+    learned_by = out / "generator.txt"  # a concept is learned against one frozen generator: another one learns anew
+    if generator and (out / "concepts").exists() and (not learned_by.is_file() or learned_by.read_text() != generator):
+        shutil.rmtree(out / "concepts")
+    if generator:
+        (out / "concepts").mkdir(parents=True, exist_ok=True)
+        atomic_write(learned_by, lambda tmp: Path(tmp).write_text(generator))
     rows = []
     for cls in (1, 0):
         members = [r for r, y in zip(pool_rows, classes) if y == cls]

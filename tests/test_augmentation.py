@@ -330,6 +330,14 @@ def test_concept_arms_learn_one_concept_per_class_from_the_pool_only(trained_tin
         manifest = read_datalist(fold / f"class{cls}" / "manifest.csv")
         assert len(manifest) == 10 and {m["nodule"] for m in manifest} == {str(cls)} and {m["strategy"] for m in manifest} == {"concept"}
     assert "| real + concept images 1:2 |" in (out / "results.md").read_text()
+    # a concept is learned against one generator: with another, the concept cell is learned and sampled anew
+    learned = (fold / "concepts" / "class1.safetensors").stat().st_mtime_ns
+    again = run_experiment(get("generation"), train, test, get("preprocessing"), label="nodule", output_dir=out,
+                           sizes=[5], ratios=[2], folds=1, iterations=2, per_class=True, learn_concept=learn,
+                           arms=["real", "real+concept"], generator="other.pt:0123456789abcdef")
+    assert [r["generator"] for r in again] == [None, "other.pt:0123456789abcdef"]
+    assert (fold / "concepts" / "class1.safetensors").stat().st_mtime_ns != learned
+    assert (fold / "generator.txt").read_text() == "other.pt:0123456789abcdef"
 
 
 def test_classic_augmentation_changes_every_batch_it_trains_on_within_range():
