@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from .cli import config_workflow, pyplot
 from .concepts import ConceptBank, concept_path
-from .data import hash_file, preprocessed_stack, read_datalist
+from .data import content_id, preprocessed_stack, read_datalist
 from .errors import BundleInputError
 from .io import append_jsonl, atomic_write
 from .performance import autocast, autocast_dtype, precision_name
@@ -198,7 +198,7 @@ def samples_once(generation: Callable[..., list[dict[str, Any]]], rows: Sequence
 def generator_id(*model_files: str | os.PathLike) -> str:
     """The generator by content: ``name:sha256[:16]`` of each model file. A results row of a synthetic arm records
     it, so rows and images of a generator trained again are made again rather than mixed with the new ones."""
-    return "|".join(f"{Path(f).name}:{hash_file(f)[:16]}" for f in model_files)
+    return content_id(*model_files)
 
 
 def concept_samples(generation: Callable[..., list[dict[str, Any]]], learn: Callable[..., Any], pool_rows: Sequence[dict],

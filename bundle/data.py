@@ -251,6 +251,12 @@ def hash_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def content_id(*paths: str | os.PathLike) -> str:
+    """``name:sha256[:16]`` of each file, joined by ``|``: names trained weights by what they hold, so a result row
+    records the model it came from whatever folder the file sits in now."""
+    return "|".join(f"{Path(p).name}:{hash_file(p)[:16]}" for p in paths)
+
+
 def file_stamp(path: str | os.PathLike) -> str:
     """``name:size:mtime_ns`` of a file that is never rewritten once written (a model file, a snapshot): names what
     made a stored result without reading the file."""

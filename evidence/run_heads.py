@@ -32,7 +32,7 @@ from bundle.cli import config_workflow, parse_overrides, pyplot
 from bundle.workflow import set_threads
 from evidence.blind import record as record_blind
 from bundle.constants import JSRT_MASK_COLUMNS, LUNG_MASK_COLUMNS, MASK_COLUMN_PREFIX
-from bundle.data import find_images, hash_file, read_datalist
+from bundle.data import content_id, find_images, read_datalist
 from bundle.model_files import read_record
 from bundle.models import build_network
 from bundle.io import append_jsonl
@@ -92,7 +92,7 @@ def start_weights(init: str, args: argparse.Namespace, latent=None) -> str | Non
     if init == "latent" and latent is not None:
         files = [Path(latent.get_parsed_content(key)) for key in ("autoencoder_path", "diffusion_path")]
     files = [Path(f) for f in files if f is not None and Path(f).is_file()]
-    return "|".join(f"{f.name}:{hash_file(f)[:16]}" for f in files) or None
+    return content_id(*files) or None
 
 
 def main() -> None:
