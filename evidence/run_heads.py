@@ -144,13 +144,15 @@ def main() -> None:
     wf = config_workflow("configs/heads/pretrain.json", "training", **overrides)
     get = wf.parser.get_parsed_content
     size, preprocessing = int(get("image_size")), get("preprocessing")
-    # the denoiser's network as its file records it (the scratch init is the same network, untrained)
-    denoiser_record = read_record(args.denoiser, "denoiser", "pre-train it (configs/heads/pretrain.json)")["record"]
+    # the denoiser's network as its file records it (the scratch init is the same network, untrained); a report from
+    # the rows on record needs no network, so it can be made where the denoiser file is not (another machine)
+    if not (args.report_only and not args.denoiser.is_file()):
+        denoiser_record = read_record(args.denoiser, "denoiser", "pre-train it (configs/heads/pretrain.json)")["record"]
+        if int(denoiser_record["image_size"]) != size:
+            raise SystemExit(f"--denoiser works at {denoiser_record['image_size']} px: pass -- --image_size "
+                             f"{denoiser_record['image_size']}.")
     # a fresh network per run, with PyTorch's fused attention (as configs/heads/*.json run it: sdpa_attention)
     denoiser_def = lambda: build_network(denoiser_record["network"], use_flash_attention=True)  # noqa: E731
-    if int(denoiser_record["image_size"]) != size:
-        raise SystemExit(f"--denoiser works at {denoiser_record['image_size']} px: pass -- --image_size "
-                         f"{denoiser_record['image_size']}.")
     sigma = 5.0 * size / 256  # Di Via et al.: sigma 5 at 256 pixels
     train_rows, test_rows = read_datalist(args.train), read_datalist(args.test)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -159,14 +161,14 @@ def main() -> None:
     # rows made in another precision are not this run's (rows from before the setting existed were float32)
     dtype = autocast_dtype(args.amp, "cpu")
     precision = precision_name(dtype)
-    done, other = {}, 0
+    on_record, other = [], 0
     if results_path.exists():
         for line in results_path.read_text().splitlines():
             r = json.loads(line)
             if r.get("precision", "float32") != precision:
                 other += 1
                 continue
-            done[(r["task"], r["size"], r["init"], r["seed"])] = r
+            on_record.append(r)
     if other:
         print(f"{results_path}: {other} rows fine-tuned in another precision than {precision} are left out "
               "(--amp chooses)", flush=True)
@@ -204,10 +206,18 @@ def main() -> None:
         if lwf.parser.get_parsed_content("generator").image_size != size:
             raise SystemExit("--latent_args must give the same --image_size as the heads.")
         latent = lwf.parser
-    starts = {} if args.report_only else {init: start_weights(init, args, latent) for init in args.inits}
-    stale = [key for key, r in done.items() if "weights" in r and key[2] in starts and r["weights"] != starts[key[2]]]
-    for key in stale:
-        del done[key]
+    starts = {init: start_weights(init, args, latent) for init in args.inits}
+    if args.report_only:  # a report leaves out rows of other weights only where the files given are here to compare
+        starts = {init: s for init, s in starts.items() if s is not None}
+    # each run's latest row from the weights given now (rows from before rows recorded weights count as theirs)
+    done, stale = {}, set()
+    for r in on_record:
+        key = (r["task"], r["size"], r["init"], r["seed"])
+        if "weights" in r and r["init"] in starts and r["weights"] != starts[r["init"]]:
+            stale.add(key)
+        else:
+            done[key] = r
+    stale -= done.keys()
     if stale:
         print(f"{results_path}: {len(stale)} rows were fine-tuned from other pre-trained weights than the files given "
               "now: they run again", flush=True)

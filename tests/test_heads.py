@@ -759,14 +759,18 @@ def test_grid_rows_resume_from_their_file_and_run_again_from_other_pre_trained_w
     (tmp_path / "test.csv").write_text("\n".join(lines[:3]) + "\n")
     rows_file = tmp_path / "record" / "rows.jsonl"
 
-    def grid(denoiser):
+    def grid(denoiser, *more):
         monkeypatch.setattr(sys, "argv", [
             "evidence/run_heads.py", "--train", str(pretrained["datalist"]), "--test", str(tmp_path / "test.csv"),
             "--denoiser", str(denoiser), "--sizes", "1", "--iterations", "2", "--tasks", "landmarks",
             "--inits", "pretrained", "scratch", "--work", str(tmp_path / "work"), "--results", str(rows_file),
-            "--out", str(tmp_path / "tables"), "--", "--image_size", "32"])
+            "--out", str(tmp_path / "tables"), *more, "--", "--image_size", "32"])
         run_heads.main()
         return [json.loads(line) for line in rows_file.read_text().splitlines()]
+
+    def reported():
+        runs = json.loads((tmp_path / "tables" / "heads.json").read_text())["runs"]
+        return [(r["init"], r["weights"]) for r in runs]
 
     first = grid(pretrained["denoiser"])
     assert [(r["init"], r["weights"] is None) for r in first] == [("pretrained", False), ("scratch", True)]
@@ -779,4 +783,9 @@ def test_grid_rows_resume_from_their_file_and_run_again_from_other_pre_trained_w
                                                    "denoiser_epochs": 1})
     again = grid(tmp_path / "again" / "models" / "heads" / "denoiser.pt")
     assert len(again) == 3 and again[2]["init"] == "pretrained" and again[2]["weights"] != first[0]["weights"]
-    assert json.loads((tmp_path / "tables" / "heads.json").read_text())["runs"][0]["weights"] == again[2]["weights"]
+    assert reported() == [("pretrained", again[2]["weights"]), ("scratch", None)]
+    # back to the first denoiser: its row on record is used again, nothing is fine-tuned
+    assert grid(pretrained["denoiser"]) == again and reported()[0] == ("pretrained", first[0]["weights"])
+    # a report from the rows alone where no denoiser file is (another machine): each run's latest row
+    assert grid(tmp_path / "gone" / "denoiser.pt", "--report_only") == again
+    assert reported() == [("pretrained", again[2]["weights"]), ("scratch", None)]
