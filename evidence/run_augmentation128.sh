@@ -18,7 +18,9 @@
 # checked against FD on validation films first, beside the guidance stage's rows: python -m evidence.report_variants
 # --work_dir runs/corpus_cpu128 --real runs/corpus_cpu128/lists/val.csv --train runs/corpus_cpu128/lists/train.csv
 # --count 64 --variant guidance_scale=G,num_inference_steps=10 --out runs/corpus_cpu128/guidance),
-# SIZES / RATIOS / FOLDS / ARMS / RATIO_MAX_SIZE / ARM_MAX_SIZE per run.
+# SIZES / RATIOS / FOLDS / ARMS / RATIO_MAX_SIZE / ARM_MAX_SIZE per run, CLASSIFIER_AMP (default none: float32, the
+# one precision every CPU runs, so the rows on record stay valid on a machine with or without bf16 instructions;
+# auto trains in bf16 where the CPU has it, about 80 s a classifier against 130 s).
 # Defaults: the grid cut to fit about 10 hours of the two cores from unit costs measured at 128 px on one thread beside
 # one other job (docs/results/augmentation.md): a classifier about 130 s in float32 (+40 s with classic augmentation;
 # 80 s in bf16), a synthetic film 1.8 s at guidance 1 and 3.5 s at 2 in bf16 (about 1.7x that in float32, on a CPU
@@ -80,7 +82,7 @@ for task in $TASKS; do
       --ratio_max_size "${RATIO_MAX_SIZE:-{'10': 10, '5': 25}}" --folds "${FOLDS:-{'25': 5, '50': 3}}" \
       --arms "${ARMS:-['real','real+classic','real+synthetic','classic+synthetic','real+concept']}" \
       --arm_max_size "${ARM_MAX_SIZE:-{'real+concept': $concept_max}}" \
-      "${GUIDANCE_ARGS[@]}" "${THREAD_ARGS[@]}" >> "$WORK/$task.log" 2>&1 || { tail -30 "$WORK/$task.log"; exit 1; }
+      --classifier_amp "${CLASSIFIER_AMP:-none}" "${GUIDANCE_ARGS[@]}" "${THREAD_ARGS[@]}" >> "$WORK/$task.log" 2>&1 || { tail -30 "$WORK/$task.log"; exit 1; }
   echo "augment_$task $SECONDS" | tee -a "$WORK/stage_seconds.txt"
   if [ ${#SCORE_ARGS[@]} -gt 0 ]; then
     $PY -c "import sys; from evidence.blind import record; record(f'augmentation/{sys.argv[1]}', {'what': 'scores of every kept classifier at the smallest and largest N (one scores.csv per arm, ratio, N and fold)', 'generator': sys.argv[2], 'experiment': sys.argv[3], 'command': 'bash evidence/run_augmentation128.sh'})" "$task" "$GENERATOR" \
