@@ -99,7 +99,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", type=Path, required=True)
     parser.add_argument("--test", type=Path, required=True)
-    parser.add_argument("--denoiser", type=Path, required=True, help="pre-trained denoiser (configs/heads/pretrain.json)")
+    parser.add_argument("--denoiser", type=Path, help="pre-trained denoiser (configs/heads/pretrain.json); needed by "
+                        "--inits pretrained, else only its network is read (the config's with the settings after --, "
+                        "where the file is not there)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 5, 10, 25, 50])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--iterations", type=int, default=300)
@@ -144,13 +146,20 @@ def main() -> None:
     wf = config_workflow("configs/heads/pretrain.json", "training", **overrides)
     get = wf.parser.get_parsed_content
     size, preprocessing = int(get("image_size")), get("preprocessing")
-    # the denoiser's network as its file records it (the scratch init is the same network, untrained); a report from
-    # the rows on record needs no network, so it can be made where the denoiser file is not (another machine)
-    if not (args.report_only and not args.denoiser.is_file()):
+    # the denoiser's network as its file records it (the scratch init is the same network, untrained); without the
+    # file (not pre-trained yet, or another machine), the network configs/heads/pretrain.json pre-trains with these
+    # settings: the untrained initialisations and a report from the rows on record need no pre-trained weights
+    if args.denoiser is not None and (args.denoiser.is_file() or "pretrained" in args.inits and not args.report_only):
         denoiser_record = read_record(args.denoiser, "denoiser", "pre-train it (configs/heads/pretrain.json)")["record"]
         if int(denoiser_record["image_size"]) != size:
             raise SystemExit(f"--denoiser works at {denoiser_record['image_size']} px: pass -- --image_size "
                              f"{denoiser_record['image_size']}.")
+    elif "pretrained" in args.inits and not args.report_only:
+        raise SystemExit("--inits pretrained needs --denoiser (a denoiser pre-trained by configs/heads/pretrain.json).")
+    else:
+        denoiser_record = get("denoiser_record")
+        print(f"no denoiser file{f' at {args.denoiser}' if args.denoiser else ''}: the untrained network is the one "
+              "configs/heads/pretrain.json pre-trains with these settings", flush=True)
     # a fresh network per run, with PyTorch's fused attention (as configs/heads/*.json run it: sdpa_attention)
     denoiser_def = lambda: build_network(denoiser_record["network"], use_flash_attention=True)  # noqa: E731
     sigma = 5.0 * size / 256  # Di Via et al.: sigma 5 at 256 pixels
@@ -289,7 +298,8 @@ def main() -> None:
     used = lambda key, given: sorted({r.get(key) for r in records}) if args.report_only else given  # noqa: E731
     result = {"settings": {**overrides, "image_size": size, "heatmap_sigma_px": sigma,
                            "iterations": used("iterations", args.iterations),
-                           "precision": precision, "lr": used("lr", args.lr), "sizes": args.sizes, "seeds": args.seeds, "denoiser": str(args.denoiser),
+                           "precision": precision, "lr": used("lr", args.lr), "sizes": args.sizes, "seeds": args.seeds, "denoiser": str(args.denoiser) if args.denoiser else None,
+                           "denoiser_network": denoiser_record["network"],
                            "denoiser_large": str(args.denoiser_large) if args.denoiser_large else None,
                            "draws": args.draws, "dino_weights": str(args.dino_weights) if args.dino_weights else None,
                            "encoder_model": args.encoder_model,

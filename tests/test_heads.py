@@ -789,3 +789,17 @@ def test_grid_rows_resume_from_their_file_and_run_again_from_other_pre_trained_w
     # a report from the rows alone where no denoiser file is (another machine): each run's latest row
     assert grid(tmp_path / "gone" / "denoiser.pt", "--report_only") == again
     assert reported() == [("pretrained", again[2]["weights"]), ("scratch", None)]
+    # before any pre-training: the untrained network of the config runs from scratch; the pre-trained init is refused
+    monkeypatch.setattr(sys, "argv", [
+        "evidence/run_heads.py", "--train", str(pretrained["datalist"]), "--test", str(tmp_path / "test.csv"),
+        "--sizes", "2", "--iterations", "2", "--tasks", "landmarks", "--inits", "scratch", "--work", str(tmp_path / "w2"),
+        "--out", str(tmp_path / "t2"), "--", *(str(v) for key in ("image_size", "denoiser_channels",
+        "denoiser_attention_levels", "denoiser_head_channels") for v in (f"--{key}", pretrained["settings"][key]))])
+    run_heads.main()
+    rows = [json.loads(line) for line in (tmp_path / "w2" / "heads_results.jsonl").read_text().splitlines()]
+    assert [(r["init"], r["size"], r["weights"], np.isfinite(r["mre_px"])) for r in rows] == [("scratch", 2, None, True)]
+    network = json.loads((tmp_path / "t2" / "heads.json").read_text())["settings"]["denoiser_network"]
+    assert network == read_record(pretrained["denoiser"], "denoiser", "")["record"]["network"]
+    monkeypatch.setattr(sys, "argv", [*sys.argv[:sys.argv.index("scratch")], "pretrained", *sys.argv[sys.argv.index("scratch") + 1:]])
+    with pytest.raises(SystemExit, match="--inits pretrained needs --denoiser"):
+        run_heads.main()
