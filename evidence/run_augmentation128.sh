@@ -14,10 +14,9 @@
 # guidance scale; default: $GENERATOR/guidance.json, chosen on validation films), WORK (default
 # runs/augmentation128), RESULTS (default docs/results/augmentation128), BLIND (the blind folder; default
 # $DINO_DIFFUSION_DATA/blind, none: no scoring), THREADS,
-# STEPS (the sampler's steps for the synthetic films; default inference.json's 20: 10 halves the sampling cost, to be
-# checked against FD on validation films first, beside the guidance stage's rows: python -m evidence.report_variants
-# --work_dir runs/corpus_cpu128 --real runs/corpus_cpu128/lists/val.csv --train runs/corpus_cpu128/lists/train.csv
-# --count 64 --variant guidance_scale=G,num_inference_steps=10 --out runs/corpus_cpu128/guidance),
+# STEPS (the sampler's steps for the synthetic films; default: $GENERATOR/guidance.json's num_inference_steps, which
+# the guidance stage sets to 10 where 10 steps sample as well as the config's 20 on validation films, at half the cost;
+# else inference.json's),
 # SIZES / RATIOS / FOLDS / ARMS / RATIO_MAX_SIZE / ARM_MAX_SIZE per run, CLASSIFIER_AMP (default none: float32, the
 # one precision every CPU runs, so the rows on record stay valid on a machine with or without bf16 instructions;
 # auto trains in bf16 where the CPU has it, about 80 s a classifier against 130 s).
@@ -52,14 +51,18 @@ done
 CONFIGS="['configs/inference.json','configs/augmentation.json']"
 THREAD_ARGS=()
 [ -z "${THREADS:-}" ] || THREAD_ARGS=(--torch_threads "$THREADS")
-# the synthetic films' guidance scale: GUIDANCE, else the one the generator's evaluation chose on validation films
-# ($GENERATOR/guidance.json, written by evidence/run_quality_cpu.sh), else inference.json's
+# the synthetic films' guidance scale and sampler steps: GUIDANCE and STEPS, else those the generator's guidance stage
+# chose on validation films ($GENERATOR/guidance.json, written by evidence/run_quality_cpu.sh), else inference.json's
+chosen() {  # chosen KEY: KEY of $GENERATOR/guidance.json, empty where it is not there or null
+  [ -f "$GENERATOR/guidance.json" ] || return 0
+  $PY -c 'import json,sys; v = json.load(open(sys.argv[1])).get(sys.argv[2]); print("" if v is None else v)' \
+      "$GENERATOR/guidance.json" "$1"
+}
+GUIDANCE=${GUIDANCE:-$(chosen guidance_scale)}
+STEPS=${STEPS:-$(chosen num_inference_steps)}
 GUIDANCE_ARGS=()
-[ -z "${STEPS:-}" ] || GUIDANCE_ARGS+=(--num_inference_steps "$STEPS")
-if [ -n "${GUIDANCE:-}" ]; then GUIDANCE_ARGS+=(--guidance_scale "$GUIDANCE")
-elif [ -f "$GENERATOR/guidance.json" ]; then
-  GUIDANCE_ARGS+=(--guidance_scale "$($PY -c 'import json,sys; print(json.load(open(sys.argv[1]))["guidance_scale"])' "$GENERATOR/guidance.json")")
-fi
+[ -z "$STEPS" ] || GUIDANCE_ARGS+=(--num_inference_steps "$STEPS")
+[ -z "$GUIDANCE" ] || GUIDANCE_ARGS+=(--guidance_scale "$GUIDANCE")
 for task in $TASKS; do
   case $task in
     nodule)  args=(--labelled_list "$L/jsrt_train.csv" --test_list "$L/jsrt_val_test.csv" --label nodule --per_class False)

@@ -55,7 +55,9 @@ mapfile -t EPOCHS < <(opt diffusion_epochs "${DIFFUSION_EPOCHS:-}")
 stage train_diffusion train_diffusion --dino_weights "$DINO" "${EPOCHS[@]}" --snapshot_every "${DIFFUSION_SNAPSHOT_EVERY:-10}"
 # guidance: the classifier-free guidance scale of the evaluation, chosen on validation films only (every third of the 132
 # cxr_corpus val films, and the 20 of JSRT val): the scale of GUIDANCE_SCALES whose samples have the lowest mean of FD / reference FD
-# over DINO space and pixels (evidence/report_variants.py); written to $WORK/guidance.json, reused when there
+# over DINO space and pixels (evidence/report_variants.py); then FEWER_STEPS (default 10) sampler steps at that scale,
+# kept when their mean ratio is within 2% of the config's steps (the synthetic films of the augmentation grid use them);
+# written to $WORK/guidance.json (guidance_scale, num_inference_steps), reused when there
 case " $STAGES " in *" guidance "*)
   if [ ! -f "$WORK/guidance.json" ]; then
     SECONDS=0
@@ -65,29 +67,19 @@ case " $STAGES " in *" guidance "*)
       { echo image; awk -F, 'NR > 1 && (NR - 2) % 3 == 0 { print $1 }' "$DATA/val_corpus.csv"; tail -n +2 "$DATA/val_jsrt.csv" | cut -d, -f1; } \
         > "$DATA/.val.csv" && mv "$DATA/.val.csv" "$DATA/val.csv"
     fi
+    variants() {  # variants --variant SETTINGS ...: rows appended to $WORK/guidance/variants.jsonl (measured ones kept)
+      $PY -m evidence.report_variants --work_dir "$WORK" --real "$DATA/val.csv" --train "$DATA/train.csv" --count 64 \
+        "$@" --out "$WORK/guidance" ${THREADS:+--torch_threads "$THREADS"} >> "$WORK/guidance.log" 2>&1 \
+        || { tail -30 "$WORK/guidance.log"; exit 1; }
+    }
+    choose() {  # choose SCALES [STEPS]: the best scale (and, given STEPS, the steps to sample with) from the rows
+      $PY -m evidence.guidance_choice --work_dir "$WORK" --scales "$1" ${2:+--fewer_steps "$2"}
+    }
     VARIANTS=(); for g in ${GUIDANCE_SCALES:-1 1.5 2 3}; do VARIANTS+=(--variant "guidance_scale=$g"); done
-    $PY -m evidence.report_variants --work_dir "$WORK" --real "$DATA/val.csv" --train "$DATA/train.csv" --count 64 \
-      "${VARIANTS[@]}" --out "$WORK/guidance" ${THREADS:+--torch_threads "$THREADS"} >> "$WORK/guidance.log" 2>&1 \
-      || { tail -30 "$WORK/guidance.log"; exit 1; }
-    $PY - "$WORK" "${GUIDANCE_SCALES:-1 1.5 2 3}" <<'PYEOF'
-import json, sys
-from pathlib import Path
-from bundle.data import file_stamp
-work = Path(sys.argv[1])
-model = file_stamp(work / "models" / "model.pt")  # as evidence/report_variants.py names the model of each row
-scales = [float(g) for g in sys.argv[2].split()]
-# this model's rows at the scales asked, at the config's sampler steps (a rerun after an interruption appends only the ones that were missing)
-rows = {r["guidance_scale"]: r for r in map(json.loads, (work / "guidance" / "variants.jsonl").read_text().splitlines())
-        if r.get("model") == model and r.get("guidance_scale") in scales and r.get("num_inference_steps") is None}
-rows = [rows[g] for g in scales]
-score = lambda r: (r["fd_dino"] / r["fd_dino_reference"] + r["fd_pixels"] / r["fd_pixels_reference"]) / 2
-best = min(rows, key=score)
-out = {"guidance_scale": best["guidance_scale"], "rule": "lowest mean of FD / reference FD over DINO space and pixels",
-       "films": "every third of cxr_corpus val (44) + JSRT val (20)", "variants": rows}
-(work / ".guidance.json").write_text(json.dumps(out, indent=1) + "\n")
-(work / ".guidance.json").replace(work / "guidance.json")
-print("guidance scale", best["guidance_scale"], {r["guidance_scale"]: round(score(r), 3) for r in rows})
-PYEOF
+    variants "${VARIANTS[@]}"
+    best=$(choose "${GUIDANCE_SCALES:-1 1.5 2 3}")
+    variants --variant "guidance_scale=$best,num_inference_steps=${FEWER_STEPS:-10}"
+    choose "${GUIDANCE_SCALES:-1 1.5 2 3}" "${FEWER_STEPS:-10}"
     echo "guidance $SECONDS" | tee -a "$WORK/stage_seconds.txt"
   fi;;
 esac

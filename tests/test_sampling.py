@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from monai.transforms import LoadImage
 from bundle.errors import BundleInputError
 from bundle.performance import cpu_has_bf16
 
-from .conftest import ROOT, run_bundle, write_datalist
+from .conftest import JSRT, ROOT, require, run_bundle, write_datalist
 
 
 def sample(settings: dict, out, **extra):
@@ -245,9 +246,10 @@ def test_report_variants_measure_each_setting_once_and_sample_with_the_steps_ask
     from evidence import report_variants
 
     out = tmp_path / "variants"
+    held_out = write_datalist(tmp_path / "val.csv", sorted(require(JSRT / "images").glob("*.png"))[8:12])
 
     def run(*variants):
-        argv = ["report_variants", "--work_dir", trained_tiny["work_dir"], "--real", trained_tiny["dataset_dir"],
+        argv = ["report_variants", "--work_dir", trained_tiny["work_dir"], "--real", str(held_out),
                 "--train", trained_tiny["dataset_dir"], "--count", "2", "--out", str(out)]
         for v in variants:
             argv += ["--variant", v]
@@ -262,3 +264,22 @@ def test_report_variants_measure_each_setting_once_and_sample_with_the_steps_ask
     assert "measured already" in run("guidance_scale=1")
     rows = [json.loads(line) for line in (out / "variants.jsonl").read_text().splitlines()]
     assert [(r["guidance_scale"], r["num_inference_steps"]) for r in rows] == [(1.0, 2), (1.0, None)]
+
+    # evidence/guidance_choice.py decides from these rows: fewer steps are kept only within the tolerance
+    from evidence import guidance_choice
+
+    chosen = Path(trained_tiny["work_dir"]) / "guidance.json"
+    try:
+        for tolerance, steps in (("100", 2), ("-1", None)):
+            monkeypatch.setattr("sys.argv", ["guidance_choice", "--work_dir", trained_tiny["work_dir"], "--scales", "1",
+                                             "--fewer_steps", "2", "--tolerance", tolerance, "--rows", str(out / "variants.jsonl")])
+            guidance_choice.main()
+            choice = json.loads(chosen.read_text())
+            assert (choice["guidance_scale"], choice["num_inference_steps"]) == (1.0, steps)
+            assert choice["fewer_steps_check"] == rows[0] and choice["variants"] == [rows[1]]
+        monkeypatch.setattr("sys.argv", ["guidance_choice", "--work_dir", trained_tiny["work_dir"], "--scales", "1 2",
+                                         "--rows", str(out / "variants.jsonl")])
+        with pytest.raises(SystemExit, match=r"guidance scales \[2.0\] have no rows"):
+            guidance_choice.main()
+    finally:
+        chosen.unlink(missing_ok=True)
