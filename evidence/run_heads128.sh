@@ -100,10 +100,20 @@ grid() {  # task, inits, sizes, seeds: each initialisation and range of N with i
         -- "${DENOISER[@]}" "${THREAD_ARGS[@]}" >> "$WORK/grid.log" 2>&1 || { tail -30 "$WORK/grid.log"; exit 1; }
   done; done
 }
+# the latent runs and the zero-shot stage need the 128-px generator's diffusion model: with WAIT_GENERATOR=1 (set by
+# evidence/run_all128.sh, whose other lane trains it) wait for it, else say what to run
+generator_ready() {
+  local model=$GENERATOR/models/model.pt
+  while [ ! -f "$model" ]; do
+    [ -n "${WAIT_GENERATOR:-}" ] || { echo "$model is not there: train the 128-px generator first (bash evidence/run_quality_cpu.sh cpu128), or set GENERATOR."; exit 1; }
+    sleep 300
+  done
+}
 case " $STAGES " in *" grid "*)
   SECONDS=0
   grid landmarks "${LANDMARK_INITS:-pretrained scratch dino}" "1 5 10 25 50 150" 0
-  grid landmarks "${LATENT_INITS:-latent}" "5 25 150" 0
+  [ -z "${LATENT_INITS-latent}" ] || generator_ready
+  grid landmarks "${LATENT_INITS-latent}" "5 25 150" 0
   grid segmentation "${SEGMENTATION_INITS:-pretrained scratch}" "5 150" 0
   grid landmarks "${LANDMARK_SEED_INITS:-pretrained scratch}" "5" "1 2"
   grid landmarks "${LANDMARK_SEED_INITS:-pretrained scratch}" "25" "1 2"
@@ -112,6 +122,7 @@ esac
 # zero_shot: DiffSeg and decoder-feature clustering on both 128-px UNets, and the lung rule alone, each with the rule's
 # threshold, swept on the first SELECT_ON (default 16, about 30 s per film, timestep and UNet) JSRT train films, scored on test
 case " $STAGES " in *" zero_shot "*)
+  generator_ready
   SECONDS=0
   $PY -m evidence.zero_shot_evidence --train "$WORK/train.csv" --test "$WORK/test.csv" --select_on "${SELECT_ON:-16}" \
       --denoiser_args "--work_dir $WORK/pretrain" --latent_args "--work_dir $GENERATOR" \
