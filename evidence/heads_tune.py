@@ -1,7 +1,8 @@
 """The heads' fine-tuning recipe from the tune stage of ``evidence/run_heads128.sh``: for each range of labelled films
 (up to ``--small_max``, and above) the (iterations, learning rate) with the lowest validation error, per
 initialisation, and the entry the heads' configs take as ``head_recipe`` (from the diffusion-pre-trained denoiser,
-the initialisation a user's head starts from).
+the initialisation a user's head starts from; where only other initialisations were tuned, the configured recipe of
+``configs/heads/landmarks.json`` stays, and every untuned initialisation follows it).
 
     python -m evidence.heads_tune runs/heads128/tune/it400_lr0.001 runs/heads128/tune/it400_lr0.0003 \\
         --out runs/heads128/tune/recipe.json
@@ -22,6 +23,8 @@ from bundle.heads.training import recipe_setting
 from bundle.io import atomic_write, atomic_write_json
 
 RECIPE_INIT = "pretrained"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = "configs/heads/landmarks.json"  # the recipe the heads follow, and every untuned initialisation here
 
 
 def read_runs(folders: list[Path], task: str = "landmarks") -> list[dict]:
@@ -55,15 +58,17 @@ def choose(rows: list[dict], small_max: int, key: str = "mre_px") -> dict:
                                 key: round(sum(values.values()) / len(values), 3),
                                 "candidates": [{"iterations": i, "lr": l, **{f"n{n}": round(v, 3) for n, v in sorted(vals.items())}}
                                                for (i, l), vals in sorted(complete.items())]}
-    recipe_init = RECIPE_INIT if RECIPE_INIT in per_init else next(iter(sorted(per_init)), None)
-    if recipe_init is None:
+    if not per_init:
         raise SystemExit("no setting was run at every tuned size: finish the tune stage first.")
-    chosen = per_init[recipe_init]
-    recipe = []
-    for span, up_to in (("small", small_max), ("large", None)):
-        pick = chosen.get(span) or chosen.get("large" if span == "small" else "small")
-        recipe.append({"up_to": up_to, "lr": pick["lr"], "iterations": pick["iterations"]})
-    return {"metric": key, "small_max": small_max, "recipe_from": recipe_init, "head_recipe": recipe,
+    if RECIPE_INIT in per_init:
+        chosen, recipe_from = per_init[RECIPE_INIT], RECIPE_INIT
+        recipe = []
+        for span, up_to in (("small", small_max), ("large", None)):
+            pick = chosen.get(span) or chosen.get("large" if span == "small" else "small")
+            recipe.append({"up_to": up_to, "lr": pick["lr"], "iterations": pick["iterations"]})
+    else:  # the denoiser was not tuned in these runs (only a baseline was): the heads' configured recipe stands
+        recipe_from, recipe = CONFIG, json.loads((ROOT / CONFIG).read_text())["head_recipe"]
+    return {"metric": key, "small_max": small_max, "recipe_from": recipe_from, "head_recipe": recipe,
             "per_init": dict(per_init)}
 
 

@@ -15,6 +15,7 @@ by content, and a row made from other weights than the ones given now is run aga
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -218,18 +219,21 @@ def main() -> None:
     starts = {init: start_weights(init, args, latent) for init in args.inits}
     if args.report_only:  # a report leaves out rows of other weights only where the files given are here to compare
         starts = {init: s for init, s in starts.items() if s is not None}
-    # each run's latest row from the weights given now (rows from before rows recorded weights count as theirs)
-    done, stale = {}, set()
+    # each run's latest row from the weights and fine-tuning settings given now (rows from before rows recorded
+    # weights count as theirs); a report takes the rows of any settings, and names them
+    asked, done, stale = set(runs), {}, set()
     for r in on_record:
         key = (r["task"], r["size"], r["init"], r["seed"])
-        if "weights" in r and r["init"] in starts and r["weights"] != starts[r["init"]]:
+        other_weights = "weights" in r and r["init"] in starts and r["weights"] != starts[r["init"]]
+        other_settings = not args.report_only and (r.get("lr"), r.get("iterations")) != (args.lr, args.iterations)
+        if key in asked and (other_weights or other_settings):
             stale.add(key)
         else:
             done[key] = r
     stale -= done.keys()
     if stale:
-        print(f"{results_path}: {len(stale)} rows were fine-tuned from other pre-trained weights than the files given "
-              "now: they run again", flush=True)
+        print(f"{results_path}: {len(stale)} runs on record were fine-tuned from other pre-trained weights or with "
+              "other settings (learning rate, iterations) than given now: they run again", flush=True)
     blind_rows = find_images(args.blind_dir) if args.blind_dir else []
     start = time.perf_counter()
     for i, (task, n, init, seed) in enumerate(runs):
@@ -253,8 +257,10 @@ def main() -> None:
         loss = HeatmapCrossEntropy() if task == "landmarks" else DiceCELoss(sigmoid=True)
         t0 = time.perf_counter()
         picked = draw(len(train_items), n, seed, args.draws)
-        # a killed run goes on from its last checkpoint (every 25 iterations) when the grid is started again
-        checkpoint = args.work / "checkpoints" / f"{task}_{init}_n{n}_seed{seed}.pt"
+        # a killed run goes on from its last checkpoint (every 25 iterations) when the grid is started again with the
+        # same weights and settings (they name the file: a run started otherwise starts anew)
+        made = hashlib.sha256(json.dumps([starts[init], args.lr, args.iterations, precision]).encode()).hexdigest()[:8]
+        checkpoint = args.work / "checkpoints" / f"{task}_{init}_n{n}_seed{seed}_{made}.pt"
         resumed = len(torch.load(checkpoint, weights_only=True)["losses"]) if checkpoint.is_file() else 0
         losses = fine_tune(head, [train_items[i] for i in picked], loss, args.iterations, lr=args.lr, seed=seed,
                            amp=args.amp, checkpoint=checkpoint)

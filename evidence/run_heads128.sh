@@ -19,7 +19,7 @@
 # scripts/cxr_corpus_datalist.py), WORK (default runs/heads128), DENOISER_EPOCHS (default 12: 1,608 steps of batch 16, against
 # 2,000 for the 64-px denoiser on the same films, as a 128-px step costs about 4x; a larger value continues), GENERATOR (the
 # 128-px generator's work dir, default runs/corpus_cpu128), RESULTS (the grid's rows, default
-# docs/results/heads128/heads_results.jsonl), THREADS.
+# docs/results/heads128/heads_results.jsonl), FINE_TUNE_AMP (the fine-tunes' precision, default none: float32), THREADS.
 { # the whole script is read before it runs: editing it while a long run is under way cannot change that run
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,7 +45,10 @@ DINO=${DINO:-$GENERATOR/models/dino/teacher.safetensors}
 $PY -m scripts.jsrt_datalist --split train --out "$WORK/train.csv" > /dev/null
 $PY -m scripts.jsrt_datalist --split val --out "$WORK/val.csv" > /dev/null
 $PY -m scripts.jsrt_datalist --split test --out "$WORK/test.csv" > /dev/null
-COMMON=(--train "$WORK/train.csv" --denoiser "$DENOISER_FILE" --dino_weights "$DINO" --latent_args "--work_dir $GENERATOR")
+# fine-tuning precision: float32 (FINE_TUNE_AMP=none) unless told, the one every CPU runs, so that the rows on record (all float32)
+# are extended rather than left out on a CPU with bf16 instructions (run_heads keeps only rows of its own precision)
+COMMON=(--train "$WORK/train.csv" --denoiser "$DENOISER_FILE" --dino_weights "$DINO" --latent_args "--work_dir $GENERATOR"
+        --amp "${FINE_TUNE_AMP:-none}")
 # Budget (measured: a 128-px landmark step of batch 8 takes 6.4 s in float32 on one thread beside one other job, on a
 # CPU without bf16 instructions; a fine-tune is 400 steps of batch min(8, N)): about 6 min at N = 1, 27 at N = 5 and
 # 45 from N = 8 up. The full ~100-run grid (about 60 core-hours) is cut to 33 runs, about 20 core-hours (29 runs and

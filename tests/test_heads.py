@@ -707,6 +707,11 @@ def test_tune_choice_takes_each_ranges_best_setting_per_initialisation_and_the_r
     assert "| pretrained | large | 400 | 0.0003 |" in out.with_suffix(".md").read_text()
     got = run("--out", out, "--get", "scratch", 50, "lr")
     assert got.stdout.strip() == "0.001"
+    # a baseline tuned alone: its own choice, and the configured recipe for the denoiser and every untuned one
+    alone = choose([r for r in read_runs(folders) if r["init"] == "scratch"], small_max=10)
+    configured = json.loads((Path(__file__).resolve().parents[1] / "configs/heads/landmarks.json").read_text())["head_recipe"]
+    assert alone["head_recipe"] == configured and alone["recipe_from"] == "configs/heads/landmarks.json"
+    assert setting(alone, "scratch", 5, "lr") == 0.0003 and setting(alone, "pretrained", 5, "lr") == configured[0]["lr"]
     missing = run(tmp_path / "nothing", "--out", tmp_path / "r.json")
     assert missing.returncode != 0 and "does not exist" in missing.stderr and not (tmp_path / "r.json").exists()
 
@@ -789,6 +794,11 @@ def test_grid_rows_resume_from_their_file_and_run_again_from_other_pre_trained_w
     # a report from the rows alone where no denoiser file is (another machine): each run's latest row
     assert grid(tmp_path / "gone" / "denoiser.pt", "--report_only") == again
     assert reported() == [("pretrained", again[2]["weights"]), ("scratch", None)]
+    # other fine-tuning settings run again (both inits); the settings on record again reuse their rows
+    longer = grid(tmp_path / "again" / "models" / "heads" / "denoiser.pt", "--iterations", "3")
+    assert [(r["init"], r["iterations"]) for r in longer[3:]] == [("pretrained", 3), ("scratch", 3)]
+    assert grid(tmp_path / "again" / "models" / "heads" / "denoiser.pt") == longer
+    assert [r["iterations"] for r in json.loads((tmp_path / "tables" / "heads.json").read_text())["runs"]] == [2, 2]
     # before any pre-training: the untrained network of the config runs from scratch; the pre-trained init is refused
     monkeypatch.setattr(sys, "argv", [
         "evidence/run_heads.py", "--train", str(pretrained["datalist"]), "--test", str(tmp_path / "test.csv"),
