@@ -4,8 +4,8 @@ initialisation, and the entry the heads' configs take as ``head_recipe`` (from t
 the initialisation a user's head starts from; where only other initialisations were tuned, the configured recipe of
 ``configs/heads/landmarks.json`` stays, and every untuned initialisation follows it).
 
-    python -m evidence.heads_tune runs/heads128/tune/it400_lr0.001 runs/heads128/tune/it400_lr0.0003 \\
-        --out runs/heads128/tune/recipe.json
+    python -m evidence.heads_tune docs/results/heads128/tune/it400_lr0.001 docs/results/heads128/tune/it400_lr0.0003 \\
+        --out docs/results/heads128/tune/recipe.json
 
 Each folder holds the ``heads_results.jsonl`` of one ``evidence/run_heads.py`` run on the validation films. Writes the
 choice as JSON and a Markdown table beside it (``recipe.md``); ``--get INIT SIZE KEY`` prints one chosen value (for

@@ -4,7 +4,7 @@
 #             films of the generator (cxr_corpus train + JSRT train); resumable: run again to go on, a larger
 #             DENOISER_EPOCHS continues a finished run
 #   tune      (only when named in STAGES) the fine-tuning learning rate at N = 5 and 50, on JSRT val only;
-#             evidence/heads_tune.py writes the choice per initialisation and range of N to $WORK/tune/recipe.json
+#             evidence/heads_tune.py writes the choice per initialisation and range of N to $TUNE_ROWS/recipe.json
 #             (and .md), which the grid follows
 #   grid      landmark and segmentation heads fine-tuned on N = 1, 5, 10, 25, 50, 150 JSRT train films from each
 #             initialisation (evidence/run_heads.py; one row per finished run appended to $RESULTS, kept with the
@@ -59,22 +59,25 @@ COMMON=(--train "$WORK/train.csv" --denoiser "$DENOISER_FILE" --dino_weights "$D
 # there is time, at N = 25 (last, so a cut run loses only those). The tune stage (learning rates 1e-3 and 3e-4 at
 # 400 iterations, N = 5 and 50, JSRT val) is not in the default STAGES: its first pass chose 1e-3 everywhere, which
 # head_recipe already holds (docs/results/heads.md).
-# tune: the learning rate per N range (iterations x learning rate), chosen on JSRT val (20 films), seed 0
+# tune: the learning rate per N range (iterations x learning rate), chosen on JSRT val (20 films), seed 0; its rows and
+# choice are kept with the results (TUNE_ROWS, default docs/results/heads128/tune), so another machine goes on from them
+TUNE_ROWS=${TUNE_ROWS:-docs/results/heads128/tune}
 case " $STAGES " in *" tune "*)
   SECONDS=0
   for it in ${TUNE_ITERATIONS:-400}; do for lr in ${TUNE_LRS:-0.001 0.0003}; do
     $PY -m evidence.run_heads "${COMMON[@]}" --test "$WORK/val.csv" --iterations "$it" --lr "$lr" --tasks landmarks \
         --inits ${TUNE_INITS:-pretrained scratch} --sizes ${TUNE_SIZES:-5 50} --seeds 0 \
-        --work "$WORK/tune/it${it}_lr${lr}" --out "$WORK/tune/it${it}_lr${lr}" -- "${DENOISER[@]}" "${THREAD_ARGS[@]}" \
+        --work "$WORK/tune/it${it}_lr${lr}" --results "$TUNE_ROWS/it${it}_lr${lr}/heads_results.jsonl" \
+        --out "$WORK/tune/it${it}_lr${lr}" -- "${DENOISER[@]}" "${THREAD_ARGS[@]}" \
         >> "$WORK/tune.log" 2>&1 || { tail -30 "$WORK/tune.log"; exit 1; }
   done; done
   echo "tune $SECONDS" | tee -a "$WORK/stage_seconds.txt";;
 esac
 # the tune stage's choice per initialisation and range of N, and the heads' head_recipe (evidence/heads_tune.py)
-RECIPE=$WORK/tune/recipe.json
+RECIPE=$TUNE_ROWS/recipe.json
 case " $STAGES " in *" tune "*|*" grid "*)
-  if [ -z "${LR_SMALL:-}${LR_LARGE:-}" ] && ls "$WORK"/tune/*/heads_results.jsonl > /dev/null 2>&1; then
-    $PY -m evidence.heads_tune "$WORK"/tune/*/ --out "$RECIPE" >> "$WORK/tune.log" 2>&1 \
+  if [ -z "${LR_SMALL:-}${LR_LARGE:-}" ] && ls "$TUNE_ROWS"/*/heads_results.jsonl > /dev/null 2>&1; then
+    $PY -m evidence.heads_tune "$TUNE_ROWS"/*/ --out "$RECIPE" >> "$WORK/tune.log" 2>&1 \
         || { tail -30 "$WORK/tune.log"; exit 1; }
   fi;;
 esac
