@@ -813,3 +813,40 @@ def test_grid_rows_resume_from_their_file_and_run_again_from_other_pre_trained_w
     monkeypatch.setattr(sys, "argv", [*sys.argv[:sys.argv.index("scratch")], "pretrained", *sys.argv[sys.argv.index("scratch") + 1:]])
     with pytest.raises(SystemExit, match="--inits pretrained needs --denoiser"):
         run_heads.main()
+
+
+def test_a_grid_run_stopped_on_the_way_goes_on_from_its_own_checkpoint_and_a_run_of_other_settings_starts_anew(
+        pretrained, tmp_path, monkeypatch):
+    # evidence/run_heads.py: each fine-tune checkpoints as it goes; a grid started again with the same weights and
+    # settings resumes it, one with other settings (here the learning rate) starts its own run beside it
+    import sys
+
+    from evidence import run_heads
+
+    lines = pretrained["datalist"].read_text().splitlines()
+    (tmp_path / "test.csv").write_text("\n".join(lines[:3]) + "\n")
+    predict, work = run_heads.predict, tmp_path / "work"
+
+    def grid(lr, stop=False):
+        def stopping(*args, **kwargs):  # the machine goes away after the fine-tune, before its row is written
+            if stop:
+                raise KeyboardInterrupt
+            return predict(*args, **kwargs)
+
+        monkeypatch.setattr(run_heads, "predict", stopping)
+        monkeypatch.setattr(sys, "argv", [
+            "evidence/run_heads.py", "--train", str(pretrained["datalist"]), "--test", str(tmp_path / "test.csv"),
+            "--denoiser", str(pretrained["denoiser"]), "--sizes", "1", "--iterations", "30", "--lr", lr,
+            "--tasks", "landmarks", "--inits", "pretrained", "--work", str(work), "--out", str(tmp_path / "tables"),
+            "--", "--image_size", "32"])
+        run_heads.main()
+        return [json.loads(line) for line in (work / "heads_results.jsonl").read_text().splitlines()]
+
+    with pytest.raises(KeyboardInterrupt):
+        grid("0.001", stop=True)
+    assert len(list((work / "checkpoints").glob("*.pt"))) == 1
+    other = grid("0.0005")
+    assert [(r["lr"], r["resumed_at_iteration"]) for r in other] == [(0.0005, 0)]
+    again = grid("0.001")
+    assert [(r["lr"], r["resumed_at_iteration"]) for r in again] == [(0.0005, 0), (0.001, 30)]
+    assert not list((work / "checkpoints").glob("*.pt")), "a finished run's checkpoint is removed"
