@@ -8,6 +8,7 @@
 # (docs/results/blind/augmentation/<task>/), and every finished cell's row goes to $RESULTS/<task>/results.jsonl, kept
 # with the results: on another machine the grid goes on from the rows on record (the cells of the synthetic and
 # concept arms only where the generator is the same, by content).
+# The tasks go breadth first: each at its smallest N, then each at its next N, and so on.
 #   bash evidence/run_augmentation128.sh                  (every task; resumes: run it again after an interruption)
 #   TASKS="nodule" SIZES="10 25" bash evidence/run_augmentation128.sh
 # Settings: GENERATOR (work dir of the trained generator, default runs/corpus_cpu128), GUIDANCE (the synthetic films'
@@ -63,6 +64,12 @@ STEPS=${STEPS:-$(chosen num_inference_steps)}
 GUIDANCE_ARGS=()
 [ -z "$STEPS" ] || GUIDANCE_ARGS+=(--num_inference_steps "$STEPS")
 [ -z "$GUIDANCE" ] || GUIDANCE_ARGS+=(--guidance_scale "$GUIDANCE")
+# breadth first: every task at its smallest N, then every task at its next N, and so on (each pass gives the run ID
+# the sizes so far, so it skips the finished cells and its report covers them all), so that a grid cut short still
+# answers the question on every task at the N where the papers place the benefit
+round=1
+while :; do
+any=
 for task in $TASKS; do
   case $task in
     nodule)  args=(--labelled_list "$L/jsrt_train.csv" --test_list "$L/jsrt_val_test.csv" --label nodule --per_class False)
@@ -73,6 +80,9 @@ for task in $TASKS; do
                    --positive pneumonia --per_class True); sizes=${SIZES:-"[5,10]"}; concept_max=5; blind=cxr_corpus;;
     *) echo "unknown task $task (nodule, nih, kermany)"; exit 1;;
   esac
+  sizes_now=$($PY -c "import ast,sys; s=sorted(ast.literal_eval(sys.argv[1])); r=int(sys.argv[2]); print(s[:r] if r <= len(s) else '')" "$sizes" "$round")
+  [ -n "$sizes_now" ] || continue
+  any=1
   SCORE_ARGS=()
   if [ -d "$BLIND/$blind/images" ]; then
     ends=$($PY -c "import ast,sys; s=ast.literal_eval(sys.argv[1]); print([min(s), max(s)])" "$sizes")
@@ -81,16 +91,19 @@ for task in $TASKS; do
   SECONDS=0
   $PY -m monai.bundle run augment --config_file "$CONFIGS" --work_dir "$GENERATOR" "${args[@]}" \
       --augmentation_dir "$WORK/$task" --augmentation_results "$RESULTS/$task/results.jsonl" "${SCORE_ARGS[@]}" \
-      --pool_sizes "$sizes" --ratios "${RATIOS:-[1,5,10]}" \
+      --pool_sizes "$sizes_now" --ratios "${RATIOS:-[1,5,10]}" \
       --ratio_max_size "${RATIO_MAX_SIZE:-{'10': 10, '5': 25}}" --folds "${FOLDS:-{'25': 5, '50': 3}}" \
       --arms "${ARMS:-['real','real+classic','real+synthetic','classic+synthetic','real+concept']}" \
       --arm_max_size "${ARM_MAX_SIZE:-{'real+concept': $concept_max}}" \
       --classifier_amp "${CLASSIFIER_AMP:-none}" "${GUIDANCE_ARGS[@]}" "${THREAD_ARGS[@]}" >> "$WORK/$task.log" 2>&1 || { tail -30 "$WORK/$task.log"; exit 1; }
-  echo "augment_$task $SECONDS" | tee -a "$WORK/stage_seconds.txt"
+  echo "augment_${task}_n$(echo "$sizes_now" | tr -d "[] ") $SECONDS" | tee -a "$WORK/stage_seconds.txt"
   if [ ${#SCORE_ARGS[@]} -gt 0 ]; then
     $PY -c "import sys; from evidence.blind import record; record(f'augmentation/{sys.argv[1]}', {'what': 'scores of every kept classifier at the smallest and largest N (one scores.csv per arm, ratio, N and fold)', 'generator': sys.argv[2], 'experiment': sys.argv[3], 'command': 'bash evidence/run_augmentation128.sh'})" "$task" "$GENERATOR" \
         "$WORK/$task"
   fi
+done
+[ -n "$any" ] || break
+round=$((round + 1))
 done
 exit
 }
