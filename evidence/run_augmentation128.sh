@@ -44,7 +44,7 @@ L=$WORK/lists
 $PY -m scripts.jsrt_datalist --split train --out "$L/jsrt_train.csv" > /dev/null
 $PY -m scripts.jsrt_datalist --split val --out "$L/jsrt_val.csv" > /dev/null
 $PY -m scripts.jsrt_datalist --split test --out "$L/jsrt_test.csv" > /dev/null
-{ cat "$L/jsrt_val.csv"; tail -n +2 "$L/jsrt_test.csv"; } > "$L/jsrt_val_test.csv"
+{ cat "$L/jsrt_val.csv"; tail -n +2 "$L/jsrt_test.csv"; } > "$L/jsrt_val_test.csv.$$" && mv "$L/jsrt_val_test.csv.$$" "$L/jsrt_val_test.csv"
 for source in nih kermany; do
   $PY -m scripts.cxr_corpus_datalist --split train --source "$source" --out "$L/${source}_train.csv" > /dev/null
   $PY -m scripts.cxr_corpus_datalist --split test --source "$source" --out "$L/${source}_test.csv" > /dev/null
@@ -59,6 +59,11 @@ chosen() {  # chosen KEY: KEY of $GENERATOR/guidance.json, empty where it is not
   $PY -c 'import json,sys; v = json.load(open(sys.argv[1])).get(sys.argv[2]); print("" if v is None else v)' \
       "$GENERATOR/guidance.json" "$1"
 }
+# WAIT_GUIDANCE=1 (a second lane of evidence/run_all128.sh): wait until the generator's guidance stage has chosen the
+# settings of the model now there, so that every lane samples with the same ones
+if [ -n "${WAIT_GUIDANCE:-}" ]; then
+  until [ -f "$GENERATOR/guidance.json" ] && [ "$GENERATOR/guidance.json" -nt "$GENERATOR/models/model.pt" ]; do sleep 300; done
+fi
 GUIDANCE=${GUIDANCE:-$(chosen guidance_scale)}
 STEPS=${STEPS:-$(chosen num_inference_steps)}
 GUIDANCE_ARGS=()
@@ -66,7 +71,8 @@ GUIDANCE_ARGS=()
 [ -z "$GUIDANCE" ] || GUIDANCE_ARGS+=(--guidance_scale "$GUIDANCE")
 # breadth first: every task at its smallest N, then every task at its next N, and so on (each pass gives the run ID
 # the sizes so far, so it skips the finished cells and its report covers them all), so that a grid cut short still
-# answers the question on every task at the N where the papers place the benefit
+# answers the question on every task at the N where the papers place the benefit. A task is worked on by one run at
+# a time ($WORK/<task>.lock): a second run of this script beside the first takes the tasks the first is not on
 round=1
 while :; do
 any=
@@ -83,6 +89,10 @@ for task in $TASKS; do
   sizes_now=$($PY -c "import ast,sys; s=sorted(ast.literal_eval(sys.argv[1])); r=int(sys.argv[2]); print(s[:r] if r <= len(s) else '')" "$sizes" "$round")
   [ -n "$sizes_now" ] || continue
   any=1
+  exec {lock}>"$WORK/$task.lock"
+  if ! flock -n "$lock"; then
+    echo "$task: another run is working on it; going on with the next task"; exec {lock}>&-; continue
+  fi
   SCORE_ARGS=()
   if [ -d "$BLIND/$blind/images" ]; then
     ends=$($PY -c "import ast,sys; s=ast.literal_eval(sys.argv[1]); print([min(s), max(s)])" "$sizes")
@@ -101,6 +111,7 @@ for task in $TASKS; do
     $PY -c "import sys; from evidence.blind import record; record(f'augmentation/{sys.argv[1]}', {'what': 'scores of every kept classifier at the smallest and largest N (one scores.csv per arm, ratio, N and fold)', 'generator': sys.argv[2], 'experiment': sys.argv[3], 'command': 'bash evidence/run_augmentation128.sh'})" "$task" "$GENERATOR" \
         "$WORK/$task"
   fi
+  exec {lock}>&-
 done
 [ -n "$any" ] || break
 round=$((round + 1))

@@ -127,12 +127,13 @@ case " $STAGES " in *" grid "*)
 esac
 # zero_shot: DiffSeg and decoder-feature clustering on both 128-px UNets, and the lung rule alone, each with the rule's
 # threshold, swept on the first SELECT_ON (default 16, about 30 s per film, timestep and UNet) JSRT train films, scored on test
+# (skipped where docs/results/zero_shot128/zero_shot.json was measured on the same models and films)
 case " $STAGES " in *" zero_shot "*)
   generator_ready
   SECONDS=0
   $PY -m evidence.zero_shot_evidence --train "$WORK/train.csv" --test "$WORK/test.csv" --select_on "${SELECT_ON:-16}" \
       --denoiser_args "--work_dir $WORK/pretrain" --latent_args "--work_dir $GENERATOR" \
-      --out docs/results/zero_shot128 ${THREADS:+--torch_threads $THREADS} >> "$WORK/zero_shot.log" 2>&1 \
+      --out docs/results/zero_shot128 --skip_measured ${THREADS:+--torch_threads $THREADS} >> "$WORK/zero_shot.log" 2>&1 \
       || { tail -30 "$WORK/zero_shot.log"; exit 1; }
   echo "zero_shot $SECONDS" | tee -a "$WORK/stage_seconds.txt";;
 esac

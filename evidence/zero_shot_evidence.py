@@ -8,6 +8,8 @@ from a diffusion UNet (docs/results/zero_shot.md; numbers in <out>/zero_shot.jso
 
 Each UNet is loaded by configs/heads/zero_shot.json (zero_shot_model denoiser / generator; the args are that
 config's overrides, e.g. --model_path for a snapshot), so the sweep measures exactly what the config serves.
+``zero_shot.json`` records the models by content (``model_ids``) and the films; with --skip_measured a run whose
+results are already there for the same models and films does nothing, so a resumed pipeline does not repeat it.
 
 1. **Sweep on train only** (the first --select_on JSRT train films; their masks are used for this choice and nothing
    else), for each UNet (the label-free image-space denoiser; the generator's latent UNet with the null condition,
@@ -49,8 +51,9 @@ ROOT = Path(__file__).resolve().parents[1]
 from bundle import zero_shot as zs
 from bundle.cli import config_workflow, parse_overrides, pyplot
 from bundle.constants import LUNG_MASK_COLUMNS
-from bundle.data import preprocessed_stack, read_datalist
+from bundle.data import content_id, preprocessed_stack, read_datalist
 from bundle.heads.segmentation import read_masks
+from bundle.io import atomic_write_json
 from bundle.workflow import set_threads
 
 TIMESTEPS = {"denoiser": [50, 150, 300], "generator": [50, 100, 300]}  # DiffSeg reads Stable Diffusion at 300
@@ -120,6 +123,8 @@ def main() -> None:
                         "trained generator, e.g. '--work_dir runs/corpus_cpu128' (or '--model_path' a snapshot)")
     parser.add_argument("--select_on", type=int, default=16, help="train films used to choose the settings")
     parser.add_argument("--torch_threads", type=int)
+    parser.add_argument("--skip_measured", action="store_true", help="do nothing where <out>/zero_shot.json was "
+                        "measured on these models (by content) with the same --select_on, --train and --test")
     parser.add_argument("--out", type=Path, default=ROOT / "docs/results/zero_shot")
     args = parser.parse_args()
     os.chdir(ROOT)
@@ -135,6 +140,13 @@ def main() -> None:
     if len({m.image_size for m in models.values()}) > 1:
         raise SystemExit(f"The UNets work at different sizes ({ {k: m.image_size for k, m in models.items()} }): compare "
                          "models of one size.")
+    measured_on = {"model_ids": {k: content_id(m.path) for k, m in models.items()}, "select_on_train_images":
+                   args.select_on, "train_list": str(args.train), "test_list": str(args.test)}
+    earlier = args.out / "zero_shot.json"
+    if args.skip_measured and earlier.is_file():
+        if {k: json.loads(earlier.read_text()).get(k) for k in measured_on} == measured_on:
+            print(f"{earlier} was measured on these models and films: nothing to do (delete it to measure again).")
+            return
     first = next(iter(models.values()))
     size, preprocessing = first.image_size, first.preprocessing
 
@@ -184,8 +196,8 @@ def main() -> None:
     train_images, train_truth = load(read_datalist(args.train)[: args.select_on])
     test_rows = read_datalist(args.test)
     test_images, test_truth = load(test_rows)
-    result: dict = {"image_size": size, "select_on_train_images": args.select_on,
-                    "models": {k: m.path for k, m in models.items()}, "sweep": {}, "test": {}, "attention_entropy": {}}
+    result: dict = {"image_size": size, **measured_on, "models": {k: m.path for k, m in models.items()},
+                    "sweep": {}, "test": {}, "attention_entropy": {}}
     kept = {}
     for name in [*models, "intensity"]:  # intensity: the lung rule on single pixels, no UNet (its preprocessing only)
         sweep = []
@@ -252,10 +264,10 @@ def main() -> None:
     result["test"]["mean_training_mask"] = {"label_free": scores(mean_mask.expand(len(test_images), -1, -1), test_truth)}
     result["wall_seconds"] = time.perf_counter() - start
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "zero_shot.json").write_text(json.dumps(result, indent=2))
     (args.out / "zero_shot_table.md").write_text(table(result))
     overlay(test_images, test_truth, kept, args.out / "zero_shot.png")
     entropy_plot(result["attention_entropy"], args.out / "attention_entropy.png")
+    atomic_write_json(args.out / "zero_shot.json", result)  # last: what --skip_measured reads as done
     print(table(result))
 
 
