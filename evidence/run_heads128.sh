@@ -51,14 +51,15 @@ COMMON=(--train "$WORK/train.csv" --denoiser "$DENOISER_FILE" --dino_weights "$D
         --amp "${FINE_TUNE_AMP:-none}")
 # Budget (measured: a 128-px landmark step of batch 8 takes 6.4 s in float32 on one thread beside one other job, on a
 # CPU without bf16 instructions; a fine-tune is 400 steps of batch min(8, N)): about 6 min at N = 1, 27 at N = 5 and
-# 45 from N = 8 up. The full ~100-run grid (about 60 core-hours) is cut to 33 runs, about 20 core-hours (29 runs and
-# 17 core-hours without the last four), which with the 8 core-hours of pre-training is 12.5-14 hours of the two
-# cores, against the ~12 planned for the study: landmarks from the pre-trained
-# denoiser, scratch and the DINO ViT at every N, seed 0; the generator's latent UNet at N = 5, 25 and 150; segmentation
-# diffusion against scratch at N = 5 and 150; seeds 1 and 2 (other draws) at N = 5 for diffusion and scratch, then, if
-# there is time, at N = 25 (last, so a cut run loses only those). The tune stage (learning rates 1e-3 and 3e-4 at
-# 400 iterations, N = 5 and 50, JSRT val) is not in the default STAGES: its first pass chose 1e-3 everywhere, which
-# head_recipe already holds (docs/results/heads.md).
+# 45 from N = 8 up. The full ~100-run grid (about 60 core-hours) is cut to 38 runs, about 22 core-hours, which with the
+# 8 core-hours of pre-training is about 15 hours of the two cores, against the ~12 planned for the study: landmarks
+# from the pre-trained denoiser, scratch and the DINO ViT at every N, seed 0; the generator's latent UNet at N = 5, 25
+# and 150; segmentation diffusion against scratch at N = 5 and 150, and the other pre-training (the DINO ViT) at
+# N = 5, 25 and 150; seeds 1 and 2 (other draws) at N = 5 for diffusion and scratch;
+# segmentation diffusion against scratch at N = 25 (the blind set's middle N); seeds 1 and 2 at N = 25 (last, so a
+# cut run loses only those). A DINO ViT fine-tune took 138-1,013 s where the UNet's took 469-3,324 s (N = 1 to 50,
+# on the bf16 CPU). The tune stage (learning rates 1e-3 and 3e-4 at 400 iterations, N = 5 and 50, JSRT val) is not
+# in the default STAGES: its first pass chose 1e-3 everywhere, which head_recipe already holds (docs/results/heads.md).
 # tune: the learning rate per N range (iterations x learning rate), chosen on JSRT val (20 films), seed 0; its rows and
 # choice are kept with the results (TUNE_ROWS, default docs/results/heads128/tune), so another machine goes on from them
 TUNE_ROWS=${TUNE_ROWS:-docs/results/heads128/tune}
@@ -121,7 +122,9 @@ case " $STAGES " in *" grid "*)
   [ -z "${LATENT_INITS-latent}" ] || generator_ready
   grid landmarks "${LATENT_INITS-latent}" "5 25 150" 0
   grid segmentation "${SEGMENTATION_INITS:-pretrained scratch}" "5 150" 0
+  grid segmentation "${SEGMENTATION_OTHER_INITS-dino}" "5 25 150" 0
   grid landmarks "${LANDMARK_SEED_INITS:-pretrained scratch}" "5" "1 2"
+  grid segmentation "${SEGMENTATION_INITS:-pretrained scratch}" "25" 0
   grid landmarks "${LANDMARK_SEED_INITS:-pretrained scratch}" "25" "1 2"
   echo "grid $SECONDS" | tee -a "$WORK/stage_seconds.txt";;
 esac
