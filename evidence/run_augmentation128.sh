@@ -6,7 +6,8 @@
 #   kermany   cxr_corpus Kermany children, normal vs pneumonia, N per class (small N); test: Kermany corpus test
 # every classifier at the smallest and the largest N scores the matching blind set as soon as it is trained
 # (docs/results/blind/augmentation/<task>/), and every finished cell's row goes to $RESULTS/<task>/results.jsonl, kept
-# with the results: on another machine the grid goes on from the rows on record (the cells of the synthetic and
+# with the results, beside the task's table, summary and figure so far (results.md, summary.json, augmentation_auc.png):
+# on another machine the grid goes on from the rows on record (the cells of the synthetic and
 # concept arms only where the generator is the same, by content).
 # The tasks go breadth first: each at its smallest N, then each at its next N, and so on.
 #   bash evidence/run_augmentation128.sh                  (every task; resumes: run it again after an interruption)
@@ -107,6 +108,7 @@ for task in $TASKS; do
       --arm_max_size "${ARM_MAX_SIZE:-{'real+concept': $concept_max}}" \
       --classifier_amp "${CLASSIFIER_AMP:-none}" "${GUIDANCE_ARGS[@]}" "${THREAD_ARGS[@]}" >> "$WORK/$task.log" 2>&1 || { tail -30 "$WORK/$task.log"; exit 1; }
   echo "augment_${task}_n$(echo "$sizes_now" | tr -d "[] ") $SECONDS" | tee -a "$WORK/stage_seconds.txt"
+  cp "$WORK/$task/results.md" "$WORK/$task/summary.json" "$WORK/$task/augmentation_auc.png" "$RESULTS/$task/"
   if [ ${#SCORE_ARGS[@]} -gt 0 ]; then
     $PY -c "import sys; from evidence.blind import record; record(f'augmentation/{sys.argv[1]}', {'what': 'scores of every kept classifier at the smallest and largest N (one scores.csv per arm, ratio, N and fold)', 'generator': sys.argv[2], 'experiment': sys.argv[3], 'command': 'bash evidence/run_augmentation128.sh'})" "$task" "$GENERATOR" \
         "$WORK/$task"
