@@ -19,9 +19,10 @@
 # STEPS (the sampler's steps for the synthetic films; default: $GENERATOR/guidance.json's num_inference_steps, which
 # the guidance stage sets to 10 where 10 steps sample as well as the config's 20 on validation films, at half the cost;
 # else inference.json's),
-# SIZES / RATIOS / FOLDS / ARMS / RATIO_MAX_SIZE / ARM_MAX_SIZE per run, CLASSIFIER_AMP (default none: float32, the
-# one precision every CPU runs, so the rows on record stay valid on a machine with or without bf16 instructions;
-# auto trains in bf16 where the CPU has it, about 80 s a classifier against 130 s).
+# SIZES / RATIOS / FOLDS / ARMS / RATIO_MAX_SIZE / ARM_MAX_SIZE per run, CLASSIFIER_AMP (default auto: bf16 where the
+# CPU has it, about 80 s a classifier against 130 s in float32; none: float32 on every CPU. A row of one precision
+# is trained again in the other, but the synthetic and concept rows, most of the grid, are made again on another
+# machine anyway, with the generator trained there: only the real and classic rows would be).
 # Defaults: the grid cut to fit about 10 hours of the two cores from unit costs measured at 128 px on one thread beside
 # one other job (docs/results/augmentation.md): a classifier about 130 s in float32 (+40 s with classic augmentation;
 # 80 s in bf16), a synthetic film 1.8 s at guidance 1 and 3.5 s at 2 in bf16 (about 1.7x that in float32, on a CPU
@@ -29,8 +30,8 @@
 # pools. So 1:50 is cut (2,500 films per fold at N = 25 per class), 1:10 runs at N <= 10 and 1:5 at N <= 25, 1:1
 # everywhere; 5 folds to N = 25, 3 at 50; the concept arm (two concepts per fold) only at the smallest N (5 for
 # Kermany, 10 otherwise); Kermany at N = 5 and 10 per class only (the headroom is at small N). In all 289
-# classifiers, about 5,300 DINO-manifold films, 2,000 concept films and 30 concepts: about 22 core-hours in float32 at
-# guidance 1 (28 at 2), 19-22 with STEPS=10.
+# classifiers, about 5,300 DINO-manifold films, 2,000 concept films and 30 concepts: about 17 core-hours in bf16 at
+# guidance 1 (20 at 2), 15-16 with STEPS=10; 22-28 in float32.
 { # the whole script is read before it runs: editing it while a long run is under way cannot change that run
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -106,7 +107,7 @@ for task in $TASKS; do
       --ratio_max_size "${RATIO_MAX_SIZE:-{'10': 10, '5': 25}}" --folds "${FOLDS:-{'25': 5, '50': 3}}" \
       --arms "${ARMS:-['real','real+classic','real+synthetic','classic+synthetic','real+concept']}" \
       --arm_max_size "${ARM_MAX_SIZE:-{'real+concept': $concept_max}}" \
-      --classifier_amp "${CLASSIFIER_AMP:-none}" "${GUIDANCE_ARGS[@]}" "${THREAD_ARGS[@]}" >> "$WORK/$task.log" 2>&1 || { tail -30 "$WORK/$task.log"; exit 1; }
+      --classifier_amp "${CLASSIFIER_AMP:-auto}" "${GUIDANCE_ARGS[@]}" "${THREAD_ARGS[@]}" >> "$WORK/$task.log" 2>&1 || { tail -30 "$WORK/$task.log"; exit 1; }
   echo "augment_${task}_n$(echo "$sizes_now" | tr -d "[] ") $SECONDS" | tee -a "$WORK/stage_seconds.txt"
   cp "$WORK/$task/results.md" "$WORK/$task/summary.json" "$WORK/$task/augmentation_auc.png" "$RESULTS/$task/"
   if [ ${#SCORE_ARGS[@]} -gt 0 ]; then
