@@ -19,7 +19,8 @@
 # scripts/cxr_corpus_datalist.py), WORK (default runs/heads128), DENOISER_EPOCHS (default 12: 1,608 steps of batch 16, against
 # 2,000 for the 64-px denoiser on the same films, as a 128-px step costs about 4x; a larger value continues), GENERATOR (the
 # 128-px generator's work dir, default runs/corpus_cpu128), RESULTS (the grid's rows, default
-# docs/results/heads128/heads_results.jsonl), FINE_TUNE_AMP (the fine-tunes' precision, default none: float32), THREADS.
+# docs/results/heads128/heads_results.jsonl), FINE_TUNE_AMP (the grid's fine-tuning precision, default auto: bf16 where
+# the CPU has it), TUNE_AMP (the tune stage's, default none: float32), THREADS.
 { # the whole script is read before it runs: editing it while a long run is under way cannot change that run
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,10 +46,13 @@ DINO=${DINO:-$GENERATOR/models/dino/teacher.safetensors}
 $PY -m scripts.jsrt_datalist --split train --out "$WORK/train.csv" > /dev/null
 $PY -m scripts.jsrt_datalist --split val --out "$WORK/val.csv" > /dev/null
 $PY -m scripts.jsrt_datalist --split test --out "$WORK/test.csv" > /dev/null
-# fine-tuning precision: float32 (FINE_TUNE_AMP=none) unless told, the one every CPU runs, so that the rows on record (all float32)
-# are extended rather than left out on a CPU with bf16 instructions (run_heads keeps only rows of its own precision)
-COMMON=(--train "$WORK/train.csv" --denoiser "$DENOISER_FILE" --dino_weights "$DINO" --latent_args "--work_dir $GENERATOR"
-        --amp "${FINE_TUNE_AMP:-none}")
+# fine-tuning precision (run_heads keeps only rows of its own precision): the grid's FINE_TUNE_AMP, default auto (bf16
+# where the CPU has it: a fine-tune 1.7x faster; one cell run both ways differed by +0.09 px, standard error 0.59,
+# docs/results/heads.md); the tune stage's TUNE_AMP, default none (float32, the precision its rows on record were
+# made in; it only chooses the learning rate). The pre-trained weights live in the work folder, so on another machine
+# every pre-trained row is made again anyway; float32 everywhere would keep only the scratch rows portable, at about
+# 8 core-hours more for the grid.
+COMMON=(--train "$WORK/train.csv" --denoiser "$DENOISER_FILE" --dino_weights "$DINO" --latent_args "--work_dir $GENERATOR")
 # Budget (measured: a 128-px landmark step of batch 8 takes 6.4 s in float32 on one thread beside one other job, on a
 # CPU without bf16 instructions; a fine-tune is 400 steps of batch min(8, N)): about 6 min at N = 1, 27 at N = 5 and
 # 45 from N = 8 up. The full ~100-run grid (about 60 core-hours) is cut to 38 runs, about 22 core-hours, which with the
@@ -66,7 +70,7 @@ TUNE_ROWS=${TUNE_ROWS:-docs/results/heads128/tune}
 case " $STAGES " in *" tune "*)
   SECONDS=0
   for it in ${TUNE_ITERATIONS:-400}; do for lr in ${TUNE_LRS:-0.001 0.0003}; do
-    $PY -m evidence.run_heads "${COMMON[@]}" --test "$WORK/val.csv" --iterations "$it" --lr "$lr" --tasks landmarks \
+    $PY -m evidence.run_heads "${COMMON[@]}" --amp "${TUNE_AMP:-none}" --test "$WORK/val.csv" --iterations "$it" --lr "$lr" --tasks landmarks \
         --inits ${TUNE_INITS:-pretrained scratch} --sizes ${TUNE_SIZES:-5 50} --seeds 0 \
         --work "$WORK/tune/it${it}_lr${lr}" --results "$TUNE_ROWS/it${it}_lr${lr}/heads_results.jsonl" \
         --out "$WORK/tune/it${it}_lr${lr}" -- "${DENOISER[@]}" "${THREAD_ARGS[@]}" \
@@ -84,7 +88,7 @@ case " $STAGES " in *" tune "*|*" grid "*)
 esac
 # grid: every initialisation on JSRT test, each with the tune stage's setting (iterations, learning rate) for its range
 # of N (N <= 10, N >= 25): its own where it was tuned, else the recipe's; LR_SMALL / LR_LARGE (and ITERATIONS) override
-GRID=("${COMMON[@]}" --test "$WORK/test.csv" --draws random --work "$WORK/grid" --out "$WORK/grid"
+GRID=("${COMMON[@]}" --amp "${FINE_TUNE_AMP:-auto}" --test "$WORK/test.csv" --draws random --work "$WORK/grid" --out "$WORK/grid"
       --results "${RESULTS:-docs/results/heads128/heads_results.jsonl}")
 # the seed-0 heads at N = 5, 25 and 150 predict the blind JSRT films (docs/results/blind/heads/<init>_n<N>/)
 BLIND_JSRT=${BLIND:-${DINO_DIFFUSION_DATA:-}/blind}/jsrt/images
