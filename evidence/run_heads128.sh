@@ -62,7 +62,7 @@ COMMON=(--train "$WORK/train.csv" --denoiser "$DENOISER_FILE" --dino_weights "$D
 # N = 5, 25 and 150; seeds 1 and 2 (other draws) at N = 5 for diffusion and scratch;
 # segmentation diffusion against scratch at N = 25 (the blind set's middle N); seeds 1 and 2 at N = 25 (last, so a
 # cut run loses only those). A DINO ViT fine-tune took 138-1,013 s where the UNet's took 469-3,324 s (N = 1 to 50,
-# on the bf16 CPU). The tune stage (learning rates 1e-3 and 3e-4 at 400 iterations, N = 5 and 50, JSRT val) is not
+# in float32). The tune stage (learning rates 1e-3 and 3e-4 at 400 iterations, N = 5 and 50, JSRT val) is not
 # in the default STAGES: its first pass chose 1e-3 everywhere, which head_recipe already holds (docs/results/heads.md).
 # tune: the learning rate per N range (iterations x learning rate), chosen on JSRT val (20 films), seed 0; its rows and
 # choice are kept with the results (TUNE_ROWS, default docs/results/heads128/tune), so another machine goes on from them
