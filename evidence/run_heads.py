@@ -436,6 +436,8 @@ def plot(records: list, baselines: dict, path: Path) -> None:
         if base in baselines:
             ax.axhline(baselines[base][key], color="grey", linestyle="--", label="mean of training set")
         ax.set_xscale("log")
+        if key == "mre_px":  # from ~100 px at N = 1 to a few px: on a linear axis the large-N lines would merge
+            ax.set_yscale("log")
         ax.set_xlabel("labelled training images N")
         ax.set_ylabel(label)
         ax.legend(fontsize=7)
