@@ -545,17 +545,22 @@ def paired_differences(records: Sequence[Mapping[str, Any]], labels: Sequence[in
 def write_report(records: Sequence[Mapping[str, Any]], output_dir: Path, label: str,
                  labels: Sequence[int] | None = None, reference: str = "real+classic") -> None:
     """``results.md``, ``summary.json`` and ``augmentation_auc.png`` in ``output_dir`` from the arms' records; with the
-    test labels, the paired differences to ``reference`` too (to ``real`` when no record has ``reference``)."""
+    test labels, the paired differences to ``reference`` too (to ``real`` when no record has ``reference``) and, when
+    ``reference`` is another arm, to ``real`` as well (the comparison the papers make)."""
     summary = summarise(records)
     if labels is None and (output_dir / "test_set.json").is_file():
         labels = json.loads((output_dir / "test_set.json").read_text())["labels"]
     if not any(r["arm"] == reference for r in records):
         reference = "real"
     differences = paired_differences(records, labels, reference) if labels is not None else []
-    text = markdown(summary, label) + ("\n" + differences_markdown(differences) if differences else "")
+    # the papers compare with real films alone: beside a classic-augmentation reference, the same against real only
+    to_real = (paired_differences(records, labels, "real") if labels is not None and reference != "real"
+               and any(r["arm"] == "real" for r in records) else [])
+    text = markdown(summary, label) + "".join("\n" + differences_markdown(d) for d in (differences, to_real) if d)
     atomic_write(output_dir / "results.md", lambda tmp: Path(tmp).write_text(text))
     atomic_write(output_dir / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(
-        {"label": label, "auc": summary, "paired_differences": differences}, indent=1)))
+        {"label": label, "auc": summary, "paired_differences": differences,
+         "paired_differences_to_real": to_real}, indent=1)))
     plot(summary, output_dir / "augmentation_auc.png", label)
 
 

@@ -136,6 +136,10 @@ def test_experiment_runs_end_to_end_writes_table_and_plot_and_resumes(trained_ti
     summary = json.loads((out / "summary.json").read_text())
     assert {(d["size"], d["arm"]) for d in summary["paired_differences"]} == {
         (n, a) for n in (4, 10) for a in ("real", "real+synthetic", "classic+synthetic", "synthetic")}
+    # and every arm against real films alone, the papers' comparison, as a second table
+    assert "Paired difference in test AUC to real only" in table.split("to real + classic")[1]
+    assert {(d["size"], d["arm"]) for d in summary["paired_differences_to_real"]} == {
+        (n, a) for n in (4, 10) for a in ("real+classic", "real+synthetic", "classic+synthetic", "synthetic")}
     # another test set or label in the same folder is refused, not mixed into these results
     with pytest.raises(BundleInputError, match="another test set"):
         run_experiment(generation, train, test[:6], preprocessing, output_dir=out, arms=["real"], **kwargs)
