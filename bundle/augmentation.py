@@ -628,20 +628,26 @@ def markdown(summary: Sequence[Mapping[str, Any]], label: str) -> str:
 
 def plot(summary: Sequence[Mapping[str, Any]], path: Path, label: str) -> None:
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8.5, 4))
     colours = plt.get_cmap("tab20").colors  # more arms than the default cycle has colours
-    for k, arm in enumerate(dict.fromkeys(arm_name(r) for r in summary)):
+    arms = list(dict.fromkeys(arm_name(r) for r in summary))
+    for k, arm in enumerate(arms):
         rows = sorted((r for r in summary if arm_name(r) == arm), key=lambda r: r["size"])
-        sizes = [r["size"] for r in rows]
+        # each arm a little to the side of N (within 10% of it), so that error bars at one N stay apart
+        sizes = [r["size"] * 10 ** (0.04 * (k - (len(arms) - 1) / 2) / max(len(arms) - 1, 1) * 2) for r in rows]
         alone = arm.endswith("of N)")  # synthetic images without the real ones
         ax.errorbar(sizes, [r["auc_mean"] for r in rows], yerr=[r["auc_std"] for r in rows], marker="o", capsize=3,
                     label=arm, color="black" if arm == "real only" else colours[k % len(colours)],
                     linestyle="--" if alone else "-", linewidth=2.0 if arm == "real only" else 1.2)
     ax.axhline(0.5, color="grey", linewidth=0.8)
     ax.set_xscale("log")
-    ax.set_xlabel("N, the real pool size (log scale)")
+    ns = sorted({r["size"] for r in summary})
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.minorticks_off()
+    ax.set_xlim(min(ns) / 1.25, max(ns) * 1.25)
+    ax.set_xlabel("N, the real pool size (log scale; the arms side by side at each N)")
     ax.set_ylabel(f"test AUC ({label})")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
