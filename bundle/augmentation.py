@@ -634,7 +634,8 @@ def plot(summary: Sequence[Mapping[str, Any]], path: Path, label: str) -> None:
     for k, arm in enumerate(arms):
         rows = sorted((r for r in summary if arm_name(r) == arm), key=lambda r: r["size"])
         # each arm a little to the side of N (within 10% of it), so that error bars at one N stay apart
-        sizes = [r["size"] * 10 ** (0.04 * (k - (len(arms) - 1) / 2) / max(len(arms) - 1, 1) * 2) for r in rows]
+        shift = 10 ** (0.08 * (k / max(len(arms) - 1, 1) - 0.5))
+        sizes = [r["size"] * shift for r in rows]
         alone = arm.endswith("of N)")  # synthetic images without the real ones
         ax.errorbar(sizes, [r["auc_mean"] for r in rows], yerr=[r["auc_std"] for r in rows], marker="o", capsize=3,
                     label=arm, color="black" if arm == "real only" else colours[k % len(colours)],

@@ -362,8 +362,9 @@ def intervals_markdown(comparisons: list) -> str:
             cells = []
             for o in others:
                 hit = [c for c in rows if c["size"] == n and c["other"] == o]
+                seeds = f"{hit[0]['seeds']} seed{'s' if hit[0]['seeds'] != 1 else ''}" if hit else ""
                 cells.append(f"{hit[0]['difference']:+.3g} [{hit[0]['ci95'][0]:+.3g}, {hit[0]['ci95'][1]:+.3g}] "
-                             f"{hit[0]['reading']} ({hit[0]['seeds']} seed{'s' if hit[0]['seeds'] != 1 else ''})" if hit else "")
+                             f"{hit[0]['reading']} ({seeds})" if hit else "")
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
