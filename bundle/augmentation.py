@@ -548,8 +548,12 @@ def write_report(records: Sequence[Mapping[str, Any]], output_dir: Path, label: 
     test labels, the paired differences to ``reference`` too (to ``real`` when no record has ``reference``) and, when
     ``reference`` is another arm, to ``real`` as well (the comparison the papers make)."""
     summary = summarise(records)
-    if labels is None and (output_dir / "test_set.json").is_file():
-        labels = json.loads((output_dir / "test_set.json").read_text())["labels"]
+    test_set = (json.loads((output_dir / "test_set.json").read_text())
+                if (output_dir / "test_set.json").is_file() else {})
+    if labels is None:
+        labels = test_set.get("labels")
+    if test_set.get("positive") is not None and test_set.get("label") == label:
+        label = f"{label} = {test_set['positive']}"  # name the positive class of a column such as `label`
     if not any(r["arm"] == reference for r in records):
         reference = "real"
     differences = paired_differences(records, labels, reference) if labels is not None else []

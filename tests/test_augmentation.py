@@ -83,6 +83,10 @@ def test_report_only_tables_every_arm_on_record(tmp_path):
     assert "| real + synthetic 1:5 | 0.800 ± 0.100 |  |" in table
     assert "| synthetic only (1:5 of N) | 0.600 ± 0.000 (1 fold) |  |" in table
     assert (tmp_path / "augmentation_auc.png").stat().st_size > 0
+    # a label column whose values are class names: the title names the positive class the run was given
+    (tmp_path / "test_set.json").write_text(json.dumps({"label": "nodule", "positive": "present"}))
+    assert report_only(tmp_path).returncode == 0
+    assert (tmp_path / "results.md").read_text().startswith("Test AUC for `nodule = present` (mean ± std over 2 folds")
     empty = tmp_path / "empty"
     empty.mkdir()
     run = report_only(empty)
