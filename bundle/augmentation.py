@@ -430,7 +430,7 @@ def run_experiment(
                 bar.update(1)
     bar.close()
     records = [done[c] for c in cells]
-    write_report(records, output_dir, label, y_test, reference)
+    write_report(records, output_dir, label, y_test, reference, positive)
     return records
 
 
@@ -543,17 +543,21 @@ def paired_differences(records: Sequence[Mapping[str, Any]], labels: Sequence[in
 
 
 def write_report(records: Sequence[Mapping[str, Any]], output_dir: Path, label: str,
-                 labels: Sequence[int] | None = None, reference: str = "real+classic") -> None:
+                 labels: Sequence[int] | None = None, reference: str = "real+classic",
+                 positive: str | None = None) -> None:
     """``results.md``, ``summary.json`` and ``augmentation_auc.png`` in ``output_dir`` from the arms' records; with the
     test labels, the paired differences to ``reference`` too (to ``real`` when no record has ``reference``) and, when
-    ``reference`` is another arm, to ``real`` as well (the comparison the papers make)."""
+    ``reference`` is another arm, to ``real`` as well (the comparison the papers make). The test labels and the
+    positive class, when not given, come from ``output_dir``'s ``test_set.json``."""
     summary = summarise(records)
     test_set = (json.loads((output_dir / "test_set.json").read_text())
                 if (output_dir / "test_set.json").is_file() else {})
     if labels is None:
         labels = test_set.get("labels")
-    if test_set.get("positive") is not None and test_set.get("label") == label:
-        label = f"{label} = {test_set['positive']}"  # name the positive class of a column such as `label`
+    if positive is None and test_set.get("label") == label:
+        positive = test_set.get("positive")
+    if positive is not None:
+        label = f"{label} = {positive}"  # name the positive class of a column such as `label`
     if not any(r["arm"] == reference for r in records):
         reference = "real"
     differences = paired_differences(records, labels, reference) if labels is not None else []
@@ -614,7 +618,7 @@ def markdown(summary: Sequence[Mapping[str, Any]], label: str) -> str:
     arms = list(dict.fromkeys(arm_name(r) for r in summary))
     sizes = sorted({r["size"] for r in summary})
     most = max(r["folds"] for r in summary)
-    lines = [f"Test AUC for `{label}` (mean ± std over {most} folds unless a cell says otherwise)", "",
+    lines = [f"Test AUC for `{label}` (mean ± std over {most} fold{'s' * (most != 1)} unless a cell says otherwise)", "",
              "| arm | " + " | ".join(f"N={s}" for s in sizes) + " |", "|---|" + "---|" * len(sizes)]
     for arm in arms:
         cells = []

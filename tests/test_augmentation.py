@@ -168,14 +168,15 @@ def test_rows_kept_elsewhere_resume_score_new_classifiers_at_once_and_remake_ano
         Path(m).name for m in models]
 
     def run(generator):
-        run_experiment(generation, train, test, preprocessing, output_dir=out, label="nodule", sizes=[4], ratios=[1],
-                       folds=1, iterations=2, arms=["real", "real+synthetic"], results=rows_file, generator=generator,
+        run_experiment(generation, train, test, preprocessing, output_dir=out, label="nodule", positive="1",
+                       sizes=[4], ratios=[1], folds=1, iterations=2, arms=["real", "real+synthetic"], results=rows_file, generator=generator,
                        score_rows=unseen, scores_dir=scores, score_sizes=[4])
         return [json.loads(line) for line in rows_file.read_text().splitlines()]
 
     rows = run(first_id)
     assert [(r["arm"], r["generator"]) for r in rows] == [("real", None), ("real+synthetic", first_id)]
     assert not (out / "results.jsonl").exists(), "the rows go to the file given"
+    assert (out / "results.md").read_text().startswith("Test AUC for `nodule = 1` (mean ± std over 1 fold unless")
     written = {p.parent.name: p.read_text().splitlines() for p in scores.glob("*/scores.csv")}
     assert sorted(written) == ["real-synthetic_r1_n4_f0", "real_r0_n4_f0"]
     assert all([line.split(",")[0] for line in v[1:]] == [r["id"] for r in unseen] for v in written.values())
