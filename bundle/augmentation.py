@@ -618,7 +618,8 @@ def markdown(summary: Sequence[Mapping[str, Any]], label: str) -> str:
     arms = list(dict.fromkeys(arm_name(r) for r in summary))
     sizes = sorted({r["size"] for r in summary})
     most = max(r["folds"] for r in summary)
-    lines = [f"Test AUC for `{label}` (mean ± std over {most} fold{'s' * (most != 1)} unless a cell says otherwise)", "",
+    folds = f"{most} fold" + ("s" if most != 1 else "")
+    lines = [f"Test AUC for `{label}` (mean ± std over {folds} unless a cell says otherwise)", "",
              "| arm | " + " | ".join(f"N={s}" for s in sizes) + " |", "|---|" + "---|" * len(sizes)]
     for arm in arms:
         cells = []

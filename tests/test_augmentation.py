@@ -169,8 +169,8 @@ def test_rows_kept_elsewhere_resume_score_new_classifiers_at_once_and_remake_ano
 
     def run(generator):
         run_experiment(generation, train, test, preprocessing, output_dir=out, label="nodule", positive="1",
-                       sizes=[4], ratios=[1], folds=1, iterations=2, arms=["real", "real+synthetic"], results=rows_file, generator=generator,
-                       score_rows=unseen, scores_dir=scores, score_sizes=[4])
+                       sizes=[4], ratios=[1], folds=1, iterations=2, arms=["real", "real+synthetic"], results=rows_file,
+                       generator=generator, score_rows=unseen, scores_dir=scores, score_sizes=[4])
         return [json.loads(line) for line in rows_file.read_text().splitlines()]
 
     rows = run(first_id)
