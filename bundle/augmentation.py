@@ -556,20 +556,20 @@ def write_report(records: Sequence[Mapping[str, Any]], output_dir: Path, label: 
         labels = test_set.get("labels")
     if positive is None and test_set.get("label") == label:
         positive = test_set.get("positive")
-    if positive is not None:
-        label = f"{label} = {positive}"  # name the positive class of a column such as `label`
+    # the tables and the figure name the positive class of a column such as `label`; summary.json keeps both apart
+    title = label if positive is None else f"{label} = {positive}"
     if not any(r["arm"] == reference for r in records):
         reference = "real"
     differences = paired_differences(records, labels, reference) if labels is not None else []
     # the papers compare with real films alone: beside a classic-augmentation reference, the same against real only
     to_real = (paired_differences(records, labels, "real") if labels is not None and reference != "real"
                and any(r["arm"] == "real" for r in records) else [])
-    text = markdown(summary, label) + "".join("\n" + differences_markdown(d) for d in (differences, to_real) if d)
+    text = markdown(summary, title) + "".join("\n" + differences_markdown(d) for d in (differences, to_real) if d)
     atomic_write(output_dir / "results.md", lambda tmp: Path(tmp).write_text(text))
     atomic_write(output_dir / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(
-        {"label": label, "auc": summary, "paired_differences": differences,
+        {"label": label, "positive": positive, "auc": summary, "paired_differences": differences,
          "paired_differences_to_real": to_real}, indent=1)))
-    plot(summary, output_dir / "augmentation_auc.png", label)
+    plot(summary, output_dir / "augmentation_auc.png", title)
 
 
 def differences_markdown(differences: Sequence[Mapping[str, Any]]) -> str:

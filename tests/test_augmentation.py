@@ -87,6 +87,8 @@ def test_report_only_tables_every_arm_on_record(tmp_path):
     (tmp_path / "test_set.json").write_text(json.dumps({"label": "nodule", "positive": "present"}))
     assert report_only(tmp_path).returncode == 0
     assert (tmp_path / "results.md").read_text().startswith("Test AUC for `nodule = present` (mean ± std over 2 folds")
+    assert {k: json.loads((tmp_path / "summary.json").read_text())[k] for k in ("label", "positive")} == {
+        "label": "nodule", "positive": "present"}
     empty = tmp_path / "empty"
     empty.mkdir()
     run = report_only(empty)
