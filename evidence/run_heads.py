@@ -401,7 +401,7 @@ def table(records: list, baselines: dict) -> str:
     if segs:
         names = list(segs[0]["per_structure"])
         lines += ["| segmentation | N | seeds | lr x iterations | " + " | ".join(n.removeprefix(MASK_COLUMN_PREFIX) for n in names)
-                  + " | mean Dice |", "|---|---|---|---|" + "---|" * (len(names) + 1)]
+                  + " | mean Dice | mean HD95 (px of the heads' grid) |", "|---|---|---|---|" + "---|" * (len(names) + 2)]
         for n in sorted({r["size"] for r in segs}):
             for init in INITS:
                 rows = [r for r in segs if r["size"] == n and r["init"] == init]
@@ -409,12 +409,13 @@ def table(records: list, baselines: dict) -> str:
                     continue
                 cells = [np.mean([r["per_structure"][k]["dice"] for r in rows]) for k in names]
                 spread = f" ± {np.std([r['mean_dice'] for r in rows]):.3f}" if len(rows) > 1 else ""
+                hd95 = np.mean([np.nanmean([r["per_structure"][k]["hd95_px"] for k in names]) for r in rows])
                 lines.append(f"| {init} | {n} | {len(rows)} | {fine_tuning(rows)} | " + " | ".join(f"{c:.3f}" for c in cells) +
-                             f" | {np.mean([r['mean_dice'] for r in rows]):.3f}{spread} |")
+                             f" | {np.mean([r['mean_dice'] for r in rows]):.3f}{spread} | {hd95:.1f} |")
         if "segmentation_mean_mask" in baselines:
             b = baselines["segmentation_mean_mask"]
             lines.append("| mean training mask | all | - | - | " + " | ".join(f"{b['per_structure'][k]['dice']:.3f}" for k in names)
-                         + f" | {b['mean_dice']:.3f} |")
+                         + f" | {b['mean_dice']:.3f} | {np.nanmean([b['per_structure'][k]['hd95_px'] for k in names]):.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -748,6 +748,24 @@ def test_grid_heads_predict_the_blind_films_in_their_frame_and_list_both_tasks_i
     entry = json.loads((tmp_path / "results" / "index.json").read_text())["heads/pretrained_n2"]
     assert set(entry) >= {"landmarks", "segmentation"}, "both tasks of one folder, merged"
     assert entry["landmarks"]["films"] == [Path(pretrained["rows"][i]["image"]).stem for i in range(2)]
+    seg = (tmp_path / "tables" / "heads_table.md").read_text().split("| segmentation |")[1].splitlines()
+    assert "HD95" in seg[0] and any(x.startswith("| pretrained | 2 |") for x in seg)
+
+
+def test_the_heads_report_gives_each_segmentation_row_its_mean_hd95_over_every_structure():
+    # evidence/run_heads.py table() on the 128-px rows on record: the mean of the five structures' HD95, not one's
+    from evidence import run_heads
+
+    record = Path(__file__).resolve().parents[1] / "docs" / "results" / "heads128" / "heads_results.jsonl"
+    rows = [json.loads(x) for x in record.read_text().splitlines()]
+    seg = [r for r in rows if r["task"] == "segmentation" and r["precision"] == "bf16"]
+    lines = run_heads.table(seg, {}).split("| segmentation |")[1].splitlines()
+    assert len(seg) >= 8
+    for init, size in {(r["init"], r["size"]) for r in seg}:
+        hd95 = [[v["hd95_px"] for v in r["per_structure"].values()] for r in seg if (r["init"], r["size"]) == (init, size)]
+        assert all(len(set(h)) == len(h) == 5 for h in hd95), "five different values: a mean of one of them would show"
+        line = next(x for x in lines if x.startswith(f"| {init} | {size} |"))
+        assert line.endswith(f" | {np.mean([np.mean(h) for h in hd95]):.1f} |"), line
 
 
 def test_grid_rows_resume_from_their_file_and_run_again_from_other_pre_trained_weights(pretrained, tmp_path, monkeypatch):
