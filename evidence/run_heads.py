@@ -420,21 +420,36 @@ def table(records: list, baselines: dict) -> str:
 
 
 def plot(records: list, baselines: dict, path: Path) -> None:
+    """Error against N, one line per initialisation (the mean over its draws, bars their standard deviation), side
+    by side at each N; a point of one draw where another initialisation has several is drawn hollow."""
     plt = pyplot()
 
     panels = [("landmarks", "mre_px", "landmark MRE (px, 512 frame)", "landmarks_mean_shape"),
-              ("segmentation", "lung_dice", "lung Dice", "segmentation_mean_mask")]
+              ("segmentation", "mean_dice", "mean Dice (all structures)", "segmentation_mean_mask")]
     panels = [p for p in panels if any(r["task"] == p[0] for r in records)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
     for ax, (task, key, label, base) in zip(axes[0], panels):
-        for init in INITS:
+        inits = [i for i in INITS if any(r["task"] == task and r["init"] == i for r in records)]
+        draws = {}
+        for r in records:
+            if r["task"] == task:
+                draws[r["size"]] = max(draws.get(r["size"], 0), sum(x["task"] == task and x["size"] == r["size"]
+                                                                     and x["init"] == r["init"] for x in records))
+        single = False
+        for k, init in enumerate(inits):
             rows = [r for r in records if r["task"] == task and r["init"] == init]
-            if not rows:
-                continue
             sizes = sorted({r["size"] for r in rows})
             values = [[r[key] for r in rows if r["size"] == s] for s in sizes]
-            ax.errorbar(sizes, [np.mean(v) for v in values], yerr=[np.std(v) for v in values], marker="o", capsize=3,
-                        label=INITS[init])
+            x = [s * 1.06 ** (k - (len(inits) - 1) / 2) for s in sizes]  # side by side on the log axis
+            y = [np.mean(v) for v in values]
+            line = ax.errorbar(x, y, yerr=[np.std(v) for v in values], marker="o", capsize=3, label=INITS[init])
+            hollow = [i for i, (s, v) in enumerate(zip(sizes, values)) if len(v) == 1 and draws[s] > 1]
+            if hollow:
+                single = True
+                ax.plot([x[i] for i in hollow], [y[i] for i in hollow], "o", color=line[0].get_color(),
+                        markerfacecolor="white", zorder=3)
+        if single:
+            ax.plot([], [], "o", color="grey", markerfacecolor="white", label="one draw (others: mean of several)")
         if base in baselines:
             ax.axhline(baselines[base][key], color="grey", linestyle="--", label="mean of training set")
         ax.set_xscale("log")
@@ -446,7 +461,6 @@ def plot(records: list, baselines: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
 
 if __name__ == "__main__":
     main()
