@@ -347,7 +347,7 @@ def overlay(images, truth, kept, path: Path, count: int = 8) -> None:
         for ax in axes[2 * row : 2 * row + 2].flat:
             ax.axis("off")
     fig.suptitle("zero-shot lungs on JSRT test: red = label-free choice, green = truth", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))  # a band for the title above the panels' own
     fig.savefig(path, dpi=70)  # 8 films x 8 rows: about 1 MB
     plt.close(fig)
 
