@@ -20,6 +20,7 @@ import json
 import os
 import shlex
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -376,6 +377,11 @@ def fine_tuning(rows: list) -> str:
                      for lr, it in sorted({(r.get("lr"), r.get("iterations")) for r in rows}, key=str))
 
 
+def mean_hd95(scores: dict) -> float:
+    """The mean HD95 (px) over the structures of one run's (or baseline's) ``per_structure`` scores."""
+    return float(np.nanmean([v["hd95_px"] for v in scores["per_structure"].values()]))
+
+
 def table(records: list, baselines: dict) -> str:
     """Markdown: landmark MRE/SDR and segmentation Dice per N, pre-trained vs scratch (mean over seeds), baselines."""
     lines = []
@@ -409,13 +415,13 @@ def table(records: list, baselines: dict) -> str:
                     continue
                 cells = [np.mean([r["per_structure"][k]["dice"] for r in rows]) for k in names]
                 spread = f" ± {np.std([r['mean_dice'] for r in rows]):.3f}" if len(rows) > 1 else ""
-                hd95 = np.mean([np.nanmean([r["per_structure"][k]["hd95_px"] for k in names]) for r in rows])
+                hd95 = np.mean([mean_hd95(r) for r in rows])
                 lines.append(f"| {init} | {n} | {len(rows)} | {fine_tuning(rows)} | " + " | ".join(f"{c:.3f}" for c in cells) +
                              f" | {np.mean([r['mean_dice'] for r in rows]):.3f}{spread} | {hd95:.1f} |")
         if "segmentation_mean_mask" in baselines:
             b = baselines["segmentation_mean_mask"]
             lines.append("| mean training mask | all | - | - | " + " | ".join(f"{b['per_structure'][k]['dice']:.3f}" for k in names)
-                         + f" | {b['mean_dice']:.3f} | {np.nanmean([b['per_structure'][k]['hd95_px'] for k in names]):.1f} |")
+                         + f" | {b['mean_dice']:.3f} | {mean_hd95(b):.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -430,11 +436,8 @@ def plot(records: list, baselines: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
     for ax, (task, key, label, base) in zip(axes[0], panels):
         inits = [i for i in INITS if any(r["task"] == task and r["init"] == i for r in records)]
-        draws = {}
-        for r in records:
-            if r["task"] == task:
-                draws[r["size"]] = max(draws.get(r["size"], 0), sum(x["task"] == task and x["size"] == r["size"]
-                                                                     and x["init"] == r["init"] for x in records))
+        per_cell = Counter((r["size"], r["init"]) for r in records if r["task"] == task)
+        draws = {n: max(c for (m, _), c in per_cell.items() if m == n) for n, _ in per_cell}  # most draws at each N
         single = False
         for k, init in enumerate(inits):
             rows = [r for r in records if r["task"] == task and r["init"] == init]
@@ -461,6 +464,7 @@ def plot(records: list, baselines: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
 
 if __name__ == "__main__":
     main()
